@@ -1,0 +1,1 @@
+"""Triton client for thighseg models: slice batches in, logits out; whole-volume segmentation."""

@@ -1,0 +1,1 @@
+"""DICOM C-STORE listener: spool, series completion, the segmentation pipeline, DICOM outputs."""

@@ -1,0 +1,67 @@
+"""Spooled CT instances -> one HU volume (z, y, x) with its geometry, checked for consistency."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+
+class SeriesError(ValueError):
+    """The series cannot be segmented; the message is the reason given in the report."""
+
+
+@dataclass
+class Volume:
+    hu: np.ndarray  # float32 (z, y, x), z in ascending position along the slice normal
+    spacing_zyx: tuple[float, float, float]
+    sources: list[Dataset]  # headers in the same order as hu, without pixel data
+    paths: list[Path]
+
+
+def _normal(ds: Dataset) -> np.ndarray:
+    orientation = np.asarray([float(v) for v in ds.ImageOrientationPatient])
+    return np.cross(orientation[:3], orientation[3:])
+
+
+def assemble(paths: list[Path], min_slices: int = 3) -> Volume:
+    """Sort by ImagePositionPatient along the slice normal, check spacing and orientation, rescale."""
+    if len(paths) < min_slices:
+        raise SeriesError(f"series has {len(paths)} instances; at least {min_slices} are needed")
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    first = headers[0]
+    for attribute in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "Rows", "Columns"):
+        missing = [h.SOPInstanceUID for h in headers if attribute not in h]
+        if missing:
+            raise SeriesError(f"{len(missing)} instance(s) lack {attribute}")
+    normal = _normal(first)
+    if abs(normal[2]) < 0.99:
+        raise SeriesError("series is not axial (slice normal is not along the patient z axis)")
+    for h in headers:
+        if (h.Rows, h.Columns) != (first.Rows, first.Columns):
+            raise SeriesError("instances differ in Rows/Columns")
+        if not np.allclose([float(v) for v in h.ImageOrientationPatient],
+                           [float(v) for v in first.ImageOrientationPatient], atol=1e-3):
+            raise SeriesError("instances differ in ImageOrientationPatient")
+        if not np.allclose([float(v) for v in h.PixelSpacing], [float(v) for v in first.PixelSpacing], atol=1e-4):
+            raise SeriesError("instances differ in PixelSpacing")
+    positions = np.array([np.dot(normal, [float(v) for v in h.ImagePositionPatient]) for h in headers])
+    order = np.argsort(positions)
+    steps = np.diff(positions[order])
+    if np.any(steps < 1e-3):
+        raise SeriesError("two or more instances share the same slice position")
+    spacing = float(np.median(steps))
+    if np.any(np.abs(steps - spacing) > 0.1 * spacing + 0.01):
+        raise SeriesError(f"slice positions are not evenly spaced (gap or missing slice; steps "
+                          f"{steps.min():.2f}-{steps.max():.2f} mm)")
+    rows, columns = int(first.Rows), int(first.Columns)
+    hu = np.empty((len(paths), rows, columns), dtype=np.float32)
+    for target, index in enumerate(order):
+        ds = pydicom.dcmread(paths[index])
+        slope, intercept = float(ds.get("RescaleSlope", 1)), float(ds.get("RescaleIntercept", 0))
+        hu[target] = ds.pixel_array.astype(np.float32) * slope + intercept
+    row_mm, column_mm = (float(v) for v in first.PixelSpacing)
+    return Volume(hu=hu, spacing_zyx=(spacing, row_mm, column_mm), sources=[headers[i] for i in order],
+                  paths=[paths[i] for i in order])

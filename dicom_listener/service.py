@@ -1,0 +1,80 @@
+"""The listener as one object: SCP server + series tracker + a bounded pool of pipeline workers."""
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from thighseg.dicom_listener.pipeline import InferenceSettings, SeriesResult, process_series, short_uid
+from thighseg.dicom_listener.scp import StoreHandler, event_handlers, make_ae
+from thighseg.dicom_listener.series import SeriesKey, SeriesTracker
+from thighseg.dicom_listener.spool import Spool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ListenerConfig:
+    spool_dir: Path
+    output_dir: Path
+    ae_title: str = "THIGHSEG"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    idle_s: float = 2.0
+    workers: int = 1
+
+
+@dataclass
+class Listener:
+    config: ListenerConfig
+    inference: InferenceSettings
+    results: dict[str, SeriesResult] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.spool = Spool(self.config.spool_dir)
+        self.tracker = SeriesTracker(self._series_complete, idle_s=self.config.idle_s)
+        self._workers = ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="pipeline")
+        self._done = threading.Condition()
+        self._server = None
+
+    def start(self) -> "Listener":
+        ae = make_ae(self.config.ae_title)
+        handlers = event_handlers(StoreHandler(self.spool, self.tracker), self.tracker)
+        self._server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
+        self.tracker.start()
+        log.info("listening as %s on %s:%d", self.config.ae_title, self.config.host, self.config.port)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        self.tracker.stop()
+        self._workers.shutdown(wait=True)
+
+    def __enter__(self) -> "Listener":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _series_complete(self, key: SeriesKey, count: int) -> None:
+        log.info("series %s complete with %d instance(s); queued", short_uid(key.series_uid), count)
+        self._workers.submit(self._process, key)
+
+    def _process(self, key: SeriesKey) -> None:
+        out_dir = self.config.output_dir / key.study_uid / key.series_uid
+        result = process_series(self.spool.instances(key.study_uid, key.series_uid), out_dir, self.inference)
+        log.info("series %s %s", short_uid(key.series_uid), result.report["status"])
+        with self._done:
+            self.results[key.series_uid] = result
+            self._done.notify_all()
+
+    def wait_for(self, series_uid: str, timeout_s: float) -> SeriesResult:
+        """Block until the series has a result (done or failed)."""
+        with self._done:
+            if not self._done.wait_for(lambda: series_uid in self.results, timeout_s):
+                raise TimeoutError(f"no result for series {short_uid(series_uid)} after {timeout_s:.0f} s")
+            return self.results[series_uid]

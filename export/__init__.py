@@ -1,0 +1,1 @@
+"""torch -> ONNX export, parity checks and model-repository writing (needs the `train` extra)."""

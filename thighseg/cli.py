@@ -1,0 +1,186 @@
+"""The `thighseg` command: one entry point, one subcommand per job."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from thighseg import models
+
+DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="segformer", choices=sorted(models.BUILDERS))
+
+
+def _add_triton_ports(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+
+
+def cmd_phantom(args: argparse.Namespace) -> int:
+    from thighseg import phantom
+    from thighseg.ct_series import write_series
+
+    study = phantom.generate(args.seed, size=args.size, slices=args.slices)
+    paths = write_series(study, args.out)
+    print(json.dumps({"files": len(paths), "folder": str(args.out), **phantom.describe(study)}, indent=2))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from thighseg.training import TrainConfig, train
+
+    config = TrainConfig(model=args.model, subjects=args.subjects, slices_per_subject=args.slices,
+                         steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    summary = train(config, out=args.out)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from thighseg.export.onnx_export import export_to_repository, measure_parity
+    from thighseg.labels import normalise_hu
+    from thighseg.phantom import generate
+    from thighseg.resample import to_model_grid
+
+    path = export_to_repository(args.model, args.repository, args.weights)
+    study = generate(args.parity_seed, size=256, slices=args.parity_slices)
+    images = normalise_hu(to_model_grid(study.hu))[:, None]
+    parity = measure_parity(models.load_trained(args.model, args.weights), path, images)
+    print(json.dumps({"onnx": str(path), "parity": parity.as_dict()}, indent=2))
+    return 0
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from thighseg.embedded_triton import EmbeddedTriton, Ports
+
+    ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
+    with EmbeddedTriton(args.repository, ports, log_file=args.log_file) as server:
+        print(f"triton ready: http {ports.http}, grpc {ports.grpc}, metrics {ports.metrics} "
+              f"(pid {server.process.pid}); Ctrl-C stops it", flush=True)
+        _wait_for_signal()
+    return 0
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    from thighseg.client.triton import TritonSegmenter
+    from thighseg.dicom_listener.pipeline import InferenceSettings
+    from thighseg.dicom_listener.service import Listener, ListenerConfig
+
+    segmenter = TritonSegmenter(args.triton_url, models.triton_name(args.model), protocol=args.protocol)
+    if not segmenter.is_ready():
+        print(f"error: model {segmenter.model} is not ready at {args.triton_url} ({args.protocol}); "
+              "start it with `thighseg serve`", file=sys.stderr)
+        return 2
+    settings = InferenceSettings(segmenter.infer, args.model, segmenter.input_shape()[1],
+                                 batch_size=args.batch_size, concurrency=args.concurrency)
+    config = ListenerConfig(spool_dir=args.spool, output_dir=args.out, ae_title=args.ae_title, host=args.host,
+                            port=args.port, idle_s=args.idle, workers=args.workers)
+    with Listener(config, settings):
+        print(f"listening as {args.ae_title} on {args.host}:{args.port}; results in {args.out}", flush=True)
+        _wait_for_signal()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from thighseg.demo import DemoOptions, print_summary, run_demo
+    from thighseg.embedded_triton import Ports
+
+    options = DemoOptions(model=args.model, seed=args.seed, size=args.size, slices=args.slices,
+                          work_dir=args.work, ports=Ports(args.http_port, args.grpc_port, args.metrics_port),
+                          scp_port=args.port, repository=args.repository)
+    print_summary(run_demo(options))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="thighseg", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("phantom", help="write a synthetic thigh CT series with ground truth")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=512, help="matrix size (pixels per side)")
+    p.add_argument("--slices", type=int, default=72)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_phantom)
+
+    p = sub.add_parser("train", help="train a model on phantoms")
+    _add_model(p)
+    p.add_argument("--subjects", type=int, default=36)
+    p.add_argument("--slices", type=int, default=24, help="slices per subject")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="weights file (default: the shipped weights)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="export weights to ONNX in the model repository, check parity")
+    _add_model(p)
+    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
+    p.add_argument("--weights", type=Path, default=None)
+    p.add_argument("--parity-seed", type=int, default=7)
+    p.add_argument("--parity-slices", type=int, default=8)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="run the embedded Triton server (CPU) on the model repository")
+    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
+    p.add_argument("--log-file", type=Path, default=None)
+    _add_triton_ports(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("listen", help="run the DICOM C-STORE listener")
+    _add_model(p)
+    p.add_argument("--triton-url", default="127.0.0.1:8000")
+    p.add_argument("--protocol", choices=["http", "grpc"], default="http")
+    p.add_argument("--ae-title", default="THIGHSEG")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=11112)
+    p.add_argument("--spool", type=Path, default=Path("spool"))
+    p.add_argument("--out", type=Path, default=Path("results"))
+    p.add_argument("--idle", type=float, default=2.0, help="seconds of quiet after release before processing")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--concurrency", type=int, default=4, help="batches in flight per series")
+    p.set_defaults(func=cmd_listen)
+
+    p = sub.add_parser("demo", help="serve + listen, push a phantom study, print volumes and DSC")
+    _add_model(p)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--slices", type=int, default=60)
+    p.add_argument("--work", type=Path, default=None, help="keep outputs here (default: temporary)")
+    p.add_argument("--port", type=int, default=11112, help="DICOM port")
+    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
+    _add_triton_ports(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, RuntimeError, TimeoutError, ConnectionError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Overlap and volume measures computed from label volumes (pure numpy)."""
+from __future__ import annotations
+
+import numpy as np
+
+from thighseg.labels import MUSCLE_GROUPS
+
+
+def dice(prediction: np.ndarray, truth: np.ndarray, label: int) -> float:
+    """Sørensen–Dice coefficient of one label; 1.0 when both are empty."""
+    p, t = prediction == label, truth == label
+    denominator = int(p.sum()) + int(t.sum())
+    return 1.0 if denominator == 0 else 2.0 * int((p & t).sum()) / denominator
+
+
+def dice_per_group(prediction: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    return {g.name.lower(): dice(prediction, truth, g) for g in MUSCLE_GROUPS}
+
+
+def voxel_volume_ml(spacing_zyx: tuple[float, float, float]) -> float:
+    return float(np.prod(spacing_zyx)) / 1000.0
+
+
+def group_volumes_ml(labels: np.ndarray, spacing_zyx: tuple[float, float, float]) -> dict[str, float]:
+    """Volume of each muscle group and their total, in mL."""
+    voxel_ml = voxel_volume_ml(spacing_zyx)
+    counts = np.bincount(labels.ravel(), minlength=max(MUSCLE_GROUPS) + 1)
+    volumes = {g.name.lower(): float(counts[g] * voxel_ml) for g in MUSCLE_GROUPS}
+    volumes["total_muscle"] = float(sum(volumes.values()))
+    return volumes

@@ -1,0 +1,52 @@
+"""Model registry: one name per architecture, the same 1-channel in / 4-class out contract.
+
+Imports torch lazily: the runtime (listener, client, embedded server) never needs it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from thighseg.labels import NUM_CLASSES
+
+if TYPE_CHECKING:
+    import torch
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+def _segformer() -> "torch.nn.Module":
+    import segmentation_models_pytorch as smp
+
+    return smp.Segformer(encoder_name="mit_b0", encoder_weights=None, in_channels=1, classes=NUM_CLASSES)
+
+
+BUILDERS: dict[str, Callable[[], "torch.nn.Module"]] = {"segformer": _segformer}
+
+
+def triton_name(model: str) -> str:
+    return f"thighseg_{model}"
+
+
+def build(model: str) -> "torch.nn.Module":
+    """A freshly initialised network (no pretrained weights: nothing is fetched from a hub)."""
+    if model not in BUILDERS:
+        raise ValueError(f"unknown model {model!r}; choose one of {', '.join(sorted(BUILDERS))}")
+    return BUILDERS[model]()
+
+
+def weights_path(model: str) -> Path:
+    return WEIGHTS_DIR / f"{model}.pt"
+
+
+def load_trained(model: str, path: Path | None = None) -> "torch.nn.Module":
+    """The shipped (or given) weights in eval mode."""
+    import torch
+
+    path = path or weights_path(model)
+    if not path.exists():
+        raise FileNotFoundError(f"no weights for {model!r} at {path}; run `thighseg train --model {model}`")
+    network = build(model)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    network.load_state_dict({k: v.float() for k, v in checkpoint["state_dict"].items()})
+    return network.eval()

@@ -1,0 +1,137 @@
+"""Training on synthetic phantoms (torch; only needed for training and export)."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from thighseg import models, phantom
+from thighseg.labels import NUM_CLASSES, normalise_hu
+from thighseg.metrics import dice_per_group
+from thighseg.resample import MODEL_INPUT_SIZE, labels_to_model_grid, to_model_grid
+
+
+@dataclass
+class TrainConfig:
+    model: str = "segformer"
+    subjects: int = 36
+    slices_per_subject: int = 24
+    validation_subjects: int = 4
+    steps: int = 1200
+    batch_size: int = 8
+    learning_rate: float = 6e-4
+    seed: int = 0
+    first_seed: int = 1000  # training subjects are seeds first_seed.. (tests/demo use others)
+
+
+def cohort_slices(seeds: list[int], slices_per_subject: int, rng: np.random.Generator,
+                  progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised model-grid slices and labels from phantoms of mixed matrix sizes."""
+    images, targets = [], []
+    for seed in tqdm(seeds, desc="phantoms", disable=not progress):
+        size = int(rng.choice([256, 384, 512]))
+        ph = phantom.generate(seed, size=size, slices=slices_per_subject)
+        images.append(normalise_hu(to_model_grid(ph.hu)).astype(np.float16))
+        targets.append(labels_to_model_grid(ph.labels))
+    return np.concatenate(images), np.concatenate(targets)
+
+
+def _augment(torch, images, targets, generator):
+    """CT-plausible augmentation: mirror, small affine, intensity offset and noise."""
+    import torch.nn.functional as F
+
+    n = images.shape[0]
+    flip = torch.rand(n, generator=generator) < 0.5
+    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    targets = torch.where(flip[:, None, None], targets.flip(-1), targets)
+    angle = (torch.rand(n, generator=generator) - 0.5) * 0.35
+    scale = 1 + (torch.rand(n, generator=generator) - 0.5) * 0.3
+    shift = (torch.rand(n, 2, generator=generator) - 0.5) * 0.2
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, images.shape, align_corners=False)
+    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    onehot = F.one_hot(targets.long(), NUM_CLASSES).permute(0, 3, 1, 2).float()
+    targets = F.grid_sample(onehot, grid, mode="nearest", padding_mode="border", align_corners=False).argmax(1)
+    images = images + (torch.rand(n, 1, 1, 1, generator=generator) - 0.5) * 0.08
+    images = images + torch.randn(images.shape, generator=generator) * torch.rand(n, 1, 1, 1, generator=generator) * 0.06
+    return images, targets
+
+
+def _loss(torch, logits, targets):
+    import torch.nn.functional as F
+
+    ce = F.cross_entropy(logits, targets)
+    probs = logits.softmax(1)
+    onehot = F.one_hot(targets, NUM_CLASSES).permute(0, 3, 1, 2).float()
+    intersection = (probs * onehot).sum((0, 2, 3))
+    dice = (2 * intersection + 1) / (probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3)) + 1)
+    return ce + (1 - dice[1:].mean())
+
+
+def train(config: TrainConfig, out: Path | None = None, checkpoint: Path | None = None) -> dict:
+    """Train, validate on held-out subjects, save weights; resumes from `checkpoint` if present."""
+    import torch
+
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    out = out or models.weights_path(config.model)
+    checkpoint = checkpoint or out.with_suffix(".ckpt")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    train_seeds = list(range(config.first_seed, config.first_seed + config.subjects))
+    val_seeds = list(range(config.first_seed + config.subjects,
+                           config.first_seed + config.subjects + config.validation_subjects))
+    images, targets = cohort_slices(train_seeds, config.slices_per_subject, rng)
+    network = models.build(config.model)
+    optimiser = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config.learning_rate, total_steps=config.steps,
+                                                   pct_start=0.05)
+    start_step = 0
+    if checkpoint.exists():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        network.load_state_dict(state["state_dict"])
+        optimiser.load_state_dict(state["optimiser"])
+        schedule.load_state_dict(state["schedule"])
+        start_step = state["step"]
+    generator = torch.Generator().manual_seed(config.seed + start_step)
+    network.train()
+    started = time.time()
+    bar = tqdm(range(start_step, config.steps), desc=f"train {config.model}", initial=start_step, total=config.steps)
+    for step in bar:
+        index = torch.randint(0, len(images), (config.batch_size,), generator=generator)
+        x = torch.from_numpy(images[index.numpy()].astype(np.float32))[:, None]
+        y = torch.from_numpy(targets[index.numpy()].astype(np.int64))
+        x, y = _augment(torch, x, y, generator)
+        loss = _loss(torch, network(x), y)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % 100 == 0 or step + 1 == config.steps:
+            torch.save({"state_dict": network.state_dict(), "optimiser": optimiser.state_dict(),
+                        "schedule": schedule.state_dict(), "step": step + 1}, checkpoint)
+    network.eval()
+    validation = validate(network, val_seeds, config.slices_per_subject)
+    torch.save({"state_dict": network.state_dict(), "config": asdict(config), "validation": validation,
+                "input_size": MODEL_INPUT_SIZE}, out)
+    summary = {"config": asdict(config), "validation": validation, "seconds": round(time.time() - started, 1),
+               "weights": str(out)}
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def validate(network, seeds: list[int], slices: int) -> dict[str, float]:
+    """Mean DSC per group over held-out phantoms, on the model grid."""
+    import torch
+
+    rng = np.random.default_rng(12345)
+    images, targets = cohort_slices(seeds, slices, rng, progress=False)
+    with torch.no_grad():
+        logits = torch.cat([network(torch.from_numpy(images[i:i + 16].astype(np.float32))[:, None])
+                            for i in range(0, len(images), 16)])
+    return dice_per_group(logits.argmax(1).numpy().astype(np.uint8), targets)
