@@ -1,0 +1,68 @@
+"""Shared fixtures: small phantom studies, a model repository exported for the test session, a real
+embedded Triton server and a real listener on free localhost ports."""
+from __future__ import annotations
+
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from thighseg import models, phantom
+from thighseg.ct_series import write_series
+from thighseg.embedded_triton import EmbeddedTriton, Ports
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL = "segformer"
+TEST_SIZE = 256
+TEST_SLICES = 12
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def needs_torch():
+    return pytest.importorskip("segmentation_models_pytorch", reason="training/export extra not installed")
+
+
+@pytest.fixture(scope="session")
+def study_factory(tmp_path_factory):
+    """write_study(seed, size, slices) -> list of CT files (cached per arguments)."""
+    cache: dict[tuple, list[Path]] = {}
+
+    def write_study(seed: int, size: int = TEST_SIZE, slices: int = TEST_SLICES) -> list[Path]:
+        key = (seed, size, slices)
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"study-{seed}-{size}-{slices}")
+            cache[key] = write_series(phantom.generate(seed, size=size, slices=slices), folder)
+        return cache[key]
+
+    return write_study
+
+
+@pytest.fixture(scope="session")
+def model_repository(tmp_path_factory) -> Path:
+    """A copy of the version-controlled repository entry with the shipped weights exported into it."""
+    needs_torch()
+    from thighseg.export.onnx_export import export_to_repository
+
+    repository = tmp_path_factory.mktemp("model_repository")
+    name = models.triton_name(MODEL)
+    shutil.copytree(REPO_ROOT / "model_repository" / name, repository / name,
+                    ignore=shutil.ignore_patterns("*.onnx", "__pycache__"))
+    export_to_repository(MODEL, repository)
+    return repository
+
+
+@pytest.fixture(scope="session")
+def triton(model_repository, tmp_path_factory):
+    """The real tritonserver binary on CPU, stopped by PID at the end of the session."""
+    ports = Ports(free_port(), free_port(), free_port())
+    log_file = tmp_path_factory.mktemp("triton") / "triton.log"
+    server = EmbeddedTriton(model_repository, ports, log_file=log_file).start()
+    yield server
+    server.stop()
+    assert server.process.poll() is not None, "tritonserver still running after stop()"

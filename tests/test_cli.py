@@ -1,0 +1,77 @@
+"""The `thighseg` command as users run it: real processes, real ports, clean shutdown."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import tritonclient.http as http
+
+from conftest import free_port
+
+THIGHSEG = [sys.executable, "-m", "thighseg.cli"]
+
+
+def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*THIGHSEG, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_phantom_command_writes_a_series(tmp_path):
+    result = run("phantom", "--seed", "9", "--size", "64", "--slices", "3", "--out", str(tmp_path / "s"))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["files"] == 3 and len(list((tmp_path / "s").glob("CT-*.dcm"))) == 3
+    assert summary["group_volumes_ml"]["extensor"] > 0
+
+
+def test_listen_without_triton_fails_with_a_clear_message():
+    result = run("listen", "--triton-url", f"127.0.0.1:{free_port()}", "--port", str(free_port()), timeout=60)
+    assert result.returncode == 2
+    assert "is not ready" in result.stderr and "thighseg serve" in result.stderr
+
+
+def test_bad_arguments_get_a_message_not_a_traceback(tmp_path):
+    result = run("phantom", "--size", "8", "--out", str(tmp_path))
+    assert result.returncode == 1
+    assert "error: phantom needs size >= 32" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_starts_triton_and_stops_it_on_sigterm(model_repository):
+    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    process = subprocess.Popen([*THIGHSEG, "serve", "--repository", str(model_repository), "--http-port",
+                                str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        assert "triton ready" in line, process.stderr.read() if process.poll() is not None else line
+        triton_pid = int(re.search(r"pid (\d+)", line).group(1))
+        assert http.InferenceServerClient(f"127.0.0.1:{http_port}").is_model_ready("thighseg_segformer")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and Path(f"/proc/{triton_pid}").exists() and \
+                "zombie" not in Path(f"/proc/{triton_pid}/status").read_text().lower():
+            time.sleep(0.2)
+        assert not Path(f"/proc/{triton_pid}").exists() or \
+            "zombie" in Path(f"/proc/{triton_pid}/status").read_text().lower()
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_demo_runs_end_to_end(model_repository, tmp_path):
+    ports = [str(free_port()) for _ in range(4)]
+    result = run("demo", "--size", "256", "--slices", "16", "--repository", str(model_repository),
+                 "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2], "--port", ports[3],
+                 "--work", str(tmp_path), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()
+            if line.split() and line.split()[0] in ("extensor", "flexor", "adductor")}
+    assert set(rows) == {"extensor", "flexor", "adductor"}
+    assert all(float(values[2]) >= 0.8 for values in rows.values()), result.stdout
+    assert list(tmp_path.rglob("seg.dcm")) and list(tmp_path.rglob("report.json"))

@@ -1,0 +1,46 @@
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from conftest import MODEL, needs_torch
+from thighseg import models, phantom
+from thighseg.labels import normalise_hu
+from thighseg.resample import MODEL_INPUT_SIZE, to_model_grid
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    needs_torch()
+    from thighseg.export.onnx_export import export_onnx
+
+    network = models.load_trained(MODEL)
+    return network, export_onnx(network, tmp_path_factory.mktemp("onnx") / "model.onnx")
+
+
+def test_onnx_has_dynamic_batch_and_opset(exported):
+    _, path = exported
+    graph = onnx.load(str(path))
+    assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    batch_dim = graph.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.dim_value
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 5):
+        x = np.zeros((batch, 1, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE), np.float32)
+        assert session.run(["logits"], {"image": x})[0].shape == (batch, 4, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE)
+
+
+def test_onnx_runtime_matches_torch_on_phantom_slices(exported):
+    from thighseg.export.onnx_export import measure_parity
+
+    network, path = exported
+    study = phantom.generate(31, size=384, slices=6)
+    parity = measure_parity(network, path, normalise_hu(to_model_grid(study.hu))[:, None], batch_size=3)
+    assert parity.slices == 6
+    assert parity.max_abs_logit_diff < 1e-2
+    assert parity.argmax_agreement >= 0.9999
+
+
+def test_unknown_model_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown model"):
+        models.build("resnet9000")

@@ -1,0 +1,123 @@
+"""Real associations on localhost into the real listener, inference by the real Triton server."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import MRImageStorage
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from conftest import MODEL, free_port
+from thighseg import models
+from thighseg.client.triton import TritonSegmenter
+from thighseg.ct_series import read_truth
+from thighseg.demo import labels_from_seg
+from thighseg.dicom_listener.pipeline import InferenceSettings
+from thighseg.dicom_listener.scu import send_files
+from thighseg.dicom_listener.service import Listener, ListenerConfig
+from thighseg.metrics import dice_per_group, group_volumes_ml
+
+
+@pytest.fixture
+def listener(triton, tmp_path):
+    segmenter = TritonSegmenter(triton.http_url, models.triton_name(MODEL))
+    settings = InferenceSettings(segmenter.infer, MODEL, segmenter.input_shape()[1])
+    config = ListenerConfig(spool_dir=tmp_path / "spool", output_dir=tmp_path / "out", host="127.0.0.1",
+                            port=free_port(), idle_s=0.5)
+    with Listener(config, settings) as running:
+        yield running
+
+
+def series_uid(paths) -> str:
+    return str(pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
+
+
+def storescu(paths, port: int) -> subprocess.CompletedProcess:
+    return subprocess.run(["storescu", "-aet", "MODALITY", "-aec", "THIGHSEG", "127.0.0.1", str(port),
+                           *map(str, paths)], capture_output=True, text=True, timeout=120)
+
+
+def assert_accurate_seg(result, paths) -> None:
+    assert result.report["status"] == "done", result.report
+    truth, uids = read_truth(paths[0].parent)
+    seg = hd.seg.segread(result.seg_path)
+    referenced = {i.ReferencedSOPInstanceUID for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert referenced == set(uids)
+    predicted = labels_from_seg(result.seg_path, uids)
+    dsc = dice_per_group(predicted, truth)
+    assert min(dsc.values()) >= 0.80, dsc
+    spacing = tuple(result.report["spacing_zyx_mm"])
+    true_total = group_volumes_ml(truth, spacing)["total_muscle"]
+    assert abs(result.report["volumes_ml"]["total_muscle"] - true_total) <= 0.10 * true_total
+
+
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK storescu not installed")
+def test_storescu_study_becomes_an_accurate_seg(listener, study_factory):
+    paths = study_factory(4242)
+    sent = storescu(paths, listener.config.port)
+    assert sent.returncode == 0, sent.stderr
+    result = listener.wait_for(series_uid(paths), timeout_s=300)
+    assert_accurate_seg(result, paths)
+    assert len(list(listener.config.spool_dir.rglob("*.dcm"))) == len(paths)
+    if shutil.which("dciodvfy"):
+        check = subprocess.run(["dciodvfy", str(result.seg_path)], capture_output=True, text=True)
+        errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
+        assert errors == []
+
+
+def test_second_study_pushed_while_first_is_processing(listener, study_factory):
+    first, second = study_factory(4343), study_factory(4444)
+    assert send_files(first, "127.0.0.1", listener.config.port) == [0] * len(first)
+    time.sleep(listener.config.idle_s + 0.3)  # the first series is now in the pipeline
+    statuses: list[int] = []
+    pusher = threading.Thread(target=lambda: statuses.extend(send_files(second, "127.0.0.1", listener.config.port)))
+    pusher.start()
+    pusher.join(timeout=120)
+    assert statuses == [0] * len(second)
+    for paths in (first, second):
+        assert_accurate_seg(listener.wait_for(series_uid(paths), timeout_s=300), paths)
+
+
+def _variant(path, folder, name, change) -> list:
+    ds = pydicom.dcmread(path)
+    change(ds)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+    out = folder / f"{name}.dcm"
+    ds.save_as(out, enforce_file_format=True)
+    return [out]
+
+
+def test_non_ct_and_unusable_instances_are_refused_and_not_spooled(listener, study_factory, tmp_path):
+    source = study_factory(4242)[0]
+
+    def to_mr(ds):
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+        ds.Modality = "MR"
+
+    def wrong_modality(ds):
+        ds.Modality = "MR"
+
+    def no_pixels(ds):
+        del ds.PixelData
+
+    cases = {"mr": (to_mr, 0x0122), "modality": (wrong_modality, 0xA900), "pixels": (no_pixels, 0xA900)}
+    for name, (change, expected) in cases.items():
+        statuses = send_files(_variant(source, tmp_path, name, change), "127.0.0.1", listener.config.port)
+        assert statuses == [expected], name
+    assert list(listener.config.spool_dir.rglob("*.dcm")) == []
+
+    ae = AE(ae_title="ECHO")
+    ae.add_requested_context(Verification)
+    association = ae.associate("127.0.0.1", listener.config.port, ae_title="THIGHSEG")
+    assert association.is_established
+    assert association.send_c_echo().Status == 0
+    association.release()
+    assert send_files([source], "127.0.0.1", listener.config.port) == [0]
