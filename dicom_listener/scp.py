@@ -16,6 +16,7 @@ from pynetdicom.sop_class import Verification
 
 from thighseg.dicom_listener.series import SeriesKey, SeriesTracker
 from thighseg.dicom_listener.spool import Spool, is_valid_uid
+from thighseg.dicom_listener.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +31,21 @@ CANNOT_UNDERSTAND = 0xC000
 class StoreHandler:
     spool: Spool
     tracker: SeriesTracker
+    telemetry: Telemetry
 
     def __call__(self, event: evt.Event) -> int:
+        status, reason = self._store(event)
+        if status == SUCCESS:
+            self.telemetry.received.inc()
+        else:
+            self.telemetry.rejected.labels(reason).inc()
+        return status
+
+    def _store(self, event: evt.Event) -> tuple[int, str]:
         sop_class = str(event.request.AffectedSOPClassUID)
         if sop_class != CTImageStorage:
             log.warning("refused instance of SOP class %s: only CT Image Storage is segmented", sop_class)
-            return SOP_CLASS_NOT_SUPPORTED
+            return SOP_CLASS_NOT_SUPPORTED, "sop_class"
         try:
             dataset = event.dataset
             modality = dataset.get("Modality")
@@ -43,20 +53,24 @@ class StoreHandler:
             has_pixels = "PixelData" in dataset
         except Exception as error:  # undecodable data set
             log.warning("refused undecodable instance: %s", type(error).__name__)
-            return CANNOT_UNDERSTAND
-        if modality != "CT" or not all(is_valid_uid(str(u) if u is not None else None) for u in uids) \
-                or not has_pixels:
-            log.warning("refused CT instance: modality=%s, valid UIDs=%s, pixel data=%s", modality,
-                        all(is_valid_uid(str(u) if u is not None else None) for u in uids), has_pixels)
-            return DATASET_DOES_NOT_MATCH_SOP_CLASS
+            return CANNOT_UNDERSTAND, "undecodable"
+        if modality != "CT":
+            log.warning("refused CT Image Storage instance with modality %s", modality)
+            return DATASET_DOES_NOT_MATCH_SOP_CLASS, "modality"
+        if not all(u is not None and is_valid_uid(str(u)) for u in uids):
+            log.warning("refused instance with missing or invalid study/series/instance UID")
+            return DATASET_DOES_NOT_MATCH_SOP_CLASS, "uid"
+        if not has_pixels:
+            log.warning("refused instance without pixel data")
+            return DATASET_DOES_NOT_MATCH_SOP_CLASS, "no_pixel_data"
         study_uid, series_uid, sop_uid = (str(u) for u in uids)
         try:
             self.spool.store(event.encoded_dataset(include_meta=True), study_uid, series_uid, sop_uid)
         except OSError as error:
             log.error("could not spool instance: %s", error.strerror or error)
-            return OUT_OF_RESOURCES
+            return OUT_OF_RESOURCES, "spool_write"
         self.tracker.received(id(event.assoc), SeriesKey(study_uid, series_uid), sop_uid)
-        return SUCCESS
+        return SUCCESS, ""
 
 
 def make_ae(ae_title: str) -> AE:

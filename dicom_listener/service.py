@@ -11,6 +11,7 @@ from thighseg.dicom_listener.pipeline import InferenceSettings, SeriesResult, pr
 from thighseg.dicom_listener.scp import StoreHandler, event_handlers, make_ae
 from thighseg.dicom_listener.series import SeriesKey, SeriesTracker
 from thighseg.dicom_listener.spool import Spool
+from thighseg.dicom_listener.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,7 @@ class ListenerConfig:
     port: int = 11112
     idle_s: float = 2.0
     workers: int = 1
+    metrics_port: int | None = None  # Prometheus /metrics; 9108 in the CLI, None to disable
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Listener:
 
     def __post_init__(self) -> None:
         self.spool = Spool(self.config.spool_dir)
+        self.telemetry = Telemetry()
         self.tracker = SeriesTracker(self._series_complete, idle_s=self.config.idle_s)
         self._workers = ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="pipeline")
         self._done = threading.Condition()
@@ -41,9 +44,11 @@ class Listener:
 
     def start(self) -> "Listener":
         ae = make_ae(self.config.ae_title)
-        handlers = event_handlers(StoreHandler(self.spool, self.tracker), self.tracker)
+        handlers = event_handlers(StoreHandler(self.spool, self.tracker, self.telemetry), self.tracker)
         self._server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
         self.tracker.start()
+        if self.config.metrics_port is not None:
+            self.telemetry.serve(self.config.metrics_port, self.config.host)
         log.info("listening as %s on %s:%d", self.config.ae_title, self.config.host, self.config.port)
         return self
 
@@ -53,6 +58,7 @@ class Listener:
             self._server = None
         self.tracker.stop()
         self._workers.shutdown(wait=True)
+        self.telemetry.close()
 
     def __enter__(self) -> "Listener":
         return self.start()
@@ -62,11 +68,16 @@ class Listener:
 
     def _series_complete(self, key: SeriesKey, count: int) -> None:
         log.info("series %s complete with %d instance(s); queued", short_uid(key.series_uid), count)
+        self.telemetry.queue_depth.inc()
         self._workers.submit(self._process, key)
 
     def _process(self, key: SeriesKey) -> None:
         out_dir = self.config.output_dir / key.study_uid / key.series_uid
+        self.telemetry.queue_depth.dec()
         result = process_series(self.spool.instances(key.study_uid, key.series_uid), out_dir, self.inference)
+        self.telemetry.series.labels(result.report["status"]).inc()
+        for stage, seconds in result.report["stage_seconds"].items():
+            self.telemetry.stage_seconds.labels(stage).observe(seconds)
         log.info("series %s %s", short_uid(key.series_uid), result.report["status"])
         with self._done:
             self.results[key.series_uid] = result

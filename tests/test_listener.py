@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import threading
 import time
+import urllib.request
 
 import highdicom as hd
 import numpy as np
@@ -30,7 +31,7 @@ def listener(triton, tmp_path):
     segmenter = TritonSegmenter(triton.http_url, models.triton_name(MODEL))
     settings = InferenceSettings(segmenter.infer, MODEL, segmenter.input_shape()[1])
     config = ListenerConfig(spool_dir=tmp_path / "spool", output_dir=tmp_path / "out", host="127.0.0.1",
-                            port=free_port(), idle_s=0.5)
+                            port=free_port(), idle_s=0.5, metrics_port=free_port())
     with Listener(config, settings) as running:
         yield running
 
@@ -66,6 +67,9 @@ def test_storescu_study_becomes_an_accurate_seg(listener, study_factory):
     result = listener.wait_for(series_uid(paths), timeout_s=300)
     assert_accurate_seg(result, paths)
     assert len(list(listener.config.spool_dir.rglob("*.dcm"))) == len(paths)
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{listener.config.metrics_port}/metrics", timeout=10).read()
+    assert f"thighseg_instances_received_total {float(len(paths))}" in metrics.decode()
+    assert 'thighseg_series_total{status="done"} 1.0' in metrics.decode()
     if shutil.which("dciodvfy"):
         check = subprocess.run(["dciodvfy", str(result.seg_path)], capture_output=True, text=True)
         errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
@@ -113,6 +117,9 @@ def test_non_ct_and_unusable_instances_are_refused_and_not_spooled(listener, stu
         statuses = send_files(_variant(source, tmp_path, name, change), "127.0.0.1", listener.config.port)
         assert statuses == [expected], name
     assert list(listener.config.spool_dir.rglob("*.dcm")) == []
+    registry = listener.telemetry.registry
+    for reason in ("sop_class", "modality", "no_pixel_data"):
+        assert registry.get_sample_value("thighseg_instances_rejected_total", {"reason": reason}) == 1.0
 
     ae = AE(ae_title="ECHO")
     ae.add_requested_context(Verification)

@@ -89,7 +89,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
     settings = InferenceSettings(segmenter.infer, args.model, segmenter.input_shape()[1],
                                  batch_size=args.batch_size, concurrency=args.concurrency)
     config = ListenerConfig(spool_dir=args.spool, output_dir=args.out, ae_title=args.ae_title, host=args.host,
-                            port=args.port, idle_s=args.idle, workers=args.workers)
+                            port=args.port, idle_s=args.idle, workers=args.workers,
+                            metrics_port=args.metrics_port or None)
     with Listener(config, settings):
         print(f"listening as {args.ae_title} on {args.host}:{args.port}; results in {args.out}", flush=True)
         _wait_for_signal()
@@ -154,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--idle", type=float, default=2.0, help="seconds of quiet after release before processing")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--metrics-port", type=int, default=9108, help="Prometheus /metrics port (0: off)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--concurrency", type=int, default=4, help="batches in flight per series")
     p.set_defaults(func=cmd_listen)
