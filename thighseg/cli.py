@@ -45,16 +45,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from thighseg.export.onnx_export import export_to_repository, measure_parity
-    from thighseg.labels import normalise_hu
-    from thighseg.phantom import generate
-    from thighseg.resample import to_model_grid
+    from thighseg.export.build import export_model
 
-    path = export_to_repository(args.model, args.repository, args.weights)
-    study = generate(args.parity_seed, size=256, slices=args.parity_slices)
-    images = normalise_hu(to_model_grid(study.hu))[:, None]
-    parity = measure_parity(models.load_trained(args.model, args.weights), path, images)
-    print(json.dumps({"onnx": str(path), "parity": parity.as_dict()}, indent=2))
+    report = export_model(args.model, args.repository, args.format, args.weights, args.timing_cache)
+    print(json.dumps(report, indent=2))
     return 0
 
 
@@ -130,12 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="weights file (default: the shipped weights)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("export", help="export weights to ONNX in the model repository, check parity")
+    p = sub.add_parser("export", help="export weights to ONNX / TensorRT in the model repository, check parity")
     _add_model(p)
     p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
     p.add_argument("--weights", type=Path, default=None)
-    p.add_argument("--parity-seed", type=int, default=7)
-    p.add_argument("--parity-slices", type=int, default=8)
+    p.add_argument("--format", choices=["onnx", "fp16", "tensorrt"], default="onnx",
+                   help="onnx: FP32 for the CPU server; fp16: also FP16 ONNX; tensorrt: also the FP16 engine (GPU)")
+    p.add_argument("--timing-cache", type=Path, default=None, help="TensorRT timing cache reused between builds")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="run the embedded Triton server (CPU) on the model repository")

@@ -20,6 +20,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+CPU_CONFIG_NAME = "cpu"
+
 
 @dataclass(frozen=True)
 class Ports:
@@ -96,6 +98,7 @@ class EmbeddedTriton:
             "--exit-on-error=false",
             "--log-verbose=0",
             "--exit-timeout-secs=5",  # do not wait 30 s for idle client connections on stop
+            f"--model-config-name={CPU_CONFIG_NAME}",  # <model>/configs/cpu.pbtxt: python backend
         ]
 
     def start(self) -> "EmbeddedTriton":

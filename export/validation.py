@@ -1,0 +1,72 @@
+"""Side-by-side comparison of two inference backends on the same phantom slices.
+
+Used for every step of the export chain: torch vs ONNX Runtime FP32, ONNX FP32 vs FP16, and
+ONNX Runtime FP32 vs the TensorRT FP16 engine.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+
+from thighseg.metrics import dice_per_group
+
+Backend = Callable[[np.ndarray], np.ndarray]  # (n, 1, H, W) float32 -> (n, C, H, W) logits
+
+
+@dataclass(frozen=True)
+class Comparison:
+    slices: int
+    max_abs_logit_diff: float
+    argmax_agreement: float
+    dice_reference: dict[str, float] | None = None  # against ground truth, when given
+    dice_candidate: dict[str, float] | None = None
+
+    @property
+    def max_dice_drop(self) -> float | None:
+        if self.dice_reference is None or self.dice_candidate is None:
+            return None
+        return max(self.dice_reference[g] - self.dice_candidate[g] for g in self.dice_reference)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "max_dice_drop": self.max_dice_drop}
+
+
+def compare(reference: Backend, candidate: Backend, images: np.ndarray, truth: np.ndarray | None = None,
+            batch_size: int = 8) -> Comparison:
+    """Run both backends batch by batch; compare logits, labels and (optionally) DSC to truth."""
+    max_diff, agree, total = 0.0, 0, 0
+    labels_reference, labels_candidate = [], []
+    for start in range(0, len(images), batch_size):
+        batch = np.ascontiguousarray(images[start:start + batch_size], dtype=np.float32)
+        expected, actual = reference(batch), candidate(batch)
+        if actual.shape != expected.shape:
+            raise AssertionError(f"candidate output shape {actual.shape} != reference {expected.shape}")
+        max_diff = max(max_diff, float(np.abs(actual.astype(np.float32) - expected).max()))
+        labels_reference.append(expected.argmax(1).astype(np.uint8))
+        labels_candidate.append(actual.argmax(1).astype(np.uint8))
+        agree += int((labels_reference[-1] == labels_candidate[-1]).sum())
+        total += labels_reference[-1].size
+    dice_reference = dice_candidate = None
+    if truth is not None:
+        dice_reference = dice_per_group(np.concatenate(labels_reference), truth)
+        dice_candidate = dice_per_group(np.concatenate(labels_candidate), truth)
+    return Comparison(len(images), max_diff, agree / total, dice_reference, dice_candidate)
+
+
+def onnx_backend(path) -> Backend:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda batch: session.run(["logits"], {"image": batch})[0]
+
+
+def torch_backend(network) -> Backend:
+    import torch
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return network(torch.from_numpy(batch)).numpy()
+
+    return run
