@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,6 +27,24 @@ class ListenerConfig:
     idle_s: float = 2.0
     workers: int = 1
     metrics_port: int | None = None  # Prometheus /metrics; 9108 in the CLI, None to disable
+    allowed_calling_aets: tuple[str, ...] = ()  # empty: any calling AE title may associate
+    tls_cert: Path | None = None  # PEM certificate + key: DICOM over TLS
+    tls_key: Path | None = None
+    tls_ca: Path | None = None  # when set, clients must present a certificate signed by it
+
+
+def server_ssl_context(config: ListenerConfig) -> ssl.SSLContext | None:
+    if config.tls_cert is None:
+        return None
+    if config.tls_key is None:
+        raise ValueError("TLS needs both a certificate and its private key")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile=str(config.tls_cert), keyfile=str(config.tls_key))
+    if config.tls_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cafile=str(config.tls_ca))
+    return context
 
 
 @dataclass
@@ -44,8 +63,11 @@ class Listener:
 
     def start(self) -> "Listener":
         ae = make_ae(self.config.ae_title)
+        if self.config.allowed_calling_aets:
+            ae.require_calling_aet = list(self.config.allowed_calling_aets)
         handlers = event_handlers(StoreHandler(self.spool, self.tracker, self.telemetry), self.tracker)
-        self._server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
+        self._server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers,
+                                       ssl_context=server_ssl_context(self.config))
         self.tracker.start()
         if self.config.metrics_port is not None:
             self.telemetry.serve(self.config.metrics_port, self.config.host)

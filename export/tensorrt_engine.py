@@ -8,6 +8,7 @@ network, since recent TensorRT deprecates the FP16 builder flag; older TensorRT 
 from __future__ import annotations
 
 import json
+import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,25 +51,26 @@ def _tensorrt():
     return tensorrt
 
 
+def gpu_identity() -> tuple[str, str]:
+    """(name, compute capability) of GPU 0 from nvidia-smi (present wherever a GPU is usable)."""
+    try:
+        output = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=30, check=True).stdout
+    except (FileNotFoundError, subprocess.SubprocessError) as error:
+        raise TensorRTUnavailable(f"no CUDA GPU is visible (nvidia-smi: {error})") from error
+    name, capability = (part.strip() for part in output.splitlines()[0].split(","))
+    return name, capability
+
+
 def require_gpu_tensorrt() -> None:
     """Fail early, before minutes of export work, when no engine can be built here."""
     _tensorrt()
-    try:
-        import torch
-    except ImportError as error:
-        raise TensorRTUnavailable("torch (the train extra) is needed to run TensorRT engines") from error
-    if not torch.cuda.is_available():
-        raise TensorRTUnavailable("no CUDA GPU is visible; TensorRT engines are built on the GPU that runs them")
+    gpu_identity()
 
 
 def current_build_info(onnx_file: Path, strongly_typed: bool) -> BuildInfo:
-    import torch
-
-    if not torch.cuda.is_available():
-        raise TensorRTUnavailable("no CUDA GPU is visible")
-    major, minor = torch.cuda.get_device_capability(0)
-    return BuildInfo(gpu=torch.cuda.get_device_name(0), compute_capability=f"{major}.{minor}",
-                     tensorrt_version=_tensorrt().__version__,
+    name, capability = gpu_identity()
+    return BuildInfo(gpu=name, compute_capability=capability, tensorrt_version=_tensorrt().__version__,
                      profile_min_opt_max=(PROFILE_MIN, PROFILE_OPT, PROFILE_MAX), input_size=MODEL_INPUT_SIZE,
                      strongly_typed=strongly_typed, onnx_file=onnx_file.name)
 

@@ -26,8 +26,13 @@ stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
 if [[ ! -f $stamp ]]; then
     echo "installing Python packages into .venv (torch for training/export included; a few minutes)"
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e ".[train,test]"
+    .venv/bin/python -m pip install -q -e ".[serve,train,test]"
     touch "$stamp"
+fi
+# checkov (Kubernetes manifest scanner) has many pinned dependencies of its own: separate venv.
+if [[ ! -x .venv-tools/bin/checkov ]]; then
+    "$PYTHON" -m venv .venv-tools
+    .venv-tools/bin/python -m pip install -q "checkov==3.3.30"
 fi
 
 command="${1:-}"

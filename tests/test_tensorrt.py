@@ -47,3 +47,37 @@ def test_fp16_engine_matches_onnx_runtime(tmp_path):
     info = read_build_info(tmp_path / name / "1" / "model.plan")
     assert info is not None and info.profile_min_opt_max[2] >= 64
     assert (tmp_path / ".tensorrt_timing.cache").stat().st_size > 0
+
+
+def _info(**changes):
+    from thighseg.export.tensorrt_engine import BuildInfo
+
+    base = dict(gpu="NVIDIA H100 80GB HBM3", compute_capability="9.0", tensorrt_version="10.7.0",
+                profile_min_opt_max=(1, 16, 64), input_size=256, strongly_typed=True, onnx_file="model_fp16.onnx")
+    return BuildInfo(**{**base, **changes})
+
+
+def test_engine_rebuild_decision():
+    from thighseg.export.engines import needs_rebuild
+
+    current = _info()
+    assert needs_rebuild(None, current) == "no engine yet"
+    assert needs_rebuild(_info(), current) is None
+    assert "NVIDIA L4" in needs_rebuild(_info(gpu="NVIDIA L4"), current)
+    assert "TensorRT 10.3" in needs_rebuild(_info(tensorrt_version="10.3"), current)
+    assert needs_rebuild(_info(profile_min_opt_max=(1, 8, 32)), current) is not None
+
+
+def test_container_entry_step_finds_the_tensorrt_models_and_explains_a_missing_gpu(tmp_path):
+    from thighseg.export.engines import tensorrt_models
+
+    assert [p.name for p in tensorrt_models(REPO_ROOT / "model_repository")] == ["thighseg_segformer"]
+    if _gpu_tensorrt_missing() is None:
+        pytest.skip("a GPU is present")
+    name = "thighseg_segformer"
+    shutil.copytree(REPO_ROOT / "model_repository" / name, tmp_path / name, ignore=shutil.ignore_patterns("*.onnx"))
+    (tmp_path / name / "1" / "model_fp16.onnx").write_bytes(b"placeholder: never parsed without a GPU")
+    result = subprocess.run([sys.executable, "-m", "thighseg.export.engines", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stderr.startswith("error:")
+    assert not (tmp_path / name / "1" / "model.plan").exists()

@@ -84,7 +84,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
                                  batch_size=args.batch_size, concurrency=args.concurrency)
     config = ListenerConfig(spool_dir=args.spool, output_dir=args.out, ae_title=args.ae_title, host=args.host,
                             port=args.port, idle_s=args.idle, workers=args.workers,
-                            metrics_port=args.metrics_port or None)
+                            metrics_port=args.metrics_port or None, allowed_calling_aets=tuple(args.allow_aet),
+                            tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca)
     with Listener(config, settings):
         print(f"listening as {args.ae_title} on {args.host}:{args.port}; results in {args.out}", flush=True)
         _wait_for_signal()
@@ -151,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle", type=float, default=2.0, help="seconds of quiet after release before processing")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--metrics-port", type=int, default=9108, help="Prometheus /metrics port (0: off)")
+    p.add_argument("--allow-aet", action="append", default=[], metavar="AET",
+                   help="calling AE title allowed to associate (repeat; default: any)")
+    p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate: accept DICOM over TLS")
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    p.add_argument("--tls-ca", type=Path, default=None, help="require client certificates signed by this CA")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--concurrency", type=int, default=4, help="batches in flight per series")
     p.set_defaults(func=cmd_listen)

@@ -1,0 +1,52 @@
+"""Calling-AE allow-list and DICOM over TLS, with a self-signed certificate made in the test."""
+import shutil
+import ssl
+import subprocess
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from conftest import free_port
+from thighseg.dicom_listener.pipeline import InferenceSettings
+from thighseg.dicom_listener.service import Listener, ListenerConfig
+
+
+def _unused_inference() -> InferenceSettings:
+    def refuse(_batch):
+        raise AssertionError("no series is processed in these tests")
+
+    return InferenceSettings(refuse, "segformer", 256)
+
+
+def _echo(port: int, calling: str, tls: tuple | None = None) -> bool:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    association = ae.associate("127.0.0.1", port, ae_title="THIGHSEG", tls_args=tls)
+    if not association.is_established:
+        return False
+    ok = association.send_c_echo().Status == 0
+    association.release()
+    return ok
+
+
+def test_only_allowed_calling_ae_titles_associate(tmp_path):
+    config = ListenerConfig(tmp_path / "spool", tmp_path / "out", host="127.0.0.1", port=free_port(),
+                            allowed_calling_aets=("CT_SCANNER",))
+    with Listener(config, _unused_inference()):
+        assert _echo(config.port, "CT_SCANNER")
+        assert not _echo(config.port, "INTRUDER")
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+def test_tls_association_with_a_self_signed_certificate(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    config = ListenerConfig(tmp_path / "spool", tmp_path / "out", host="127.0.0.1", port=free_port(),
+                            tls_cert=cert, tls_key=key)
+    with Listener(config, _unused_inference()):
+        client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+        assert _echo(config.port, "SECURE_SCU", (client, "localhost"))
+        assert not _echo(config.port, "PLAIN_SCU"), "a plain-TCP association must not be accepted on the TLS port"
