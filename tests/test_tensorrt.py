@@ -68,16 +68,7 @@ def test_engine_rebuild_decision():
     assert needs_rebuild(_info(profile_min_opt_max=(1, 8, 32)), current) is not None
 
 
-def test_container_entry_step_finds_the_tensorrt_models_and_explains_a_missing_gpu(tmp_path):
+def test_entry_step_finds_the_tensorrt_models():
     from thighseg.export.engines import tensorrt_models
 
     assert [p.name for p in tensorrt_models(REPO_ROOT / "model_repository")] == ["thighseg_segformer"]
-    if _gpu_tensorrt_missing() is None:
-        pytest.skip("a GPU is present")
-    name = "thighseg_segformer"
-    shutil.copytree(REPO_ROOT / "model_repository" / name, tmp_path / name, ignore=shutil.ignore_patterns("*.onnx"))
-    (tmp_path / name / "1" / "model_fp16.onnx").write_bytes(b"placeholder: never parsed without a GPU")
-    result = subprocess.run([sys.executable, "-m", "thighseg.export.engines", str(tmp_path)],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1 and result.stderr.startswith("error:")
-    assert not (tmp_path / name / "1" / "model.plan").exists()

@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from thighseg import models
@@ -76,6 +77,9 @@ def cmd_listen(args: argparse.Namespace) -> int:
     from thighseg.dicom_listener.service import Listener, ListenerConfig
 
     segmenter = TritonSegmenter(args.triton_url, models.triton_name(args.model), protocol=args.protocol)
+    deadline = time.monotonic() + args.triton_wait
+    while not segmenter.is_ready() and time.monotonic() < deadline:
+        time.sleep(2)
     if not segmenter.is_ready():
         print(f"error: model {segmenter.model} is not ready at {args.triton_url} ({args.protocol}); "
               "start it with `thighseg serve`", file=sys.stderr)
@@ -144,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--triton-url", default="127.0.0.1:8000")
     p.add_argument("--protocol", choices=["http", "grpc"], default="http")
+    p.add_argument("--triton-wait", type=float, default=0, metavar="SECONDS",
+                   help="wait this long for the model to become ready before giving up")
     p.add_argument("--ae-title", default="THIGHSEG")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=11112)
