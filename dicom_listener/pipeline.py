@@ -13,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 
+from thighseg.client.triton import TritonUnavailable
 from thighseg.client.volume import segment_volume
 from thighseg.dicom_listener.assemble import SeriesError, Volume, assemble
 from thighseg.dicom_listener.outputs import write_report, write_seg
@@ -23,6 +24,10 @@ log = logging.getLogger(__name__)
 InferFn = Callable[[np.ndarray], np.ndarray]
 
 
+def _always_ready() -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class InferenceSettings:
     infer: InferFn
@@ -30,6 +35,7 @@ class InferenceSettings:
     input_size: int
     batch_size: int = 8
     concurrency: int = 4
+    ready: Callable[[], bool] = _always_ready  # is the inference server reachable (for /readyz)
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,11 @@ def measure_stage(volume: Volume, labels: np.ndarray) -> dict:
 
 
 def process_series(instance_paths: list[Path], out_dir: Path, settings: InferenceSettings) -> SeriesResult:
-    """Run every stage; a series that cannot be processed still gets a report with the reason."""
+    """Run every stage; a series that cannot be processed still gets a report with the reason.
+
+    TritonUnavailable is not a property of the series: it propagates so the caller can keep the
+    series queued and try again once the server is back.
+    """
     timings: dict[str, float] = {}
     report: dict = {"model": settings.model, "instances": len(instance_paths), "status": "failed"}
     seg_path = None
@@ -84,6 +94,8 @@ def process_series(instance_paths: list[Path], out_dir: Path, settings: Inferenc
         report["status"] = "done"
     except SeriesError as error:
         report["reason"] = str(error)
+    except TritonUnavailable:
+        raise
     except Exception as error:  # any stage failure is reported, never lost
         log.exception("series failed in stage %s", stage)
         report["reason"] = f"{stage} failed: {type(error).__name__}: {error}"

@@ -1,9 +1,15 @@
-"""Prometheus metrics of the listener, in a registry of its own (one per Listener instance)."""
+"""Prometheus metrics and health endpoints of the listener (/metrics, /healthz, /readyz).
+
+Each Listener has its own registry, so several can run in one process (tests, benchmarks).
+"""
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -15,17 +21,50 @@ class Telemetry:
     def __post_init__(self) -> None:
         r = self.registry
         self.received = Counter("thighseg_instances_received", "Instances stored in the spool", registry=r)
+        self.duplicates = Counter("thighseg_instances_duplicate", "Instances received again (idempotent)",
+                                  registry=r)
         self.rejected = Counter("thighseg_instances_rejected", "Instances refused, by reason", ["reason"],
                                 registry=r)
         self.series = Counter("thighseg_series", "Series processed, by final status", ["status"], registry=r)
+        self.series_by_state = Gauge("thighseg_series_state", "Series in the index, by state", ["state"],
+                                     registry=r)
         self.stage_seconds = Histogram("thighseg_stage_seconds", "Pipeline stage latency", ["stage"],
                                        buckets=STAGE_BUCKETS, registry=r)
         self.queue_depth = Gauge("thighseg_queue_depth", "Series complete but not yet processed", registry=r)
-        self._server = None
+        self.triton_errors = Counter("thighseg_triton_errors", "Series deferred because Triton failed", registry=r)
+        self.forward_failures = Counter("thighseg_forward_failures", "Results not delivered to the destination AE",
+                                        registry=r)
+        self._server: ThreadingHTTPServer | None = None
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> None:
-        """Expose /metrics over HTTP (port 9108 by default in the CLI)."""
-        self._server, _ = start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str, alive: Callable[[], bool], ready: Callable[[], bool]) -> None:
+        """/metrics for Prometheus; /healthz (listener running) and /readyz (Triton reachable)."""
+        registry = self.registry
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server API
+                if self.path.startswith("/metrics"):
+                    self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+                elif self.path == "/healthz":
+                    ok = alive()
+                    self._reply(200 if ok else 503, b"ok\n" if ok else b"listener stopped\n")
+                elif self.path == "/readyz":
+                    ok = ready()
+                    self._reply(200 if ok else 503, b"ready\n" if ok else b"triton unreachable\n")
+                else:
+                    self._reply(404, b"not found\n")
+
+            def _reply(self, status: int, body: bytes, content_type: str = "text/plain") -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:  # probes every few seconds: keep logs quiet
+                pass
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True).start()
 
     def close(self) -> None:
         if self._server is not None:

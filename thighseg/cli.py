@@ -85,9 +85,9 @@ def cmd_listen(args: argparse.Namespace) -> int:
               "start it with `thighseg serve`", file=sys.stderr)
         return 2
     settings = InferenceSettings(segmenter.infer, args.model, segmenter.input_shape()[1],
-                                 batch_size=args.batch_size, concurrency=args.concurrency)
+                                 batch_size=args.batch_size, concurrency=args.concurrency, ready=segmenter.is_ready)
     config = ListenerConfig(spool_dir=args.spool, output_dir=args.out, ae_title=args.ae_title, host=args.host,
-                            port=args.port, idle_s=args.idle, workers=args.workers,
+                            port=args.port, idle_s=args.idle, expiry_s=args.expiry, workers=args.workers,
                             metrics_port=args.metrics_port or None, allowed_calling_aets=tuple(args.allow_aet),
                             tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca)
     with Listener(config, settings):
@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spool", type=Path, default=Path("spool"))
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--idle", type=float, default=2.0, help="seconds of quiet after release before processing")
+    p.add_argument("--expiry", type=float, default=86400.0,
+                   help="seconds after which a series still receiving is given up and freed")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--metrics-port", type=int, default=9108, help="Prometheus /metrics port (0: off)")
     p.add_argument("--allow-aet", action="append", default=[], metavar="AET",
