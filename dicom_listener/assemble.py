@@ -9,6 +9,9 @@ import pydicom
 from pydicom.dataset import Dataset
 
 
+MAX_SLICE_SPACING_MM = 20.0
+
+
 class SeriesError(ValueError):
     """The series cannot be segmented; the message is the reason given in the report."""
 
@@ -39,6 +42,8 @@ def assemble(paths: list[Path], min_slices: int = 3) -> Volume:
     normal = _normal(first)
     if abs(normal[2]) < 0.99:
         raise SeriesError("series is not axial (slice normal is not along the patient z axis)")
+    if len({str(h.get("FrameOfReferenceUID", "")) for h in headers}) > 1:
+        raise SeriesError("instances differ in FrameOfReferenceUID")
     for h in headers:
         if (h.Rows, h.Columns) != (first.Rows, first.Columns):
             raise SeriesError("instances differ in Rows/Columns")
@@ -53,6 +58,8 @@ def assemble(paths: list[Path], min_slices: int = 3) -> Volume:
     if np.any(steps < 1e-3):
         raise SeriesError("two or more instances share the same slice position")
     spacing = float(np.median(steps))
+    if spacing > MAX_SLICE_SPACING_MM:
+        raise SeriesError(f"slice spacing {spacing:.1f} mm exceeds {MAX_SLICE_SPACING_MM:.0f} mm")
     if np.any(np.abs(steps - spacing) > 0.1 * spacing + 0.01):
         raise SeriesError(f"slice positions are not evenly spaced (gap or missing slice; steps "
                           f"{steps.min():.2f}-{steps.max():.2f} mm)")

@@ -12,8 +12,9 @@ from pydicom.sr.codedict import codes
 import thighseg
 from thighseg.labels import Group, MUSCLE_GROUPS
 
-# SNOMED CT has no single concept per functional group in pydicom's code tables; the segmented
-# property type is "Skeletal muscle" and the segment label names the group.
+# The segmented property type is SNOMED CT "Muscle of lower limb" (102292000, in DICOM's anatomic
+# context groups); the functional group is named by the segment label and tracking identifier,
+# because concepts for the three groups could not be verified against DICOM's code tables here.
 _GROUP_DESCRIPTIONS = {
     Group.EXTENSOR: "Thigh extensor group (quadriceps, sartorius)",
     Group.FLEXOR: "Thigh flexor group (hamstrings)",
@@ -28,8 +29,8 @@ def segment_descriptions(model: str) -> list[hd.seg.SegmentDescription]:
         hd.seg.SegmentDescription(
             segment_number=int(group),
             segment_label=group.name.capitalize(),
-            segmented_property_category=codes.SCT.Tissue,
-            segmented_property_type=codes.SCT.SkeletalMuscle,
+            segmented_property_category=codes.SCT.AnatomicalStructure,
+            segmented_property_type=codes.SCT.MuscleOfLowerLimb,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
             tracking_uid=hd.UID(),
@@ -62,6 +63,62 @@ def write_seg(sources: list[Dataset], labels: np.ndarray, path: Path, model: str
     path.parent.mkdir(parents=True, exist_ok=True)
     seg.save_as(path)
     return seg
+
+
+MILLILITRE = hd.sr.CodedConcept("mL", "UCUM", "milliliter")
+
+
+def write_sr(seg: hd.seg.Segmentation, sources: list[Dataset], volumes_ml: dict[str, float], path: Path,
+             model: str) -> hd.sr.Comprehensive3DSR:
+    """Comprehensive 3D SR, TID 1500 measurement report: one volumetric ROI group per muscle group,
+    each referencing its SEG segment, with the group's volume in mL."""
+    device = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=hd.UID(), name=f"thighseg {model}", manufacturer_name="thighseg",
+            model_name=model, serial_number="thighseg-embedded"))
+    groups = []
+    for group in MUSCLE_GROUPS:
+        segment = hd.sr.ReferencedSegment(
+            sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=int(group),
+            source_series=hd.sr.SourceSeriesForSegmentation(sources[0].SeriesInstanceUID))
+        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=_GROUP_DESCRIPTIONS[group]),
+            referenced_segment=segment,
+            finding_type=codes.SCT.MuscleOfLowerLimb,
+            measurements=[hd.sr.Measurement(name=codes.SCT.Volume, value=round(volumes_ml[group.name.lower()], 2),
+                                            unit=MILLILITRE)]))
+    report = hd.sr.MeasurementReport(observation_context=hd.sr.ObservationContext(observer_device_context=device),
+                                     procedure_reported=codes.LN.CTUnspecifiedBodyRegion, imaging_measurements=groups)
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[seg, *sources], content=report, series_instance_uid=hd.UID(),
+        series_number=int(sources[0].get("SeriesNumber", 1) or 1) + 2000, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer="thighseg", series_description="Thigh muscle volumes (thighseg)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sr.save_as(path)
+    return sr
+
+
+GROUP_COLOURS = {Group.EXTENSOR: (230, 60, 60), Group.FLEXOR: (60, 200, 80), Group.ADDUCTOR: (70, 110, 240)}
+
+
+def write_overlay_png(hu: np.ndarray, labels: np.ndarray, path: Path, window: tuple[float, float] = (-160, 240)) -> Path:
+    """Three axial levels (proximal, middle, distal) side by side: CT in a soft-tissue window with
+    the groups blended in colour, so a reader can judge the result at a glance."""
+    from PIL import Image
+
+    levels = sorted({int(round(f * (len(hu) - 1))) for f in (0.2, 0.5, 0.8)})
+    tiles = []
+    for z in levels:
+        grey = np.clip((hu[z] - window[0]) / (window[1] - window[0]), 0, 1) * 255
+        rgb = np.repeat(grey[..., None], 3, axis=2)
+        for group, colour in GROUP_COLOURS.items():
+            mask = labels[z] == group
+            rgb[mask] = 0.55 * rgb[mask] + 0.45 * np.array(colour)
+        tiles.append(rgb.astype(np.uint8))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(tiles, axis=1)).save(path)
+    return path
 
 
 def write_report(report: dict, path: Path) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 from thighseg.client.triton import TritonUnavailable
 from thighseg.client.volume import segment_volume
 from thighseg.dicom_listener.assemble import SeriesError, Volume, assemble
-from thighseg.dicom_listener.outputs import write_report, write_seg
+from thighseg.dicom_listener.outputs import write_overlay_png, write_report, write_seg, write_sr
 from thighseg.metrics import group_volumes_ml
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,11 @@ def process_series(instance_paths: list[Path], out_dir: Path, settings: Inferenc
         started = time.perf_counter()
         seg_path = out_dir / "seg.dcm"
         seg = write_seg(volume.sources, labels, seg_path, settings.model)
+        sr = write_sr(seg, volume.sources, report["volumes_ml"], out_dir / "sr.dcm", settings.model)
+        write_overlay_png(volume.hu, labels, out_dir / "overlay.png")
         report["seg_sop_instance_uid"] = str(seg.SOPInstanceUID)
+        report["sr_sop_instance_uid"] = str(sr.SOPInstanceUID)
+        report["outputs"] = ["seg.dcm", "sr.dcm", "overlay.png", "report.json"]
         timings["emit"] = time.perf_counter() - started
         report["status"] = "done"
     except SeriesError as error:

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from thighseg.client.triton import TritonUnavailable
+from thighseg.dicom_listener.forward import Destination, forward
 from thighseg.dicom_listener.index import COMPLETE, DONE, FAILED, PROCESSING, SpoolIndex
+from thighseg.dicom_listener.outputs import write_report
 from thighseg.dicom_listener.pipeline import InferenceSettings, SeriesResult, process_series, short_uid
 from thighseg.dicom_listener.scp import StoreHandler, event_handlers, make_ae
 from thighseg.dicom_listener.series import SeriesKey, SeriesTracker
@@ -41,6 +43,8 @@ class ListenerConfig:
     max_pdu_bytes: int = 4 << 20
     limits: Limits = Limits()
     retry_backoff_s: tuple[float, float] = (2.0, 60.0)  # Triton down: first and longest wait
+    destination: Destination | None = None  # C-STORE SEG and SR here when set
+    forward_attempts: int = 4
 
 
 def server_ssl_context(config: ListenerConfig) -> ssl.SSLContext | None:
@@ -132,6 +136,8 @@ class Listener:
         except TritonUnavailable as error:
             self._retry_later(key, str(error))
             return
+        if result.report["status"] == "done" and self.config.destination is not None:
+            self._forward(result)
         state = DONE if result.report["status"] == "done" else FAILED
         self.index.set_state(key.series_uid, state, result.report.get("reason"))
         self.telemetry.series.labels(result.report["status"]).inc()
@@ -142,6 +148,15 @@ class Listener:
         with self._done:
             self.results[key.series_uid] = result
             self._done.notify_all()
+
+    def _forward(self, result: SeriesResult) -> None:
+        sent = forward([result.seg_path, result.seg_path.with_name("sr.dcm")], self.config.destination,
+                       self.config.ae_title, attempts=self.config.forward_attempts)
+        result.report["forwarded"] = {"destination": self.config.destination.ae_title, "delivered": sent.delivered,
+                                      "attempts": sent.attempts, "detail": sent.detail}
+        if not sent.delivered:
+            self.telemetry.forward_failures.inc()
+        write_report(result.report, result.report_path)
 
     def _retry_later(self, key: SeriesKey, error: str) -> None:
         """Triton is down: the series stays queued (state complete) and is tried again later."""

@@ -16,6 +16,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL = "segformer"
 TEST_SIZE = 256
 TEST_SLICES = 12
+TEST_SLICE_SPACING_MM = 5.0
 
 
 def free_port() -> int:
@@ -37,7 +38,8 @@ def study_factory(tmp_path_factory):
         key = (seed, size, slices)
         if key not in cache:
             folder = tmp_path_factory.mktemp(f"study-{seed}-{size}-{slices}")
-            cache[key] = write_series(phantom.generate(seed, size=size, slices=slices), folder)
+            study = phantom.generate(seed, size=size, slices=slices, slice_spacing=TEST_SLICE_SPACING_MM)
+            cache[key] = write_series(study, folder)
         return cache[key]
 
     return write_study
@@ -66,3 +68,27 @@ def triton(model_repository, tmp_path_factory):
     yield server
     server.stop()
     assert server.process.poll() is not None, "tritonserver still running after stop()"
+
+
+@pytest.fixture
+def listener_factory(triton, tmp_path):
+    """make(**ListenerConfig overrides) -> a started Listener on free ports, stopped after the test."""
+    from thighseg.client.triton import TritonSegmenter
+    from thighseg.dicom_listener.pipeline import InferenceSettings
+    from thighseg.dicom_listener.service import Listener, ListenerConfig
+
+    started = []
+
+    def make(triton_url: str | None = None, **overrides):
+        segmenter = TritonSegmenter(triton_url or triton.http_url, models.triton_name(MODEL), retries=1,
+                                    backoff_s=0.2)
+        settings = InferenceSettings(segmenter.infer, MODEL, 256, ready=segmenter.is_ready)
+        options = dict(spool_dir=tmp_path / f"spool{len(started)}", output_dir=tmp_path / f"out{len(started)}",
+                       host="127.0.0.1", port=free_port(), idle_s=0.5, metrics_port=free_port())
+        listener = Listener(ListenerConfig(**{**options, **overrides}), settings).start()
+        started.append(listener)
+        return listener
+
+    yield make
+    for listener in started:
+        listener.stop()

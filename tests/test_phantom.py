@@ -6,6 +6,7 @@ import pydicom
 import pytest
 from pydicom.uid import CTImageStorage
 
+from conftest import TEST_SLICE_SPACING_MM
 from thighseg import phantom
 from thighseg.ct_series import read_truth
 from thighseg.labels import MUSCLE_GROUPS, MUSCLE_HU, Group
@@ -42,13 +43,13 @@ def test_series_is_valid_ct_with_rescale_and_positions(study_factory):
     paths = study_factory(21, size=128, slices=5)
     datasets = [pydicom.dcmread(p) for p in paths]
     truth, uids = read_truth(paths[0].parent)
-    study = phantom.generate(21, size=128, slices=5)
+    study = phantom.generate(21, size=128, slices=5, slice_spacing=TEST_SLICE_SPACING_MM)
     assert [d.SOPInstanceUID for d in datasets] == uids
     assert len({d.SeriesInstanceUID for d in datasets}) == 1
     for k, ds in enumerate(datasets):
         assert ds.SOPClassUID == CTImageStorage and ds.Modality == "CT"
         hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-        assert np.abs(hu - np.clip(study.hu[k], -1024, 3071)).max() <= 0.5
+        assert np.abs(hu - np.clip(study.hu[k], -1024, 3071)).max() <= 0.501  # rounding to integer HU
     z = [float(d.ImagePositionPatient[2]) for d in datasets]
     assert np.allclose(np.diff(z), -float(datasets[0].SliceThickness), atol=1e-3)
     assert truth.shape == (5, 128, 128)

@@ -29,7 +29,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     from thighseg import phantom
     from thighseg.ct_series import write_series
 
-    study = phantom.generate(args.seed, size=args.size, slices=args.slices)
+    study = phantom.generate(args.seed, size=args.size, slices=args.slices, slice_spacing=args.slice_spacing)
     paths = write_series(study, args.out)
     print(json.dumps({"files": len(paths), "folder": str(args.out), **phantom.describe(study)}, indent=2))
     return 0
@@ -73,6 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_listen(args: argparse.Namespace) -> int:
     from thighseg.client.triton import TritonSegmenter
+    from thighseg.dicom_listener.forward import Destination
     from thighseg.dicom_listener.pipeline import InferenceSettings
     from thighseg.dicom_listener.service import Listener, ListenerConfig
 
@@ -89,7 +90,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
     config = ListenerConfig(spool_dir=args.spool, output_dir=args.out, ae_title=args.ae_title, host=args.host,
                             port=args.port, idle_s=args.idle, expiry_s=args.expiry, workers=args.workers,
                             metrics_port=args.metrics_port or None, allowed_calling_aets=tuple(args.allow_aet),
-                            tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca)
+                            tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
+                            destination=Destination.parse(args.forward) if args.forward else None)
     with Listener(config, settings):
         print(f"listening as {args.ae_title} on {args.host}:{args.port}; results in {args.out}", flush=True)
         _wait_for_signal()
@@ -116,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=512, help="matrix size (pixels per side)")
     p.add_argument("--slices", type=int, default=72)
+    p.add_argument("--slice-spacing", type=float, default=None,
+                   help="mm between slices around mid-thigh (default: spread over the whole thigh)")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_phantom)
 
@@ -165,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate: accept DICOM over TLS")
     p.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
     p.add_argument("--tls-ca", type=Path, default=None, help="require client certificates signed by this CA")
+    p.add_argument("--forward", default=None, metavar="AET@HOST:PORT", help="C-STORE SEG and SR to this AE")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--concurrency", type=int, default=4, help="batches in flight per series")
     p.set_defaults(func=cmd_listen)

@@ -25,6 +25,7 @@ class DemoOptions:
     seed: int = 42
     size: int = 512
     slices: int = 60
+    slice_spacing: float = 5.0
     work_dir: Path | None = None
     ports: Ports = Ports()
     scp_port: int = 11112
@@ -52,7 +53,8 @@ def run_demo(options: DemoOptions) -> dict:
     with tempfile.TemporaryDirectory(prefix="thighseg-demo-") as scratch:
         work = options.work_dir or Path(scratch)
         started = time.perf_counter()
-        study = phantom.generate(options.seed, size=options.size, slices=options.slices)
+        study = phantom.generate(options.seed, size=options.size, slices=options.slices,
+                                 slice_spacing=options.slice_spacing)
         series_dir = work / "study"
         paths = write_series(study, series_dir)
         print(f"phantom: seed {options.seed}, {options.slices} slices of {options.size}², "

@@ -116,11 +116,16 @@ class Phantom:
 
 def make_geometry(
     subject: Subject, size: int = 512, slices: int = 72, field_of_view: float | None = None,
-    coverage: tuple[float, float] = (0.05, 0.95),
+    slice_spacing: float | None = None,
 ) -> Geometry:
-    """Axial slices covering `coverage` of the thigh length, proximal to distal."""
+    """Axial slices, proximal to distal: spread over 5-95 % of the thigh length, or `slice_spacing`
+    mm apart around mid-thigh."""
     if size < 32 or slices < 1:
         raise ValueError(f"phantom needs size >= 32 and slices >= 1, got size={size}, slices={slices}")
+    coverage = (0.05, 0.95)
+    if slice_spacing is not None:
+        half_span = min(0.45, (slices - 1) * slice_spacing / subject.thigh_length / 2)
+        coverage = (0.5 - half_span, 0.5 + half_span)
     if field_of_view is None:
         rng = np.random.default_rng([subject.seed, 2])
         span = 4 * (subject.muscle_radius + subject.fat_thickness) + subject.leg_gap
@@ -130,10 +135,12 @@ def make_geometry(
     return Geometry(size=size, field_of_view=field_of_view, slice_positions=z, thigh_levels=levels)
 
 
-def generate(seed: int, size: int = 512, slices: int = 72, field_of_view: float | None = None) -> Phantom:
+def generate(seed: int, size: int = 512, slices: int = 72, field_of_view: float | None = None,
+             slice_spacing: float | None = None) -> Phantom:
     """Render one subject (deterministic for a seed and geometry)."""
     subject = Subject.sample(seed)
-    geometry = make_geometry(subject, size=size, slices=slices, field_of_view=field_of_view)
+    geometry = make_geometry(subject, size=size, slices=slices, field_of_view=field_of_view,
+                             slice_spacing=slice_spacing)
     rng = np.random.default_rng([seed, 3, size, slices])
     x0, y0 = geometry.origin_xy
     coords = x0 + geometry.pixel_spacing * np.arange(size, dtype=np.float32)

@@ -120,7 +120,7 @@ def train(config: TrainConfig, out: Path | None = None, checkpoint: Path | None 
     torch.save({"state_dict": network.state_dict(), "config": asdict(config), "validation": validation,
                 "input_size": MODEL_INPUT_SIZE}, out)
     summary = {"config": asdict(config), "validation": validation, "seconds": round(time.time() - started, 1),
-               "weights": str(out)}
+               "weights": out.name}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     return summary
 
