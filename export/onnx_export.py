@@ -1,6 +1,7 @@
 """Export a trained network to ONNX with a dynamic batch axis and measure parity with torch."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,11 @@ def export_onnx(network, path: Path, size: int = MODEL_INPUT_SIZE) -> Path:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(2, 1, size, size)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # The legacy exporter is chosen on purpose (one self-contained file, opset 17); its deprecation
+        # and tracer notices about a shape check in smp's decoder are expected.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(network.eval(), (example,), str(path), input_names=["image"], output_names=["logits"],
                           dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=OPSET,
                           do_constant_folding=True, dynamo=False)

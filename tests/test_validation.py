@@ -39,7 +39,7 @@ INSTANCE_CASES = {
     "modality_mr": (_set("Modality", "MR"), {}, A900, "modality"),
     "modality_missing": (_delete("Modality"), {}, A900, "modality"),
     "no_study_uid": (_delete("StudyInstanceUID"), {}, A900, "uid"),
-    "bad_series_uid": (_set("SeriesInstanceUID", "1.2.abc/../../etc"), {}, A900, "uid"),
+    "bad_series_uid": (_set("SeriesInstanceUID", "1.2.3.4x"), {}, A900, "uid"),
     "uid_mismatch": (None, {"sop_instance": "1.2.3.4"}, A900, "uid"),
     "no_pixel_data": (_delete("PixelData"), {}, A900, "no_pixel_data"),
     "rows_missing": (_delete("Rows"), {}, A900, "matrix"),
