@@ -26,7 +26,7 @@ stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
 if [[ ! -f $stamp ]]; then
     echo "installing Python packages into .venv (torch for training/export included; a few minutes)"
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e ".[serve,train,test]"
+    .venv/bin/python -m pip install -q -e ".[serve,train,bench,test]"
     touch "$stamp"
 fi
 # checkov (Kubernetes manifest scanner) has many pinned dependencies of its own: separate venv.

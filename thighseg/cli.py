@@ -109,6 +109,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from thighseg.client.bench import BenchConfig, run_bench
+    from thighseg.demo import ensure_exported
+
+    ensure_exported(args.model, args.repository)
+    config = BenchConfig.tiny() if args.tiny else BenchConfig(study_slices=args.study_slices)
+    results = run_bench(args.out, args.repository, config)
+    print(json.dumps(results["ratios"], indent=2))
+    print(f"figures: {args.out}/bench.json, bench.md, perf_analyzer.png, baselines_ingest.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thighseg", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -173,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--concurrency", type=int, default=4, help="batches in flight per series")
     p.set_defaults(func=cmd_listen)
+
+    p = sub.add_parser("bench", help="perf_analyzer sweeps, baselines, ingest and whole-study figures")
+    _add_model(p)
+    p.add_argument("--out", type=Path, default=Path("bench"))
+    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
+    p.add_argument("--study-slices", type=int, default=300)
+    p.add_argument("--tiny", action="store_true", help="a one-minute run that proves the benchmark works")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="serve + listen, push a phantom study, print volumes and DSC")
     _add_model(p)

@@ -1,0 +1,38 @@
+"""The benchmark in its tiny configuration: it runs end to end and writes its figures (no thresholds:
+speed targets are read from a full `thighseg bench` run, never asserted in tests)."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from thighseg.client.perf import without_dynamic_batching
+
+
+def test_nobatch_variant_drops_only_dynamic_batching():
+    config = 'name: "m"\nbackend: "python"\nmax_batch_size: 16\ndynamic_batching { max_queue_delay_microseconds: 100 }\n'
+    variant = without_dynamic_batching(config, "m_nobatch")
+    assert 'name: "m_nobatch"' in variant and "max_batch_size: 16" in variant
+    assert "dynamic_batching" not in variant
+
+
+@pytest.mark.skipif(shutil.which("storescu") is None or shutil.which("storescp") is None,
+                    reason="DCMTK storescu/storescp not installed")
+def test_tiny_benchmark_writes_json_markdown_and_plots(model_repository, tmp_path):
+    pytest.importorskip("matplotlib")
+    from thighseg.client.bench import BenchConfig, run_bench
+
+    results = run_bench(tmp_path, model_repository, BenchConfig.tiny())
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["ratios"] == results["ratios"]
+    assert {(p["protocol"], p["dynamic_batching"]) for p in saved["perf_analyzer"]} == {
+        ("http", True), ("http", False), ("grpc", True), ("grpc", False)}
+    assert all(p["throughput"] > 0 and p["p99_ms"] >= p["p50_ms"] for p in saved["perf_analyzer"])
+    assert {"onnxruntime_fp32", "torch_eager_fp32"} <= set(saved["baselines_slices_per_second"])
+    assert {r["receiver"] for r in saved["ingest"]} == {"dcmtk-storescp", "thighseg-listener"}
+    assert saved["whole_study"]["instances"] == 8 and saved["whole_study"]["listener_peak_rss_mb"] > 0
+    assert "| ratio | value |" in (tmp_path / "bench.md").read_text()
+    for picture in ("perf_analyzer.png", "baselines_ingest.png"):
+        image = Image.open(tmp_path / picture)
+        assert image.size[0] > 600 and len(np.unique(np.asarray(image.convert("L")))) > 10
