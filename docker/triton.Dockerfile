@@ -16,7 +16,8 @@ COPY model_repository model_repository
 # pinned in pyproject.toml, which hadolint cannot see.
 # hadolint ignore=DL3013
 RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu ".[serve,train]" \
-    && thighseg export --format fp16 --repository /src/model_repository
+    && for model in denseunet manet segformer; do \
+         thighseg export --model "$model" --format fp16 --repository /src/model_repository; done
 
 # Triton 24.10 = Triton 2.51, the same release as the embedded CPU server (nvidia-pytriton 0.7.0);
 # it ships TensorRT 10.5, so the Python builder is pinned to the same TensorRT.

@@ -71,4 +71,5 @@ def test_engine_rebuild_decision():
 def test_entry_step_finds_the_tensorrt_models():
     from thighseg.export.engines import tensorrt_models
 
-    assert [p.name for p in tensorrt_models(REPO_ROOT / "model_repository")] == ["thighseg_segformer"]
+    assert [p.name for p in tensorrt_models(REPO_ROOT / "model_repository")] == [
+        "thighseg_denseunet", "thighseg_manet", "thighseg_segformer"]

@@ -72,6 +72,7 @@ class EmbeddedTriton:
 
     model_repository: Path
     ports: Ports = field(default_factory=Ports)
+    models: tuple[str, ...] | None = None  # default: every model whose ONNX file has been exported
     log_file: Path | None = None
     startup_timeout_s: float = 120.0
     process: subprocess.Popen | None = None
@@ -84,6 +85,11 @@ class EmbeddedTriton:
     @property
     def grpc_url(self) -> str:
         return f"127.0.0.1:{self.ports.grpc}"
+
+    def served_models(self) -> tuple[str, ...]:
+        if self.models is not None:
+            return self.models
+        return tuple(sorted(p.parent.parent.name for p in self.model_repository.glob("*/1/model.onnx")))
 
     def command(self, backends: Path) -> list[str]:
         return [
@@ -99,11 +105,15 @@ class EmbeddedTriton:
             "--log-verbose=0",
             "--exit-timeout-secs=5",  # do not wait 30 s for idle client connections on stop
             f"--model-config-name={CPU_CONFIG_NAME}",  # <model>/configs/cpu.pbtxt: python backend
+            "--model-control-mode=explicit",  # load what was exported, not every folder
+            *(f"--load-model={name}" for name in self.served_models()),
         ]
 
     def start(self) -> "EmbeddedTriton":
         if not self.model_repository.is_dir():
             raise FileNotFoundError(f"model repository {self.model_repository} does not exist")
+        if not self.served_models():
+            raise FileNotFoundError(f"no exported model in {self.model_repository}; run `thighseg export`")
         self._cache = tempfile.TemporaryDirectory(prefix="thighseg-triton-")
         backends = backend_directory(Path(self._cache.name))
         output = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
@@ -129,8 +139,7 @@ class EmbeddedTriton:
                 raise RuntimeError(f"tritonserver exited with code {self.process.returncode}"
                                    f"{'; see ' + str(self.log_file) if self.log_file else ''}")
             try:
-                if client.is_server_ready() and all(
-                        m.get("state") == "READY" for m in client.get_model_repository_index()):
+                if client.is_server_ready() and all(client.is_model_ready(m) for m in self.served_models()):
                     return
             except Exception:  # not listening yet
                 pass

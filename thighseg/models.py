@@ -16,12 +16,33 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 
 def _segformer() -> "torch.nn.Module":
+    """SegFormer with a MiT-b0 encoder (3.7 M parameters)."""
     import segmentation_models_pytorch as smp
 
     return smp.Segformer(encoder_name="mit_b0", encoder_weights=None, in_channels=1, classes=NUM_CLASSES)
 
 
-BUILDERS: dict[str, Callable[[], "torch.nn.Module"]] = {"segformer": _segformer}
+def _manet() -> "torch.nn.Module":
+    """MANet (multi-scale attention net) with an EfficientNet-B0 encoder and a slim decoder (7.6 M
+    parameters; with ResNet-34 it has 31.8 M, too large to train and ship from 2 CPU cores)."""
+    import segmentation_models_pytorch as smp
+
+    return smp.MAnet(encoder_name="efficientnet-b0", encoder_weights=None, in_channels=1, classes=NUM_CLASSES,
+                     decoder_channels=(128, 64, 32, 16, 16))
+
+
+def _denseunet() -> "torch.nn.Module":
+    """A faithful dense-block U-Net (thighseg.dense_unet), 0.7 M parameters."""
+    from thighseg.dense_unet import DenseUNet
+
+    return DenseUNet(in_channels=1, classes=NUM_CLASSES)
+
+
+BUILDERS: dict[str, Callable[[], "torch.nn.Module"]] = {
+    "denseunet": _denseunet,
+    "manet": _manet,
+    "segformer": _segformer,
+}
 
 
 def triton_name(model: str) -> str:

@@ -117,12 +117,23 @@ def train(config: TrainConfig, out: Path | None = None, checkpoint: Path | None 
                         "schedule": schedule.state_dict(), "step": step + 1}, checkpoint)
     network.eval()
     validation = validate(network, val_seeds, config.slices_per_subject)
-    torch.save({"state_dict": network.state_dict(), "config": asdict(config), "validation": validation,
+    torch.save({"state_dict": _compact(network.state_dict()), "config": asdict(config), "validation": validation,
                 "input_size": MODEL_INPUT_SIZE}, out)
     summary = {"config": asdict(config), "validation": validation, "seconds": round(time.time() - started, 1),
                "weights": out.name}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+SHIPPED_WEIGHTS_LIMIT_BYTES = 20 << 20
+
+
+def _compact(state_dict: dict) -> dict:
+    """FP16 storage when FP32 would exceed what we ship in git (weights load back as FP32)."""
+    size = sum(t.numel() * t.element_size() for t in state_dict.values())
+    if size <= SHIPPED_WEIGHTS_LIMIT_BYTES:
+        return state_dict
+    return {k: v.half() if v.is_floating_point() else v for k, v in state_dict.items()}
 
 
 def validate(network, seeds: list[int], slices: int) -> dict[str, float]:

@@ -1,0 +1,1 @@
+../../thighseg_segformer/1/model.py
