@@ -109,6 +109,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from thighseg.evaluation import EvaluationConfig, run_evaluation
+
+    backends = {}
+    for model in args.models:
+        if args.triton_url:
+            from thighseg.client.triton import TritonSegmenter
+
+            backends[model] = TritonSegmenter(args.triton_url, models.triton_name(model), args.protocol).infer
+        else:
+            from thighseg.demo import ensure_exported
+            from thighseg.export.validation import onnx_backend
+
+            backends[model] = onnx_backend(ensure_exported(model, args.repository))
+    config = EvaluationConfig(cohorts=tuple(args.cohorts), studies=args.studies, slices=args.slices, size=args.size)
+    report = run_evaluation(backends, args.out, config)
+    print((args.out / "evaluation.md").read_text())
+    print(f"figures and JSON in {args.out}; {len(report['models'])} model(s) evaluated")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from thighseg.client.bench import BenchConfig, run_bench
     from thighseg.demo import ensure_exported
@@ -185,6 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--concurrency", type=int, default=4, help="batches in flight per series")
     p.set_defaults(func=cmd_listen)
+
+    p = sub.add_parser("evaluate", help="DSC/sensitivity/specificity/accuracy and volume ICC on phantom cohorts")
+    p.add_argument("--models", nargs="+", default=sorted(models.BUILDERS), choices=sorted(models.BUILDERS))
+    p.add_argument("--cohorts", nargs="+", default=["internal_test", "external"],
+                   choices=["internal_test", "external", "validation"])
+    p.add_argument("--studies", type=int, default=10, help="studies per cohort")
+    p.add_argument("--slices", type=int, default=24, help="slices per study")
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--out", type=Path, default=Path("evaluation"))
+    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
+    p.add_argument("--triton-url", default=None, help="evaluate through a running Triton (default: ONNX Runtime)")
+    p.add_argument("--protocol", choices=["http", "grpc"], default="http")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("bench", help="perf_analyzer sweeps, baselines, ingest and whole-study figures")
     _add_model(p)

@@ -28,3 +28,26 @@ def group_volumes_ml(labels: np.ndarray, spacing_zyx: tuple[float, float, float]
     volumes = {g.name.lower(): float(counts[g] * voxel_ml) for g in MUSCLE_GROUPS}
     volumes["total_muscle"] = float(sum(volumes.values()))
     return volumes
+
+
+def confusion_counts(prediction: np.ndarray, truth: np.ndarray, label: int) -> tuple[int, int, int, int]:
+    """(TP, FP, FN, TN) of one label against the rest, over every voxel."""
+    p, t = prediction == label, truth == label
+    tp = int((p & t).sum())
+    fp = int(p.sum()) - tp
+    fn = int(t.sum()) - tp
+    return tp, fp, fn, p.size - tp - fp - fn
+
+
+def overlap_metrics(prediction: np.ndarray, truth: np.ndarray) -> dict[str, dict[str, float]]:
+    """DSC, sensitivity, specificity and accuracy per group (3D, one study), as in the paper."""
+    out = {}
+    for group in MUSCLE_GROUPS:
+        tp, fp, fn, tn = confusion_counts(prediction, truth, group)
+        out[group.name.lower()] = {
+            "dsc": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0,
+            "sensitivity": tp / (tp + fn) if tp + fn else 1.0,
+            "specificity": tn / (tn + fp) if tn + fp else 1.0,
+            "accuracy": (tp + tn) / (tp + fp + fn + tn),
+        }
+    return out

@@ -34,6 +34,25 @@ HU_NERVE = 30.0
 
 
 @dataclass(frozen=True)
+class Site:
+    """Scanner, protocol and population of one institution (the paper had an internal and an
+    external one): the external site is noisier, uses a wider field of view and thinner slices,
+    and sees older, fatter patients."""
+
+    name: str = "internal"
+    noise_scale: float = 1.0
+    fov_margin_mm: tuple[float, float] = (40.0, 90.0)
+    fat_scale: float = 1.0
+    age_range: tuple[float, float] = (20.0, 85.0)
+    slice_spacing_mm: float = 5.0
+
+
+INTERNAL = Site()
+EXTERNAL = Site(name="external", noise_scale=1.7, fov_margin_mm=(110.0, 160.0), fat_scale=1.35,
+                age_range=(45.0, 90.0), slice_spacing_mm=3.0)
+
+
+@dataclass(frozen=True)
 class Subject:
     """Habitus of one synthetic subject; all lengths in mm."""
 
@@ -53,23 +72,24 @@ class Subject:
     asymmetry: float  # relative size difference left vs right
 
     @staticmethod
-    def sample(seed: int) -> "Subject":
+    def sample(seed: int, site: Site = INTERNAL) -> "Subject":
         rng = np.random.default_rng([seed, 1])
-        age = float(rng.uniform(20, 85))
-        ageing = (age - 20) / 65
+        age = float(rng.uniform(*site.age_range))
+        ageing = float(np.clip((age - 20) / 65, 0, 1))
         sarcopenia = float(rng.uniform(0.0, 1.0)) * (0.4 + 0.6 * ageing)
         return Subject(
             seed=seed,
             age=age,
             muscle_radius=float(rng.uniform(58, 70) * (1 - 0.25 * sarcopenia)),
-            fat_thickness=float(rng.choice([rng.uniform(5, 15), rng.uniform(12, 30), rng.uniform(25, 45)])),
+            fat_thickness=float(rng.choice([rng.uniform(5, 15), rng.uniform(12, 30), rng.uniform(25, 45)])
+                                * site.fat_scale),
             muscle_hu=float(rng.normal(58 - 18 * ageing, 4)),
             imat_fraction=float(np.clip(0.02 + 0.12 * ageing * rng.uniform(0.3, 1.2), 0.01, 0.2)),
             septum_width=float(rng.uniform(1.2, 3.0) + 1.5 * ageing),
             leg_gap=float(rng.uniform(4, 40)),
             thigh_length=float(rng.uniform(360, 450)),
             femur_radius=float(rng.uniform(12, 15)),
-            noise_hu=float(rng.uniform(8, 20)),
+            noise_hu=float(rng.uniform(8, 20) * site.noise_scale),
             shape_coefficients=tuple(float(c) for c in rng.normal(0, 0.035, size=8)),
             boundary_offsets=tuple(float(o) for o in rng.normal(0, 0.08, size=3)),
             asymmetry=float(rng.normal(0, 0.03)),
@@ -116,7 +136,7 @@ class Phantom:
 
 def make_geometry(
     subject: Subject, size: int = 512, slices: int = 72, field_of_view: float | None = None,
-    slice_spacing: float | None = None,
+    slice_spacing: float | None = None, site: Site = INTERNAL,
 ) -> Geometry:
     """Axial slices, proximal to distal: spread over 5-95 % of the thigh length, or `slice_spacing`
     mm apart around mid-thigh."""
@@ -129,18 +149,18 @@ def make_geometry(
     if field_of_view is None:
         rng = np.random.default_rng([subject.seed, 2])
         span = 4 * (subject.muscle_radius + subject.fat_thickness) + subject.leg_gap
-        field_of_view = float(max(360.0, span + rng.uniform(40, 90)))
+        field_of_view = float(max(360.0, span + rng.uniform(*site.fov_margin_mm)))
     levels = np.linspace(coverage[0], coverage[1], slices)
     z = -levels * subject.thigh_length + 100.0  # proximal slice has the highest z (LPS: +z superior)
     return Geometry(size=size, field_of_view=field_of_view, slice_positions=z, thigh_levels=levels)
 
 
 def generate(seed: int, size: int = 512, slices: int = 72, field_of_view: float | None = None,
-             slice_spacing: float | None = None) -> Phantom:
-    """Render one subject (deterministic for a seed and geometry)."""
-    subject = Subject.sample(seed)
+             slice_spacing: float | None = None, site: Site = INTERNAL) -> Phantom:
+    """Render one subject (deterministic for a seed, site and geometry)."""
+    subject = Subject.sample(seed, site)
     geometry = make_geometry(subject, size=size, slices=slices, field_of_view=field_of_view,
-                             slice_spacing=slice_spacing)
+                             slice_spacing=slice_spacing, site=site)
     rng = np.random.default_rng([seed, 3, size, slices])
     x0, y0 = geometry.origin_xy
     coords = x0 + geometry.pixel_spacing * np.arange(size, dtype=np.float32)

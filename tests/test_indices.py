@@ -1,0 +1,70 @@
+"""Volume indices on a phantom whose fat and muscle volumes are known by construction."""
+import numpy as np
+import pytest
+
+from thighseg.indices import headline, volume_indices
+from thighseg.labels import Group
+
+SPACING = (2.0, 1.0, 1.0)  # 2 µL voxels
+VOXEL_ML = 0.002
+
+
+def analytic_volume():
+    """Two legs; in each, an extensor block and an adductor block separated by a 3-voxel fat septum
+    closed by muscle at both ends,
+    10 fat voxels inside the extensor (IMAT), 6 dense voxels (200 HU: neither lean nor fat) inside
+    the adductor, and a 'femur' ring of cortex around fat-dense marrow that must not count."""
+    hu = np.full((2, 80, 120), -1000.0)
+    labels = np.zeros(hu.shape, np.uint8)
+    for x0 in (10, 70):  # right leg columns 10-49, left leg 70-109
+        hu[:, 20:60, x0:x0 + 40] = -100.0  # subcutaneous-like fat around; outside the envelope
+        labels[:, 25:55, x0 + 5:x0 + 18] = Group.EXTENSOR
+        labels[:, 25:55, x0 + 21:x0 + 35] = Group.ADDUCTOR
+        hu[:, 25:55, x0 + 5:x0 + 18] = 50.0
+        hu[:, 25:55, x0 + 21:x0 + 35] = 50.0
+        for rows in (slice(25, 28), slice(52, 55)):  # muscle bridges close the septum at both ends
+            labels[:, rows, x0 + 18:x0 + 21] = Group.EXTENSOR
+            hu[:, rows, x0 + 18:x0 + 21] = 50.0
+        # the enclosed septum (2 slices x 24 rows x 3 columns) stays at -100 HU
+        hu[:, 30:32, x0 + 8:x0 + 13] = -80.0  # IMAT: 2 x 2 x 5 = 20 voxels per leg
+        hu[:, 40:43, x0 + 25:x0 + 26] = 200.0  # 2 x 3 x 1 = 6 dense voxels per leg
+    return hu, labels
+
+
+def test_indices_match_the_construction():
+    hu, labels = analytic_volume()
+    indices = volume_indices(hu, labels, SPACING)
+    for leg in ("right", "left"):
+        extensor, adductor = indices[leg]["extensor"], indices[leg]["adductor"]
+        extensor_voxels = 2 * 30 * 13 + 2 * 6 * 3
+        assert extensor["total_ml"] == pytest.approx(extensor_voxels * VOXEL_ML)
+        assert extensor["imat_ml"] == pytest.approx(20 * VOXEL_ML)
+        assert extensor["lean_ml"] == pytest.approx((extensor_voxels - 20) * VOXEL_ML)
+        assert adductor["total_ml"] == pytest.approx(2 * 30 * 14 * VOXEL_ML)
+        assert adductor["lean_ml"] == pytest.approx((2 * 30 * 14 - 6) * VOXEL_ML)
+        assert adductor["imat_ml"] == 0
+        assert indices[leg]["intermuscular_fat_ml"] == pytest.approx(2 * 24 * 3 * VOXEL_ML)
+    summary = headline(indices)
+    assert summary["total_muscle_ml"] == pytest.approx(2 * (2 * 30 * 27 + 2 * 6 * 3) * VOXEL_ML)
+    assert summary["intramuscular_fat_ml"] == pytest.approx(2 * 20 * VOXEL_ML)
+
+
+def test_bone_marrow_inside_the_envelope_is_not_intermuscular_fat():
+    hu, labels = analytic_volume()
+    yy, xx = np.mgrid[:80, :120]
+    ring = (np.hypot(yy - 40, xx - 29.5) < 4)
+    hu[:, ring] = -40.0  # marrow (fat-dense)
+    hu[:, (np.hypot(yy - 40, xx - 29.5) >= 4) & (np.hypot(yy - 40, xx - 29.5) < 6)] = 1400.0  # cortex
+    labels[:, np.hypot(yy - 40, xx - 29.5) < 6] = 0
+    before = volume_indices(*analytic_volume(), SPACING)["right"]["intermuscular_fat_ml"]
+    after = volume_indices(hu, labels, SPACING)["right"]["intermuscular_fat_ml"]
+    assert after <= before  # the marrow is excluded; only the septum voxels the bone replaced are lost
+
+
+def test_legs_split_between_the_legs_even_when_they_differ():
+    hu, labels = analytic_volume()
+    labels[:, 25:55, 91:105] = 0  # the left adductor is gone (atrophy, resection)
+    indices = volume_indices(hu, labels, SPACING)
+    assert indices["left"]["adductor"]["total_ml"] == 0
+    assert indices["right"]["adductor"]["total_ml"] == pytest.approx(2 * 30 * 14 * VOXEL_ML)
+    assert indices["left"]["extensor"]["total_ml"] == indices["right"]["extensor"]["total_ml"]

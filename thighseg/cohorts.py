@@ -1,0 +1,36 @@
+"""Phantom cohorts split by subject (seed), as in a real study: no subject is in two cohorts.
+
+The external cohort comes from a different synthetic "institution" (phantom.EXTERNAL), mimicking
+the paper's second hospital.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+from thighseg import phantom
+
+
+@dataclass(frozen=True)
+class Cohort:
+    name: str
+    seeds: range
+    site: phantom.Site
+
+
+COHORTS = {
+    "train": Cohort("train", range(1000, 1036), phantom.INTERNAL),
+    "validation": Cohort("validation", range(1036, 1040), phantom.INTERNAL),
+    "internal_test": Cohort("internal_test", range(2000, 2010), phantom.INTERNAL),
+    "external": Cohort("external", range(3000, 3010), phantom.EXTERNAL),
+}
+
+
+def studies(cohort: str, slices: int = 24, size: int = 512, limit: int | None = None) -> Iterator[phantom.Phantom]:
+    """Phantoms of a cohort; evaluation cohorts use each site's slice spacing around mid-thigh."""
+    if cohort not in COHORTS:
+        raise ValueError(f"unknown cohort {cohort!r}; choose one of {', '.join(COHORTS)}")
+    spec = COHORTS[cohort]
+    spacing = None if cohort in ("train", "validation") else spec.site.slice_spacing_mm
+    for seed in list(spec.seeds)[:limit]:
+        yield phantom.generate(seed, size=size, slices=slices, slice_spacing=spacing, site=spec.site)

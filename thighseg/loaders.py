@@ -1,0 +1,64 @@
+"""Users' own labelled data: NIfTI image + label pairs, and DICOM CT series + DICOM SEG.
+
+Both return the same (HU volume, label volume, spacing) triple as the phantoms, in thighseg's
+array convention: (z, row, column) with z ascending towards the head, rows towards posterior and
+columns towards the patient's left (DICOM LPS display), so legs and indices mean the same thing
+whatever the source.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from thighseg.labels import MUSCLE_GROUPS
+
+
+@dataclass
+class LabelledVolume:
+    hu: np.ndarray  # float32 (z, y, x)
+    labels: np.ndarray  # uint8 (z, y, x)
+    spacing_zyx: tuple[float, float, float]
+    source: str
+
+
+def load_nifti_pair(image_path: Path, label_path: Path) -> LabelledVolume:
+    """A CT volume in HU and its label map (0 background, 1 extensor, 2 flexor, 3 adductor)."""
+    import nibabel as nib
+
+    image, label = (nib.as_closest_canonical(nib.load(str(p))) for p in (image_path, label_path))
+    if image.shape != label.shape or not np.allclose(image.affine, label.affine, atol=1e-3):
+        raise ValueError(f"{image_path.name} and {label_path.name} differ in shape or geometry")
+    # canonical RAS (+x to the patient's right, +y anterior) -> (z, posterior rows, leftward columns)
+    def to_zyx(array: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(array[::-1, ::-1, :].transpose(2, 1, 0))
+
+    labels = to_zyx(np.asanyarray(label.dataobj)).astype(np.int16)
+    if labels.min() < 0 or labels.max() > max(MUSCLE_GROUPS):
+        raise ValueError(f"{label_path.name} has labels outside 0..{int(max(MUSCLE_GROUPS))}")
+    dx, dy, dz = (float(v) for v in image.header.get_zooms()[:3])
+    return LabelledVolume(to_zyx(image.get_fdata(dtype=np.float32)), labels.astype(np.uint8), (dz, dy, dx),
+                          str(image_path))
+
+
+def load_dicom_with_seg(series_files: list[Path], seg_path: Path) -> LabelledVolume:
+    """A CT series and a SEG referencing it; segments are matched to groups by their label."""
+    import highdicom as hd
+
+    from thighseg.dicom_listener.assemble import assemble
+
+    volume = assemble(series_files)
+    seg = hd.seg.segread(seg_path)
+    uids = [s.SOPInstanceUID for s in volume.sources]
+    by_name = {g.name.lower(): int(g) for g in MUSCLE_GROUPS}
+    labels = np.zeros(volume.hu.shape, np.uint8)
+    for number in seg.segment_numbers:
+        name = seg.get_segment_description(number).SegmentLabel.lower()
+        group = next((value for key, value in by_name.items() if key in name), None)
+        if group is None:
+            raise ValueError(f"SEG segment {number} ({name!r}) is not extensor, flexor or adductor")
+        mask = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[number],
+                                                 combine_segments=True)
+        labels[np.asarray(mask) > 0] = group
+    return LabelledVolume(volume.hu, labels, volume.spacing_zyx, str(seg_path))
