@@ -68,10 +68,20 @@ def write_seg(sources: list[Dataset], labels: np.ndarray, path: Path, model: str
 MILLILITRE = hd.sr.CodedConcept("mL", "UCUM", "milliliter")
 
 
+QC_FLAG = hd.sr.CodedConcept("QC", "99THIGHSEG", "Quality control flag")
+
+
+def _qc_evaluations(flags: list) -> list[hd.sr.QualitativeEvaluation]:
+    """QC flags as qualitative evaluations, coded in thighseg's private scheme (99THIGHSEG)."""
+    return [hd.sr.QualitativeEvaluation(QC_FLAG, hd.sr.CodedConcept(flag.code, "99THIGHSEG", flag.reason[:64]))
+            for flag in flags]
+
+
 def write_sr(seg: hd.seg.Segmentation, sources: list[Dataset], volumes_ml: dict[str, float], path: Path,
-             model: str) -> hd.sr.Comprehensive3DSR:
+             model: str, flags: list | None = None) -> hd.sr.Comprehensive3DSR:
     """Comprehensive 3D SR, TID 1500 measurement report: one volumetric ROI group per muscle group,
-    each referencing its SEG segment, with the group's volume in mL."""
+    each referencing its SEG segment, with the group's volume in mL; QC flags as qualitative
+    evaluations of the whole report."""
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -88,6 +98,10 @@ def write_sr(seg: hd.seg.Segmentation, sources: list[Dataset], volumes_ml: dict[
             finding_type=codes.SCT.MuscleOfLowerLimb,
             measurements=[hd.sr.Measurement(name=codes.SCT.Volume, value=round(volumes_ml[group.name.lower()], 2),
                                             unit=MILLILITRE)]))
+    if flags:
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="Quality control"),
+            qualitative_evaluations=_qc_evaluations(flags)))
     report = hd.sr.MeasurementReport(observation_context=hd.sr.ObservationContext(observer_device_context=device),
                                      procedure_reported=codes.LN.CTUnspecifiedBodyRegion, imaging_measurements=groups)
     sr = hd.sr.Comprehensive3DSR(

@@ -17,7 +17,10 @@ from thighseg.client.triton import TritonUnavailable
 from thighseg.client.volume import segment_volume
 from thighseg.dicom_listener.assemble import SeriesError, Volume, assemble
 from thighseg.dicom_listener.outputs import write_overlay_png, write_report, write_seg, write_sr
+from thighseg import qc
+from thighseg.indices import volume_indices
 from thighseg.metrics import group_volumes_ml
+from thighseg.summary import render, secondary_capture
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,28 @@ def infer_stage(volume: Volume, settings: InferenceSettings) -> np.ndarray:
 
 
 def measure_stage(volume: Volume, labels: np.ndarray) -> dict:
-    return {"volumes_ml": group_volumes_ml(labels, volume.spacing_zyx)}
+    """Group volumes, the full per-leg indices and the QC flags."""
+    height = volume.sources[0].get("PatientSize")
+    flags = qc.check(volume.hu, labels, volume.spacing_zyx)
+    return {"volumes_ml": group_volumes_ml(labels, volume.spacing_zyx),
+            "indices": volume_indices(volume.hu, labels, volume.spacing_zyx, float(height) if height else None),
+            "qc_flags": [f.as_dict() for f in flags]}
+
+
+def emit_stage(volume: Volume, labels: np.ndarray, report: dict, out_dir: Path, model: str) -> dict:
+    """SEG, SR, the one-page summary (PNG, PDF, DICOM SC) and the overlay; returns report additions."""
+    flags = [qc.Flag(**f) for f in report["qc_flags"]]
+    seg = write_seg(volume.sources, labels, out_dir / "seg.dcm", model)
+    sr = write_sr(seg, volume.sources, report["volumes_ml"], out_dir / "sr.dcm", model, flags)
+    title = f"Thigh muscle summary — {model}, {len(volume.sources)} slices, study …{report['study_instance_uid'][-8:]}"
+    summary = render(volume.hu, labels, volume.spacing_zyx, report["indices"], flags, title,
+                     out_dir / "summary.png", out_dir / "summary.pdf")
+    sc = secondary_capture(summary, volume.sources[0], out_dir / "summary_sc.dcm")
+    write_overlay_png(volume.hu, labels, out_dir / "overlay.png")
+    return {"seg_sop_instance_uid": str(seg.SOPInstanceUID), "sr_sop_instance_uid": str(sr.SOPInstanceUID),
+            "sc_sop_instance_uid": str(sc.SOPInstanceUID),
+            "outputs": ["seg.dcm", "sr.dcm", "summary.png", "summary.pdf", "summary_sc.dcm", "overlay.png",
+                        "report.json"]}
 
 
 def process_series(instance_paths: list[Path], out_dir: Path, settings: InferenceSettings) -> SeriesResult:
@@ -87,13 +111,8 @@ def process_series(instance_paths: list[Path], out_dir: Path, settings: Inferenc
         timings["measure"] = time.perf_counter() - started
         stage = "emit"
         started = time.perf_counter()
+        report.update(emit_stage(volume, labels, report, out_dir, settings.model))
         seg_path = out_dir / "seg.dcm"
-        seg = write_seg(volume.sources, labels, seg_path, settings.model)
-        sr = write_sr(seg, volume.sources, report["volumes_ml"], out_dir / "sr.dcm", settings.model)
-        write_overlay_png(volume.hu, labels, out_dir / "overlay.png")
-        report["seg_sop_instance_uid"] = str(seg.SOPInstanceUID)
-        report["sr_sop_instance_uid"] = str(sr.SOPInstanceUID)
-        report["outputs"] = ["seg.dcm", "sr.dcm", "overlay.png", "report.json"]
         timings["emit"] = time.perf_counter() - started
         report["status"] = "done"
     except SeriesError as error:

@@ -68,3 +68,21 @@ def test_legs_split_between_the_legs_even_when_they_differ():
     assert indices["left"]["adductor"]["total_ml"] == 0
     assert indices["right"]["adductor"]["total_ml"] == pytest.approx(2 * 30 * 14 * VOXEL_ML)
     assert indices["left"]["extensor"]["total_ml"] == indices["right"]["extensor"]["total_ml"]
+
+
+def test_density_fraction_asymmetry_and_height_indices():
+    hu, labels = analytic_volume()
+    hu[:, 45:47, 16:21] = 10.0  # low-density muscle in the right extensor: 2 x 2 x 5 = 20 voxels
+    indices = volume_indices(hu, labels, SPACING, height_m=1.6)
+    right = indices["right"]["extensor"]
+    assert right["low_density_ml"] == pytest.approx(20 * VOXEL_ML)
+    assert indices["left"]["extensor"]["low_density_ml"] == 0
+    assert indices["left"]["adductor"]["mean_hu"] == 50.0 and indices["left"]["adductor"]["sd_hu"] == 0.0
+    assert right["mean_hu"] < 50.0  # the 10 HU voxels pull the lean-muscle mean down
+    total = indices["total"]
+    assert total["imat_fraction"] == pytest.approx(total["muscle"]["imat_ml"] / total["muscle"]["total_ml"], abs=1e-3)
+    assert total["muscle_volume_index_ml_per_m2"] == pytest.approx(total["muscle"]["total_ml"] / 1.6 ** 2, abs=1e-3)
+    assert indices["asymmetry_percent"]["muscle"] == 0.0
+    labels[:, 25:55, 91:105] = 0
+    lopsided = volume_indices(hu, labels, SPACING)["asymmetry_percent"]
+    assert lopsided["adductor"] == pytest.approx(200.0) and 0 < lopsided["muscle"] < 100

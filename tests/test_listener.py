@@ -11,6 +11,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 from pydicom.uid import MRImageStorage
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
@@ -70,10 +71,22 @@ def test_storescu_study_becomes_an_accurate_seg(listener, study_factory):
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{listener.config.metrics_port}/metrics", timeout=10).read()
     assert f"thighseg_instances_received_total {float(len(paths))}" in metrics.decode()
     assert 'thighseg_series_total{status="done"} 1.0' in metrics.decode()
+    out_dir = result.seg_path.parent
+    assert {"seg.dcm", "sr.dcm", "summary_sc.dcm", "summary.png", "summary.pdf", "overlay.png"} <= {
+        p.name for p in out_dir.iterdir()}
     if shutil.which("dciodvfy"):
-        check = subprocess.run(["dciodvfy", str(result.seg_path)], capture_output=True, text=True)
-        errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
-        assert errors == []
+        for name in ("seg.dcm", "sr.dcm", "summary_sc.dcm"):
+            check = subprocess.run(["dciodvfy", str(out_dir / name)], capture_output=True, text=True)
+            errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
+            assert errors == [], name
+    sr = hd.sr.srread(out_dir / "sr.dcm")
+    assert len(sr.content.get_volumetric_roi_measurement_groups()) == 3
+    # 12 slices 5 mm apart: the QC must say the thigh is not fully covered, in the JSON and the SR
+    assert "PARTIAL_COVERAGE" in {f["code"] for f in result.report["qc_flags"]}
+    assert "PARTIAL_COVERAGE" in repr(sr.to_json_dict())
+    picture = np.asarray(Image.open(out_dir / "summary.png").convert("RGB")).astype(float)
+    assert picture.std() > 20 and (picture[..., 0] - picture[..., 2] > 60).mean() > 0.002  # coloured groups
+    assert result.report["indices"]["total"]["muscle"]["total_ml"] > 0
 
 
 def test_second_study_pushed_while_first_is_processing(listener, study_factory):
