@@ -109,6 +109,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_segment(args: argparse.Namespace) -> int:
+    from thighseg.batch import run
+    from thighseg.client.triton import TritonSegmenter
+    from thighseg.dicom_listener.pipeline import InferenceSettings
+
+    segmenter = TritonSegmenter(args.triton_url, models.triton_name(args.model), protocol=args.protocol)
+    if not segmenter.is_ready():
+        print(f"error: model {segmenter.model} is not ready at {args.triton_url}; start it with `thighseg serve`",
+              file=sys.stderr)
+        return 2
+    settings = InferenceSettings(segmenter.infer, args.model, segmenter.input_shape()[1])
+    processed, failures = run(args.inputs, args.out, settings)
+    print(f"{len(processed)} studies processed; cohort table: {args.out / 'results.csv'}")
+    for key, reason in failures:
+        print(f"failed: {key}: {reason}")
+    return 1 if failures else 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from thighseg.evaluation import EvaluationConfig, run_evaluation
 
@@ -206,6 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--concurrency", type=int, default=4, help="batches in flight per series")
     p.set_defaults(func=cmd_listen)
+
+    p = sub.add_parser("segment", help="batch: many DICOM folders / NIfTI files through Triton, one CSV row each")
+    _add_model(p)
+    p.add_argument("inputs", nargs="+", type=Path, help="DICOM folders and/or NIfTI files")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--triton-url", default="127.0.0.1:8000")
+    p.add_argument("--protocol", choices=["http", "grpc"], default="http")
+    p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("evaluate", help="DSC/sensitivity/specificity/accuracy and volume ICC on phantom cohorts")
     p.add_argument("--models", nargs="+", default=sorted(models.BUILDERS), choices=sorted(models.BUILDERS))

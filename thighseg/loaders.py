@@ -23,6 +23,22 @@ class LabelledVolume:
     source: str
 
 
+def _canonical_to_zyx(array: np.ndarray) -> np.ndarray:
+    """Canonical RAS (+x to the patient's right, +y anterior) -> (z, posterior rows, leftward columns)."""
+    return np.ascontiguousarray(array[::-1, ::-1, :].transpose(2, 1, 0))
+
+
+def load_nifti_image(image_path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A CT volume in HU (z, y, x) and its spacing (dz, dy, dx) in mm."""
+    import nibabel as nib
+
+    image = nib.as_closest_canonical(nib.load(str(image_path)))
+    if len(image.shape) != 3:
+        raise ValueError(f"{image_path.name} is not a 3D volume (shape {image.shape})")
+    dx, dy, dz = (float(v) for v in image.header.get_zooms()[:3])
+    return _canonical_to_zyx(image.get_fdata(dtype=np.float32)), (dz, dy, dx)
+
+
 def load_nifti_pair(image_path: Path, label_path: Path) -> LabelledVolume:
     """A CT volume in HU and its label map (0 background, 1 extensor, 2 flexor, 3 adductor)."""
     import nibabel as nib
@@ -30,16 +46,11 @@ def load_nifti_pair(image_path: Path, label_path: Path) -> LabelledVolume:
     image, label = (nib.as_closest_canonical(nib.load(str(p))) for p in (image_path, label_path))
     if image.shape != label.shape or not np.allclose(image.affine, label.affine, atol=1e-3):
         raise ValueError(f"{image_path.name} and {label_path.name} differ in shape or geometry")
-    # canonical RAS (+x to the patient's right, +y anterior) -> (z, posterior rows, leftward columns)
-    def to_zyx(array: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(array[::-1, ::-1, :].transpose(2, 1, 0))
-
-    labels = to_zyx(np.asanyarray(label.dataobj)).astype(np.int16)
+    labels = _canonical_to_zyx(np.asanyarray(label.dataobj)).astype(np.int16)
     if labels.min() < 0 or labels.max() > max(MUSCLE_GROUPS):
         raise ValueError(f"{label_path.name} has labels outside 0..{int(max(MUSCLE_GROUPS))}")
-    dx, dy, dz = (float(v) for v in image.header.get_zooms()[:3])
-    return LabelledVolume(to_zyx(image.get_fdata(dtype=np.float32)), labels.astype(np.uint8), (dz, dy, dx),
-                          str(image_path))
+    hu, spacing = load_nifti_image(image_path)
+    return LabelledVolume(hu, labels.astype(np.uint8), spacing, str(image_path))
 
 
 def load_dicom_with_seg(series_files: list[Path], seg_path: Path) -> LabelledVolume:

@@ -1,0 +1,153 @@
+"""`thighseg segment`: many retrospective studies through the same Triton server.
+
+Inputs are DICOM folders (one or more series each) and NIfTI volumes. Every study gets its own
+output folder; a study whose report says done is skipped, so a killed run resumes where it stopped.
+One study's failure never stops the cohort: it is reported and listed at the end. The cohort table
+(results.csv, and results.parquet when pyarrow is installed) is rebuilt from every report.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from tqdm import tqdm
+
+import thighseg
+from thighseg import qc
+from thighseg.dicom_listener.outputs import write_report
+from thighseg.dicom_listener.pipeline import InferenceSettings, process_series
+from thighseg.indices import headline, volume_indices
+from thighseg.client.volume import segment_volume
+
+NIFTI = re.compile(r"\.nii(\.gz)?$")
+
+
+@dataclass(frozen=True)
+class Study:
+    key: str  # output folder name
+    kind: str  # "dicom" | "nifti"
+    paths: tuple[Path, ...]
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:80]
+
+
+def discover(inputs: list[Path]) -> list[Study]:
+    """DICOM series (grouped by SeriesInstanceUID within each folder) and NIfTI files."""
+    studies: list[Study] = []
+    for item in inputs:
+        if item.is_file() and NIFTI.search(item.name):
+            studies.append(Study(_safe(NIFTI.sub("", item.name)), "nifti", (item,)))
+        elif item.is_dir():
+            nifti = sorted(p for p in item.rglob("*") if p.is_file() and NIFTI.search(p.name))
+            studies += [Study(_safe(NIFTI.sub("", p.name)), "nifti", (p,)) for p in nifti]
+            series: dict[str, list[Path]] = {}
+            for path in sorted(p for p in item.rglob("*") if p.is_file() and not NIFTI.search(p.name)):
+                try:
+                    header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+                except Exception:  # not DICOM (truth files, notes): not a study
+                    continue
+                if "SeriesInstanceUID" in header:
+                    series.setdefault(str(header.SeriesInstanceUID), []).append(path)
+            for uid, paths in series.items():
+                studies.append(Study(_safe(f"{item.name}_{uid[-12:]}"), "dicom", tuple(paths)))
+        else:
+            raise FileNotFoundError(f"{item} is neither a folder nor a NIfTI file")
+    return studies
+
+
+def _done(out_dir: Path) -> bool:
+    report = out_dir / "report.json"
+    return report.exists() and json.loads(report.read_text()).get("status") == "done"
+
+
+def process_nifti(path: Path, out_dir: Path, settings: InferenceSettings) -> dict:
+    import nibabel as nib
+
+    from thighseg.loaders import load_nifti_image
+    from thighseg.summary import render
+
+    hu, spacing = load_nifti_image(path)
+    labels = segment_volume(hu, settings.infer, settings.input_size, settings.batch_size, settings.concurrency)
+    indices = volume_indices(hu, labels, spacing)
+    flags = qc.check(hu, labels, spacing)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # labels back in the canonical RAS orientation of the input, with its affine
+    image = nib.as_closest_canonical(nib.load(str(path)))
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(labels.transpose(2, 1, 0)[::-1, ::-1, :]), image.affine),
+             out_dir / "labels.nii.gz")
+    render(hu, labels, spacing, indices, flags, f"Thigh muscle summary — {settings.model}, {path.name}",
+           out_dir / "summary.png", out_dir / "summary.pdf")
+    return {"status": "done", "indices": indices, "qc_flags": [f.as_dict() for f in flags],
+            "outputs": ["labels.nii.gz", "summary.png", "summary.pdf", "report.json"]}
+
+
+def process(study: Study, out_dir: Path, settings: InferenceSettings) -> dict:
+    if study.kind == "dicom":
+        return process_series(list(study.paths), out_dir, settings).report
+    try:
+        report = process_nifti(study.paths[0], out_dir, settings)
+    except Exception as error:  # unreadable file, wrong dimensions: reported, the cohort goes on
+        report = {"status": "failed", "reason": f"{type(error).__name__}: {error}"}
+    report.update(model=settings.model, source=str(study.paths[0]))
+    write_report(report, out_dir / "report.json")
+    return report
+
+
+def row(key: str, report: dict) -> dict:
+    """One flat CSV row: identity, status, headline volumes, indices, QC codes."""
+    out = {"study": key, "status": report.get("status"), "reason": report.get("reason", ""),
+           "model": report.get("model"), "thighseg_version": thighseg.__version__,
+           "qc_flags": ";".join(f["code"] for f in report.get("qc_flags", []))}
+    indices = report.get("indices")
+    if indices:
+        out.update(headline(indices))
+        total = indices["total"]
+        out.update(imat_fraction=total["imat_fraction"], intermuscular_fat_fraction=total["intermuscular_fat_fraction"],
+                   muscle_mean_hu=total["muscle"]["mean_hu"], low_density_muscle_ml=total["muscle"]["low_density_ml"],
+                   asymmetry_percent=indices["asymmetry_percent"]["muscle"],
+                   muscle_volume_index_ml_per_m2=total.get("muscle_volume_index_ml_per_m2"))
+        for leg in ("right", "left"):
+            for group in ("extensor", "flexor", "adductor"):
+                out[f"{leg}_{group}_ml"] = indices[leg][group]["total_ml"]
+    return out
+
+
+def write_table(out: Path) -> Path:
+    rows = [row(report.parent.name, json.loads(report.read_text())) for report in sorted(out.glob("*/report.json"))]
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    table = out / "results.csv"
+    with table.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    try:
+        import pandas as pd
+
+        pd.DataFrame(rows, columns=columns).to_parquet(out / "results.parquet")
+    except ImportError:  # pandas/pyarrow are optional: the CSV is the cohort table
+        pass
+    return table
+
+
+def run(inputs: list[Path], out: Path, settings: InferenceSettings) -> tuple[list[str], list[tuple[str, str]]]:
+    """Process every study not done yet; returns (processed keys, [(key, reason) of failures])."""
+    studies = discover(inputs)
+    out.mkdir(parents=True, exist_ok=True)
+    processed, failures = [], []
+    for study in tqdm(studies, desc="studies", unit="study"):
+        target = out / study.key
+        if _done(target):
+            continue
+        report = process(study, target, settings)
+        processed.append(study.key)
+        if report.get("status") != "done":
+            failures.append((study.key, report.get("reason", "unknown")))
+    write_table(out)
+    return processed, failures
