@@ -33,7 +33,10 @@ LEGS = ("right", "left")
 
 def body_midline(hu: np.ndarray) -> float:
     """Column of the gap between the thighs (see module docstring)."""
-    profile = ((hu > -300) & (hu < 3000)).sum(axis=(0, 1)).astype(float)
+    profile = np.zeros(hu.shape[2])
+    for start in range(0, hu.shape[0], CHUNK_SLICES):  # slab by slab: bounded memory
+        slab = hu[start:start + CHUNK_SLICES]
+        profile += ((slab > -300) & (slab < 3000)).sum(axis=(0, 1))
     if profile.max() == 0:
         return hu.shape[2] / 2
     columns = np.nonzero(profile > 0.05 * profile.max())[0]
@@ -69,58 +72,71 @@ def fascia_envelope(group_mask: np.ndarray, pixel_mm: float) -> np.ndarray:
     return np.stack([ndimage.binary_fill_holes(s) for s in closed])
 
 
-def _group_indices(hu: np.ndarray, mask: np.ndarray, lean: np.ndarray, adipose: np.ndarray,
-                   low_density: np.ndarray, voxel_ml: float) -> dict:
-    lean_hu = hu[mask & lean]
-    return {"total_ml": mask.sum() * voxel_ml, "lean_ml": (mask & lean).sum() * voxel_ml,
-            "imat_ml": (mask & adipose).sum() * voxel_ml, "low_density_ml": (mask & low_density).sum() * voxel_ml,
-            "mean_hu": float(lean_hu.mean()) if lean_hu.size else float("nan"),
-            "sd_hu": float(lean_hu.std()) if lean_hu.size else float("nan")}
+CHUNK_SLICES = 16  # indices are accumulated over slabs: memory stays bounded whatever the study size
+_STATS = ("total", "lean", "imat", "low_density", "hu_sum", "hu_sq")
+
+
+def _accumulate(stats: dict, hu: np.ndarray, mask: np.ndarray, lean: np.ndarray, adipose: np.ndarray,
+                low_density: np.ndarray) -> None:
+    lean_hu = hu[mask & lean].astype(np.float64)
+    for key, value in (("total", mask.sum()), ("lean", lean_hu.size), ("imat", (mask & adipose).sum()),
+                       ("low_density", (mask & low_density).sum()), ("hu_sum", lean_hu.sum()),
+                       ("hu_sq", np.square(lean_hu).sum())):
+        stats[key] = stats.get(key, 0) + value
+
+
+def _finish(stats: dict, voxel_ml: float) -> dict:
+    n = stats.get("lean", 0)
+    mean = stats["hu_sum"] / n if n else float("nan")
+    sd = float(np.sqrt(max(0.0, stats["hu_sq"] / n - mean * mean))) if n else float("nan")
+    return {"total_ml": stats["total"] * voxel_ml, "lean_ml": stats["lean"] * voxel_ml,
+            "imat_ml": stats["imat"] * voxel_ml, "low_density_ml": stats["low_density"] * voxel_ml,
+            "mean_hu": mean, "sd_hu": sd}
 
 
 def volume_indices(hu: np.ndarray, labels: np.ndarray, spacing_zyx: tuple[float, float, float],
                    height_m: float | None = None) -> dict:
-    """{leg: {group: {...}, intermuscular_fat_ml}, total: {...}, asymmetry_percent: {...}} (mL, HU, %)."""
+    """{leg: {group: {...}, muscle: {...}, intermuscular_fat_ml}, total: {...}, asymmetry_percent: {...}}
+    in mL, HU and %."""
     voxel_ml = float(np.prod(spacing_zyx)) / 1000
-    lean = (hu >= MUSCLE_HU[0]) & (hu <= MUSCLE_HU[1])
-    adipose = (hu >= ADIPOSE_HU[0]) & (hu <= ADIPOSE_HU[1])
-    low_density = (hu >= LOW_DENSITY_HU[0]) & (hu <= LOW_DENSITY_HU[1])
-    bone = bone_mask(hu)
-    result: dict = {}
-    for leg, columns in leg_masks(hu).items():
-        in_leg = np.broadcast_to(columns, labels.shape)
-        leg_result = {}
-        for group in MUSCLE_GROUPS:
-            mask = (labels == group) & in_leg
-            leg_result[group.name.lower()] = _group_indices(hu, mask, lean, adipose, low_density, voxel_ml)
-        muscle = (labels > 0) & in_leg
-        envelope = fascia_envelope(muscle, spacing_zyx[1]) & in_leg
-        leg_result["intermuscular_fat_ml"] = (envelope & ~muscle & ~bone & adipose).sum() * voxel_ml
-        leg_result["muscle"] = _group_indices(hu, muscle, lean, adipose, low_density, voxel_ml)
-        result[leg] = leg_result
-    result["total"] = _sum_legs(result, hu, labels, lean, adipose, low_density, voxel_ml)
+    names = [g.name.lower() for g in MUSCLE_GROUPS] + ["muscle"]
+    stats = {(leg, name): {} for leg in (*LEGS, "total") for name in names}
+    intermuscular = {leg: 0 for leg in LEGS}
+    legs = leg_masks(hu)
+    for start in range(0, hu.shape[0], CHUNK_SLICES):
+        h, lab = hu[start:start + CHUNK_SLICES], labels[start:start + CHUNK_SLICES]
+        lean = (h >= MUSCLE_HU[0]) & (h <= MUSCLE_HU[1])
+        adipose = (h >= ADIPOSE_HU[0]) & (h <= ADIPOSE_HU[1])
+        low_density = (h >= LOW_DENSITY_HU[0]) & (h <= LOW_DENSITY_HU[1])
+        bone = bone_mask(h)
+        for leg, columns in legs.items():
+            in_leg = np.broadcast_to(columns, lab.shape)
+            muscle = (lab > 0) & in_leg
+            for group in MUSCLE_GROUPS:
+                _accumulate(stats[(leg, group.name.lower())], h, (lab == group) & in_leg, lean, adipose, low_density)
+            _accumulate(stats[(leg, "muscle")], h, muscle, lean, adipose, low_density)
+            envelope = fascia_envelope(muscle, spacing_zyx[1]) & in_leg
+            intermuscular[leg] += int((envelope & ~muscle & ~bone & adipose).sum())
+    for name in names:
+        stats[("total", name)] = {k: sum(stats[(leg, name)].get(k, 0) for leg in LEGS) for k in _STATS}
+    result: dict = {leg: {name: _finish(stats[(leg, name)], voxel_ml) for name in names} for leg in (*LEGS, "total")}
+    for leg in LEGS:
+        result[leg]["intermuscular_fat_ml"] = intermuscular[leg] * voxel_ml
     total = result["total"]
+    total["intermuscular_fat_ml"] = sum(intermuscular.values()) * voxel_ml
     total["imat_fraction"] = total["muscle"]["imat_ml"] / total["muscle"]["total_ml"] if total["muscle"]["total_ml"] else 0.0
     envelope_ml = total["muscle"]["total_ml"] + total["intermuscular_fat_ml"]
     total["intermuscular_fat_fraction"] = total["intermuscular_fat_ml"] / envelope_ml if envelope_ml else 0.0
     if height_m:
         total["muscle_volume_index_ml_per_m2"] = total["muscle"]["total_ml"] / height_m ** 2
     result["asymmetry_percent"] = {name: _asymmetry(result["right"][name]["total_ml"], result["left"][name]["total_ml"])
-                                   for name in [g.name.lower() for g in MUSCLE_GROUPS] + ["muscle"]}
+                                   for name in names}
     return _rounded(result)
 
 
 def _asymmetry(right: float, left: float) -> float:
     mean = (right + left) / 2
     return 100 * abs(right - left) / mean if mean else 0.0
-
-
-def _sum_legs(per_leg: dict, hu, labels, lean, adipose, low_density, voxel_ml) -> dict:
-    total: dict = {"intermuscular_fat_ml": sum(per_leg[leg]["intermuscular_fat_ml"] for leg in LEGS)}
-    for group in MUSCLE_GROUPS:
-        total[group.name.lower()] = _group_indices(hu, labels == group, lean, adipose, low_density, voxel_ml)
-    total["muscle"] = _group_indices(hu, labels > 0, lean, adipose, low_density, voxel_ml)
-    return total
 
 
 def _rounded(value):

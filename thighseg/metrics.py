@@ -24,8 +24,8 @@ def voxel_volume_ml(spacing_zyx: tuple[float, float, float]) -> float:
 def group_volumes_ml(labels: np.ndarray, spacing_zyx: tuple[float, float, float]) -> dict[str, float]:
     """Volume of each muscle group and their total, in mL."""
     voxel_ml = voxel_volume_ml(spacing_zyx)
-    counts = np.bincount(labels.ravel(), minlength=max(MUSCLE_GROUPS) + 1)
-    volumes = {g.name.lower(): float(counts[g] * voxel_ml) for g in MUSCLE_GROUPS}
+    # count_nonzero per label, not bincount: bincount widens the labels to 8 bytes per voxel
+    volumes = {g.name.lower(): float(np.count_nonzero(labels == g) * voxel_ml) for g in MUSCLE_GROUPS}
     volumes["total_muscle"] = float(sum(volumes.values()))
     return volumes
 

@@ -31,9 +31,13 @@ def labels_to_model_grid(labels: np.ndarray, size: int = MODEL_INPUT_SIZE) -> np
 
 
 def logits_to_labels(logits: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """(n, C, h, w) logits -> (n, H, W) uint8 labels on the acquired matrix."""
+    """(n, C, h, w) logits -> (n, H, W) uint8 labels on the acquired matrix, one slice at a time
+    (full-resolution logits of a whole batch would be 16 bytes per voxel)."""
     n, channels, height, width = logits.shape
-    if (height, width) != tuple(shape):
-        zoom = (1.0, 1.0, shape[0] / height, shape[1] / width)
-        logits = ndimage.zoom(logits.astype(np.float32, copy=False), zoom, order=1, grid_mode=True, mode="nearest")
-    return np.argmax(logits, axis=1).astype(np.uint8)
+    labels = np.empty((n, *shape), dtype=np.uint8)
+    zoom = (1.0, shape[0] / height, shape[1] / width)
+    for k in range(n):
+        upsampled = logits[k] if (height, width) == tuple(shape) else ndimage.zoom(
+            logits[k].astype(np.float32, copy=False), zoom, order=1, grid_mode=True, mode="nearest")
+        labels[k] = np.argmax(upsampled, axis=0)
+    return labels
