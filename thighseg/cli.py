@@ -12,7 +12,7 @@ from pathlib import Path
 
 from thighseg import models
 
-DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
+DEFAULT_REPOSITORY = models.REPOSITORY
 
 
 def _add_model(parser: argparse.ArgumentParser) -> None:

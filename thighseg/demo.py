@@ -16,7 +16,6 @@ from thighseg.embedded_triton import EmbeddedTriton, Ports
 from thighseg.metrics import dice_per_group, group_volumes_ml
 
 log = logging.getLogger(__name__)
-REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 
 
 @dataclass
@@ -29,7 +28,7 @@ class DemoOptions:
     work_dir: Path | None = None
     ports: Ports = Ports()
     scp_port: int = 11112
-    repository: Path = REPOSITORY
+    repository: Path = models.REPOSITORY
 
 
 def ensure_exported(model: str, repository: Path) -> Path:

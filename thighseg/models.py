@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     import torch
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"  # the version-controlled Triton repository
 
 
 def _segformer() -> "torch.nn.Module":
