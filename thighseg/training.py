@@ -79,6 +79,9 @@ def train(config: TrainConfig, out: Path | None = None, checkpoint: Path | None 
 
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # Mixed precision on GPU only: CPUs here have no native bf16 and autocast slows them down.
+    amp = device.type == "cuda"
     out = out or models.weights_path(config.model)
     checkpoint = checkpoint or out.with_suffix(".ckpt")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -86,18 +89,19 @@ def train(config: TrainConfig, out: Path | None = None, checkpoint: Path | None 
     val_seeds = list(range(config.first_seed + config.subjects,
                            config.first_seed + config.subjects + config.validation_subjects))
     images, targets = cohort_slices(train_seeds, config.slices_per_subject, rng)
-    network = models.build(config.model)
+    network = models.build(config.model).to(device)
     optimiser = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config.learning_rate, total_steps=config.steps,
                                                    pct_start=0.05)
     start_step = 0
     if checkpoint.exists():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
         network.load_state_dict(state["state_dict"])
         optimiser.load_state_dict(state["optimiser"])
         schedule.load_state_dict(state["schedule"])
         start_step = state["step"]
     generator = torch.Generator().manual_seed(config.seed + start_step)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
     network.train()
     started = time.time()
     bar = tqdm(range(start_step, config.steps), desc=f"train {config.model}", initial=start_step, total=config.steps)
@@ -106,16 +110,19 @@ def train(config: TrainConfig, out: Path | None = None, checkpoint: Path | None 
         x = torch.from_numpy(images[index.numpy()].astype(np.float32))[:, None]
         y = torch.from_numpy(targets[index.numpy()].astype(np.int64))
         x, y = _augment(torch, x, y, generator)
-        loss = _loss(torch, network(x), y)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            loss = _loss(torch, network(x).float(), y)
         optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimiser)
+        scaler.update()
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % 100 == 0 or step + 1 == config.steps:
             torch.save({"state_dict": network.state_dict(), "optimiser": optimiser.state_dict(),
                         "schedule": schedule.state_dict(), "step": step + 1}, checkpoint)
-    network.eval()
+    network = network.cpu().eval()
     validation = validate(network, val_seeds, config.slices_per_subject)
     torch.save({"state_dict": _compact(network.state_dict()), "config": asdict(config), "validation": validation,
                 "input_size": MODEL_INPUT_SIZE}, out)

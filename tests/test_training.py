@@ -1,0 +1,37 @@
+"""Training runs, saves, and resumes from its checkpoint instead of starting over."""
+
+from conftest import needs_torch
+
+
+def test_training_saves_weights_and_resumes_from_the_checkpoint(tmp_path):
+    needs_torch()
+    import torch
+
+    from thighseg import models
+    from thighseg.training import TrainConfig, train
+
+    config = TrainConfig(model="denseunet", subjects=1, slices_per_subject=2, validation_subjects=1, steps=3,
+                         batch_size=2)
+    out = tmp_path / "denseunet.pt"
+    first = train(config, out=out)
+    assert set(first["validation"]) == {"extensor", "flexor", "adductor"}
+    checkpoint = torch.load(out.with_suffix(".ckpt"), weights_only=False)
+    assert checkpoint["step"] == 3
+    weights = torch.load(out, weights_only=True)["state_dict"]
+    again = train(config, out=out)  # nothing left to do: resumes at step 3 of 3
+    resumed = torch.load(out, weights_only=True)["state_dict"]
+    assert all(torch.equal(weights[k], resumed[k]) for k in weights)
+    assert again["validation"] == first["validation"]
+    network = models.load_trained("denseunet", out)
+    assert network(torch.zeros(1, 1, 64, 64)).shape == (1, 4, 64, 64)
+
+
+def test_every_registered_model_has_the_same_contract():
+    needs_torch()
+    import torch
+
+    from thighseg import models
+
+    for name in models.BUILDERS:
+        with torch.no_grad():
+            assert models.build(name).eval()(torch.zeros(1, 1, 256, 256)).shape == (1, 4, 256, 256), name
