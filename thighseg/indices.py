@@ -53,11 +53,6 @@ def leg_masks(hu: np.ndarray) -> dict[str, np.ndarray]:
     return {"right": index < midline, "left": index >= midline}
 
 
-def _disc(radius_px: int) -> np.ndarray:
-    y, x = np.ogrid[-radius_px:radius_px + 1, -radius_px:radius_px + 1]
-    return (x * x + y * y <= radius_px * radius_px)[None]
-
-
 def bone_mask(hu: np.ndarray) -> np.ndarray:
     """Cortex and the marrow it encloses, slice by slice."""
     cortex = hu > CORTEX_HU
@@ -67,9 +62,19 @@ def bone_mask(hu: np.ndarray) -> np.ndarray:
 def fascia_envelope(group_mask: np.ndarray, pixel_mm: float) -> np.ndarray:
     """Approximate deep-fascia envelope of one leg from its group mask (see module docstring)."""
     radius = max(1, int(round(FASCIA_CLOSING_MM / pixel_mm)))
-    padded = np.pad(group_mask, ((0, 0), (radius, radius), (radius, radius)))
-    closed = ndimage.binary_closing(padded, structure=_disc(radius))[:, radius:-radius, radius:-radius]
-    return np.stack([ndimage.binary_fill_holes(s) for s in closed])
+    envelope = np.zeros_like(group_mask)
+    for z, mask in enumerate(group_mask):
+        if not mask.any():
+            continue
+        # closing with a Euclidean disc through distance transforms: linear in the slice size,
+        # whatever the radius (a structuring element of radius r costs r² per pixel)
+        rows, columns = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+        box = (slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1))  # work on the leg only
+        padded = np.pad(mask[box], radius + 1)
+        dilated = ndimage.distance_transform_edt(~padded) <= radius
+        closed = ndimage.distance_transform_edt(dilated) > radius
+        envelope[z][box] = ndimage.binary_fill_holes(closed[radius + 1:-radius - 1, radius + 1:-radius - 1])
+    return envelope
 
 
 CHUNK_SLICES = 16  # indices are accumulated over slabs: memory stays bounded whatever the study size
