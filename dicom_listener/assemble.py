@@ -18,7 +18,7 @@ class SeriesError(ValueError):
 
 @dataclass
 class Volume:
-    hu: np.ndarray  # int16 or float32 (z, y, x) in HU, z in ascending position along the slice normal
+    hu: np.ndarray | None  # int16 or float32 (z, y, x) HU, z ascending along the normal; None once emitted
     spacing_zyx: tuple[float, float, float]
     sources: list[Dataset]  # headers in the same order as hu, without pixel data
     paths: list[Path]

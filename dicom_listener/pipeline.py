@@ -70,13 +70,14 @@ def measure_stage(volume: Volume, labels: np.ndarray) -> dict:
 def emit_stage(volume: Volume, labels: np.ndarray, report: dict, out_dir: Path, model: str) -> dict:
     """SEG, SR, the one-page summary (PNG, PDF, DICOM SC) and the overlay; returns report additions."""
     flags = [qc.Flag(**f) for f in report["qc_flags"]]
-    seg = write_seg(volume.sources, labels, out_dir / "seg.dcm", model)
-    sr = write_sr(seg, volume.sources, report["volumes_ml"], out_dir / "sr.dcm", model, flags)
     title = f"Thigh muscle summary — {model}, {len(volume.sources)} slices, study …{report['study_instance_uid'][-8:]}"
     summary = render(volume.hu, labels, volume.spacing_zyx, report["indices"], flags, title,
                      out_dir / "summary.png", out_dir / "summary.pdf")
-    sc = secondary_capture(summary, volume.sources[0], out_dir / "summary_sc.dcm")
     write_overlay_png(volume.hu, labels, out_dir / "overlay.png")
+    volume.hu = None  # the HU volume is not needed past this point: free it before the SEG is built
+    seg = write_seg(volume.sources, labels, out_dir / "seg.dcm", model)
+    sr = write_sr(seg, volume.sources, report["volumes_ml"], out_dir / "sr.dcm", model, flags)
+    sc = secondary_capture(summary, volume.sources[0], out_dir / "summary_sc.dcm")
     return {"seg_sop_instance_uid": str(seg.SOPInstanceUID), "sr_sop_instance_uid": str(sr.SOPInstanceUID),
             "sc_sop_instance_uid": str(sc.SOPInstanceUID),
             "outputs": ["seg.dcm", "sr.dcm", "summary.png", "summary.pdf", "summary_sc.dcm", "overlay.png",
