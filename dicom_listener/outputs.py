@@ -113,23 +113,15 @@ def write_sr(seg: hd.seg.Segmentation, sources: list[Dataset], volumes_ml: dict[
     return sr
 
 
-GROUP_COLOURS = {Group.EXTENSOR: (230, 60, 60), Group.FLEXOR: (60, 200, 80), Group.ADDUCTOR: (70, 110, 240)}
-
-
-def write_overlay_png(hu: np.ndarray, labels: np.ndarray, path: Path, window: tuple[float, float] = (-160, 240)) -> Path:
-    """Three axial levels (proximal, middle, distal) side by side: CT in a soft-tissue window with
-    the groups blended in colour, so a reader can judge the result at a glance."""
+def write_overlay_png(hu: np.ndarray, labels: np.ndarray, path: Path) -> Path:
+    """Three axial levels (proximal, middle, distal) side by side, coloured as in the summary page,
+    so a reader can judge the result at a glance."""
     from PIL import Image
 
+    from thighseg.summary import blend
+
     levels = sorted({int(round(f * (len(hu) - 1))) for f in (0.2, 0.5, 0.8)})
-    tiles = []
-    for z in levels:
-        grey = np.clip((hu[z] - window[0]) / (window[1] - window[0]), 0, 1) * 255
-        rgb = np.repeat(grey[..., None], 3, axis=2)
-        for group, colour in GROUP_COLOURS.items():
-            mask = labels[z] == group
-            rgb[mask] = 0.55 * rgb[mask] + 0.45 * np.array(colour)
-        tiles.append(rgb.astype(np.uint8))
+    tiles = [(blend(hu[z], labels[z]) * 255).astype(np.uint8) for z in levels]
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate(tiles, axis=1)).save(path)
     return path

@@ -41,6 +41,11 @@ class InferenceSettings:
     ready: Callable[[], bool] = _always_ready  # is the inference server reachable (for /readyz)
 
 
+def settings_for(segmenter, model: str, **options) -> InferenceSettings:
+    """Inference through a TritonSegmenter, at the input size the served model declares."""
+    return InferenceSettings(segmenter.infer, model, segmenter.input_shape()[1], ready=segmenter.is_ready, **options)
+
+
 @dataclass(frozen=True)
 class SeriesResult:
     report_path: Path
@@ -53,24 +58,22 @@ def short_uid(uid: str) -> str:
     return "…" + uid[-8:]
 
 
-def infer_stage(volume: Volume, settings: InferenceSettings) -> np.ndarray:
-    return segment_volume(volume.hu, settings.infer, settings.input_size, settings.batch_size,
-                          settings.concurrency)
+def infer_stage(hu: np.ndarray, settings: InferenceSettings) -> np.ndarray:
+    return segment_volume(hu, settings.infer, settings.input_size, settings.batch_size, settings.concurrency)
 
 
-def measure_stage(volume: Volume, labels: np.ndarray) -> dict:
+def measure_stage(hu: np.ndarray, labels: np.ndarray, spacing_zyx: tuple[float, float, float],
+                  height_m: float | None = None) -> dict:
     """Group volumes, the full per-leg indices and the QC flags."""
-    height = volume.sources[0].get("PatientSize")
-    flags = qc.check(volume.hu, labels, volume.spacing_zyx)
-    return {"volumes_ml": group_volumes_ml(labels, volume.spacing_zyx),
-            "indices": volume_indices(volume.hu, labels, volume.spacing_zyx, float(height) if height else None),
-            "qc_flags": [f.as_dict() for f in flags]}
+    return {"volumes_ml": group_volumes_ml(labels, spacing_zyx),
+            "indices": volume_indices(hu, labels, spacing_zyx, height_m),
+            "qc_flags": [f.as_dict() for f in qc.check(hu, labels, spacing_zyx)]}
 
 
 def emit_stage(volume: Volume, labels: np.ndarray, report: dict, out_dir: Path, model: str) -> dict:
     """SEG, SR, the one-page summary (PNG, PDF, DICOM SC) and the overlay; returns report additions."""
     flags = [qc.Flag(**f) for f in report["qc_flags"]]
-    title = f"Thigh muscle summary — {model}, {len(volume.sources)} slices, study …{report['study_instance_uid'][-8:]}"
+    title = f"Thigh muscle summary — {model}, {len(volume.sources)} slices, study {short_uid(report['study_instance_uid'])}"
     summary = render(volume.hu, labels, volume.spacing_zyx, report["indices"], flags, title,
                      out_dir / "summary.png", out_dir / "summary.pdf")
     write_overlay_png(volume.hu, labels, out_dir / "overlay.png")
@@ -92,29 +95,26 @@ def process_series(instance_paths: list[Path], out_dir: Path, settings: Inferenc
     """
     timings: dict[str, float] = {}
     report: dict = {"model": settings.model, "instances": len(instance_paths), "status": "failed"}
-    seg_path = None
     stage = "assemble"
+
+    def timed(name: str, work: Callable, *args):
+        nonlocal stage
+        stage, started = name, time.perf_counter()
+        result = work(*args)
+        timings[name] = time.perf_counter() - started
+        return result
+
     try:
-        started = time.perf_counter()
-        volume = assemble(instance_paths)
-        timings["assemble"] = time.perf_counter() - started
+        volume = timed("assemble", assemble, instance_paths)
         first = volume.sources[0]
         report.update(study_instance_uid=str(first.StudyInstanceUID),
                       series_instance_uid=str(first.SeriesInstanceUID),
                       shape_zyx=list(volume.hu.shape), spacing_zyx_mm=list(volume.spacing_zyx))
-        stage = "infer"
-        started = time.perf_counter()
-        labels = infer_stage(volume, settings)
-        timings["infer"] = time.perf_counter() - started
-        stage = "measure"
-        started = time.perf_counter()
-        report.update(measure_stage(volume, labels))
-        timings["measure"] = time.perf_counter() - started
-        stage = "emit"
-        started = time.perf_counter()
-        report.update(emit_stage(volume, labels, report, out_dir, settings.model))
-        seg_path = out_dir / "seg.dcm"
-        timings["emit"] = time.perf_counter() - started
+        labels = timed("infer", infer_stage, volume.hu, settings)
+        height = first.get("PatientSize")
+        report.update(timed("measure", measure_stage, volume.hu, labels, volume.spacing_zyx,
+                            float(height) if height else None))
+        report.update(timed("emit", emit_stage, volume, labels, report, out_dir, settings.model))
         report["status"] = "done"
     except SeriesError as error:
         report["reason"] = str(error)
@@ -126,5 +126,5 @@ def process_series(instance_paths: list[Path], out_dir: Path, settings: Inferenc
     report["stage_seconds"] = {k: round(v, 4) for k, v in timings.items()}
     report_path = out_dir / "report.json"
     write_report(report, report_path)
-    return SeriesResult(report_path=report_path, seg_path=seg_path if report["status"] == "done" else None,
-                        report=report)
+    return SeriesResult(report_path=report_path,
+                        seg_path=out_dir / "seg.dcm" if report["status"] == "done" else None, report=report)

@@ -74,7 +74,7 @@ def triton(model_repository, tmp_path_factory):
 def listener_factory(triton, tmp_path):
     """make(**ListenerConfig overrides) -> a started Listener on free ports, stopped after the test."""
     from thighseg.client.triton import TritonSegmenter
-    from thighseg.dicom_listener.pipeline import InferenceSettings
+    from thighseg.dicom_listener.pipeline import settings_for
     from thighseg.dicom_listener.service import Listener, ListenerConfig
 
     started = []
@@ -82,7 +82,7 @@ def listener_factory(triton, tmp_path):
     def make(triton_url: str | None = None, **overrides):
         segmenter = TritonSegmenter(triton_url or triton.http_url, models.triton_name(MODEL), retries=1,
                                     backoff_s=0.2)
-        settings = InferenceSettings(segmenter.infer, MODEL, 256, ready=segmenter.is_ready)
+        settings = settings_for(segmenter, MODEL)
         options = dict(spool_dir=tmp_path / f"spool{len(started)}", output_dir=tmp_path / f"out{len(started)}",
                        host="127.0.0.1", port=free_port(), idle_s=0.5, metrics_port=free_port())
         listener = Listener(ListenerConfig(**{**options, **overrides}), settings).start()

@@ -16,25 +16,15 @@ from pydicom.uid import MRImageStorage
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from conftest import MODEL, free_port
-from thighseg import models
-from thighseg.client.triton import TritonSegmenter
 from thighseg.ct_series import read_truth
 from thighseg.demo import labels_from_seg
-from thighseg.dicom_listener.pipeline import InferenceSettings
 from thighseg.dicom_listener.scu import send_files
-from thighseg.dicom_listener.service import Listener, ListenerConfig
 from thighseg.metrics import dice_per_group, group_volumes_ml
 
 
 @pytest.fixture
-def listener(triton, tmp_path):
-    segmenter = TritonSegmenter(triton.http_url, models.triton_name(MODEL))
-    settings = InferenceSettings(segmenter.infer, MODEL, segmenter.input_shape()[1])
-    config = ListenerConfig(spool_dir=tmp_path / "spool", output_dir=tmp_path / "out", host="127.0.0.1",
-                            port=free_port(), idle_s=0.5, metrics_port=free_port())
-    with Listener(config, settings) as running:
-        yield running
+def listener(listener_factory):
+    return listener_factory()
 
 
 def series_uid(paths) -> str:

@@ -13,16 +13,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pydicom
 from tqdm import tqdm
 
 import thighseg
 from thighseg import qc
 from thighseg.dicom_listener.outputs import write_report
-from thighseg.dicom_listener.pipeline import InferenceSettings, process_series
-from thighseg.indices import headline, volume_indices
-from thighseg.client.volume import segment_volume
+from thighseg.dicom_listener.pipeline import InferenceSettings, infer_stage, measure_stage, process_series
+from thighseg.indices import headline
 
 NIFTI = re.compile(r"\.nii(\.gz)?$")
 
@@ -68,24 +66,17 @@ def _done(out_dir: Path) -> bool:
 
 
 def process_nifti(path: Path, out_dir: Path, settings: InferenceSettings) -> dict:
-    import nibabel as nib
-
-    from thighseg.loaders import load_nifti_image
+    from thighseg.loaders import load_nifti_image, save_nifti_labels
     from thighseg.summary import render
 
-    hu, spacing = load_nifti_image(path)
-    labels = segment_volume(hu, settings.infer, settings.input_size, settings.batch_size, settings.concurrency)
-    indices = volume_indices(hu, labels, spacing)
-    flags = qc.check(hu, labels, spacing)
+    hu, spacing, affine = load_nifti_image(path)
+    labels = infer_stage(hu, settings)
+    report = measure_stage(hu, labels, spacing)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # labels back in the canonical RAS orientation of the input, with its affine
-    image = nib.as_closest_canonical(nib.load(str(path)))
-    nib.save(nib.Nifti1Image(np.ascontiguousarray(labels.transpose(2, 1, 0)[::-1, ::-1, :]), image.affine),
-             out_dir / "labels.nii.gz")
-    render(hu, labels, spacing, indices, flags, f"Thigh muscle summary — {settings.model}, {path.name}",
-           out_dir / "summary.png", out_dir / "summary.pdf")
-    return {"status": "done", "indices": indices, "qc_flags": [f.as_dict() for f in flags],
-            "outputs": ["labels.nii.gz", "summary.png", "summary.pdf", "report.json"]}
+    save_nifti_labels(labels, affine, out_dir / "labels.nii.gz")
+    render(hu, labels, spacing, report["indices"], [qc.Flag(**f) for f in report["qc_flags"]],
+           f"Thigh muscle summary — {settings.model}, {path.name}", out_dir / "summary.png", out_dir / "summary.pdf")
+    return {**report, "status": "done", "outputs": ["labels.nii.gz", "summary.png", "summary.pdf", "report.json"]}
 
 
 def process(study: Study, out_dir: Path, settings: InferenceSettings) -> dict:

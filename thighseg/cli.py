@@ -71,22 +71,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_listen(args: argparse.Namespace) -> int:
+def _ready_segmenter(args: argparse.Namespace, wait_s: float = 0.0):
+    """The served model through Triton, or None (with a message) when it is not ready in time."""
     from thighseg.client.triton import TritonSegmenter
-    from thighseg.dicom_listener.forward import Destination
-    from thighseg.dicom_listener.pipeline import InferenceSettings
-    from thighseg.dicom_listener.service import Listener, ListenerConfig
 
     segmenter = TritonSegmenter(args.triton_url, models.triton_name(args.model), protocol=args.protocol)
-    deadline = time.monotonic() + args.triton_wait
+    deadline = time.monotonic() + wait_s
     while not segmenter.is_ready() and time.monotonic() < deadline:
         time.sleep(2)
-    if not segmenter.is_ready():
-        print(f"error: model {segmenter.model} is not ready at {args.triton_url} ({args.protocol}); "
-              "start it with `thighseg serve`", file=sys.stderr)
+    if segmenter.is_ready():
+        return segmenter
+    print(f"error: model {segmenter.model} is not ready at {args.triton_url} ({args.protocol}); "
+          "start it with `thighseg serve`", file=sys.stderr)
+    return None
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    from thighseg.dicom_listener.forward import Destination
+    from thighseg.dicom_listener.pipeline import settings_for
+    from thighseg.dicom_listener.service import Listener, ListenerConfig
+
+    segmenter = _ready_segmenter(args, args.triton_wait)
+    if segmenter is None:
         return 2
-    settings = InferenceSettings(segmenter.infer, args.model, segmenter.input_shape()[1],
-                                 batch_size=args.batch_size, concurrency=args.concurrency, ready=segmenter.is_ready)
+    settings = settings_for(segmenter, args.model, batch_size=args.batch_size, concurrency=args.concurrency)
     config = ListenerConfig(spool_dir=args.spool, output_dir=args.out, ae_title=args.ae_title, host=args.host,
                             port=args.port, idle_s=args.idle, expiry_s=args.expiry, workers=args.workers,
                             metrics_port=args.metrics_port or None, allowed_calling_aets=tuple(args.allow_aet),
@@ -111,16 +119,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from thighseg.batch import run
-    from thighseg.client.triton import TritonSegmenter
-    from thighseg.dicom_listener.pipeline import InferenceSettings
+    from thighseg.dicom_listener.pipeline import settings_for
 
-    segmenter = TritonSegmenter(args.triton_url, models.triton_name(args.model), protocol=args.protocol)
-    if not segmenter.is_ready():
-        print(f"error: model {segmenter.model} is not ready at {args.triton_url}; start it with `thighseg serve`",
-              file=sys.stderr)
+    segmenter = _ready_segmenter(args)
+    if segmenter is None:
         return 2
-    settings = InferenceSettings(segmenter.infer, args.model, segmenter.input_shape()[1])
-    processed, failures = run(args.inputs, args.out, settings)
+    processed, failures = run(args.inputs, args.out, settings_for(segmenter, args.model))
     print(f"{len(processed)} studies processed; cohort table: {args.out / 'results.csv'}")
     for key, reason in failures:
         print(f"failed: {key}: {reason}")

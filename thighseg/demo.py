@@ -44,7 +44,7 @@ def ensure_exported(model: str, repository: Path) -> Path:
 
 def run_demo(options: DemoOptions) -> dict:
     from thighseg.client.triton import TritonSegmenter
-    from thighseg.dicom_listener.pipeline import InferenceSettings
+    from thighseg.dicom_listener.pipeline import settings_for
     from thighseg.dicom_listener.scu import send_files
     from thighseg.dicom_listener.service import Listener, ListenerConfig
 
@@ -62,7 +62,7 @@ def run_demo(options: DemoOptions) -> dict:
             print(f"triton: ready on http {options.ports.http}, grpc {options.ports.grpc}, "
                   f"metrics {options.ports.metrics}")
             segmenter = TritonSegmenter(server.http_url, models.triton_name(options.model))
-            settings = InferenceSettings(segmenter.infer, options.model, segmenter.input_shape()[1])
+            settings = settings_for(segmenter, options.model)
             config = ListenerConfig(spool_dir=work / "spool", output_dir=work / "results", host="127.0.0.1",
                                     port=options.scp_port, idle_s=1.0)
             with Listener(config, settings) as listener:

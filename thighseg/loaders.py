@@ -28,28 +28,49 @@ def _canonical_to_zyx(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array[::-1, ::-1, :].transpose(2, 1, 0))
 
 
-def load_nifti_image(image_path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """A CT volume in HU (z, y, x) and its spacing (dz, dy, dx) in mm."""
+def _zyx_to_canonical(array: np.ndarray) -> np.ndarray:
+    """The inverse of _canonical_to_zyx."""
+    return np.ascontiguousarray(array.transpose(2, 1, 0)[::-1, ::-1, :])
+
+
+def _load_canonical(path: Path):
     import nibabel as nib
 
-    image = nib.as_closest_canonical(nib.load(str(image_path)))
+    image = nib.as_closest_canonical(nib.load(str(path)))
     if len(image.shape) != 3:
-        raise ValueError(f"{image_path.name} is not a 3D volume (shape {image.shape})")
+        raise ValueError(f"{path.name} is not a 3D volume (shape {image.shape})")
+    return image
+
+
+def _hu_and_spacing(image) -> tuple[np.ndarray, tuple[float, float, float]]:
     dx, dy, dz = (float(v) for v in image.header.get_zooms()[:3])
     return _canonical_to_zyx(image.get_fdata(dtype=np.float32)), (dz, dy, dx)
 
 
-def load_nifti_pair(image_path: Path, label_path: Path) -> LabelledVolume:
-    """A CT volume in HU and its label map (0 background, 1 extensor, 2 flexor, 3 adductor)."""
+def load_nifti_image(image_path: Path) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
+    """A CT volume in HU (z, y, x), its spacing (dz, dy, dx) in mm and its canonical affine."""
+    image = _load_canonical(image_path)
+    hu, spacing = _hu_and_spacing(image)
+    return hu, spacing, image.affine
+
+
+def save_nifti_labels(labels: np.ndarray, affine: np.ndarray, path: Path) -> Path:
+    """A (z, y, x) label map written back in the canonical orientation of the image it came from."""
     import nibabel as nib
 
-    image, label = (nib.as_closest_canonical(nib.load(str(p))) for p in (image_path, label_path))
+    nib.save(nib.Nifti1Image(_zyx_to_canonical(labels), affine), path)
+    return path
+
+
+def load_nifti_pair(image_path: Path, label_path: Path) -> LabelledVolume:
+    """A CT volume in HU and its label map (0 background, 1 extensor, 2 flexor, 3 adductor)."""
+    image, label = _load_canonical(image_path), _load_canonical(label_path)
     if image.shape != label.shape or not np.allclose(image.affine, label.affine, atol=1e-3):
         raise ValueError(f"{image_path.name} and {label_path.name} differ in shape or geometry")
     labels = _canonical_to_zyx(np.asanyarray(label.dataobj)).astype(np.int16)
     if labels.min() < 0 or labels.max() > max(MUSCLE_GROUPS):
         raise ValueError(f"{label_path.name} has labels outside 0..{int(max(MUSCLE_GROUPS))}")
-    hu, spacing = load_nifti_image(image_path)
+    hu, spacing = _hu_and_spacing(image)
     return LabelledVolume(hu, labels.astype(np.uint8), spacing, str(image_path))
 
 

@@ -14,8 +14,9 @@ COLOURS = {1: (0.90, 0.24, 0.24), 2: (0.24, 0.78, 0.31), 3: (0.27, 0.43, 0.94)}
 WINDOW = (-160.0, 240.0)
 
 
-def _blend(grey: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    rgb = np.repeat(np.clip((grey - WINDOW[0]) / (WINDOW[1] - WINDOW[0]), 0, 1)[..., None], 3, axis=2)
+def blend(hu: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """RGB in [0, 1]: the slice in a soft-tissue window with the muscle groups blended in colour."""
+    rgb = np.repeat(np.clip((hu - WINDOW[0]) / (WINDOW[1] - WINDOW[0]), 0, 1)[..., None], 3, axis=2)
     for group, colour in COLOURS.items():
         mask = labels == group
         rgb[mask] = 0.55 * rgb[mask] + 0.45 * np.array(colour)
@@ -52,12 +53,12 @@ def render(hu: np.ndarray, labels: np.ndarray, spacing_zyx: tuple[float, float, 
     z_levels = sorted({int(round(f * (len(hu) - 1))) for f in (0.8, 0.5, 0.2)}, reverse=True)
     for column, z in enumerate(z_levels):
         axis = figure.add_subplot(grid[0, column])
-        axis.imshow(_blend(hu[z][crop], labels[z][crop]))
+        axis.imshow(blend(hu[z][crop], labels[z][crop]))
         axis.set_title(("proximal", "middle", "distal")[column] if len(z_levels) == 3 else f"slice {z}", fontsize=9)
         axis.axis("off")
     coronal_row = int(np.argmax((labels > 0).sum(axis=(0, 2))))
     axis = figure.add_subplot(grid[0, 3])
-    axis.imshow(_blend(hu[::-1, coronal_row, crop[1]], labels[::-1, coronal_row, crop[1]]),
+    axis.imshow(blend(hu[::-1, coronal_row, crop[1]], labels[::-1, coronal_row, crop[1]]),
                 aspect=spacing_zyx[0] / spacing_zyx[2])
     axis.set_title("coronal (mask)", fontsize=9)
     axis.axis("off")
