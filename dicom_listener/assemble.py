@@ -1,6 +1,8 @@
 """Spooled CT instances -> one HU volume (z, y, x) with its geometry, checked for consistency."""
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +18,46 @@ class SeriesError(ValueError):
     """The series cannot be segmented; the message is the reason given in the report."""
 
 
+class HUStack:
+    """(z, y, x) HU slices kept in an unnamed scratch file and read back on demand, so that a study is
+    never held whole in memory: the stages work slab by slab. Slices are written one at a time
+    (`stack[z] = image`); reading an int or a contiguous slice returns a new array."""
+
+    ndim = 3
+
+    def __init__(self, shape: tuple[int, int, int], dtype: np.dtype, directory: Path):
+        self.shape, self.dtype = shape, np.dtype(dtype)
+        self._file = tempfile.TemporaryFile(dir=directory)  # unlinked: gone with the process, whatever happens
+        self._slice_bytes = shape[1] * shape[2] * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __setitem__(self, index: int, image: np.ndarray) -> None:
+        data = np.ascontiguousarray(np.broadcast_to(image, self.shape[1:]), dtype=self.dtype)
+        if os.pwrite(self._file.fileno(), data, range(len(self))[index] * self._slice_bytes) != self._slice_bytes:
+            raise OSError("short write to the HU scratch file")
+
+    def __getitem__(self, index: int | slice) -> np.ndarray:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                raise IndexError("HUStack supports contiguous slices only")
+            out = np.empty((max(0, stop - start), *self.shape[1:]), self.dtype)
+        else:
+            start = range(len(self))[index]  # negative indices, IndexError past the end
+            out = np.empty(self.shape[1:], self.dtype)
+        if out.nbytes and os.preadv(self._file.fileno(), [out], start * self._slice_bytes) != out.nbytes:
+            raise OSError("short read from the HU scratch file")
+        return out
+
+    def close(self) -> None:
+        self._file.close()
+
+
 @dataclass
 class Volume:
-    hu: np.ndarray | None  # int16 or float32 (z, y, x) HU, z ascending along the normal; None once emitted
+    hu: np.ndarray | HUStack  # (z, y, x) HU, z ascending along the normal, int16 or float32
     spacing_zyx: tuple[float, float, float]
     sources: list[Dataset]  # headers in the same order as hu, without pixel data
     paths: list[Path]
@@ -29,8 +68,11 @@ def _normal(ds: Dataset) -> np.ndarray:
     return np.cross(orientation[:3], orientation[3:])
 
 
-def assemble(paths: list[Path], min_slices: int = 3) -> Volume:
-    """Sort by ImagePositionPatient along the slice normal, check spacing and orientation, rescale."""
+def assemble(paths: list[Path], min_slices: int = 3, scratch: Path | None = None) -> Volume:
+    """Sort by ImagePositionPatient along the slice normal, check spacing and orientation, rescale.
+
+    With `scratch`, the HU volume is an HUStack in a file there instead of an array in memory.
+    """
     if len(paths) < min_slices:
         raise SeriesError(f"series has {len(paths)} instances; at least {min_slices} are needed")
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
@@ -67,15 +109,17 @@ def assemble(paths: list[Path], min_slices: int = 3) -> Volume:
     rescales = {(float(h.get("RescaleSlope", 1)), float(h.get("RescaleIntercept", 0))) for h in headers}
     # Integer HU (slope 1, integer intercepts: nearly every CT) fit in int16: half the memory of float32.
     exact = all(slope == 1 and intercept.is_integer() for slope, intercept in rescales)
-    hu = np.empty((len(paths), rows, columns), dtype=np.int16 if exact else np.float32)
+    shape, dtype = (len(paths), rows, columns), np.int16 if exact else np.float32
+    hu = np.empty(shape, dtype) if scratch is None else HUStack(shape, dtype, scratch)
     for target, index in enumerate(order):
         ds = pydicom.dcmread(paths[index])
         slope, intercept = float(ds.get("RescaleSlope", 1)), float(ds.get("RescaleIntercept", 0))
         pixels = ds.pixel_array
         if exact:  # clip: no tissue is outside int16, and a 16-bit unsigned value plus intercept could be
-            hu[target] = np.clip(pixels.astype(np.int32) + int(intercept), -32768, 32767)
+            image = np.clip(pixels.astype(np.int32) + int(intercept), -32768, 32767)
         else:
-            hu[target] = pixels.astype(np.float32) * slope + intercept
+            image = pixels.astype(np.float32) * slope + intercept
+        hu[target] = image
     row_mm, column_mm = (float(v) for v in first.PixelSpacing)
     return Volume(hu=hu, spacing_zyx=(spacing, row_mm, column_mm), sources=[headers[i] for i in order],
                   paths=[paths[i] for i in order])

@@ -1,6 +1,7 @@
 """Results as DICOM SEG (highdicom) and a JSON report."""
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from pydicom.sr.codedict import codes
 
 import thighseg
 from thighseg.labels import Group, MUSCLE_GROUPS
+from thighseg.summary import Preview, blend
 
 # The segmented property type is SNOMED CT "Muscle of lower limb" (102292000, in DICOM's anatomic
 # context groups); the functional group is named by the segment label and tracking identifier,
@@ -61,7 +63,12 @@ def write_seg(sources: list[Dataset], labels: np.ndarray, path: Path, model: str
         omit_empty_frames=False,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    seg.save_as(path)
+    pixels = seg.PixelData
+    seg.PixelData = io.BytesIO(pixels)  # a buffered value is streamed to the file, not copied twice first
+    try:
+        seg.save_as(path)
+    finally:
+        seg.PixelData = pixels
     return seg
 
 
@@ -113,15 +120,12 @@ def write_sr(seg: hd.seg.Segmentation, sources: list[Dataset], volumes_ml: dict[
     return sr
 
 
-def write_overlay_png(hu: np.ndarray, labels: np.ndarray, path: Path) -> Path:
-    """Three axial levels (proximal, middle, distal) side by side, coloured as in the summary page,
+def write_overlay_png(preview: Preview, path: Path) -> Path:
+    """Three axial levels (distal, middle, proximal) side by side, coloured as in the summary page,
     so a reader can judge the result at a glance."""
     from PIL import Image
 
-    from thighseg.summary import blend
-
-    levels = sorted({int(round(f * (len(hu) - 1))) for f in (0.2, 0.5, 0.8)})
-    tiles = [(blend(hu[z], labels[z]) * 255).astype(np.uint8) for z in levels]
+    tiles = [(blend(hu, labels) * 255).astype(np.uint8) for hu, labels in zip(preview.axial_hu, preview.axial_labels)]
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate(tiles, axis=1)).save(path)
     return path

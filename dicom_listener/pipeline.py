@@ -19,8 +19,9 @@ from thighseg.dicom_listener.assemble import SeriesError, Volume, assemble
 from thighseg.dicom_listener.outputs import write_overlay_png, write_report, write_seg, write_sr
 from thighseg import qc
 from thighseg.indices import volume_indices
+from thighseg.memory import release_free_heap, release_highdicom_tables
 from thighseg.metrics import group_volumes_ml
-from thighseg.summary import render, secondary_capture
+from thighseg.summary import Preview, render, secondary_capture
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +75,16 @@ def emit_stage(volume: Volume, labels: np.ndarray, report: dict, out_dir: Path, 
     """SEG, SR, the one-page summary (PNG, PDF, DICOM SC) and the overlay; returns report additions."""
     flags = [qc.Flag(**f) for f in report["qc_flags"]]
     title = f"Thigh muscle summary — {model}, {len(volume.sources)} slices, study {short_uid(report['study_instance_uid'])}"
-    summary = render(volume.hu, labels, volume.spacing_zyx, report["indices"], flags, title,
-                     out_dir / "summary.png", out_dir / "summary.pdf")
-    write_overlay_png(volume.hu, labels, out_dir / "overlay.png")
-    volume.hu = None  # the HU volume is not needed past this point: free it before the SEG is built
+    preview = Preview.of(volume.hu, labels)  # the pictures need only a few planes of the HU volume
+    summary = render(preview, volume.spacing_zyx, report["indices"], flags, title, out_dir / "summary.png",
+                     out_dir / "summary.pdf")
+    write_overlay_png(preview, out_dir / "overlay.png")
+    del preview
+    release_free_heap()  # the SEG is the largest allocation of the study: make room for it
     seg = write_seg(volume.sources, labels, out_dir / "seg.dcm", model)
     sr = write_sr(seg, volume.sources, report["volumes_ml"], out_dir / "sr.dcm", model, flags)
     sc = secondary_capture(summary, volume.sources[0], out_dir / "summary_sc.dcm")
+    release_highdicom_tables()
     return {"seg_sop_instance_uid": str(seg.SOPInstanceUID), "sr_sop_instance_uid": str(sr.SOPInstanceUID),
             "sc_sop_instance_uid": str(sc.SOPInstanceUID),
             "outputs": ["seg.dcm", "sr.dcm", "summary.png", "summary.pdf", "summary_sc.dcm", "overlay.png",
@@ -97,15 +101,17 @@ def process_series(instance_paths: list[Path], out_dir: Path, settings: Inferenc
     report: dict = {"model": settings.model, "instances": len(instance_paths), "status": "failed"}
     stage = "assemble"
 
-    def timed(name: str, work: Callable, *args):
+    def timed(name: str, work: Callable, *args, **options):
         nonlocal stage
         stage, started = name, time.perf_counter()
-        result = work(*args)
+        result = work(*args, **options)
+        release_free_heap()  # what the stage freed leaves the process before the next one allocates
         timings[name] = time.perf_counter() - started
         return result
 
     try:
-        volume = timed("assemble", assemble, instance_paths)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        volume = timed("assemble", assemble, instance_paths, scratch=out_dir)  # HU on disk beside the results
         first = volume.sources[0]
         report.update(study_instance_uid=str(first.StudyInstanceUID),
                       series_instance_uid=str(first.SeriesInstanceUID),

@@ -67,14 +67,14 @@ def _done(out_dir: Path) -> bool:
 
 def process_nifti(path: Path, out_dir: Path, settings: InferenceSettings) -> dict:
     from thighseg.loaders import load_nifti_image, save_nifti_labels
-    from thighseg.summary import render
+    from thighseg.summary import Preview, render
 
     hu, spacing, affine = load_nifti_image(path)
     labels = infer_stage(hu, settings)
     report = measure_stage(hu, labels, spacing)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_nifti_labels(labels, affine, out_dir / "labels.nii.gz")
-    render(hu, labels, spacing, report["indices"], [qc.Flag(**f) for f in report["qc_flags"]],
+    render(Preview.of(hu, labels), spacing, report["indices"], [qc.Flag(**f) for f in report["qc_flags"]],
            f"Thigh muscle summary — {settings.model}, {path.name}", out_dir / "summary.png", out_dir / "summary.pdf")
     return {**report, "status": "done", "outputs": ["labels.nii.gz", "summary.png", "summary.pdf", "report.json"]}
 

@@ -119,6 +119,7 @@ def write_figures(report: dict, cases: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     from thighseg.dicom_listener.outputs import write_overlay_png
+    from thighseg.summary import Preview
 
     groups = [g.name.lower() for g in MUSCLE_GROUPS]
     models = list(report["models"])
@@ -157,5 +158,5 @@ def write_figures(report: dict, cases: dict, out: Path) -> None:
             studies_ph, results = cases[(model, cohort)]
             order = np.argsort([np.mean([r["overlap"][g]["dsc"] for g in groups]) for r in results])
             for tag, index in (("worst", order[0]), ("median", order[len(order) // 2])):
-                write_overlay_png(studies_ph[index].hu, results[index]["_labels"],
+                write_overlay_png(Preview.of(studies_ph[index].hu, results[index]["_labels"]),
                                   out / f"overlay_{model}_{cohort}_{tag}.png")

@@ -24,8 +24,9 @@ def voxel_volume_ml(spacing_zyx: tuple[float, float, float]) -> float:
 def group_volumes_ml(labels: np.ndarray, spacing_zyx: tuple[float, float, float]) -> dict[str, float]:
     """Volume of each muscle group and their total, in mL."""
     voxel_ml = voxel_volume_ml(spacing_zyx)
-    # count_nonzero per label, not bincount: bincount widens the labels to 8 bytes per voxel
-    volumes = {g.name.lower(): float(np.count_nonzero(labels == g) * voxel_ml) for g in MUSCLE_GROUPS}
+    images = labels.reshape(-1, *labels.shape[-2:])  # counted slice by slice: no volume-sized temporary
+    volumes = {g.name.lower(): float(sum(np.count_nonzero(image == g) for image in images) * voxel_ml)
+               for g in MUSCLE_GROUPS}
     volumes["total_muscle"] = float(sum(volumes.values()))
     return volumes
 

@@ -1,7 +1,8 @@
 """Quality-control flags: when a reader should not trust a result, and why.
 
-Each check is a small pure function of the HU volume, the predicted labels and the geometry; a
-flag carries a stable code (for the CSV, the SR and dashboards) and a human-readable reason.
+Each check is a small pure function of a `StudyProfile` (per-slice and whole-study counts gathered
+in one slab-wise pass, so memory stays bounded whatever the study size) and the geometry; a flag
+carries a stable code (for the CSV, the SR and dashboards) and a human-readable reason.
 Thresholds are deliberately generous: a flag asks for a look, it does not reject the study.
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from thighseg.indices import leg_masks
+from thighseg.indices import CHUNK_SLICES, LEGS, leg_masks
 
 MIN_SLICES = 10
 MIN_COVERAGE_MM = 100.0
@@ -32,69 +33,105 @@ class Flag:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class StudyProfile:
+    """What the checks need, counted slab by slab."""
+
+    leg_area: dict[str, np.ndarray]  # muscle voxels per slice, per leg
+    edge_voxels: int  # muscle voxels on the image border
+    muscle_voxels: int
+    muscle_hu_sum: float
+    dark_muscle_voxels: int  # muscle voxels below -200 HU
+    body_voxels: int  # above -500 HU
+    metal_voxels: int
+
+    @property
+    def slices(self) -> int:
+        return len(self.leg_area[LEGS[0]])
+
+    @property
+    def area(self) -> np.ndarray:
+        return sum(self.leg_area.values())
+
+
+def profile(hu: np.ndarray, labels: np.ndarray) -> StudyProfile:
+    legs = leg_masks(hu)
+    leg_area = {leg: np.zeros(hu.shape[0], dtype=np.int64) for leg in LEGS}
+    counts = dict.fromkeys(("edge", "muscle", "hu_sum", "dark", "body", "metal"), 0)
+    for start in range(0, hu.shape[0], CHUNK_SLICES):
+        h, muscle = hu[start:start + CHUNK_SLICES], labels[start:start + CHUNK_SLICES] > 0
+        for leg, columns in legs.items():
+            leg_area[leg][start:start + len(h)] = (muscle & columns).sum(axis=(1, 2))
+        muscle_hu = h[muscle]
+        counts["edge"] += int(muscle[:, [0, -1], :].sum() + muscle[:, 1:-1, [0, -1]].sum())
+        counts["muscle"] += muscle_hu.size
+        counts["hu_sum"] += float(muscle_hu.sum(dtype=np.float64))
+        counts["dark"] += int((muscle_hu < -200).sum())
+        counts["body"] += int((h > -500).sum())
+        counts["metal"] += int((h > METAL_HU).sum())
+    return StudyProfile(leg_area, counts["edge"], counts["muscle"], counts["hu_sum"], counts["dark"], counts["body"],
+                        counts["metal"])
+
+
 def check(hu: np.ndarray, labels: np.ndarray, spacing_zyx: tuple[float, float, float]) -> list[Flag]:
+    study = profile(hu, labels)
     flags = []
     for test in (_coverage, _fov_edge, _plausible_volume, _plausible_hu, _left_right, _slice_consistency, _metal):
-        flags.extend(test(hu, labels, spacing_zyx))
+        flags.extend(test(study, spacing_zyx))
     return flags
 
 
-def _coverage(hu, labels, spacing) -> list[Flag]:
-    slices = labels.shape[0]
+def _coverage(study: StudyProfile, spacing) -> list[Flag]:
     flags = []
-    if slices < MIN_SLICES:
-        flags.append(Flag("TOO_FEW_SLICES", f"{slices} slices; at least {MIN_SLICES} are expected for a thigh study"))
-    if slices * spacing[0] < MIN_COVERAGE_MM:
-        flags.append(Flag("PARTIAL_COVERAGE", f"z-coverage {slices * spacing[0]:.0f} mm is under "
-                                                 f"{MIN_COVERAGE_MM:.0f} mm: volumes cover part of the thigh only"))
+    if study.slices < MIN_SLICES:
+        flags.append(Flag("TOO_FEW_SLICES", f"{study.slices} slices; at least {MIN_SLICES} are expected for a "
+                                            "thigh study"))
+    if study.slices * spacing[0] < MIN_COVERAGE_MM:
+        flags.append(Flag("PARTIAL_COVERAGE", f"z-coverage {study.slices * spacing[0]:.0f} mm is under "
+                                              f"{MIN_COVERAGE_MM:.0f} mm: volumes cover part of the thigh only"))
     return flags
 
 
-def _fov_edge(hu, labels, spacing) -> list[Flag]:
-    edge = np.concatenate([labels[:, 0, :].ravel(), labels[:, -1, :].ravel(), labels[:, :, 0].ravel(),
-                           labels[:, :, -1].ravel()])
-    if np.count_nonzero(edge):
-        return [Flag("MASK_AT_FOV_EDGE", f"{np.count_nonzero(edge)} muscle voxels on the image border: "
+def _fov_edge(study: StudyProfile, spacing) -> list[Flag]:
+    if study.edge_voxels:
+        return [Flag("MASK_AT_FOV_EDGE", f"{study.edge_voxels} muscle voxels on the image border: "
                                          "the thigh may be cut off by the field of view")]
     return []
 
 
-def _plausible_volume(hu, labels, spacing) -> list[Flag]:
+def _plausible_volume(study: StudyProfile, spacing) -> list[Flag]:
     flags = []
     pixel_cm2 = spacing[1] * spacing[2] / 100
-    for leg, columns in leg_masks(hu).items():
-        area = ((labels > 0) & columns).sum(axis=(1, 2)) * pixel_cm2
-        mean_area = float(area.mean())
+    for leg, area in study.leg_area.items():
+        mean_area = float(area.mean()) * pixel_cm2
         if not LEG_CSA_CM2[0] <= mean_area <= LEG_CSA_CM2[1]:
             flags.append(Flag("IMPLAUSIBLE_VOL", f"{leg} thigh muscle cross-section {mean_area:.0f} cm² per slice "
-                                                    f"is outside {LEG_CSA_CM2[0]:.0f}-{LEG_CSA_CM2[1]:.0f} cm²"))
+                                                 f"is outside {LEG_CSA_CM2[0]:.0f}-{LEG_CSA_CM2[1]:.0f} cm²"))
     return flags
 
 
-def _plausible_hu(hu, labels, spacing) -> list[Flag]:
-    muscle = hu[labels > 0]
-    if muscle.size == 0:
+def _plausible_hu(study: StudyProfile, spacing) -> list[Flag]:
+    if study.muscle_voxels == 0:
         return [Flag("IMPLAUSIBLE_HU", "no muscle was segmented")]
-    mean = float(muscle.mean())
+    mean = study.muscle_hu_sum / study.muscle_voxels
     if not MUSCLE_MEAN_HU[0] <= mean <= MUSCLE_MEAN_HU[1]:
         return [Flag("IMPLAUSIBLE_HU", f"mean muscle density {mean:.0f} HU is outside "
                                        f"{MUSCLE_MEAN_HU[0]:.0f}-{MUSCLE_MEAN_HU[1]:.0f} HU (contrast? calibration?)")]
     return []
 
 
-def _left_right(hu, labels, spacing) -> list[Flag]:
-    legs = leg_masks(hu)
-    right, left = (int(((labels > 0) & legs[leg]).sum()) for leg in ("right", "left"))
+def _left_right(study: StudyProfile, spacing) -> list[Flag]:
+    right, left = (int(study.leg_area[leg].sum()) for leg in ("right", "left"))
     mean = (right + left) / 2
     asymmetry = 100 * abs(right - left) / mean if mean else 0.0
     if asymmetry > MAX_ASYMMETRY_PERCENT:
         return [Flag("LEFT_RIGHT_DIFF", f"left/right muscle volumes differ by {asymmetry:.0f} % "
-                                            f"(over {MAX_ASYMMETRY_PERCENT:.0f} %): one leg missing or cut off?")]
+                                        f"(over {MAX_ASYMMETRY_PERCENT:.0f} %): one leg missing or cut off?")]
     return []
 
 
-def _slice_consistency(hu, labels, spacing) -> list[Flag]:
-    area = (labels > 0).sum(axis=(1, 2)).astype(float)
+def _slice_consistency(study: StudyProfile, spacing) -> list[Flag]:
+    area = study.area.astype(float)
     if area.size < 3:
         return []
     change = np.abs(np.diff(area[1:-1])) / np.maximum(area[1:-1][:-1], 1.0)
@@ -104,10 +141,9 @@ def _slice_consistency(hu, labels, spacing) -> list[Flag]:
     return []
 
 
-def _metal(hu, labels, spacing) -> list[Flag]:
-    body = hu > -500
-    metal_fraction = (hu > METAL_HU).sum() / max(1, body.sum())
-    dark_fraction = (hu[labels > 0] < -200).mean() if np.any(labels) else 0.0
+def _metal(study: StudyProfile, spacing) -> list[Flag]:
+    metal_fraction = study.metal_voxels / max(1, study.body_voxels)
+    dark_fraction = study.dark_muscle_voxels / study.muscle_voxels if study.muscle_voxels else 0.0
     if metal_fraction > MAX_METAL_VOXEL_FRACTION or dark_fraction > MAX_DARK_MUSCLE_FRACTION:
         return [Flag("METAL_ARTEFACT", f"{100 * metal_fraction:.3f} % of body voxels above {METAL_HU:.0f} HU and "
                                        f"{100 * dark_fraction:.1f} % of muscle below -200 HU: metal or streaks")]

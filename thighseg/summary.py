@@ -3,6 +3,7 @@ axial levels with the coloured groups, a coronal reformat of the mask, the table
 QC flags — what a radiologist opens from the PACS and a researcher opens as a file."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,36 @@ def _table_rows(indices: dict) -> list[list[str]]:
     return rows
 
 
-def render(hu: np.ndarray, labels: np.ndarray, spacing_zyx: tuple[float, float, float], indices: dict,
+@dataclass(frozen=True)
+class Preview:
+    """The few planes the pictures show, copied out of the study so that the HU volume can be freed
+    before anything is drawn."""
+
+    levels: tuple[int, ...]  # axial slice indices at 20, 50 and 80 % of the study, ascending (distal first)
+    axial_hu: np.ndarray  # (levels, y, x)
+    axial_labels: np.ndarray
+    coronal_hu: np.ndarray  # (z, x) through the image row with the most muscle
+    coronal_labels: np.ndarray
+    crop: tuple[slice, slice]  # (y, x) around all the muscle in the study, with a margin
+
+    @classmethod
+    def of(cls, hu, labels: np.ndarray) -> "Preview":
+        """`hu`: (z, y, x), a numpy array or an HUStack."""
+        levels = tuple(sorted({int(round(f * (len(hu) - 1))) for f in (0.2, 0.5, 0.8)}))
+        # the row with the most muscle, counted slice by slice: no volume-sized temporary
+        coronal_row = int(np.argmax(sum(np.count_nonzero(s, axis=1) for s in labels)))
+        rows, columns = np.nonzero(labels.any(axis=0))
+        margin = max(10, (columns.max() - columns.min()) // 8) if rows.size else 0
+        crop = (slice(max(0, rows.min() - margin), rows.max() + margin + 1),
+                slice(max(0, columns.min() - margin), columns.max() + margin + 1)) if rows.size else (slice(None),) * 2
+        coronal = np.empty((len(hu), hu.shape[2]), hu.dtype)
+        for z in range(len(hu)):  # slice by slice, so that `hu` may be an HUStack read from disk
+            coronal[z] = hu[z][coronal_row]
+        return cls(levels, np.stack([hu[z] for z in levels]), labels[list(levels)], coronal,
+                   labels[:, coronal_row].copy(), crop)
+
+
+def render(preview: Preview, spacing_zyx: tuple[float, float, float], indices: dict,
            flags: list[Flag], title: str, png: Path, pdf: Path | None = None) -> Path:
     import matplotlib
 
@@ -46,19 +76,16 @@ def render(hu: np.ndarray, labels: np.ndarray, spacing_zyx: tuple[float, float, 
     figure = plt.figure(figsize=(11.69, 8.27), dpi=110)  # A4 landscape
     grid = figure.add_gridspec(3, 4, height_ratios=[1.1, 1.0, 0.9])
     figure.suptitle(title, fontsize=13, x=0.01, ha="left")
-    rows, columns = np.nonzero(labels.any(axis=0))
-    margin = max(10, (columns.max() - columns.min()) // 8) if rows.size else 0
-    crop = (slice(max(0, rows.min() - margin), rows.max() + margin + 1),
-            slice(max(0, columns.min() - margin), columns.max() + margin + 1)) if rows.size else (slice(None),) * 2
-    z_levels = sorted({int(round(f * (len(hu) - 1))) for f in (0.8, 0.5, 0.2)}, reverse=True)
-    for column, z in enumerate(z_levels):
+    crop = preview.crop
+    named = len(preview.levels) == 3
+    for column, k in enumerate(reversed(range(len(preview.levels)))):  # proximal (highest z) first
         axis = figure.add_subplot(grid[0, column])
-        axis.imshow(blend(hu[z][crop], labels[z][crop]))
-        axis.set_title(("proximal", "middle", "distal")[column] if len(z_levels) == 3 else f"slice {z}", fontsize=9)
+        axis.imshow(blend(preview.axial_hu[k][crop], preview.axial_labels[k][crop]))
+        axis.set_title(("proximal", "middle", "distal")[column] if named else f"slice {preview.levels[k]}",
+                       fontsize=9)
         axis.axis("off")
-    coronal_row = int(np.argmax((labels > 0).sum(axis=(0, 2))))
     axis = figure.add_subplot(grid[0, 3])
-    axis.imshow(blend(hu[::-1, coronal_row, crop[1]], labels[::-1, coronal_row, crop[1]]),
+    axis.imshow(blend(preview.coronal_hu[::-1, crop[1]], preview.coronal_labels[::-1, crop[1]]),
                 aspect=spacing_zyx[0] / spacing_zyx[2])
     axis.set_title("coronal (mask)", fontsize=9)
     axis.axis("off")
