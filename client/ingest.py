@@ -77,11 +77,12 @@ def storescp(folder: Path, fork: bool) -> Iterator[int]:
 
 
 @contextmanager
-def listener_process(triton_url: str, spool: Path, out: Path, idle_s: float, port: int | None = None
-                     ) -> Iterator[tuple[int, subprocess.Popen]]:
+def listener_process(triton_url: str, spool: Path, out: Path, idle_s: float, port: int | None = None,
+                     model: str = "segformer") -> Iterator[tuple[int, subprocess.Popen]]:
     """`thighseg listen` in its own process (so its memory can be read from /proc)."""
     port = port or free_port()
     process = subprocess.Popen([sys.executable, "-m", "thighseg.cli", "listen", "--triton-url", triton_url,
+                                "--model", model,
                                 "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
                                 "--spool", str(spool), "--out", str(out), "--idle", str(idle_s)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -29,10 +29,16 @@ def test_tiny_benchmark_writes_json_markdown_and_plots(model_repository, tmp_pat
     assert {(p["protocol"], p["dynamic_batching"]) for p in saved["perf_analyzer"]} == {
         ("http", True), ("http", False), ("grpc", True), ("grpc", False)}
     assert all(p["throughput"] > 0 and p["p99_ms"] >= p["p50_ms"] for p in saved["perf_analyzer"])
-    assert {"onnxruntime_fp32", "torch_eager_fp32"} <= set(saved["baselines_slices_per_second"])
+    assert {p["architecture"] for p in saved["perf_analyzer"]} == {"segformer"}
+    assert {"onnxruntime_fp32", "onnxruntime_fp32_batch1", "torch_eager_fp32"} <= set(
+        saved["baselines_slices_per_second"]["segformer"])
     assert {r["receiver"] for r in saved["ingest"]} == {"dcmtk-storescp", "thighseg-listener"}
-    assert saved["whole_study"]["instances"] == 8 and saved["whole_study"]["listener_peak_rss_mb"] > 0
-    assert "| ratio | value |" in (tmp_path / "bench.md").read_text()
+    whole = saved["whole_study"]
+    assert whole["instances"] == 8 and whole["listener_peak_rss_mb"] > 0
+    assert whole["warm_listener_peak_rss_mb"] > 0  # measured in a second listener, after a warm-up study
+    assert "segformer: most_dynamic_batching_could_give_at_concurrency_2" in saved["ratios"]
+    text = (tmp_path / "bench.md").read_text()
+    assert "| ratio | value |" in text and "compute ceiling" in text
     for picture in ("perf_analyzer.png", "baselines_ingest.png"):
         image = Image.open(tmp_path / picture)
         assert image.size[0] > 600 and len(np.unique(np.asarray(image.convert("L")))) > 10

@@ -156,8 +156,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from thighseg.client.bench import BenchConfig, run_bench
     from thighseg.demo import ensure_exported
 
-    ensure_exported(args.model, args.repository)
-    config = BenchConfig.tiny() if args.tiny else BenchConfig(study_slices=args.study_slices)
+    config = BenchConfig.tiny() if args.tiny else BenchConfig(models=tuple(args.models), study_slices=args.study_slices)
+    for model in {*config.models, config.study_model}:
+        ensure_exported(model, args.repository)
     results = run_bench(args.out, args.repository, config)
     print(json.dumps(results["ratios"], indent=2))
     print(f"figures: {args.out}/bench.json, bench.md, perf_analyzer.png, baselines_ingest.png")
@@ -251,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("bench", help="perf_analyzer sweeps, baselines, ingest and whole-study figures")
-    _add_model(p)
+    p.add_argument("--models", nargs="+", default=sorted(models.BUILDERS), choices=sorted(models.BUILDERS))
     p.add_argument("--out", type=Path, default=Path("bench"))
     p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
     p.add_argument("--study-slices", type=int, default=300)
