@@ -66,8 +66,9 @@ def bench_repository(source: Path, model: str, target: Path) -> tuple[str, str]:
 
 def run_perf(server: EmbeddedTriton, served: dict[str, tuple[str, str]], config: BenchConfig) -> list[dict]:
     points = []
-    plan = [(model, name, protocol, c) for model, names in served.items() for name in names
-            for protocol in ("http", "grpc") for c in config.concurrencies]
+    # batching on and off back to back at each point: this machine's speed drifts over minutes
+    plan = [(model, name, protocol, c) for model, names in served.items() for protocol in ("http", "grpc")
+            for c in config.concurrencies for name in names]
     for model, name, protocol, concurrency in tqdm(plan, desc="perf_analyzer"):
         url = server.http_url if protocol == "http" else server.grpc_url
         point = measure(name, url, protocol, concurrency, (1, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE),
@@ -80,7 +81,7 @@ def run_baselines(model: str, onnx_path: Path, config: BenchConfig) -> dict[str,
     study = phantom.generate(8101, size=MODEL_INPUT_SIZE, slices=config.baseline_slices)
     images = normalise_hu(to_model_grid(study.hu))[:, None].astype(np.float32)
     session = onnxruntime_runner(onnx_path)
-    results = {"onnxruntime_fp32_batch1": slices_per_second(session, images, batch_size=1),
+    results = {"onnxruntime_fp32_batch1": slices_per_second(session, images, batch_size=1, warmup_batches=8),
                "onnxruntime_fp32": slices_per_second(session, images)}
     try:
         network = models.load_trained(model)
@@ -231,7 +232,8 @@ def markdown(results: dict) -> str:
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {p['protocol']} | {'on' if p['dynamic_batching'] else 'off'} | {p['concurrency']} | "
                   f"{p['throughput']:.1f} | {p['p50_ms']:.0f} | {p['p95_ms']:.0f} | {p['p99_ms']:.0f} |"
-                  for p in points if p["architecture"] == model]
+                  for p in sorted((p for p in points if p["architecture"] == model),
+                                  key=lambda p: (p["protocol"], not p["dynamic_batching"], p["concurrency"]))]
         lines.append("")
     lines += ["## Baselines on the same slices (slices/s; batch 8 unless named)", "",
               "| model | runtime | slices/s |", "|---|---|---|"]

@@ -3,12 +3,12 @@ embedded Triton server and a real listener on free localhost ports."""
 from __future__ import annotations
 
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 
 from thighseg import models, phantom
+from thighseg.client.ingest import free_port
 from thighseg.ct_series import write_series
 from thighseg.embedded_triton import EmbeddedTriton, Ports
 
@@ -17,12 +17,6 @@ MODEL = "segformer"
 TEST_SIZE = 256
 TEST_SLICES = 12
 TEST_SLICE_SPACING_MM = 5.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def needs_torch():
