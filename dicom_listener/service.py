@@ -20,6 +20,7 @@ from thighseg.dicom_listener.series import SeriesKey, SeriesTracker
 from thighseg.dicom_listener.spool import Spool
 from thighseg.dicom_listener.telemetry import Telemetry
 from thighseg.dicom_listener.validation import Limits
+from thighseg.memory import fix_mmap_threshold
 
 log = logging.getLogger(__name__)
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO/DEBUG output can carry identifiers
@@ -80,6 +81,7 @@ class Listener:
         self._server = None
 
     def start(self) -> "Listener":
+        fix_mmap_threshold()  # study-sized arrays leave the process when freed (thighseg.memory)
         ae = make_ae(self.config.ae_title, self.config.max_pdu_bytes)
         if self.config.allowed_calling_aets:
             ae.require_calling_aet = list(self.config.allowed_calling_aets)

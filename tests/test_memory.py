@@ -2,6 +2,8 @@
 gives the same results as the array in memory; memory is handed back between studies."""
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 import pydicom
 import pytest
@@ -11,7 +13,7 @@ from thighseg.client.volume import segment_volume
 from thighseg.dicom_listener.assemble import HUStack, assemble
 from thighseg.dicom_listener.outputs import write_seg
 from thighseg.indices import volume_indices
-from thighseg.memory import release_free_heap, release_highdicom_tables
+from thighseg.memory import fix_mmap_threshold, release_free_heap, release_highdicom_tables
 from thighseg.summary import Preview
 
 
@@ -79,3 +81,8 @@ def test_highdicom_tables_are_released_and_reloaded(series, tmp_path):
     assert _standard_utils.get_module_attribute_map.cache_info().currsize == 0
     write_seg(volume.sources, np.ones(volume.hu.shape, np.uint8), tmp_path / "b.dcm", "test")  # reloads them
     assert pydicom.dcmread(tmp_path / "b.dcm").NumberOfFrames == 3 * len(volume.sources)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt tuning is glibc's")
+def test_mmap_threshold_is_fixed_on_glibc():
+    assert fix_mmap_threshold() is True
