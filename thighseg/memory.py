@@ -49,10 +49,8 @@ def release_free_heap() -> None:
 def release_highdicom_tables() -> None:
     """Drop highdicom's cached module tables (a private function of the pinned highdicom version;
     if it moves, memory is merely kept)."""
-    try:
-        from highdicom import _standard_utils
-    except ImportError:
-        return
+    from highdicom import _standard_utils
+
     for name in ("get_module_attribute_map", "get_iod_module_map", "get_sop_class_iod_map"):
         cached = getattr(_standard_utils, name, None)
         if hasattr(cached, "cache_clear"):
