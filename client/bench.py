@@ -223,9 +223,11 @@ def markdown(results: dict) -> str:
         ceiling = max(baselines["onnxruntime_fp32_batch1"], baselines["onnxruntime_fp32"])
         lines.append(f"| {model} | {off:.1f} | {on:.1f} | {baselines['onnxruntime_fp32_batch1']:.1f} / "
                      f"{baselines['onnxruntime_fp32']:.1f} | {off / ceiling:.0%} | {DYNAMIC_BATCHING_TARGET * off:.1f} |")
-    lines += ["", "Batching pays where a bigger batch runs more slices per second; on this CPU the model runs "
-              "no faster at batch 8 than at batch 1, so batching can only save per-request overhead, and "
-              "the server without batching already runs at the share of the ceiling shown.", ""]
+    lines += ["", "Batching pays where a bigger batch runs more slices per second. On this CPU a model runs no "
+              "faster at batch 8 than at batch 1, so the CPU configuration batches without waiting and runs "
+              "the slices one at a time: batching saves only the per-request round trip, and the server "
+              "without batching already runs at the share of the ceiling shown. GPU figures come from "
+              "scripts/gpu_check.sh.", ""]
     for model in results["baselines_slices_per_second"]:
         lines += [f"## perf_analyzer: {model} (embedded Triton, CPU; slices/s and ms)", "",
                   "| protocol | dynamic batching | concurrency | slices/s | p50 | p95 | p99 |",
