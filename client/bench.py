@@ -180,6 +180,11 @@ def _best(points: list[dict], model: str, protocol: str | None, batching: bool, 
     return max(chosen) if chosen else float("nan")
 
 
+def _ceiling(baselines: dict[str, float]) -> float:
+    """ONNX Runtime called directly at its best batch: no server of the model beats it on this machine."""
+    return max(baselines["onnxruntime_fp32_batch1"], baselines["onnxruntime_fp32"])
+
+
 def _compared_concurrency(points: list[dict]) -> int:
     return 8 if any(p["concurrency"] == 8 for p in points) else max(p["concurrency"] for p in points)
 
@@ -192,8 +197,7 @@ def ratios(results: dict) -> dict:
         for protocol in ("http", "grpc"):
             out[f"{model}: dynamic_batching_on_vs_off_{protocol}_at_concurrency_{at}"] = (
                 _best(points, model, protocol, True, at) / _best(points, model, protocol, False, at))
-        # no server of this model can beat ONNX Runtime called directly at its best batch on this machine
-        ceiling = max(baselines["onnxruntime_fp32_batch1"], baselines["onnxruntime_fp32"])
+        ceiling = _ceiling(baselines)
         out[f"{model}: most_dynamic_batching_could_give_at_concurrency_{at}"] = (
             ceiling / _best(points, model, None, False, at))
         if "torch_eager_fp32" in baselines:
@@ -220,7 +224,7 @@ def markdown(results: dict) -> str:
               f"{DYNAMIC_BATCHING_TARGET}× off would need |", "|---|---|---|---|---|---|"]
     for model, baselines in results["baselines_slices_per_second"].items():
         off, on = _best(points, model, None, False, at), _best(points, model, None, True, at)
-        ceiling = max(baselines["onnxruntime_fp32_batch1"], baselines["onnxruntime_fp32"])
+        ceiling = _ceiling(baselines)
         lines.append(f"| {model} | {off:.1f} | {on:.1f} | {baselines['onnxruntime_fp32_batch1']:.1f} / "
                      f"{baselines['onnxruntime_fp32']:.1f} | {off / ceiling:.0%} | {DYNAMIC_BATCHING_TARGET * off:.1f} |")
     lines += ["", "Batching pays where a bigger batch runs more slices per second. On this CPU a model runs no "
@@ -275,9 +279,8 @@ def plot(results: dict, out: Path) -> None:
                 concurrency = [p["concurrency"] for p in points]
                 throughput.plot(concurrency, [p["throughput"] for p in points], style, marker="o", label=label)
                 latency.plot(concurrency, [p["p95_ms"] for p in points], style, marker="o", label=label)
-        baselines = results["baselines_slices_per_second"][model]
-        throughput.axhline(max(baselines["onnxruntime_fp32_batch1"], baselines["onnxruntime_fp32"]), color="grey",
-                           linestyle=":", label="ONNX Runtime direct (ceiling)")
+        throughput.axhline(_ceiling(results["baselines_slices_per_second"][model]), color="grey", linestyle=":",
+                           label="ONNX Runtime direct (ceiling)")
         for axis, title, unit in ((throughput, "throughput", "slices/s"), (latency, "p95 latency", "ms")):
             axis.set_xscale("log", base=2)
             axis.set_xlabel("concurrency")

@@ -51,9 +51,6 @@ class HUStack:
             raise OSError("short read from the HU scratch file")
         return out
 
-    def close(self) -> None:
-        self._file.close()
-
 
 @dataclass
 class Volume:
