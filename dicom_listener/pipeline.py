@@ -5,6 +5,7 @@ records how long each took, so a failure names its stage and the report says whe
 """
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from dataclasses import dataclass
@@ -45,6 +46,16 @@ class InferenceSettings:
 def settings_for(segmenter, model: str, **options) -> InferenceSettings:
     """Inference through a TritonSegmenter, at the input size the served model declares."""
     return InferenceSettings(segmenter.infer, model, segmenter.input_shape()[1], ready=segmenter.is_ready, **options)
+
+
+# Failures of the machine, not of the series: the series is kept and tried again once they clear.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO,
+                                errno.ENOTDIR})
+
+
+def is_environment_error(error: BaseException) -> bool:
+    """A full or unwritable disk, as opposed to a series that cannot be processed."""
+    return isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS
 
 
 @dataclass(frozen=True)
@@ -91,14 +102,17 @@ def emit_stage(volume: Volume, labels: np.ndarray, report: dict, out_dir: Path, 
                         "report.json"]}
 
 
-def process_series(instance_paths: list[Path], out_dir: Path, settings: InferenceSettings) -> SeriesResult:
+def process_series(instance_paths: list[Path], out_dir: Path, settings: InferenceSettings,
+                   provenance: dict | None = None) -> SeriesResult:
     """Run every stage; a series that cannot be processed still gets a report with the reason.
 
-    TritonUnavailable is not a property of the series: it propagates so the caller can keep the
-    series queued and try again once the server is back.
+    TritonUnavailable and environment errors (disk full, folder not writable) are not properties
+    of the series: they propagate so the caller can keep the series queued and try again later.
+    `provenance` (e.g. the content hash of the inputs) is recorded in the report as given.
     """
     timings: dict[str, float] = {}
-    report: dict = {"model": settings.model, "instances": len(instance_paths), "status": "failed"}
+    report: dict = {"model": settings.model, "instances": len(instance_paths), "status": "failed",
+                    **(provenance or {})}
     stage = "assemble"
 
     def timed(name: str, work: Callable, *args, **options):
@@ -127,6 +141,8 @@ def process_series(instance_paths: list[Path], out_dir: Path, settings: Inferenc
     except TritonUnavailable:
         raise
     except Exception as error:  # any stage failure is reported, never lost
+        if is_environment_error(error):
+            raise
         log.exception("series failed in stage %s", stage)
         report["reason"] = f"{stage} failed: {type(error).__name__}: {error}"
     report["stage_seconds"] = {k: round(v, 4) for k, v in timings.items()}

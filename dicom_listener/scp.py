@@ -1,25 +1,32 @@
 """The C-STORE SCP: small event handlers that answer with a DICOM status.
 
 Storage (the spool), bookkeeping (the series tracker) and checks (validation) are separate; the
-handler validates, stores durably, records, and only then answers Success. Every storage SOP class
-is accepted at negotiation so that a non-CT instance gets an explicit C-STORE failure status
-instead of a silent context rejection.
+handler validates, stages durably, records, commits, and only then answers Success; a refusal
+carries an Error Comment that says why. Every storage SOP class is accepted at negotiation so that
+a non-CT instance gets an explicit C-STORE failure status instead of a silent context rejection.
+The connection handlers enforce what the association advertises: the called AE title, the
+maximum PDU length (checked before a PDU is read, so an oversized PDU costs no memory) and a
+network timeout (a half-sent PDU does not hold a connection forever).
 """
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass
 
+from pydicom.dataset import Dataset
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
                          JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless)
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import AssociationSocket
 
+from thighseg.dicom_listener.index import Arrival
 from thighseg.dicom_listener.series import SeriesKey, SeriesTracker
-from thighseg.dicom_listener.spool import Spool
+from thighseg.dicom_listener.spool import Spool, sha256_of
 from thighseg.dicom_listener.telemetry import Telemetry
-from thighseg.dicom_listener.validation import (CANNOT_UNDERSTAND, OUT_OF_RESOURCES, Limits, Refusal,
-                                                check_instance)
+from thighseg.dicom_listener.validation import (DATASET_DOES_NOT_MATCH_SOP_CLASS, OUT_OF_RESOURCES, Limits,
+                                                Refusal, check_instance)
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +35,14 @@ JPEG_LOSSLESS_PROCESS_14 = "1.2.840.10008.1.2.4.57"
 # Uncompressed, deflated and the lossless compressed family (decoded at assembly by pylibjpeg).
 TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
                      JPEGLosslessSV1, JPEG_LOSSLESS_PROCESS_14, JPEGLSLossless, JPEG2000Lossless, RLELossless]
+PDU_HEADER_BYTES = 6
+
+
+def _response(refusal: Refusal) -> Dataset:
+    response = Dataset()
+    response.Status = refusal.status
+    response.ErrorComment = refusal.error_comment
+    return response
 
 
 @dataclass
@@ -37,53 +52,149 @@ class StoreHandler:
     telemetry: Telemetry
     limits: Limits = Limits()
 
-    def __call__(self, event: evt.Event) -> int:
-        status, reason = self._store(event)
-        if status != SUCCESS:
-            self.telemetry.rejected.labels(reason).inc()
-        return status
+    def __call__(self, event: evt.Event) -> int | Dataset:
+        refusal = self._store(event)
+        if refusal is None:
+            return SUCCESS
+        self.telemetry.rejected.labels(refusal.reason).inc()
+        log.warning("refused instance: %s", refusal.detail)
+        return _response(refusal)
 
-    def _store(self, event: evt.Event) -> tuple[int, str]:
+    def _store(self, event: evt.Event) -> Refusal | None:
         request = event.request
         try:
             dataset = event.dataset
             transfer_syntax = str(event.context.transfer_syntax)
-        except Exception as error:  # undecodable data set
-            log.warning("refused undecodable instance: %s", type(error).__name__)
-            return CANNOT_UNDERSTAND, "undecodable"
-        refusal: Refusal | None = check_instance(str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID),
-                                                 dataset, transfer_syntax, self.limits)
+        except Exception as error:  # noqa: BLE001 - undecodable data set
+            return Refusal(0xC000, "undecodable", f"cannot decode the data set ({type(error).__name__})")
+        refusal = check_instance(str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID), dataset,
+                                 transfer_syntax, self.limits)
         if refusal is not None:
-            log.warning("refused instance: %s", refusal.detail)
-            return refusal.status, refusal.reason
+            return refusal
         encoded = event.encoded_dataset(include_meta=True)
         if len(encoded) > self.limits.max_instance_bytes:
-            log.warning("refused instance of %d bytes (limit %d)", len(encoded), self.limits.max_instance_bytes)
-            return OUT_OF_RESOURCES, "too_large"
-        study_uid, series_uid, sop_uid = (str(dataset.StudyInstanceUID), str(dataset.SeriesInstanceUID),
-                                          str(dataset.SOPInstanceUID))
+            return Refusal(OUT_OF_RESOURCES, "too_large",
+                           f"instance of {len(encoded)} bytes exceeds {self.limits.max_instance_bytes}")
+        key = SeriesKey(str(dataset.StudyInstanceUID), str(dataset.SeriesInstanceUID))
+        return self._spool(event, encoded, key, str(dataset.SOPInstanceUID))
+
+    def _spool(self, event: evt.Event, encoded: bytes, key: SeriesKey, sop_uid: str) -> Refusal | None:
+        """Stage, record, commit: an instance is in place only once the index knows it."""
         try:
-            self.spool.store(encoded, study_uid, series_uid, sop_uid)
-            new = self.tracker.received(id(event.assoc), SeriesKey(study_uid, series_uid), sop_uid)
-        except Exception as error:  # disk full, unwritable spool, index failure: never answer Success
-            log.error("could not spool instance: %s", getattr(error, "strerror", None) or type(error).__name__)
-            return OUT_OF_RESOURCES, "spool_write"
-        (self.telemetry.received if new else self.telemetry.duplicates).inc()
-        return SUCCESS, ""
+            if self.spool.free_bytes() < self.limits.min_free_spool_bytes + len(encoded):
+                return Refusal(OUT_OF_RESOURCES, "spool_full", "spool disk is full; try again later")
+            digest = sha256_of(encoded)
+            staged = self.spool.stage(encoded, key.study_uid, key.series_uid, sop_uid)
+        except Exception as error:  # noqa: BLE001 - disk full, unwritable spool: never Success
+            return Refusal(OUT_OF_RESOURCES, "spool_write", f"cannot write the spool ({_describe(error)})")
+        try:
+            arrival = self.tracker.received(id(event.assoc), key, sop_uid, digest)
+            if arrival is Arrival.CONFLICT:
+                self.spool.discard(staged)
+                return Refusal(DATASET_DOES_NOT_MATCH_SOP_CLASS, "uid_conflict",
+                               "SOPInstanceUID already stored in another series")
+            if arrival is Arrival.DUPLICATE and self.spool.holds(key.study_uid, key.series_uid, sop_uid, digest):
+                self.spool.discard(staged)
+            else:
+                self.spool.commit(staged)
+        except Exception as error:  # noqa: BLE001 - index or rename failed: the sender must resend
+            self.spool.discard(staged)
+            return Refusal(OUT_OF_RESOURCES, "spool_write", f"cannot record the instance ({_describe(error)})")
+        counter = {Arrival.NEW: self.telemetry.received, Arrival.REPLACED: self.telemetry.replaced}
+        counter.get(arrival, self.telemetry.duplicates).inc()
+        if arrival is Arrival.REPLACED:
+            log.warning("an instance was received again with different content: its series is re-processed")
+        return None
 
 
-def make_ae(ae_title: str, max_pdu_bytes: int) -> AE:
+def _describe(error: BaseException) -> str:
+    return getattr(error, "strerror", None) or type(error).__name__
+
+
+def make_ae(ae_title: str, max_pdu_bytes: int, network_timeout_s: float) -> AE:
     ae = AE(ae_title=ae_title)
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
     ae.maximum_pdu_size = max_pdu_bytes
     ae.maximum_associations = 32
+    ae.require_called_aet = True  # an association addressed to another AE title is rejected
+    ae.network_timeout = network_timeout_s
+    ae.acse_timeout = network_timeout_s
+    ae.dimse_timeout = network_timeout_s
     return ae
 
 
-def event_handlers(store: StoreHandler, tracker: SeriesTracker) -> list[tuple]:
+@dataclass
+class ConnectionGuard:
+    """EVT_CONN_OPEN runs before the association's reader starts: bound its socket's reads."""
+
+    max_pdu_bytes: int
+    network_timeout_s: float
+    telemetry: Telemetry
+
+    def __call__(self, event: evt.Event) -> None:
+        sock: AssociationSocket = event.assoc.dul.socket
+        if sock.socket is not None:  # accepted sockets do not inherit the listening socket's timeout
+            sock.socket.settimeout(self.network_timeout_s)
+        if self.max_pdu_bytes:
+            read = sock.recv
+            limit, telemetry = self.max_pdu_bytes, self.telemetry
+
+            def bounded_read(nr_bytes: int) -> bytearray:
+                if nr_bytes > limit:
+                    telemetry.associations_rejected.labels("pdu_too_large").inc()
+                    log.warning("aborting association: PDU of %d bytes exceeds the %d-byte limit", nr_bytes, limit)
+                    raise OSError(f"PDU of {nr_bytes} bytes exceeds the {limit}-byte maximum")
+                return read(nr_bytes)
+
+            sock.recv = bounded_read
+
+
+@dataclass
+class RejectionLogger:
+    """Counts and logs rejected associations with the reason (AE titles are not patient data)."""
+
+    ae: AE
+    telemetry: Telemetry
+
+    def __call__(self, event: evt.Event) -> None:
+        request = event.assoc.requestor.primitive
+        calling, called = (str(request.calling_ae_title).strip(), str(request.called_ae_title).strip()) \
+            if request is not None else ("?", "?")
+        allowed = [a.strip() for a in self.ae.require_calling_aet]
+        if allowed and calling not in allowed:
+            reason = "calling_ae"
+        elif called != self.ae.ae_title.strip():
+            reason = "called_ae"
+        else:
+            reason = "busy"
+        self.telemetry.associations_rejected.labels(reason).inc()
+        log.warning("rejected association from %r to %r at %s: %s", calling, called, event.assoc.requestor.address, reason)
+
+
+class CountingTLSContext:
+    """The server's SSLContext, with each failed handshake logged and counted, and a timeout on
+    the handshake (pynetdicom runs it in the accepting thread, so a silent client would block it)."""
+
+    def __init__(self, context: ssl.SSLContext, timeout_s: float, telemetry: Telemetry) -> None:
+        self._context, self._timeout_s, self._telemetry = context, timeout_s, telemetry
+
+    def wrap_socket(self, sock, server_side: bool = True, **options):  # noqa: ANN001 - ssl's signature
+        sock.settimeout(self._timeout_s)
+        try:
+            return self._context.wrap_socket(sock, server_side=server_side, **options)
+        except (ssl.SSLError, OSError) as error:
+            self._telemetry.associations_rejected.labels("tls").inc()
+            log.warning("TLS handshake failed: %s", getattr(error, "reason", None) or type(error).__name__)
+            sock.close()
+            raise
+
+
+def event_handlers(ae: AE, store: StoreHandler, tracker: SeriesTracker, guard: ConnectionGuard) -> list[tuple]:
     return [
+        (evt.EVT_CONN_OPEN, guard),
+        (evt.EVT_REJECTED, RejectionLogger(ae, store.telemetry)),
         (evt.EVT_C_ECHO, lambda event: SUCCESS),
         (evt.EVT_C_STORE, store),
         (evt.EVT_RELEASED, lambda event: tracker.association_closed(id(event.assoc), released=True)),

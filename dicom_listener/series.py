@@ -2,15 +2,23 @@
 none that sent to it is still open, and nothing new arrived for `idle_s` seconds (a study may come
 over several associations). An aborted association does not complete anything. A series still
 receiving after `expiry_s` is given up with a reason.
+
+The release is persisted in the index, so after a restart a series whose sender was still
+connected stays receiving until its own completion; only a released one completes after `idle_s`.
+A failure of the watch loop (disk full, index error) is reported by `error` and retried on the
+next poll, never the end of the thread.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from thighseg.dicom_listener.index import COMPLETE, PROCESSING, RECEIVING, SpoolIndex
+from thighseg.dicom_listener.index import COMPLETE, RECEIVING, Arrival, SpoolIndex
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,15 +48,17 @@ class SeriesTracker:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="series-tracker", daemon=True)
+        self.error: str | None = None  # why the last poll failed; None while the loop makes progress
 
     def start(self) -> None:
         """Resume after a restart, then watch for complete series."""
-        for record in self._index.in_state(COMPLETE, PROCESSING):
+        self._index.requeue_processing()
+        for record in self._index.in_state(COMPLETE):
             self._on_complete(SeriesKey(record.study_uid, record.series_uid))
-        with self._lock:  # receiving series get a fresh idle period: senders may resend the rest
+        with self._lock:  # a receiving series completes only if its sender had released
             for record in self._index.in_state(RECEIVING):
                 self._activity[SeriesKey(record.study_uid, record.series_uid)] = _Activity(
-                    released_since_last_instance=True)
+                    released_since_last_instance=record.released)
         self._thread.start()
 
     def stop(self) -> None:
@@ -56,38 +66,63 @@ class SeriesTracker:
         if self._thread.is_alive():
             self._thread.join()
 
-    def received(self, association_id: int, key: SeriesKey, sop_uid: str) -> bool:
-        """Record a stored instance; False for a duplicate SOP Instance UID."""
-        new = self._index.record_instance(key.study_uid, key.series_uid, sop_uid)
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def received(self, association_id: int, key: SeriesKey, sop_uid: str, digest: str) -> Arrival:
+        """Record a stored instance and what it changed."""
+        arrival = self._index.record_instance(key.study_uid, key.series_uid, sop_uid, digest)
         with self._lock:
             activity = self._activity.setdefault(key, _Activity())
             activity.open_associations.add(association_id)
             activity.last_activity = time.monotonic()
-            if new:
+            if arrival in (Arrival.NEW, Arrival.REPLACED):
                 activity.released_since_last_instance = False
-        return new
+        return arrival
 
     def association_closed(self, association_id: int, released: bool) -> None:
+        released_series = []
         with self._lock:
-            for activity in self._activity.values():
+            for key, activity in self._activity.items():
                 if association_id in activity.open_associations:
                     activity.open_associations.discard(association_id)
                     activity.last_activity = time.monotonic()
-                    activity.released_since_last_instance |= released
+                    if released and not activity.released_since_last_instance:
+                        activity.released_since_last_instance = True
+                        released_series.append(key.series_uid)
+        for series_uid in released_series:
+            try:
+                self._index.mark_released(series_uid)
+            except Exception as error:  # noqa: BLE001 - completion still works from memory until a restart
+                log.error("could not persist a release: %s", error)
 
     def _watch(self) -> None:
         while not self._stop.wait(self._poll_s):
-            now = time.monotonic()
-            with self._lock:
-                ready = [key for key, a in self._activity.items()
-                         if a.released_since_last_instance and not a.open_associations
-                         and now - a.last_activity >= self._idle_s]
-                for key in ready:
+            try:
+                self._complete_ready(time.monotonic())
+                self._expire(time.time())
+            except Exception as error:  # noqa: BLE001 - e.g. disk full: report it and try again
+                if self.error is None:
+                    log.error("series tracker cannot make progress: %s: %s", type(error).__name__, error)
+                self.error = f"{type(error).__name__}: {error}"
+            else:
+                if self.error is not None:
+                    log.warning("series tracker recovered")
+                self.error = None
+
+    def _complete_ready(self, now: float) -> None:
+        with self._lock:
+            ready = [key for key, a in self._activity.items()
+                     if a.released_since_last_instance and not a.open_associations
+                     and now - a.last_activity >= self._idle_s]
+        for key in ready:
+            completed = self._index.complete_if_receiving(key.series_uid)
+            with self._lock:  # forgotten only once the index has recorded the completion
+                activity = self._activity.get(key)
+                if activity is not None and activity.last_activity <= now:
                     del self._activity[key]
-            for key in ready:
-                if self._index.complete_if_receiving(key.series_uid):
-                    self._on_complete(key)
-            self._expire(time.time())
+            if completed:
+                self._on_complete(key)
 
     def _expire(self, wall_now: float) -> None:
         for record in self._index.in_state(RECEIVING):
@@ -96,4 +131,3 @@ class SeriesTracker:
                 with self._lock:
                     self._activity.pop(key, None)
                 self._on_expired(key)
-

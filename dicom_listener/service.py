@@ -1,8 +1,17 @@
 """The listener as one object: SCP server, spool + index, series tracker, a bounded pool of
-pipeline workers, metrics and health endpoints."""
+pipeline workers, metrics and health endpoints.
+
+A series is processed from a snapshot of the index (its generation and instance digests) into a
+staging folder; the result is published (renamed into place, replacing an older one) only if the
+series is still that generation, atomically with the index update. Triton down or results not
+writable keep the series queued and retry; any other failure ends as a failed series with a
+reason. /readyz says 503, with the reason, while the listener cannot make progress.
+"""
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 import ssl
 import threading
@@ -12,10 +21,11 @@ from pathlib import Path
 
 from thighseg.client.triton import TritonUnavailable
 from thighseg.dicom_listener.forward import Destination, forward
-from thighseg.dicom_listener.index import COMPLETE, DONE, FAILED, PROCESSING, SpoolIndex
+from thighseg.dicom_listener.index import COMPLETE, DONE, FAILED, Snapshot, SpoolIndex
+from thighseg.dicom_listener.logs import redact_identifiers
 from thighseg.dicom_listener.outputs import write_report
 from thighseg.dicom_listener.pipeline import InferenceSettings, SeriesResult, process_series, short_uid
-from thighseg.dicom_listener.scp import StoreHandler, event_handlers, make_ae
+from thighseg.dicom_listener.scp import ConnectionGuard, CountingTLSContext, StoreHandler, event_handlers, make_ae
 from thighseg.dicom_listener.series import SeriesKey, SeriesTracker
 from thighseg.dicom_listener.spool import Spool
 from thighseg.dicom_listener.telemetry import Telemetry
@@ -41,7 +51,8 @@ class ListenerConfig:
     tls_cert: Path | None = None  # PEM certificate + key: DICOM over TLS
     tls_key: Path | None = None
     tls_ca: Path | None = None  # when set, clients must present a certificate signed by it
-    max_pdu_bytes: int = 4 << 20
+    max_pdu_bytes: int = 4 << 20  # advertised and enforced: a larger PDU aborts the association
+    network_timeout_s: float = 30.0  # a peer silent this long mid-PDU or mid-handshake is dropped
     limits: Limits = Limits()
     retry_backoff_s: tuple[float, float] = (2.0, 60.0)  # Triton down: first and longest wait
     destination: Destination | None = None  # C-STORE SEG and SR here when set
@@ -76,23 +87,29 @@ class Listener:
                                      expiry_s=self.config.expiry_s)
         self._workers = ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="pipeline")
         self._done = threading.Condition()
+        self._publish_lock = threading.Lock()
         self._timers: set[threading.Timer] = set()
         self._stopping = threading.Event()
+        self._results_error: str | None = None  # why results cannot be written, until a series succeeds
         self._server = None
 
     def start(self) -> "Listener":
         fix_mmap_threshold()  # study-sized arrays leave the process when freed (thighseg.memory)
-        ae = make_ae(self.config.ae_title, self.config.max_pdu_bytes)
+        redact_identifiers()  # no full UID in any log line, whichever library writes it
+        ae = make_ae(self.config.ae_title, self.config.max_pdu_bytes, self.config.network_timeout_s)
         if self.config.allowed_calling_aets:
             ae.require_calling_aet = list(self.config.allowed_calling_aets)
         store = StoreHandler(self.spool, self.tracker, self.telemetry, self.config.limits)
-        self._server = ae.start_server((self.config.host, self.config.port), block=False,
-                                       evt_handlers=event_handlers(store, self.tracker),
-                                       ssl_context=server_ssl_context(self.config))
+        guard = ConnectionGuard(self.config.max_pdu_bytes, self.config.network_timeout_s, self.telemetry)
+        tls = server_ssl_context(self.config)
+        self._server = ae.start_server(
+            (self.config.host, self.config.port), block=False, evt_handlers=event_handlers(ae, store, self.tracker, guard),
+            ssl_context=CountingTLSContext(tls, self.config.network_timeout_s, self.telemetry) if tls else None)
+        self.telemetry.queue_depth.set_function(self._queued)
         self.tracker.start()
         if self.config.metrics_port is not None:
             self.telemetry.serve(self.config.metrics_port, self.config.host, alive=lambda: self._server is not None,
-                                 ready=self.inference.ready)
+                                 blocked=self.blocked)
         log.info("listening as %s on %s:%d", self.config.ae_title, self.config.host, self.config.port)
         return self
 
@@ -114,39 +131,115 @@ class Listener:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def blocked(self) -> str | None:
+        """Why the listener cannot make progress now (the /readyz answer), or None."""
+        if self.tracker.error is not None or not self.tracker.is_alive():
+            return f"series tracker failing: {self.tracker.error or 'stopped'}"
+        try:
+            if self.spool.free_bytes() < self.config.limits.min_free_spool_bytes:
+                return "spool disk full"
+        except OSError as error:
+            return f"spool unavailable: {error.strerror}"
+        if self._results_error is not None:
+            return f"results not writable: {self._results_error}"
+        if not self.inference.ready():
+            return "triton unreachable"
+        return None
+
+    def _queued(self) -> float:
+        try:
+            return float(self.index.counts()[COMPLETE])
+        except Exception:  # noqa: BLE001 - a scrape must not fail because the index is busy or broken
+            return float("nan")
+
     def _enqueue(self, key: SeriesKey) -> None:
         if self._stopping.is_set():
             return
         log.info("series %s queued", short_uid(key.series_uid))
-        self.telemetry.queue_depth.inc()
         self._workers.submit(self._process, key)
 
+    def _result_dir(self, key: SeriesKey) -> Path:
+        return self.config.output_dir / key.study_uid / key.series_uid
+
     def _expire(self, key: SeriesKey) -> None:
+        record = self.index.get(key.series_uid)
         reason = f"expired: no complete transfer within {self.config.expiry_s:.0f} s; spooled instances freed"
-        self.index.set_state(key.series_uid, FAILED, reason)
-        self.index.forget_instances(key.series_uid)
         shutil.rmtree(self.spool.series_dir(key.study_uid, key.series_uid), ignore_errors=True)
+        self.index.forget_instances(key.series_uid)
+        self.index.set_state(key.series_uid, FAILED, reason)
         self.telemetry.series.labels("expired").inc()
         log.warning("series %s %s", short_uid(key.series_uid), reason)
+        report = {"status": "failed", "reason": reason, "instances": 0, "study_instance_uid": key.study_uid,
+                  "series_instance_uid": key.series_uid, "instances_received": record.instances if record else 0}
+        try:
+            write_report(report, self._result_dir(key) / "report.json")
+        except OSError as error:
+            log.error("could not write the report of an expired series: %s", error.strerror)
 
     def _process(self, key: SeriesKey) -> None:
-        self.telemetry.queue_depth.dec()
-        self.index.set_state(key.series_uid, PROCESSING, attempt=True)
-        out_dir = self.config.output_dir / key.study_uid / key.series_uid
+        """Worker entry: whatever happens, the series ends failed with a reason, deferred or done."""
         try:
-            result = process_series(self.spool.instances(key.study_uid, key.series_uid), out_dir, self.inference)
+            self._process_snapshot(key)
+        except Exception as error:  # noqa: BLE001 - a worker must never fail silently
+            reason = f"internal error: {type(error).__name__}: {error}"[:500]
+            log.error("series %s: %s", short_uid(key.series_uid), reason)
+            try:
+                self.index.set_state(key.series_uid, FAILED, reason)
+            except Exception as index_error:  # noqa: BLE001 - left processing: retried at the next start
+                log.error("could not record the failure: %s", index_error)
+            self.telemetry.series.labels("failed").inc()
+
+    def _process_snapshot(self, key: SeriesKey) -> None:
+        snapshot = self.index.begin(key.series_uid)
+        if snapshot is None:
+            return  # changed since it was queued: the tracker queues it again when it is complete
+        final = self._result_dir(key)
+        staging = final.with_name(f".{key.series_uid}.{snapshot.generation}.partial")
+        paths = [self.spool.path(key.study_uid, key.series_uid, sop) for sop, _ in snapshot.instances]
+        provenance = {"instances": len(paths), "content_sha256": snapshot.content_sha256,
+                      "generation": snapshot.generation}
+        try:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            result = process_series(paths, staging, self.inference, provenance)
         except TritonUnavailable as error:
-            self._retry_later(key, str(error))
+            shutil.rmtree(staging, ignore_errors=True)
+            self._defer(key, snapshot, "triton", f"waiting for Triton: {str(error)[:200]}")
             return
-        if result.report["status"] == "done" and self.config.destination is not None:
+        except OSError as error:  # results folder missing, unwritable or full: keep the series, retry
+            shutil.rmtree(staging, ignore_errors=True)
+            self._results_error = error.strerror or type(error).__name__
+            self._defer(key, snapshot, "results", f"results folder not writable: {self._results_error}")
+            return
+        self._publish(key, snapshot, staging, result)
+
+    def _publish(self, key: SeriesKey, snapshot: Snapshot, staging: Path, result: SeriesResult) -> None:
+        status = result.report["status"]
+        final = self._result_dir(key)
+        with self._publish_lock:
+            try:
+                published = self.index.finish(key.series_uid, snapshot.generation, DONE if status == "done" else FAILED,
+                                              result.report.get("reason"), publish=lambda: _replace_folder(staging, final))
+            except OSError as error:
+                shutil.rmtree(staging, ignore_errors=True)
+                self._results_error = error.strerror or type(error).__name__
+                self._defer(key, snapshot, "results", f"results folder not writable: {self._results_error}")
+                return
+        if not published:
+            shutil.rmtree(staging, ignore_errors=True)
+            self.telemetry.superseded.inc()
+            log.warning("series %s changed while it was processed: result discarded, series queued again",
+                        short_uid(key.series_uid))
+            return
+        self._results_error = None
+        result = SeriesResult(final / "report.json", final / "seg.dcm" if status == "done" else None, result.report)
+        if status == "done" and self.config.destination is not None:
             self._forward(result)
-        state = DONE if result.report["status"] == "done" else FAILED
-        self.index.set_state(key.series_uid, state, result.report.get("reason"))
-        self.telemetry.series.labels(result.report["status"]).inc()
+        self.telemetry.series.labels(status).inc()
         for stage, seconds in result.report["stage_seconds"].items():
             self.telemetry.stage_seconds.labels(stage).observe(seconds)
         self._update_state_gauge()
-        log.info("series %s %s", short_uid(key.series_uid), result.report["status"])
+        log.info("series %s %s", short_uid(key.series_uid), status)
         with self._done:
             self.results[key.series_uid] = result
             self._done.notify_all()
@@ -158,16 +251,21 @@ class Listener:
                                       "attempts": sent.attempts, "detail": sent.detail}
         if not sent.delivered:
             self.telemetry.forward_failures.inc()
-        write_report(result.report, result.report_path)
+        with self._publish_lock:  # only if no newer result replaced this one meanwhile
+            if _same_result(result.report_path, result.report):
+                write_report(result.report, result.report_path)
 
-    def _retry_later(self, key: SeriesKey, error: str) -> None:
-        """Triton is down: the series stays queued (state complete) and is tried again later."""
-        self.telemetry.triton_errors.inc()
+    def _defer(self, key: SeriesKey, snapshot: Snapshot, cause: str, reason: str) -> None:
+        """The series stays queued (state complete) and is tried again later with backoff."""
+        self.telemetry.deferred.labels(cause).inc()
+        if cause == "triton":
+            self.telemetry.triton_errors.inc()
+        if not self.index.finish(key.series_uid, snapshot.generation, COMPLETE, reason):
+            return  # it changed meanwhile: the tracker queues it again
         record = self.index.get(key.series_uid)
         first, longest = self.config.retry_backoff_s
         delay = min(longest, first * 2 ** max(0, (record.attempts if record else 1) - 1))
-        self.index.set_state(key.series_uid, COMPLETE, f"waiting for Triton: {error[:200]}")
-        log.warning("series %s: Triton unavailable, retry in %.0f s", short_uid(key.series_uid), delay)
+        log.warning("series %s: %s; retry in %.0f s", short_uid(key.series_uid), reason, delay)
         if self._stopping.is_set():
             return
         timer = threading.Timer(delay, self._retry_now, args=(key,))
@@ -193,3 +291,22 @@ class Listener:
             if not self._done.wait_for(ready, timeout_s):
                 raise TimeoutError(f"no result for series {short_uid(series_uid)} after {timeout_s:.0f} s")
             return self.results[series_uid]
+
+
+def _replace_folder(staging: Path, final: Path) -> None:
+    """Put a finished result in place of the previous one; readers never see a mixture."""
+    previous = final.with_name(f".{final.name}.previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    if final.exists():
+        os.replace(final, previous)
+    os.replace(staging, final)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def _same_result(report_path: Path, report: dict) -> bool:
+    try:
+        current = json.loads(report_path.read_text())
+    except (OSError, ValueError):
+        return False
+    return current.get("content_sha256") == report.get("content_sha256") and \
+        current.get("seg_sop_instance_uid") == report.get("seg_sop_instance_uid")

@@ -1,12 +1,15 @@
 """Durable storage of received instances: nothing is acknowledged before it is on disk.
 
-Each instance is written to a temporary file, fsynced, renamed into place and the directory
-fsynced, so a crash leaves either the whole instance or none of it.
+Each instance is first staged in a temporary file and fsynced; only once the index has recorded it
+is it renamed into place and the directory fsynced. A crash, a full disk or an index failure
+leaves either the whole instance or none of it, and never a file the index does not know.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import shutil
 from pathlib import Path
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -16,6 +19,10 @@ WRITE_BUFFER_BYTES = 1 << 20
 def is_valid_uid(value: object) -> bool:
     """A DICOM UID: digits and dots, at most 64 characters (also keeps paths safe)."""
     return isinstance(value, str) and len(value) <= 64 and bool(_UID.match(value))
+
+
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 class Spool:
@@ -31,21 +38,47 @@ class Spool:
                 raise ValueError(f"invalid UID {uid!r}")
         return self.root / study_uid / series_uid
 
-    def store(self, encoded: bytes, study_uid: str, series_uid: str, sop_uid: str) -> Path:
-        """Write one encoded instance (DICOM file bytes) durably; returns its path."""
+    def path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         if not is_valid_uid(sop_uid):
             raise ValueError(f"invalid SOP Instance UID {sop_uid!r}")
-        folder = self.series_dir(study_uid, series_uid)
-        folder.mkdir(parents=True, exist_ok=True)
-        final = folder / f"{sop_uid}.dcm"
-        temporary = folder / f".{sop_uid}.part"
-        with open(temporary, "wb", buffering=WRITE_BUFFER_BYTES) as handle:
-            handle.write(encoded)
-            handle.flush()
-            os.fsync(handle.fileno())
+        return self.series_dir(study_uid, series_uid) / f"{sop_uid}.dcm"
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def stage(self, encoded: bytes, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        """Write one encoded instance (DICOM file bytes) to a temporary file, fsynced."""
+        final = self.path(study_uid, series_uid, sop_uid)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        temporary = final.with_name(f".{sop_uid}.part")
+        try:
+            with open(temporary, "wb", buffering=WRITE_BUFFER_BYTES) as handle:
+                handle.write(encoded)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        return temporary
+
+    @staticmethod
+    def commit(temporary: Path) -> Path:
+        """Rename a staged instance into place, durably."""
+        final = temporary.with_name(temporary.name[1:].removesuffix(".part") + ".dcm")
         os.replace(temporary, final)
-        _fsync_directory(folder)
+        _fsync_directory(final.parent)
         return final
+
+    @staticmethod
+    def discard(temporary: Path) -> None:
+        temporary.unlink(missing_ok=True)
+
+    def holds(self, study_uid: str, series_uid: str, sop_uid: str, digest: str) -> bool:
+        """Is this exact content already in place (a duplicate needs no new write)?"""
+        try:
+            return sha256_of(self.path(study_uid, series_uid, sop_uid).read_bytes()) == digest
+        except FileNotFoundError:
+            return False
 
     def instances(self, study_uid: str, series_uid: str) -> list[Path]:
         return sorted(self.series_dir(study_uid, series_uid).glob("*.dcm"))

@@ -21,23 +21,35 @@ class Telemetry:
     def __post_init__(self) -> None:
         r = self.registry
         self.received = Counter("thighseg_instances_received", "Instances stored in the spool", registry=r)
+        self.replaced = Counter("thighseg_instances_replaced", "Instances received again with new content",
+                                registry=r)
         self.duplicates = Counter("thighseg_instances_duplicate", "Instances received again (idempotent)",
                                   registry=r)
         self.rejected = Counter("thighseg_instances_rejected", "Instances refused, by reason", ["reason"],
                                 registry=r)
+        self.associations_rejected = Counter("thighseg_associations_rejected",
+                                             "Associations refused or aborted, by reason", ["reason"], registry=r)
         self.series = Counter("thighseg_series", "Series processed, by final status", ["status"], registry=r)
+        self.superseded = Counter("thighseg_results_superseded",
+                                  "Results discarded because the series changed while it was processed",
+                                  registry=r)
         self.series_by_state = Gauge("thighseg_series_state", "Series in the index, by state", ["state"],
                                      registry=r)
         self.stage_seconds = Histogram("thighseg_stage_seconds", "Pipeline stage latency", ["stage"],
                                        buckets=STAGE_BUCKETS, registry=r)
-        self.queue_depth = Gauge("thighseg_queue_depth", "Series complete but not yet processed", registry=r)
+        self.queue_depth = Gauge("thighseg_queue_depth",
+                                 "Series complete but not yet processed (waiting for a worker, Triton or disk)",
+                                 registry=r)
         self.triton_errors = Counter("thighseg_triton_errors", "Series deferred because Triton failed", registry=r)
+        self.deferred = Counter("thighseg_series_deferred", "Processing attempts deferred, by cause", ["cause"],
+                                registry=r)
         self.forward_failures = Counter("thighseg_forward_failures", "Results not delivered to the destination AE",
                                         registry=r)
         self._server: ThreadingHTTPServer | None = None
 
-    def serve(self, port: int, host: str, alive: Callable[[], bool], ready: Callable[[], bool]) -> None:
-        """/metrics for Prometheus; /healthz (listener running) and /readyz (Triton reachable)."""
+    def serve(self, port: int, host: str, alive: Callable[[], bool], blocked: Callable[[], str | None]) -> None:
+        """/metrics for Prometheus; /healthz (listener running) and /readyz (can make progress:
+        `blocked` returns why not, e.g. Triton unreachable, spool full, results not writable)."""
         registry = self.registry
 
         class Handler(BaseHTTPRequestHandler):
@@ -48,8 +60,8 @@ class Telemetry:
                     ok = alive()
                     self._reply(200 if ok else 503, b"ok\n" if ok else b"listener stopped\n")
                 elif self.path == "/readyz":
-                    ok = ready()
-                    self._reply(200 if ok else 503, b"ready\n" if ok else b"triton unreachable\n")
+                    reason = blocked()
+                    self._reply(503 if reason else 200, f"{reason or 'ready'}\n".encode())
                 else:
                     self._reply(404, b"not found\n")
 
