@@ -10,6 +10,7 @@ network timeout (a half-sent PDU does not hold a connection forever).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 from dataclasses import dataclass
@@ -35,7 +36,8 @@ JPEG_LOSSLESS_PROCESS_14 = "1.2.840.10008.1.2.4.57"
 # Uncompressed, deflated and the lossless compressed family (decoded at assembly by pylibjpeg).
 TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
                      JPEGLosslessSV1, JPEG_LOSSLESS_PROCESS_14, JPEGLSLossless, JPEG2000Lossless, RLELossless]
-PDU_HEADER_BYTES = 6
+# A-ABORT PDU: source 2 (service provider), reason 6 (invalid PDU parameter value), PS3.8 9.3.8.
+A_ABORT_INVALID_PDU_PARAMETER = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, 6])
 
 
 def _response(refusal: Refusal) -> Dataset:
@@ -145,6 +147,8 @@ class ConnectionGuard:
                 if nr_bytes > limit:
                     telemetry.associations_rejected.labels("pdu_too_large").inc()
                     log.warning("aborting association: PDU of %d bytes exceeds the %d-byte limit", nr_bytes, limit)
+                    with contextlib.suppress(OSError):
+                        sock.socket.sendall(A_ABORT_INVALID_PDU_PARAMETER)
                     raise OSError(f"PDU of {nr_bytes} bytes exceeds the {limit}-byte maximum")
                 return read(nr_bytes)
 

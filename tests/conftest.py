@@ -2,6 +2,7 @@
 embedded Triton server and a real listener on free localhost ports."""
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -73,10 +74,13 @@ def listener_factory(triton, tmp_path):
 
     started = []
 
-    def make(triton_url: str | None = None, **overrides):
+    def make(triton_url: str | None = None, wrap_infer=None, **overrides):
+        """`wrap_infer(infer) -> infer` puts a test's hook (e.g. a gate) around the real inference."""
         segmenter = TritonSegmenter(triton_url or triton.http_url, models.triton_name(MODEL), retries=1,
                                     backoff_s=0.2)
         settings = settings_for(segmenter, MODEL)
+        if wrap_infer is not None:
+            settings = dataclasses.replace(settings, infer=wrap_infer(settings.infer))
         options = dict(spool_dir=tmp_path / f"spool{len(started)}", output_dir=tmp_path / f"out{len(started)}",
                        host="127.0.0.1", port=free_port(), idle_s=0.5, metrics_port=free_port())
         listener = Listener(ListenerConfig(**{**options, **overrides}), settings).start()
