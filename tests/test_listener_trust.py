@@ -99,9 +99,15 @@ def test_instances_arriving_while_the_series_is_processed_are_in_the_published_r
     study_uid, series_uid = uids(paths)
     assert send_files(paths[:6], "127.0.0.1", listener.config.port) == [0] * 6
     assert wait_until(lambda: listener.index.get(series_uid).state == "processing", 30, poll_s=0.02)
-    assert send_files(paths[6:], "127.0.0.1", listener.config.port) == [0] * 6
-    gate.set()
-    result = listener.wait_for(series_uid, timeout_s=180, instances=12)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(pydicom.uid.CTImageStorage)
+    association = ae.associate("127.0.0.1", listener.config.port, ae_title="THIGHSEG")
+    assert [association.send_c_store(pydicom.dcmread(p)).Status for p in paths[6:]] == [0] * 6
+    gate.set()  # the first attempt ends while the sender is still connected
+    assert wait_until(lambda: listener.index.get(series_uid).state != "processing", 120)
+    association.release()
+    result = listener.wait_for(series_uid, timeout_s=180)  # the first result ever published
+    assert result.report["instances"] == 12, "a result of the first six slices was published"
     assert wait_until(lambda: listener.index.get(series_uid).state == DONE, 60)
     report = json.loads(result.report_path.read_text())
     assert report["status"] == "done" and report["instances"] == 12
