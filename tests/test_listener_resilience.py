@@ -163,6 +163,10 @@ def test_triton_outage_keeps_the_series_queued_until_it_is_back(model_repository
             time.sleep(0.2)
         record = listener.index.get(series_uid(paths))
         assert record.state in ("complete", "processing") and series_uid(paths) not in listener.results
+        deadline = time.monotonic() + 10  # waiting for Triton counts as queued
+        while time.monotonic() < deadline and listener.index.get(series_uid(paths)).state != "complete":
+            time.sleep(0.1)
+        assert listener.telemetry.registry.get_sample_value("thighseg_queue_depth") == 1
         server = EmbeddedTriton(model_repository, ports, log_file=tmp_path / "triton2.log").start()
         result = listener.wait_for(series_uid(paths), timeout_s=180)
         assert result.report["status"] == "done" and result.report["instances"] == 6

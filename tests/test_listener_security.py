@@ -33,9 +33,11 @@ def _echo(port: int, calling: str, tls: tuple | None = None) -> bool:
 def test_only_allowed_calling_ae_titles_associate(tmp_path):
     config = ListenerConfig(tmp_path / "spool", tmp_path / "out", host="127.0.0.1", port=free_port(),
                             allowed_calling_aets=("CT_SCANNER",))
-    with Listener(config, _unused_inference()):
+    with Listener(config, _unused_inference()) as listener:
         assert _echo(config.port, "CT_SCANNER")
         assert not _echo(config.port, "INTRUDER")
+        registry = listener.telemetry.registry
+        assert registry.get_sample_value("thighseg_associations_rejected_total", {"reason": "calling_ae"}) == 1
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
@@ -46,7 +48,9 @@ def test_tls_association_with_a_self_signed_certificate(tmp_path):
                    check=True, capture_output=True)
     config = ListenerConfig(tmp_path / "spool", tmp_path / "out", host="127.0.0.1", port=free_port(),
                             tls_cert=cert, tls_key=key)
-    with Listener(config, _unused_inference()):
+    with Listener(config, _unused_inference()) as listener:
         client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
         assert _echo(config.port, "SECURE_SCU", (client, "localhost"))
         assert not _echo(config.port, "PLAIN_SCU"), "a plain-TCP association must not be accepted on the TLS port"
+        registry = listener.telemetry.registry
+        assert registry.get_sample_value("thighseg_associations_rejected_total", {"reason": "tls"}) == 1

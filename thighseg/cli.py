@@ -99,6 +99,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
                             port=args.port, idle_s=args.idle, expiry_s=args.expiry, workers=args.workers,
                             metrics_port=args.metrics_port or None, allowed_calling_aets=tuple(args.allow_aet),
                             tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
+                            network_timeout_s=args.network_timeout,
                             destination=Destination.parse(args.forward) if args.forward else None)
     with Listener(config, settings):
         print(f"listening as {args.ae_title} on {args.host}:{args.port}; results in {args.out}", flush=True)
@@ -219,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expiry", type=float, default=86400.0,
                    help="seconds after which a series still receiving is given up and freed")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--network-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="drop a peer silent this long mid-PDU or mid-TLS-handshake")
     p.add_argument("--metrics-port", type=int, default=9108, help="Prometheus /metrics port (0: off)")
     p.add_argument("--allow-aet", action="append", default=[], metavar="AET",
                    help="calling AE title allowed to associate (repeat; default: any)")
