@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from thighseg.core.constants import TRITON_URL
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ class TritonUnavailable(RuntimeError):
 class TritonSegmenter:
     """Sends (n, 1, H, W) float32 batches to a model and returns its (n, C, H, W) logits."""
 
-    url: str = "127.0.0.1:8000"
+    url: str = TRITON_URL
     model: str = "thighseg_segformer"
     protocol: str = "http"
     retries: int = 3

@@ -6,8 +6,8 @@ from typing import Callable
 
 import numpy as np
 
-from thighseg.labels import normalise_hu
-from thighseg.resample import logits_to_labels, to_model_grid
+from thighseg.core.labels import normalise_hu
+from thighseg.core.resample import logits_to_labels, to_model_grid
 
 InferFn = Callable[[np.ndarray], np.ndarray]
 

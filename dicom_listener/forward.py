@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pydicom
 from pynetdicom import AE
+from thighseg.core.constants import AE_TITLE
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def _permanent(status: int) -> bool:
     return status in (0x0122, 0x0124) or 0xA900 <= status <= 0xA9FF or 0xC000 <= status <= 0xCFFF
 
 
-def forward(paths: list[Path], destination: Destination, calling_ae: str = "THIGHSEG", attempts: int = 4,
+def forward(paths: list[Path], destination: Destination, calling_ae: str = AE_TITLE, attempts: int = 4,
             backoff_s: float = 1.0) -> ForwardResult:
     """Send every file; True only if the destination stored all of them."""
     datasets = [pydicom.dcmread(p) for p in paths]

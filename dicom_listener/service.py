@@ -20,43 +20,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from thighseg.client.triton import TritonUnavailable
-from thighseg.dicom_listener.forward import Destination, forward
+from thighseg.dicom_listener.config import ListenerConfig
+from thighseg.dicom_listener.forward import forward
 from thighseg.dicom_listener.index import COMPLETE, DONE, FAILED, Snapshot, SpoolIndex
 from thighseg.dicom_listener.logs import redact_identifiers
-from thighseg.dicom_listener.outputs import write_report
-from thighseg.dicom_listener.pipeline import InferenceSettings, SeriesResult, process_series, short_uid
+from thighseg.pipeline.report import FAILED as REPORT_FAILED
+from thighseg.pipeline.report import Forwarding, SeriesReport
+from thighseg.pipeline.stages import InferenceSettings, SeriesResult, process_series, short_uid
 from thighseg.dicom_listener.scp import ConnectionGuard, CountingTLSContext, StoreHandler, event_handlers, make_ae
 from thighseg.dicom_listener.series import SeriesKey, SeriesTracker
 from thighseg.dicom_listener.spool import Spool
 from thighseg.dicom_listener.telemetry import Telemetry
-from thighseg.dicom_listener.validation import Limits
-from thighseg.memory import fix_mmap_threshold
+from thighseg.core.memory import fix_mmap_threshold
 
 log = logging.getLogger(__name__)
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO/DEBUG output can carry identifiers
-
-
-@dataclass
-class ListenerConfig:
-    spool_dir: Path
-    output_dir: Path
-    ae_title: str = "THIGHSEG"
-    host: str = "0.0.0.0"
-    port: int = 11112
-    idle_s: float = 2.0
-    expiry_s: float = 86400.0  # a series still receiving after this long is given up and freed
-    workers: int = 1
-    metrics_port: int | None = None  # /metrics, /healthz, /readyz; 9108 in the CLI, None to disable
-    allowed_calling_aets: tuple[str, ...] = ()  # empty: any calling AE title may associate
-    tls_cert: Path | None = None  # PEM certificate + key: DICOM over TLS
-    tls_key: Path | None = None
-    tls_ca: Path | None = None  # when set, clients must present a certificate signed by it
-    max_pdu_bytes: int = 4 << 20  # advertised and enforced: a larger PDU aborts the association
-    network_timeout_s: float = 30.0  # a peer silent this long mid-PDU or mid-handshake is dropped
-    limits: Limits = Limits()
-    retry_backoff_s: tuple[float, float] = (2.0, 60.0)  # Triton down: first and longest wait
-    destination: Destination | None = None  # C-STORE SEG and SR here when set
-    forward_attempts: int = 4
 
 
 def server_ssl_context(config: ListenerConfig) -> ssl.SSLContext | None:
@@ -94,7 +72,7 @@ class Listener:
         self._server = None
 
     def start(self) -> "Listener":
-        fix_mmap_threshold()  # study-sized arrays leave the process when freed (thighseg.memory)
+        fix_mmap_threshold()  # study-sized arrays leave the process when freed (thighseg.core.memory)
         redact_identifiers()  # no full UID in any log line, whichever library writes it
         ae = make_ae(self.config.ae_title, self.config.max_pdu_bytes, self.config.network_timeout_s)
         if self.config.allowed_calling_aets:
@@ -169,10 +147,11 @@ class Listener:
         self.index.set_state(key.series_uid, FAILED, reason)
         self.telemetry.series.labels("expired").inc()
         log.warning("series %s %s", short_uid(key.series_uid), reason)
-        report = {"status": "failed", "reason": reason, "instances": 0, "study_instance_uid": key.study_uid,
-                  "series_instance_uid": key.series_uid, "instances_received": record.instances if record else 0}
+        report = SeriesReport(model=self.inference.model, status=REPORT_FAILED, reason=reason,
+                              study_instance_uid=key.study_uid, series_instance_uid=key.series_uid,
+                              instances_received=record.instances if record else 0)
         try:
-            write_report(report, self._result_dir(key) / "report.json")
+            report.write(self._result_dir(key) / "report.json")
         except OSError as error:
             log.error("could not write the report of an expired series: %s", error.strerror)
 
@@ -183,10 +162,14 @@ class Listener:
         except Exception as error:  # noqa: BLE001 - a worker must never fail silently
             reason = f"internal error: {type(error).__name__}: {error}"[:500]
             log.error("series %s: %s", short_uid(key.series_uid), reason)
+            for partial in self._result_dir(key).parent.glob(f".{key.series_uid}.*.partial"):
+                shutil.rmtree(partial, ignore_errors=True)
             try:
                 self.index.set_state(key.series_uid, FAILED, reason)
-            except Exception as index_error:  # noqa: BLE001 - left processing: retried at the next start
-                log.error("could not record the failure: %s", index_error)
+                SeriesReport(model=self.inference.model, reason=reason, study_instance_uid=key.study_uid,
+                             series_instance_uid=key.series_uid).write(self._result_dir(key) / "report.json")
+            except Exception as record_error:  # noqa: BLE001 - left processing: retried at the next start
+                log.error("could not record the failure: %s", record_error)
             self.telemetry.series.labels("failed").inc()
 
     def _process_snapshot(self, key: SeriesKey) -> None:
@@ -196,8 +179,7 @@ class Listener:
         final = self._result_dir(key)
         staging = final.with_name(f".{key.series_uid}.{snapshot.generation}.partial")
         paths = [self.spool.path(key.study_uid, key.series_uid, sop) for sop, _ in snapshot.instances]
-        provenance = {"instances": len(paths), "content_sha256": snapshot.content_sha256,
-                      "generation": snapshot.generation}
+        provenance = {"content_sha256": snapshot.content_sha256, "generation": snapshot.generation}
         try:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
@@ -214,12 +196,12 @@ class Listener:
         self._publish(key, snapshot, staging, result)
 
     def _publish(self, key: SeriesKey, snapshot: Snapshot, staging: Path, result: SeriesResult) -> None:
-        status = result.report["status"]
+        status = result.report.status
         final = self._result_dir(key)
         with self._publish_lock:
             try:
                 published = self.index.finish(key.series_uid, snapshot.generation, DONE if status == "done" else FAILED,
-                                              result.report.get("reason"), publish=lambda: _replace_folder(staging, final))
+                                              result.report.reason, publish=lambda: _replace_folder(staging, final))
             except OSError as error:
                 shutil.rmtree(staging, ignore_errors=True)
                 self._results_error = error.strerror or type(error).__name__
@@ -236,7 +218,7 @@ class Listener:
         if status == "done" and self.config.destination is not None:
             self._forward(result)
         self.telemetry.series.labels(status).inc()
-        for stage, seconds in result.report["stage_seconds"].items():
+        for stage, seconds in result.report.stage_seconds.items():
             self.telemetry.stage_seconds.labels(stage).observe(seconds)
         self._update_state_gauge()
         log.info("series %s %s", short_uid(key.series_uid), status)
@@ -247,13 +229,13 @@ class Listener:
     def _forward(self, result: SeriesResult) -> None:
         sent = forward([result.seg_path, result.seg_path.with_name("sr.dcm")], self.config.destination,
                        self.config.ae_title, attempts=self.config.forward_attempts)
-        result.report["forwarded"] = {"destination": self.config.destination.ae_title, "delivered": sent.delivered,
-                                      "attempts": sent.attempts, "detail": sent.detail}
+        result.report.forwarded = Forwarding(self.config.destination.ae_title, sent.delivered, sent.attempts,
+                                             sent.detail)
         if not sent.delivered:
             self.telemetry.forward_failures.inc()
         with self._publish_lock:  # only if no newer result replaced this one meanwhile
             if _same_result(result.report_path, result.report):
-                write_report(result.report, result.report_path)
+                result.report.write(result.report_path)
 
     def _defer(self, key: SeriesKey, snapshot: Snapshot, cause: str, reason: str) -> None:
         """The series stays queued (state complete) and is tried again later with backoff."""
@@ -285,7 +267,7 @@ class Listener:
         """Block until the series has a result (done or failed), optionally of `instances` slices."""
         def ready() -> bool:
             result = self.results.get(series_uid)
-            return result is not None and (instances is None or result.report.get("instances") == instances)
+            return result is not None and (instances is None or result.report.instances == instances)
 
         with self._done:
             if not self._done.wait_for(ready, timeout_s):
@@ -303,10 +285,10 @@ def _replace_folder(staging: Path, final: Path) -> None:
     shutil.rmtree(previous, ignore_errors=True)
 
 
-def _same_result(report_path: Path, report: dict) -> bool:
+def _same_result(report_path: Path, report: SeriesReport) -> bool:
     try:
         current = json.loads(report_path.read_text())
     except (OSError, ValueError):
         return False
-    return current.get("content_sha256") == report.get("content_sha256") and \
-        current.get("seg_sop_instance_uid") == report.get("seg_sop_instance_uid")
+    return (current.get("content_sha256"), current.get("seg_sop_instance_uid")) == \
+        (report.content_sha256, report.seg_sop_instance_uid)

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import numpy as np
 
-from thighseg import models, phantom
+from thighseg.learning import models
+from thighseg.synthetic import phantom
 from thighseg.export.fp16 import convert_to_fp16
 from thighseg.export.onnx_export import export_to_repository, measure_parity
 from thighseg.export.validation import compare, onnx_backend
-from thighseg.labels import normalise_hu
-from thighseg.resample import labels_to_model_grid, to_model_grid
+from thighseg.core.labels import normalise_hu
+from thighseg.core.resample import labels_to_model_grid, to_model_grid
 
 FORMATS = ("onnx", "fp16", "tensorrt")
 VALIDATION_SEEDS = (7001, 7002)  # outside the training seeds

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from thighseg import models
+from thighseg.learning import models
 from thighseg.export.validation import Comparison, compare, onnx_backend, torch_backend
-from thighseg.resample import MODEL_INPUT_SIZE
+from thighseg.core.resample import MODEL_INPUT_SIZE
 
 OPSET = 17
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from thighseg.resample import MODEL_INPUT_SIZE
+from thighseg.core.resample import MODEL_INPUT_SIZE
 
 # The optimisation profile covers every batch Triton may form: max_batch_size and the preferred
 # batch sizes in the tensorrt_plan config.pbtxt must stay inside [PROFILE_MIN, PROFILE_MAX]

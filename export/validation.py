@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-from thighseg.metrics import dice_per_group
+from thighseg.measure.metrics import dice_per_group
 
 Backend = Callable[[np.ndarray], np.ndarray]  # (n, 1, H, W) float32 -> (n, C, H, W) logits
 

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from thighseg import models
+from thighseg.learning import models
 from thighseg.export.build import export_model
 
 REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"

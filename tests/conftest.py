@@ -3,15 +3,24 @@ embedded Triton server and a real listener on free localhost ports."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
 
-from thighseg import models, phantom
-from thighseg.client.ingest import free_port
-from thighseg.ct_series import write_series
-from thighseg.embedded_triton import EmbeddedTriton, Ports
+from thighseg.learning import models
+from thighseg.synthetic import phantom
+from thighseg.synthetic.ct_series import write_series
+from thighseg.serving.embedded_triton import EmbeddedTriton, Ports
+
+def free_port() -> int:
+    """A TCP port free on localhost now (tests bind their servers to it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL = "segformer"
@@ -22,6 +31,23 @@ TEST_SLICE_SPACING_MM = 5.0
 
 def needs_torch():
     return pytest.importorskip("segmentation_models_pytorch", reason="training/export extra not installed")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def every_report_matches_the_published_schema(tmp_path_factory):
+    """After the session: each report.json any test (or a CLI it started) wrote validates against
+    the published JSON Schema."""
+    yield
+    from jsonschema import Draft202012Validator
+
+    from thighseg.pipeline.report import schema
+
+    validator = Draft202012Validator(schema())
+    problems = []
+    for path in tmp_path_factory.getbasetemp().rglob("report.json"):
+        errors = list(validator.iter_errors(json.loads(path.read_text())))
+        problems += [f"{path}: {error.message}" for error in errors[:3]]
+    assert not problems, "\n".join(problems[:20])
 
 
 @pytest.fixture(scope="session")
@@ -69,8 +95,9 @@ def triton(model_repository, tmp_path_factory):
 def listener_factory(triton, tmp_path):
     """make(**ListenerConfig overrides) -> a started Listener on free ports, stopped after the test."""
     from thighseg.client.triton import TritonSegmenter
-    from thighseg.dicom_listener.pipeline import settings_for
-    from thighseg.dicom_listener.service import Listener, ListenerConfig
+    from thighseg.pipeline.stages import settings_for
+    from thighseg.dicom_listener.config import ListenerConfig
+    from thighseg.dicom_listener.service import Listener
 
     started = []
 

@@ -14,9 +14,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from thighseg import phantom
-from thighseg.ct_series import write_series
-from thighseg.indices import headline, volume_indices
+from thighseg.synthetic import phantom
+from thighseg.synthetic.ct_series import write_series
+from thighseg.measure.indices import volume_indices
 
 SEGMENT = [sys.executable, "-m", "thighseg.cli", "segment"]
 
@@ -29,9 +29,8 @@ def _cohort(root: Path, seeds: range) -> dict[str, float]:
         study = phantom.generate(seed, size=128, slices=12, slice_spacing=5.0)
         write_series(study, root / f"study{seed}")
         g = study.geometry
-        truth[f"study{seed}"] = headline(volume_indices(study.hu, study.labels,
-                                                        (g.slice_spacing, g.pixel_spacing, g.pixel_spacing)))[
-            "total_muscle_ml"]
+        spacing = (g.slice_spacing, g.pixel_spacing, g.pixel_spacing)
+        truth[f"study{seed}"] = volume_indices(study.hu, study.labels, spacing).headline()["total_muscle_ml"]
     study = phantom.generate(seeds[-1] + 1, size=128, slices=12, slice_spacing=5.0)
     g = study.geometry
     affine = np.diag([g.pixel_spacing, g.pixel_spacing, g.slice_spacing, 1.0])

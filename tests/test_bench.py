@@ -21,7 +21,7 @@ def test_nobatch_variant_drops_only_dynamic_batching():
                     reason="DCMTK storescu/storescp not installed")
 def test_tiny_benchmark_writes_json_markdown_and_plots(model_repository, tmp_path):
     pytest.importorskip("matplotlib")
-    from thighseg.client.bench import BenchConfig, run_bench
+    from thighseg.apps.bench import BenchConfig, run_bench
 
     results = run_bench(tmp_path, model_repository, BenchConfig.tiny())
     saved = json.loads((tmp_path / "bench.json").read_text())

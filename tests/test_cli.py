@@ -74,3 +74,18 @@ def test_demo_runs_end_to_end(model_repository, tmp_path):
     assert set(rows) == {"extensor", "flexor", "adductor"}
     assert all(float(values[2]) >= 0.8 for values in rows.values()), result.stdout
     assert list(tmp_path.rglob("seg.dcm")) and list(tmp_path.rglob("report.json"))
+
+
+def test_cli_defaults_are_the_configs_own():
+    from thighseg.cli import build_parser
+    from thighseg.core.constants import AE_TITLE, DICOM_PORT, LISTENER_METRICS_PORT
+    from thighseg.dicom_listener.config import default
+    from thighseg.learning.training import TrainConfig
+
+    listen = build_parser().parse_args(["listen"])
+    assert (listen.ae_title, listen.port, listen.metrics_port) == (AE_TITLE, DICOM_PORT, LISTENER_METRICS_PORT)
+    assert (listen.idle, listen.expiry, listen.workers, listen.network_timeout, listen.host) == \
+        tuple(default(name) for name in ("idle_s", "expiry_s", "workers", "network_timeout_s", "host"))
+    train = build_parser().parse_args(["train"])
+    assert (train.steps, train.subjects, train.batch_size) == \
+        (TrainConfig().steps, TrainConfig().subjects, TrainConfig().batch_size)

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from thighseg.metrics import confusion_counts, overlap_metrics
-from thighseg.statistics import bland_altman, icc_2_1
+from thighseg.measure.metrics import confusion_counts, overlap_metrics
+from thighseg.measure.agreement import bland_altman, icc_2_1
 
 
 def test_confusion_counts_match_scikit_learn():
@@ -50,8 +50,8 @@ def test_icc_rejects_too_few_subjects_and_bland_altman_is_symmetric():
 
 def test_nifti_pair_round_trip_keeps_orientation():
     nib = pytest.importorskip("nibabel")
-    from thighseg import phantom
-    from thighseg.loaders import load_nifti_pair
+    from thighseg.synthetic import phantom
+    from thighseg.pipeline.loaders import load_nifti_pair
 
     study = phantom.generate(61, size=64, slices=4, slice_spacing=5.0)
     g = study.geometry
@@ -70,10 +70,10 @@ def test_nifti_pair_round_trip_keeps_orientation():
 
 
 def test_dicom_series_with_seg_round_trip(study_factory, tmp_path):
-    from thighseg.ct_series import read_truth
-    from thighseg.dicom_listener.assemble import assemble
-    from thighseg.dicom_listener.outputs import write_seg
-    from thighseg.loaders import load_dicom_with_seg
+    from thighseg.synthetic.ct_series import read_truth
+    from thighseg.pipeline.assemble import assemble
+    from thighseg.pipeline.outputs import write_seg
+    from thighseg.pipeline.loaders import load_dicom_with_seg
 
     paths = study_factory(62, size=128, slices=5)
     volume = assemble(list(paths))
@@ -86,7 +86,7 @@ def test_dicom_series_with_seg_round_trip(study_factory, tmp_path):
 
 def test_evaluation_writes_report_figures_and_sane_numbers(model_repository, tmp_path):
     pytest.importorskip("matplotlib")
-    from thighseg.evaluation import EvaluationConfig, run_evaluation
+    from thighseg.apps.evaluation import EvaluationConfig, run_evaluation
     from thighseg.export.validation import onnx_backend
 
     backend = onnx_backend(model_repository / "thighseg_segformer" / "1" / "model.onnx")

@@ -4,9 +4,10 @@ import onnxruntime as ort
 import pytest
 
 from conftest import MODEL, needs_torch
-from thighseg import models, phantom
-from thighseg.labels import normalise_hu
-from thighseg.resample import MODEL_INPUT_SIZE, to_model_grid
+from thighseg.learning import models
+from thighseg.synthetic import phantom
+from thighseg.core.labels import normalise_hu
+from thighseg.core.resample import MODEL_INPUT_SIZE, to_model_grid
 
 
 @pytest.fixture(scope="module")

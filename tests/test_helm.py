@@ -142,3 +142,15 @@ def test_checkov_finds_nothing_unjustified(tmp_path):
     unjustified = [f for f in failed if f[0] not in justified]
     assert unjustified == []
     assert not [f for f in failed if f[2] == "nodeport_pinned"], "pinned digests must pass every check"
+
+
+def test_chart_defaults_are_the_listeners_own():
+    """One source for every default: the chart's listener values equal the code's."""
+    from thighseg.core.constants import AE_TITLE, DICOM_PORT, LISTENER_METRICS_PORT
+    from thighseg.dicom_listener.config import default
+
+    listener = yaml.safe_load((CHART / "values.yaml").read_text())["listener"]
+    assert (listener["aeTitle"], listener["port"], listener["metricsPort"]) == \
+        (AE_TITLE, DICOM_PORT, LISTENER_METRICS_PORT)
+    assert (listener["idleSeconds"], listener["workers"]) == (default("idle_s"), default("workers"))
+

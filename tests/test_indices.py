@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from thighseg.indices import headline, volume_indices
-from thighseg.labels import Group
+from thighseg.measure.indices import VolumeIndices, volume_indices
+from thighseg.core.labels import Group
 
 SPACING = (2.0, 1.0, 1.0)  # 2 µL voxels
 VOXEL_ML = 0.002
@@ -35,16 +35,16 @@ def test_indices_match_the_construction():
     hu, labels = analytic_volume()
     indices = volume_indices(hu, labels, SPACING)
     for leg in ("right", "left"):
-        extensor, adductor = indices[leg]["extensor"], indices[leg]["adductor"]
+        extensor, adductor = indices.leg(leg).extensor, indices.leg(leg).adductor
         extensor_voxels = 2 * 30 * 13 + 2 * 6 * 3
-        assert extensor["total_ml"] == pytest.approx(extensor_voxels * VOXEL_ML)
-        assert extensor["imat_ml"] == pytest.approx(20 * VOXEL_ML)
-        assert extensor["lean_ml"] == pytest.approx((extensor_voxels - 20) * VOXEL_ML)
-        assert adductor["total_ml"] == pytest.approx(2 * 30 * 14 * VOXEL_ML)
-        assert adductor["lean_ml"] == pytest.approx((2 * 30 * 14 - 6) * VOXEL_ML)
-        assert adductor["imat_ml"] == 0
-        assert indices[leg]["intermuscular_fat_ml"] == pytest.approx(2 * 24 * 3 * VOXEL_ML)
-    summary = headline(indices)
+        assert extensor.total_ml == pytest.approx(extensor_voxels * VOXEL_ML)
+        assert extensor.imat_ml == pytest.approx(20 * VOXEL_ML)
+        assert extensor.lean_ml == pytest.approx((extensor_voxels - 20) * VOXEL_ML)
+        assert adductor.total_ml == pytest.approx(2 * 30 * 14 * VOXEL_ML)
+        assert adductor.lean_ml == pytest.approx((2 * 30 * 14 - 6) * VOXEL_ML)
+        assert adductor.imat_ml == 0
+        assert indices.leg(leg).intermuscular_fat_ml == pytest.approx(2 * 24 * 3 * VOXEL_ML)
+    summary = indices.headline()
     assert summary["total_muscle_ml"] == pytest.approx(2 * (2 * 30 * 27 + 2 * 6 * 3) * VOXEL_ML)
     assert summary["intramuscular_fat_ml"] == pytest.approx(2 * 20 * VOXEL_ML)
 
@@ -56,8 +56,8 @@ def test_bone_marrow_inside_the_envelope_is_not_intermuscular_fat():
     hu[:, ring] = -40.0  # marrow (fat-dense)
     hu[:, (np.hypot(yy - 40, xx - 29.5) >= 4) & (np.hypot(yy - 40, xx - 29.5) < 6)] = 1400.0  # cortex
     labels[:, np.hypot(yy - 40, xx - 29.5) < 6] = 0
-    before = volume_indices(*analytic_volume(), SPACING)["right"]["intermuscular_fat_ml"]
-    after = volume_indices(hu, labels, SPACING)["right"]["intermuscular_fat_ml"]
+    before = volume_indices(*analytic_volume(), SPACING).right.intermuscular_fat_ml
+    after = volume_indices(hu, labels, SPACING).right.intermuscular_fat_ml
     assert after <= before  # the marrow is excluded; only the septum voxels the bone replaced are lost
 
 
@@ -65,24 +65,33 @@ def test_legs_split_between_the_legs_even_when_they_differ():
     hu, labels = analytic_volume()
     labels[:, 25:55, 91:105] = 0  # the left adductor is gone (atrophy, resection)
     indices = volume_indices(hu, labels, SPACING)
-    assert indices["left"]["adductor"]["total_ml"] == 0
-    assert indices["right"]["adductor"]["total_ml"] == pytest.approx(2 * 30 * 14 * VOXEL_ML)
-    assert indices["left"]["extensor"]["total_ml"] == indices["right"]["extensor"]["total_ml"]
+    assert indices.left.adductor.total_ml == 0
+    assert indices.right.adductor.total_ml == pytest.approx(2 * 30 * 14 * VOXEL_ML)
+    assert indices.left.extensor.total_ml == indices.right.extensor.total_ml
 
 
 def test_density_fraction_asymmetry_and_height_indices():
     hu, labels = analytic_volume()
     hu[:, 45:47, 16:21] = 10.0  # low-density muscle in the right extensor: 2 x 2 x 5 = 20 voxels
     indices = volume_indices(hu, labels, SPACING, height_m=1.6)
-    right = indices["right"]["extensor"]
-    assert right["low_density_ml"] == pytest.approx(20 * VOXEL_ML)
-    assert indices["left"]["extensor"]["low_density_ml"] == 0
-    assert indices["left"]["adductor"]["mean_hu"] == 50.0 and indices["left"]["adductor"]["sd_hu"] == 0.0
-    assert right["mean_hu"] < 50.0  # the 10 HU voxels pull the lean-muscle mean down
-    total = indices["total"]
-    assert total["imat_fraction"] == pytest.approx(total["muscle"]["imat_ml"] / total["muscle"]["total_ml"], abs=1e-3)
-    assert total["muscle_volume_index_ml_per_m2"] == pytest.approx(total["muscle"]["total_ml"] / 1.6 ** 2, abs=1e-3)
-    assert indices["asymmetry_percent"]["muscle"] == 0.0
+    right = indices.right.extensor
+    assert right.low_density_ml == pytest.approx(20 * VOXEL_ML)
+    assert indices.left.extensor.low_density_ml == 0
+    assert indices.left.adductor.mean_hu == 50.0 and indices.left.adductor.sd_hu == 0.0
+    assert right.mean_hu < 50.0  # the 10 HU voxels pull the lean-muscle mean down
+    total = indices.total
+    assert total.imat_fraction == pytest.approx(total.muscle.imat_ml / total.muscle.total_ml, abs=1e-3)
+    assert total.muscle_volume_index_ml_per_m2 == pytest.approx(total.muscle.total_ml / 1.6 ** 2, abs=1e-3)
+    assert indices.asymmetry_percent.muscle == 0.0
     labels[:, 25:55, 91:105] = 0
-    lopsided = volume_indices(hu, labels, SPACING)["asymmetry_percent"]
-    assert lopsided["adductor"] == pytest.approx(200.0) and 0 < lopsided["muscle"] < 100
+    lopsided = volume_indices(hu, labels, SPACING).asymmetry_percent
+    assert lopsided.adductor == pytest.approx(200.0) and 0 < lopsided.muscle < 100
+
+
+def test_indices_round_trip_through_report_json():
+    hu, labels = analytic_volume()
+    indices = volume_indices(hu, labels, SPACING, height_m=1.7)
+    assert VolumeIndices.from_dict(indices.to_dict()) == indices
+    without_height = volume_indices(hu, labels, SPACING)
+    assert "muscle_volume_index_ml_per_m2" not in without_height.to_dict()["total"]
+    assert VolumeIndices.from_dict(without_height.to_dict()) == without_height

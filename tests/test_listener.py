@@ -16,10 +16,10 @@ from pydicom.uid import MRImageStorage
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from thighseg.ct_series import read_truth
-from thighseg.demo import labels_from_seg
+from thighseg.synthetic.ct_series import read_truth
+from thighseg.pipeline.loaders import labels_from_seg
 from thighseg.dicom_listener.scu import send_files
-from thighseg.metrics import dice_per_group, group_volumes_ml
+from thighseg.measure.metrics import dice_per_group, group_volumes_ml
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def storescu(paths, port: int) -> subprocess.CompletedProcess:
 
 
 def assert_accurate_seg(result, paths) -> None:
-    assert result.report["status"] == "done", result.report
+    assert result.report.status == "done", result.report
     truth, uids = read_truth(paths[0].parent)
     seg = hd.seg.segread(result.seg_path)
     referenced = {i.ReferencedSOPInstanceUID for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
@@ -45,9 +45,9 @@ def assert_accurate_seg(result, paths) -> None:
     predicted = labels_from_seg(result.seg_path, uids)
     dsc = dice_per_group(predicted, truth)
     assert min(dsc.values()) >= 0.80, dsc
-    spacing = tuple(result.report["spacing_zyx_mm"])
+    spacing = tuple(result.report.spacing_zyx_mm)
     true_total = group_volumes_ml(truth, spacing)["total_muscle"]
-    assert abs(result.report["volumes_ml"]["total_muscle"] - true_total) <= 0.10 * true_total
+    assert abs(result.report.volumes_ml["total_muscle"] - true_total) <= 0.10 * true_total
 
 
 @pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK storescu not installed")
@@ -72,11 +72,11 @@ def test_storescu_study_becomes_an_accurate_seg(listener, study_factory):
     sr = hd.sr.srread(out_dir / "sr.dcm")
     assert len(sr.content.get_volumetric_roi_measurement_groups()) == 3
     # 12 slices 5 mm apart: the QC must say the thigh is not fully covered, in the JSON and the SR
-    assert "PARTIAL_COVERAGE" in {f["code"] for f in result.report["qc_flags"]}
+    assert "PARTIAL_COVERAGE" in {f.code for f in result.report.qc_flags}
     assert "PARTIAL_COVERAGE" in repr(sr.to_json_dict())
     picture = np.asarray(Image.open(out_dir / "summary.png").convert("RGB")).astype(float)
     assert picture.std() > 20 and (picture[..., 0] - picture[..., 2] > 60).mean() > 0.002  # coloured groups
-    assert result.report["indices"]["total"]["muscle"]["total_ml"] > 0
+    assert result.report.indices.total.muscle.total_ml > 0
 
 
 def test_second_study_pushed_while_first_is_processing(listener, study_factory):

@@ -23,11 +23,11 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import StoragePresentationContexts
 
 from conftest import free_port
-from thighseg.dicom_listener.assemble import assemble
+from thighseg.pipeline.assemble import assemble
 from thighseg.dicom_listener.forward import Destination
 from thighseg.dicom_listener.index import DONE, FAILED
 from thighseg.dicom_listener.scu import send_files
-from thighseg.embedded_triton import EmbeddedTriton, Ports
+from thighseg.serving.embedded_triton import EmbeddedTriton, Ports
 
 SMALL = dict(size=128, slices=6)
 
@@ -65,7 +65,7 @@ def test_ten_concurrent_associations_every_instance_accounted_for(listener_facto
     assert all(statuses[k] == (0 if k % 2 else [0] * 6) for k in range(10)), statuses
     for paths in studies:
         result = listener.wait_for(series_uid(paths), timeout_s=300)
-        assert result.report["status"] == "done" and result.report["instances"] == 6
+        assert result.report.status == "done" and result.report.instances == 6
     assert len(list(listener.config.spool_dir.rglob("*.dcm"))) == 60
     assert listener.index.counts()[DONE] == 10
 
@@ -107,7 +107,7 @@ def test_unwritable_spool_answers_out_of_resources_and_keeps_running(listener_fa
     (listener.config.spool_dir / study_uid).write_text("a file where the study folder should be")
     assert send_files(blocked[:2], "127.0.0.1", listener.config.port) == [0xA700, 0xA700]
     assert send_files(fine, "127.0.0.1", listener.config.port) == [0] * 6
-    assert listener.wait_for(series_uid(fine), timeout_s=120).report["status"] == "done"
+    assert listener.wait_for(series_uid(fine), timeout_s=120).report.status == "done"
 
 
 def test_compressed_transfer_syntaxes_are_stored_as_sent_and_decoded(listener_factory, study_factory, tmp_path):
@@ -138,7 +138,7 @@ def test_compressed_transfer_syntaxes_are_stored_as_sent_and_decoded(listener_fa
     assert [association.send_c_store(pydicom.dcmread(p)).Status for p in variants] == [0] * 6
     association.release()
     result = listener.wait_for(series_uid(paths), timeout_s=120)
-    assert result.report["status"] == "done", result.report
+    assert result.report.status == "done", result.report
     spooled = sorted(listener.config.spool_dir.rglob("*.dcm"))
     assert {str(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID) for p in spooled} \
         >= {str(RLELossless), str(JPEG2000Lossless), str(JPEGLSLossless)}
@@ -169,7 +169,7 @@ def test_triton_outage_keeps_the_series_queued_until_it_is_back(model_repository
         assert listener.telemetry.registry.get_sample_value("thighseg_queue_depth") == 1
         server = EmbeddedTriton(model_repository, ports, log_file=tmp_path / "triton2.log").start()
         result = listener.wait_for(series_uid(paths), timeout_s=180)
-        assert result.report["status"] == "done" and result.report["instances"] == 6
+        assert result.report.status == "done" and result.report.instances == 6
         assert http_status(readyz) == 200
     finally:
         server.stop()
@@ -252,22 +252,22 @@ def test_results_are_forwarded_and_refusals_are_not_retried(listener_factory, st
         good = listener_factory(destination=Destination("PACS", "127.0.0.1", pacs_port))
         paths = study_factory(5700, **SMALL)
         send_files(paths, "127.0.0.1", good.config.port)
-        forwarded = good.wait_for(series_uid(paths), timeout_s=120).report["forwarded"]
-        assert forwarded["delivered"] is True and forwarded["attempts"] == 1
+        forwarded = good.wait_for(series_uid(paths), timeout_s=120).report.forwarded
+        assert forwarded.delivered is True and forwarded.attempts == 1
         modalities = sorted(pydicom.dcmread(p, stop_before_pixels=True).Modality for p in received.iterdir())
         assert modalities == ["SEG", "SR"]
 
         refused = listener_factory(destination=Destination("REFUSER", "127.0.0.1", refuser.port))
         send_files(paths, "127.0.0.1", refused.config.port)
         report = refused.wait_for(series_uid(paths), timeout_s=120).report
-        assert report["forwarded"]["delivered"] is False and report["forwarded"]["detail"].startswith("refused")
-        assert report["forwarded"]["attempts"] == 1 and refuser.requests == 2  # SEG and SR, once each
+        assert report.forwarded.delivered is False and report.forwarded.detail.startswith("refused")
+        assert report.forwarded.attempts == 1 and refuser.requests == 2  # SEG and SR, once each
 
         down = listener_factory(destination=Destination("NOBODY", "127.0.0.1", free_port()), forward_attempts=2)
         send_files(paths, "127.0.0.1", down.config.port)
         report = down.wait_for(series_uid(paths), timeout_s=120).report
-        assert report["forwarded"]["delivered"] is False and report["forwarded"]["attempts"] == 2
-        assert report["status"] == "done"  # the result itself is kept
+        assert report.forwarded.delivered is False and report.forwarded.attempts == 2
+        assert report.status == "done"  # the result itself is kept
     finally:
         pacs.terminate()
         pacs.wait(10)

@@ -8,8 +8,9 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from conftest import free_port
-from thighseg.dicom_listener.pipeline import InferenceSettings
-from thighseg.dicom_listener.service import Listener, ListenerConfig
+from thighseg.pipeline.stages import InferenceSettings
+from thighseg.dicom_listener.config import ListenerConfig
+from thighseg.dicom_listener.service import Listener
 
 
 def _unused_inference() -> InferenceSettings:

@@ -107,7 +107,7 @@ def test_instances_arriving_while_the_series_is_processed_are_in_the_published_r
     assert wait_until(lambda: listener.index.get(series_uid).state != "processing", 120)
     association.release()
     result = listener.wait_for(series_uid, timeout_s=180)  # the first result ever published
-    assert result.report["instances"] == 12, "a result of the first six slices was published"
+    assert result.report.instances == 12, "a result of the first six slices was published"
     assert wait_until(lambda: listener.index.get(series_uid).state == DONE, 60)
     report = json.loads(result.report_path.read_text())
     assert report["status"] == "done" and report["instances"] == 12
@@ -200,7 +200,7 @@ def test_a_full_spool_disk_refuses_instances_then_recovers_without_a_partial_res
     filler.unlink()
     assert send_files(paths, "127.0.0.1", listener.config.port) == [0] * 6
     result = listener.wait_for(series_uid, timeout_s=120)
-    assert result.report["status"] == "done" and result.report["instances"] == 6
+    assert result.report.status == "done" and result.report.instances == 6
     assert http_get(readyz)[0] == 200
 
     guarded = listener_factory(spool_dir=small_disk / "spool2", limits=_limits(min_free_spool_bytes=1 << 30))
@@ -237,7 +237,7 @@ def test_a_failing_index_stalls_completion_visibly_and_completion_resumes(listen
     assert "disk is full" in http_get(readyz)[1]
     failing["on"] = False
     result = listener.wait_for(uids(paths)[1], timeout_s=120)
-    assert result.report["status"] == "done" and result.report["instances"] == 6
+    assert result.report.status == "done" and result.report.instances == 6
     assert wait_until(lambda: http_get(readyz)[0] == 200, 10)
 
 
@@ -326,7 +326,7 @@ def test_unwritable_results_keep_the_series_queued_and_it_finishes_once_writable
     assert listener.index.get(series_uid).state in ("complete", "processing")
     blocker.unlink()
     result = listener.wait_for(series_uid, timeout_s=120)
-    assert result.report["status"] == "done" and result.report_path.exists()
+    assert result.report.status == "done" and result.report_path.exists()
     assert wait_until(lambda: http_get(readyz)[0] == 200, 10)
     assert series_uid not in caplog.text and study_uid not in caplog.text
 
@@ -398,11 +398,11 @@ def test_new_content_under_a_known_sop_instance_uid_replaces_and_reforwards_the_
         paths = study_factory(6700, **SMALL)
         study_uid, series_uid = uids(paths)
         assert send_files(paths, "127.0.0.1", listener.config.port) == [0] * 6
-        first = listener.wait_for(series_uid, timeout_s=120).report
+        first = listener.wait_for(series_uid, timeout_s=120).report.to_json()
         changed = pydicom.dcmread(paths[2])
         changed.PixelData = bytes(len(changed.PixelData))  # same SOP Instance UID, different image
         assert store(listener.config.port, [changed])[0].Status == 0
-        assert wait_until(lambda: listener.results[series_uid].report["content_sha256"]
+        assert wait_until(lambda: listener.results[series_uid].report.content_sha256
                           != first["content_sha256"], 120)
         second = json.loads(listener.results[series_uid].report_path.read_text())
         assert second["status"] == "done" and second["instances"] == 6
@@ -444,7 +444,7 @@ def test_no_full_uid_in_any_log_line_at_any_level(listener_factory, study_factor
         listener = listener_factory()
         paths = study_factory(6800, **SMALL)
         assert send_files(paths, "127.0.0.1", listener.config.port) == [0] * 6
-        assert listener.wait_for(uids(paths)[1], timeout_s=120).report["status"] == "done"
+        assert listener.wait_for(uids(paths)[1], timeout_s=120).report.status == "done"
         logging.getLogger("thighseg.test").exception("failure while reading %s", paths[0],
                                                       exc_info=FileNotFoundError(2, "missing", str(paths[0])))
     finally:

@@ -8,13 +8,13 @@ import numpy as np
 import pydicom
 import pytest
 
-from thighseg import qc
+from thighseg.measure import qc
 from thighseg.client.volume import segment_volume
-from thighseg.dicom_listener.assemble import HUStack, assemble
-from thighseg.dicom_listener.outputs import write_seg
-from thighseg.indices import volume_indices
-from thighseg.memory import fix_mmap_threshold, release_free_heap, release_highdicom_tables
-from thighseg.summary import Preview
+from thighseg.pipeline.assemble import HUStack, assemble
+from thighseg.pipeline.outputs import write_seg
+from thighseg.measure.indices import volume_indices
+from thighseg.core.memory import fix_mmap_threshold, release_free_heap, release_highdicom_tables
+from thighseg.pipeline.summary import Preview
 
 
 @pytest.fixture(scope="module")

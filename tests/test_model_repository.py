@@ -6,7 +6,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from thighseg.export.tensorrt_engine import PROFILE_MAX, PROFILE_MIN
-from thighseg.resample import MODEL_INPUT_SIZE
+from thighseg.core.resample import MODEL_INPUT_SIZE
 
 REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 MODEL_DIRS = sorted(p for p in REPOSITORY.iterdir() if p.is_dir())

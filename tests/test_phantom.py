@@ -7,9 +7,9 @@ import pytest
 from pydicom.uid import CTImageStorage
 
 from conftest import TEST_SLICE_SPACING_MM
-from thighseg import phantom
-from thighseg.ct_series import read_truth
-from thighseg.labels import MUSCLE_GROUPS, MUSCLE_HU, Group
+from thighseg.synthetic import phantom
+from thighseg.synthetic.ct_series import read_truth
+from thighseg.core.labels import MUSCLE_GROUPS, MUSCLE_HU, Group
 
 
 def test_same_seed_same_study_and_different_seeds_differ():

@@ -5,7 +5,8 @@ import re
 import numpy as np
 import pytest
 
-from thighseg import phantom, qc
+from thighseg.synthetic import phantom
+from thighseg.measure import qc
 
 
 @pytest.fixture(scope="module")

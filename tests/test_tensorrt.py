@@ -33,7 +33,7 @@ def test_fp16_engine_matches_onnx_runtime(tmp_path):
     if reason:
         pytest.skip(f"TensorRT engine build needs a GPU: {reason}")
     needs_torch()
-    from thighseg import models
+    from thighseg.learning import models
     from thighseg.export.build import export_model
     from thighseg.export.tensorrt_engine import read_build_info
 

@@ -7,8 +7,8 @@ def test_training_saves_weights_and_resumes_from_the_checkpoint(tmp_path):
     needs_torch()
     import torch
 
-    from thighseg import models
-    from thighseg.training import TrainConfig, train
+    from thighseg.learning import models
+    from thighseg.learning.training import TrainConfig, train
 
     config = TrainConfig(model="denseunet", subjects=1, slices_per_subject=2, validation_subjects=1, steps=3,
                          batch_size=2)
@@ -30,7 +30,7 @@ def test_every_registered_model_has_the_same_contract():
     needs_torch()
     import torch
 
-    from thighseg import models
+    from thighseg.learning import models
 
     for name in models.BUILDERS:
         with torch.no_grad():

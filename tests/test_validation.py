@@ -7,7 +7,7 @@ import pydicom
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, RLELossless
 
-from thighseg.dicom_listener.assemble import SeriesError, assemble
+from thighseg.pipeline.assemble import SeriesError, assemble
 from thighseg.dicom_listener.validation import Limits, check_instance
 
 A900, X0122 = 0xA900, 0x0122

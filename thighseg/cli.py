@@ -10,24 +10,29 @@ import threading
 import time
 from pathlib import Path
 
-from thighseg import models
+from thighseg.core.constants import (AE_TITLE, DEFAULT_MODEL, DICOM_PORT, LISTENER_METRICS_PORT, TRITON_GRPC_PORT,
+                                     TRITON_HTTP_PORT, TRITON_METRICS_PORT, TRITON_URL)
+from thighseg.dicom_listener import config as listener_config
+from thighseg.learning import models
+from thighseg.learning.training import TrainConfig
 
 DEFAULT_REPOSITORY = models.REPOSITORY
+TRAIN_DEFAULTS = TrainConfig()
 
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="segformer", choices=sorted(models.BUILDERS))
+    parser.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(models.BUILDERS))
 
 
 def _add_triton_ports(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--http-port", type=int, default=8000)
-    parser.add_argument("--grpc-port", type=int, default=8001)
-    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--http-port", type=int, default=TRITON_HTTP_PORT, help="Triton HTTP port")
+    parser.add_argument("--grpc-port", type=int, default=TRITON_GRPC_PORT, help="Triton gRPC port")
+    parser.add_argument("--metrics-port", type=int, default=TRITON_METRICS_PORT, help="Triton metrics port")
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
-    from thighseg import phantom
-    from thighseg.ct_series import write_series
+    from thighseg.synthetic import phantom
+    from thighseg.synthetic.ct_series import write_series
 
     study = phantom.generate(args.seed, size=args.size, slices=args.slices, slice_spacing=args.slice_spacing)
     paths = write_series(study, args.out)
@@ -36,7 +41,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from thighseg.training import TrainConfig, train
+    from thighseg.learning.training import TrainConfig, train
 
     config = TrainConfig(model=args.model, subjects=args.subjects, slices_per_subject=args.slices,
                          steps=args.steps, batch_size=args.batch_size, seed=args.seed)
@@ -61,7 +66,7 @@ def _wait_for_signal() -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from thighseg.embedded_triton import EmbeddedTriton, Ports
+    from thighseg.serving.embedded_triton import EmbeddedTriton, Ports
 
     ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
     with EmbeddedTriton(args.repository, ports, log_file=args.log_file) as server:
@@ -88,8 +93,9 @@ def _ready_segmenter(args: argparse.Namespace, wait_s: float = 0.0):
 
 def cmd_listen(args: argparse.Namespace) -> int:
     from thighseg.dicom_listener.forward import Destination
-    from thighseg.dicom_listener.pipeline import settings_for
-    from thighseg.dicom_listener.service import Listener, ListenerConfig
+    from thighseg.pipeline.stages import settings_for
+    from thighseg.dicom_listener.config import ListenerConfig
+    from thighseg.dicom_listener.service import Listener
 
     segmenter = _ready_segmenter(args, args.triton_wait)
     if segmenter is None:
@@ -108,8 +114,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from thighseg.demo import DemoOptions, print_summary, run_demo
-    from thighseg.embedded_triton import Ports
+    from thighseg.apps.demo import DemoOptions, print_summary, run_demo
+    from thighseg.serving.embedded_triton import Ports
 
     options = DemoOptions(model=args.model, seed=args.seed, size=args.size, slices=args.slices,
                           work_dir=args.work, ports=Ports(args.http_port, args.grpc_port, args.metrics_port),
@@ -119,8 +125,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from thighseg.batch import run
-    from thighseg.dicom_listener.pipeline import settings_for
+    from thighseg.apps.batch import run
+    from thighseg.pipeline.stages import settings_for
 
     segmenter = _ready_segmenter(args)
     if segmenter is None:
@@ -133,7 +139,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from thighseg.evaluation import EvaluationConfig, run_evaluation
+    from thighseg.apps.evaluation import EvaluationConfig, run_evaluation
 
     backends = {}
     for model in args.models:
@@ -142,7 +148,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
             backends[model] = TritonSegmenter(args.triton_url, models.triton_name(model), args.protocol).infer
         else:
-            from thighseg.demo import ensure_exported
+            from thighseg.apps.demo import ensure_exported
             from thighseg.export.validation import onnx_backend
 
             backends[model] = onnx_backend(ensure_exported(model, args.repository))
@@ -154,8 +160,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from thighseg.client.bench import BenchConfig, run_bench
-    from thighseg.demo import ensure_exported
+    from thighseg.apps.bench import BenchConfig, run_bench
+    from thighseg.apps.demo import ensure_exported
 
     config = BenchConfig.tiny() if args.tiny else BenchConfig(models=tuple(args.models), study_slices=args.study_slices)
     for model in {*config.models, config.study_model}:
@@ -182,11 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model on phantoms")
     _add_model(p)
-    p.add_argument("--subjects", type=int, default=36)
-    p.add_argument("--slices", type=int, default=24, help="slices per subject")
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--subjects", type=int, default=TRAIN_DEFAULTS.subjects, help="training phantoms")
+    p.add_argument("--slices", type=int, default=TRAIN_DEFAULTS.slices_per_subject, help="slices per subject")
+    p.add_argument("--steps", type=int, default=TRAIN_DEFAULTS.steps, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS.batch_size)
+    p.add_argument("--seed", type=int, default=TRAIN_DEFAULTS.seed)
     p.add_argument("--out", type=Path, default=None, help="weights file (default: the shipped weights)")
     p.set_defaults(func=cmd_train)
 
@@ -207,22 +213,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("listen", help="run the DICOM C-STORE listener")
     _add_model(p)
-    p.add_argument("--triton-url", default="127.0.0.1:8000")
+    p.add_argument("--triton-url", default=TRITON_URL, help="Triton HTTP (or gRPC) address")
     p.add_argument("--protocol", choices=["http", "grpc"], default="http")
     p.add_argument("--triton-wait", type=float, default=0, metavar="SECONDS",
                    help="wait this long for the model to become ready before giving up")
-    p.add_argument("--ae-title", default="THIGHSEG")
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=11112)
-    p.add_argument("--spool", type=Path, default=Path("spool"))
-    p.add_argument("--out", type=Path, default=Path("results"))
-    p.add_argument("--idle", type=float, default=2.0, help="seconds of quiet after release before processing")
-    p.add_argument("--expiry", type=float, default=86400.0,
+    p.add_argument("--ae-title", default=AE_TITLE, help="called AE title; associations to others are rejected")
+    p.add_argument("--host", default=listener_config.default("host"), help="address to listen on")
+    p.add_argument("--port", type=int, default=DICOM_PORT, help="DICOM port")
+    p.add_argument("--spool", type=Path, default=Path("spool"), help="received instances and their index")
+    p.add_argument("--out", type=Path, default=Path("results"), help="results, one folder per series")
+    p.add_argument("--idle", type=float, default=listener_config.default("idle_s"),
+                   help="seconds of quiet after release before processing")
+    p.add_argument("--expiry", type=float, default=listener_config.default("expiry_s"),
                    help="seconds after which a series still receiving is given up and freed")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--network-timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="drop a peer silent this long mid-PDU or mid-TLS-handshake")
-    p.add_argument("--metrics-port", type=int, default=9108, help="Prometheus /metrics port (0: off)")
+    p.add_argument("--workers", type=int, default=listener_config.default("workers"),
+                   help="series processed at once")
+    p.add_argument("--network-timeout", type=float, default=listener_config.default("network_timeout_s"),
+                   metavar="SECONDS", help="drop a peer silent this long mid-PDU or mid-TLS-handshake")
+    p.add_argument("--metrics-port", type=int, default=LISTENER_METRICS_PORT,
+                   help="/metrics, /healthz, /readyz port (0: off)")
     p.add_argument("--allow-aet", action="append", default=[], metavar="AET",
                    help="calling AE title allowed to associate (repeat; default: any)")
     p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate: accept DICOM over TLS")
@@ -237,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("inputs", nargs="+", type=Path, help="DICOM folders and/or NIfTI files")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--triton-url", default="127.0.0.1:8000")
+    p.add_argument("--triton-url", default=TRITON_URL, help="Triton HTTP (or gRPC) address")
     p.add_argument("--protocol", choices=["http", "grpc"], default="http")
     p.set_defaults(func=cmd_segment)
 
@@ -268,10 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--slices", type=int, default=60)
     p.add_argument("--work", type=Path, default=None, help="keep outputs here (default: temporary)")
-    p.add_argument("--port", type=int, default=11112, help="DICOM port")
+    p.add_argument("--port", type=int, default=DICOM_PORT, help="DICOM port")
     p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
     _add_triton_ports(p)
     p.set_defaults(func=cmd_demo)
+    for subparser in sub.choices.values():  # every option's help says its default
+        subparser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     return parser
 
 

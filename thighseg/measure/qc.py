@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from thighseg.indices import CHUNK_SLICES, LEGS, leg_masks
+from thighseg.measure.indices import CHUNK_SLICES, LEGS, leg_masks
 
 MIN_SLICES = 10
 MIN_COVERAGE_MM = 100.0

@@ -15,14 +15,14 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from thighseg import cohorts
+from thighseg.synthetic import cohorts
 from thighseg.client.volume import segment_volume
-from thighseg.indices import headline, volume_indices
-from thighseg.labels import MUSCLE_GROUPS
-from thighseg.metrics import overlap_metrics
-from thighseg.phantom import Phantom
-from thighseg.resample import MODEL_INPUT_SIZE
-from thighseg.statistics import bland_altman, icc_2_1, mean_sd
+from thighseg.measure.indices import volume_indices
+from thighseg.core.labels import MUSCLE_GROUPS
+from thighseg.measure.metrics import overlap_metrics
+from thighseg.synthetic.phantom import Phantom
+from thighseg.core.resample import MODEL_INPUT_SIZE
+from thighseg.measure.agreement import bland_altman, icc_2_1, mean_sd
 
 InferFn = Callable[[np.ndarray], np.ndarray]
 METRICS = ("dsc", "sensitivity", "specificity", "accuracy")
@@ -41,8 +41,8 @@ def evaluate_study(study: Phantom, infer: InferFn) -> dict:
     spacing = (g.slice_spacing, g.pixel_spacing, g.pixel_spacing)
     predicted = segment_volume(study.hu, infer, MODEL_INPUT_SIZE)
     return {"seed": study.subject.seed, "overlap": overlap_metrics(predicted, study.labels),
-            "volumes_predicted": headline(volume_indices(study.hu, predicted, spacing)),
-            "volumes_truth": headline(volume_indices(study.hu, study.labels, spacing)),
+            "volumes_predicted": volume_indices(study.hu, predicted, spacing).headline(),
+            "volumes_truth": volume_indices(study.hu, study.labels, spacing).headline(),
             "_labels": predicted}
 
 
@@ -118,8 +118,8 @@ def write_figures(report: dict, cases: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from thighseg.dicom_listener.outputs import write_overlay_png
-    from thighseg.summary import Preview
+    from thighseg.pipeline.outputs import write_overlay_png
+    from thighseg.pipeline.summary import Preview
 
     groups = [g.name.lower() for g in MUSCLE_GROUPS]
     models = list(report["models"])

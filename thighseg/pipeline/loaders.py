@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 
-from thighseg.labels import MUSCLE_GROUPS
+from thighseg.core.labels import MUSCLE_GROUPS
+from thighseg.pipeline.assemble import assemble
 
 
 @dataclass
@@ -76,10 +78,6 @@ def load_nifti_pair(image_path: Path, label_path: Path) -> LabelledVolume:
 
 def load_dicom_with_seg(series_files: list[Path], seg_path: Path) -> LabelledVolume:
     """A CT series and a SEG referencing it; segments are matched to groups by their label."""
-    import highdicom as hd
-
-    from thighseg.dicom_listener.assemble import assemble
-
     volume = assemble(series_files)
     seg = hd.seg.segread(seg_path)
     uids = [s.SOPInstanceUID for s in volume.sources]
@@ -94,3 +92,10 @@ def load_dicom_with_seg(series_files: list[Path], seg_path: Path) -> LabelledVol
                                                  combine_segments=True)
         labels[np.asarray(mask) > 0] = group
     return LabelledVolume(volume.hu, labels, volume.spacing_zyx, str(seg_path))
+
+
+def labels_from_seg(seg_path: Path, source_uids: list[str]) -> np.ndarray:
+    """Label map (z, y, x) from a SEG, one slice per source SOP Instance UID, in the given order."""
+    seg = hd.seg.segread(seg_path)
+    return np.asarray(seg.get_pixels_by_source_instance(source_sop_instance_uids=source_uids,
+                                                        combine_segments=True), dtype=np.uint8)

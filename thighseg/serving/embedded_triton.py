@@ -17,6 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from thighseg.core.constants import TRITON_GRPC_PORT, TRITON_HTTP_PORT, TRITON_METRICS_PORT
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +26,9 @@ CPU_CONFIG_NAME = "cpu"
 
 @dataclass(frozen=True)
 class Ports:
-    http: int = 8000
-    grpc: int = 8001
-    metrics: int = 8002
+    http: int = TRITON_HTTP_PORT
+    grpc: int = TRITON_GRPC_PORT
+    metrics: int = TRITON_METRICS_PORT
 
 
 def _pytriton_root() -> Path:

@@ -10,10 +10,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from thighseg import models, phantom
-from thighseg.ct_series import read_truth, write_series
-from thighseg.embedded_triton import EmbeddedTriton, Ports
-from thighseg.metrics import dice_per_group, group_volumes_ml
+from thighseg.learning import models
+from thighseg.synthetic import phantom
+from thighseg.synthetic.ct_series import read_truth, write_series
+from thighseg.serving.embedded_triton import EmbeddedTriton, Ports
+from thighseg.measure.metrics import dice_per_group, group_volumes_ml
+from thighseg.pipeline.loaders import labels_from_seg
+from thighseg.core.constants import DICOM_PORT
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +30,7 @@ class DemoOptions:
     slice_spacing: float = 5.0
     work_dir: Path | None = None
     ports: Ports = Ports()
-    scp_port: int = 11112
+    scp_port: int = DICOM_PORT
     repository: Path = models.REPOSITORY
 
 
@@ -44,9 +47,10 @@ def ensure_exported(model: str, repository: Path) -> Path:
 
 def run_demo(options: DemoOptions) -> dict:
     from thighseg.client.triton import TritonSegmenter
-    from thighseg.dicom_listener.pipeline import settings_for
+    from thighseg.pipeline.stages import settings_for
     from thighseg.dicom_listener.scu import send_files
-    from thighseg.dicom_listener.service import Listener, ListenerConfig
+    from thighseg.dicom_listener.config import ListenerConfig
+    from thighseg.dicom_listener.service import Listener
 
     ensure_exported(options.model, options.repository)
     with tempfile.TemporaryDirectory(prefix="thighseg-demo-") as scratch:
@@ -73,8 +77,8 @@ def run_demo(options: DemoOptions) -> dict:
                 series_uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
                 result = listener.wait_for(series_uid, timeout_s=600)
                 elapsed = time.perf_counter() - pushed
-        if result.report["status"] != "done":
-            raise RuntimeError(f"series failed: {result.report.get('reason')}")
+        if result.report.status != "done":
+            raise RuntimeError(f"series failed: {result.report.reason}")
         summary = summarise(result, series_dir, elapsed)
         if options.work_dir is None:
             summary["note"] = "outputs were in a temporary folder; pass --work DIR to keep them"
@@ -85,24 +89,15 @@ def summarise(result, series_dir: Path, elapsed_s: float) -> dict:
     """Read the SEG back (as a viewer would) and compare it with the phantom's truth."""
     truth, uids = read_truth(series_dir)
     predicted = labels_from_seg(result.seg_path, uids)
-    spacing = tuple(result.report["spacing_zyx_mm"])
+    spacing = tuple(result.report.spacing_zyx_mm)
     return {
         "seconds_push_to_seg": round(elapsed_s, 2),
         "seg": str(result.seg_path),
         "report": str(result.report_path),
         "dice": dice_per_group(predicted, truth),
-        "volumes_ml": result.report["volumes_ml"],
+        "volumes_ml": result.report.volumes_ml,
         "truth_volumes_ml": group_volumes_ml(truth, spacing),
     }
-
-
-def labels_from_seg(seg_path: Path, source_uids: list[str]) -> np.ndarray:
-    """Label map (z, y, x) from a SEG, one slice per source SOP Instance UID, in the given order."""
-    import highdicom as hd
-
-    seg = hd.seg.segread(seg_path)
-    return np.asarray(seg.get_pixels_by_source_instance(source_sop_instance_uids=source_uids,
-                                                        combine_segments=True), dtype=np.uint8)
 
 
 def print_summary(summary: dict) -> None:

@@ -8,7 +8,6 @@ One study's failure never stops the cohort: it is reported and listed at the end
 from __future__ import annotations
 
 import csv
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +16,8 @@ import pydicom
 from tqdm import tqdm
 
 import thighseg
-from thighseg import qc
-from thighseg.dicom_listener.outputs import write_report
-from thighseg.dicom_listener.pipeline import InferenceSettings, infer_stage, measure_stage, process_series
-from thighseg.indices import headline
+from thighseg.pipeline.report import SeriesReport
+from thighseg.pipeline.stages import InferenceSettings, process_nifti, process_series
 
 NIFTI = re.compile(r"\.nii(\.gz)?$")
 
@@ -62,56 +59,36 @@ def discover(inputs: list[Path]) -> list[Study]:
 
 def _done(out_dir: Path) -> bool:
     report = out_dir / "report.json"
-    return report.exists() and json.loads(report.read_text()).get("status") == "done"
+    return report.exists() and SeriesReport.read(report).done
 
 
-def process_nifti(path: Path, out_dir: Path, settings: InferenceSettings) -> dict:
-    from thighseg.loaders import load_nifti_image, save_nifti_labels
-    from thighseg.summary import Preview, render
-
-    hu, spacing, affine = load_nifti_image(path)
-    labels = infer_stage(hu, settings)
-    report = measure_stage(hu, labels, spacing)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_nifti_labels(labels, affine, out_dir / "labels.nii.gz")
-    render(Preview.of(hu, labels), spacing, report["indices"], [qc.Flag(**f) for f in report["qc_flags"]],
-           f"Thigh muscle summary — {settings.model}, {path.name}", out_dir / "summary.png", out_dir / "summary.pdf")
-    return {**report, "status": "done", "outputs": ["labels.nii.gz", "summary.png", "summary.pdf", "report.json"]}
-
-
-def process(study: Study, out_dir: Path, settings: InferenceSettings) -> dict:
+def process(study: Study, out_dir: Path, settings: InferenceSettings) -> SeriesReport:
+    """One study through the pipeline's single path (DICOM series or NIfTI volume)."""
     if study.kind == "dicom":
         return process_series(list(study.paths), out_dir, settings).report
-    try:
-        report = process_nifti(study.paths[0], out_dir, settings)
-    except Exception as error:  # unreadable file, wrong dimensions: reported, the cohort goes on
-        report = {"status": "failed", "reason": f"{type(error).__name__}: {error}"}
-    report.update(model=settings.model, source=str(study.paths[0]))
-    write_report(report, out_dir / "report.json")
-    return report
+    return process_nifti(study.paths[0], out_dir, settings).report
 
 
-def row(key: str, report: dict) -> dict:
+def row(key: str, report: SeriesReport) -> dict:
     """One flat CSV row: identity, status, headline volumes, indices, QC codes."""
-    out = {"study": key, "status": report.get("status"), "reason": report.get("reason", ""),
-           "model": report.get("model"), "thighseg_version": thighseg.__version__,
-           "qc_flags": ";".join(f["code"] for f in report.get("qc_flags", []))}
-    indices = report.get("indices")
-    if indices:
-        out.update(headline(indices))
-        total = indices["total"]
-        out.update(imat_fraction=total["imat_fraction"], intermuscular_fat_fraction=total["intermuscular_fat_fraction"],
-                   muscle_mean_hu=total["muscle"]["mean_hu"], low_density_muscle_ml=total["muscle"]["low_density_ml"],
-                   asymmetry_percent=indices["asymmetry_percent"]["muscle"],
-                   muscle_volume_index_ml_per_m2=total.get("muscle_volume_index_ml_per_m2"))
+    out = {"study": key, "status": report.status, "reason": report.reason or "", "model": report.model,
+           "thighseg_version": thighseg.__version__, "qc_flags": ";".join(f.code for f in report.qc_flags)}
+    indices = report.indices
+    if indices is not None:
+        out.update(indices.headline())
+        total = indices.total
+        out.update(imat_fraction=total.imat_fraction, intermuscular_fat_fraction=total.intermuscular_fat_fraction,
+                   muscle_mean_hu=total.muscle.mean_hu, low_density_muscle_ml=total.muscle.low_density_ml,
+                   asymmetry_percent=indices.asymmetry_percent.muscle,
+                   muscle_volume_index_ml_per_m2=total.muscle_volume_index_ml_per_m2)
         for leg in ("right", "left"):
             for group in ("extensor", "flexor", "adductor"):
-                out[f"{leg}_{group}_ml"] = indices[leg][group]["total_ml"]
+                out[f"{leg}_{group}_ml"] = indices.leg(leg).tissue(group).total_ml
     return out
 
 
 def write_table(out: Path) -> Path:
-    rows = [row(report.parent.name, json.loads(report.read_text())) for report in sorted(out.glob("*/report.json"))]
+    rows = [row(path.parent.name, SeriesReport.read(path)) for path in sorted(out.glob("*/report.json"))]
     columns = list(dict.fromkeys(k for r in rows for k in r))
     table = out / "results.csv"
     with table.open("w", newline="") as handle:
@@ -138,7 +115,7 @@ def run(inputs: list[Path], out: Path, settings: InferenceSettings) -> tuple[lis
             continue
         report = process(study, target, settings)
         processed.append(study.key)
-        if report.get("status") != "done":
-            failures.append((study.key, report.get("reason", "unknown")))
+        if not report.done:
+            failures.append((study.key, report.reason or "unknown"))
     write_table(out)
     return processed, failures

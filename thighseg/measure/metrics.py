@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from thighseg.labels import MUSCLE_GROUPS
+from thighseg.core.labels import MUSCLE_GROUPS
 
 
 def dice(prediction: np.ndarray, truth: np.ndarray, label: int) -> float:

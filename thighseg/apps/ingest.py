@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
+from thighseg.core.constants import AE_TITLE
 
 
 @dataclass(frozen=True)
@@ -109,5 +110,5 @@ def compare_ingest(files: list[Path], triton_url: str, work: Path, associations:
             runs.append(IngestRun("dcmtk-storescp", count, len(files), push(files, port, count, "STORESCP")))
         # idle far longer than the run: measure receiving only, not the segmentation that follows
         with listener_process(triton_url, work / f"spool-{count}", work / f"out-{count}", idle_s=1e6) as (port, _):
-            runs.append(IngestRun("thighseg-listener", count, len(files), push(files, port, count, "THIGHSEG")))
+            runs.append(IngestRun("thighseg-listener", count, len(files), push(files, port, count, AE_TITLE)))
     return runs

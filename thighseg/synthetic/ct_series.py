@@ -9,7 +9,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
-from thighseg.phantom import Phantom, describe
+from thighseg.synthetic.phantom import Phantom, describe
 
 RESCALE_INTERCEPT = -1024.0
 TRUTH_FILE = "truth.npz"

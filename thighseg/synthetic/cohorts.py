@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-from thighseg import phantom
+from thighseg.synthetic import phantom
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from thighseg.labels import MUSCLE_GROUPS
-from thighseg.qc import Flag
+from thighseg.core.labels import MUSCLE_GROUPS
+from thighseg.measure.indices import TISSUES, VolumeIndices
+from thighseg.measure.qc import Flag
 
 COLOURS = {1: (0.90, 0.24, 0.24), 2: (0.24, 0.78, 0.31), 3: (0.27, 0.43, 0.94)}
 WINDOW = (-160.0, 240.0)
@@ -24,16 +25,16 @@ def blend(hu: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return rgb
 
 
-def _table_rows(indices: dict) -> list[list[str]]:
+def _table_rows(indices: VolumeIndices) -> list[list[str]]:
     rows = []
-    for name in [g.name.lower() for g in MUSCLE_GROUPS] + ["muscle"]:
-        right, left = indices["right"][name], indices["left"][name]
-        rows.append([name, f"{right['total_ml']:.0f} / {left['total_ml']:.0f}",
-                     f"{right['lean_ml']:.0f} / {left['lean_ml']:.0f}", f"{right['imat_ml']:.0f} / {left['imat_ml']:.0f}",
-                     f"{(right['mean_hu'] or 0):.0f} / {(left['mean_hu'] or 0):.0f}",
-                     f"{indices['asymmetry_percent'][name]:.1f}"])
-    rows.append(["intermuscular fat", f"{indices['right']['intermuscular_fat_ml']:.0f} / "
-                 f"{indices['left']['intermuscular_fat_ml']:.0f}", "", "", "", ""])
+    for name in TISSUES:
+        right, left = indices.right.tissue(name), indices.left.tissue(name)
+        rows.append([name, f"{right.total_ml:.0f} / {left.total_ml:.0f}", f"{right.lean_ml:.0f} / {left.lean_ml:.0f}",
+                     f"{right.imat_ml:.0f} / {left.imat_ml:.0f}",
+                     f"{(right.mean_hu or 0):.0f} / {(left.mean_hu or 0):.0f}",
+                     f"{getattr(indices.asymmetry_percent, name):.1f}"])
+    rows.append(["intermuscular fat", f"{indices.right.intermuscular_fat_ml:.0f} / "
+                 f"{indices.left.intermuscular_fat_ml:.0f}", "", "", "", ""])
     return rows
 
 
@@ -66,7 +67,7 @@ class Preview:
                    labels[:, coronal_row].copy(), crop)
 
 
-def render(preview: Preview, spacing_zyx: tuple[float, float, float], indices: dict,
+def render(preview: Preview, spacing_zyx: tuple[float, float, float], indices: VolumeIndices,
            flags: list[Flag], title: str, png: Path, pdf: Path | None = None) -> Path:
     import matplotlib
 
@@ -96,13 +97,13 @@ def render(preview: Preview, spacing_zyx: tuple[float, float, float], indices: d
     table.auto_set_font_size(False)
     table.set_fontsize(9)
     table.scale(1, 1.3)
-    total = indices["total"]
-    facts = [f"Total muscle {total['muscle']['total_ml']:.0f} mL, lean {total['muscle']['lean_ml']:.0f} mL, "
-             f"IMAT fraction {100 * total['imat_fraction']:.1f} %, intermuscular fat fraction "
-             f"{100 * total['intermuscular_fat_fraction']:.1f} %, low-density muscle "
-             f"{total['muscle']['low_density_ml']:.0f} mL"]
-    if "muscle_volume_index_ml_per_m2" in total:
-        facts.append(f"Muscle volume index {total['muscle_volume_index_ml_per_m2']:.0f} mL/m²")
+    total = indices.total
+    facts = [f"Total muscle {total.muscle.total_ml:.0f} mL, lean {total.muscle.lean_ml:.0f} mL, "
+             f"IMAT fraction {100 * total.imat_fraction:.1f} %, intermuscular fat fraction "
+             f"{100 * total.intermuscular_fat_fraction:.1f} %, low-density muscle "
+             f"{total.muscle.low_density_ml:.0f} mL"]
+    if total.muscle_volume_index_ml_per_m2 is not None:
+        facts.append(f"Muscle volume index {total.muscle_volume_index_ml_per_m2:.0f} mL/m²")
     facts.append("QC: " + ("no flags" if not flags else ""))
     facts += [f"  ⚠ {f.code}: {f.reason}" for f in flags]
     text_axis = figure.add_subplot(grid[2, :])

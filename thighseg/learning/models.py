@@ -7,13 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from thighseg.labels import NUM_CLASSES
+from thighseg.core.labels import NUM_CLASSES
 
 if TYPE_CHECKING:
     import torch
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
-REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"  # the version-controlled Triton repository
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"  # the version-controlled Triton repository
 
 
 def _segformer() -> "torch.nn.Module":
@@ -33,8 +33,8 @@ def _manet() -> "torch.nn.Module":
 
 
 def _denseunet() -> "torch.nn.Module":
-    """A faithful dense-block U-Net (thighseg.dense_unet), 0.7 M parameters."""
-    from thighseg.dense_unet import DenseUNet
+    """A faithful dense-block U-Net (thighseg.learning.dense_unet), 0.7 M parameters."""
+    from thighseg.learning.dense_unet import DenseUNet
 
     return DenseUNet(in_channels=1, classes=NUM_CLASSES)
 

@@ -11,8 +11,8 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 import thighseg
-from thighseg.labels import Group, MUSCLE_GROUPS
-from thighseg.summary import Preview, blend
+from thighseg.core.labels import Group, MUSCLE_GROUPS
+from thighseg.pipeline.summary import Preview, blend
 
 # The segmented property type is SNOMED CT "Muscle of lower limb" (102292000, in DICOM's anatomic
 # context groups); the functional group is named by the segment label and tracking identifier,

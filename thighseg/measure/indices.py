@@ -20,10 +20,91 @@ orientation.
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import numpy as np
 from scipy import ndimage
 
-from thighseg.labels import ADIPOSE_HU, MUSCLE_GROUPS, MUSCLE_HU
+from thighseg.core.labels import ADIPOSE_HU, MUSCLE_GROUPS, MUSCLE_HU
+
+@dataclass(frozen=True)
+class TissueVolumes:
+    """One group (or all muscle) in one leg or both: volumes in mL, density of the lean voxels in HU."""
+
+    total_ml: float
+    lean_ml: float
+    imat_ml: float
+    low_density_ml: float
+    mean_hu: float | None  # None when there is no lean voxel
+    sd_hu: float | None
+
+
+@dataclass(frozen=True)
+class LegIndices:
+    extensor: TissueVolumes
+    flexor: TissueVolumes
+    adductor: TissueVolumes
+    muscle: TissueVolumes  # the three groups together
+    intermuscular_fat_ml: float
+
+    def tissue(self, name: str) -> TissueVolumes:
+        """By name: extensor, flexor, adductor or muscle."""
+        return getattr(self, name)
+
+
+@dataclass(frozen=True)
+class TotalIndices(LegIndices):
+    imat_fraction: float = 0.0
+    intermuscular_fat_fraction: float = 0.0
+    muscle_volume_index_ml_per_m2: float | None = None  # only when PatientSize is known
+
+
+@dataclass(frozen=True)
+class Asymmetry:
+    """100 × |right − left| / mean(right, left) of total muscle volume."""
+
+    extensor: float
+    flexor: float
+    adductor: float
+    muscle: float
+
+
+@dataclass(frozen=True)
+class VolumeIndices:
+    right: LegIndices
+    left: LegIndices
+    total: TotalIndices
+    asymmetry_percent: Asymmetry
+
+    def leg(self, name: str) -> LegIndices:
+        """By name: right, left or total."""
+        return getattr(self, name)
+
+    def headline(self) -> dict[str, float]:
+        """The four volumes compared with ICC: total muscle, lean muscle, IMAT, intermuscular fat."""
+        muscle = self.total.muscle
+        return {"total_muscle_ml": muscle.total_ml, "lean_muscle_ml": muscle.lean_ml,
+                "intramuscular_fat_ml": muscle.imat_ml, "intermuscular_fat_ml": self.total.intermuscular_fat_ml}
+
+    def to_dict(self) -> dict:
+        """Plain data for report.json (an unknown height leaves the volume index out)."""
+        data = asdict(self)
+        if data["total"]["muscle_volume_index_ml_per_m2"] is None:
+            del data["total"]["muscle_volume_index_ml_per_m2"]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "VolumeIndices":
+        def leg(values: dict, kind: type[LegIndices]) -> LegIndices:
+            tissues = {name: TissueVolumes(**values[name]) for name in TISSUES}
+            return kind(**tissues, **{k: v for k, v in values.items() if k not in TISSUES})
+
+        return cls(leg(data["right"], LegIndices), leg(data["left"], LegIndices), leg(data["total"], TotalIndices),
+                   Asymmetry(**data["asymmetry_percent"]))
+
+
+TISSUES = tuple(g.name.lower() for g in MUSCLE_GROUPS) + ("muscle",)
+
 
 FASCIA_CLOSING_MM = 6.0
 LOW_DENSITY_HU = (-29.0, 29.0)
@@ -100,12 +181,11 @@ def _finish(stats: dict, voxel_ml: float) -> dict:
 
 
 def volume_indices(hu: np.ndarray, labels: np.ndarray, spacing_zyx: tuple[float, float, float],
-                   height_m: float | None = None) -> dict:
-    """{leg: {group: {...}, muscle: {...}, intermuscular_fat_ml}, total: {...}, asymmetry_percent: {...}}
-    in mL, HU and %."""
+                   height_m: float | None = None) -> VolumeIndices:
+    """Per leg and in total: each group's and all muscle's volumes and density, intermuscular fat,
+    fractions and asymmetry (definitions in the module docstring)."""
     voxel_ml = float(np.prod(spacing_zyx)) / 1000
-    names = [g.name.lower() for g in MUSCLE_GROUPS] + ["muscle"]
-    stats = {(leg, name): {} for leg in (*LEGS, "total") for name in names}
+    stats = {(leg, name): {} for leg in (*LEGS, "total") for name in TISSUES}
     intermuscular = {leg: 0 for leg in LEGS}
     legs = leg_masks(hu)
     for start in range(0, hu.shape[0], CHUNK_SLICES):
@@ -122,21 +202,25 @@ def volume_indices(hu: np.ndarray, labels: np.ndarray, spacing_zyx: tuple[float,
             _accumulate(stats[(leg, "muscle")], h, muscle, lean, adipose, low_density)
             envelope = fascia_envelope(muscle, spacing_zyx[1]) & in_leg
             intermuscular[leg] += int((envelope & ~muscle & ~bone & adipose).sum())
-    for name in names:
+    for name in TISSUES:
         stats[("total", name)] = {k: sum(stats[(leg, name)].get(k, 0) for leg in LEGS) for k in _STATS}
-    result: dict = {leg: {name: _finish(stats[(leg, name)], voxel_ml) for name in names} for leg in (*LEGS, "total")}
-    for leg in LEGS:
-        result[leg]["intermuscular_fat_ml"] = intermuscular[leg] * voxel_ml
-    total = result["total"]
-    total["intermuscular_fat_ml"] = sum(intermuscular.values()) * voxel_ml
-    total["imat_fraction"] = total["muscle"]["imat_ml"] / total["muscle"]["total_ml"] if total["muscle"]["total_ml"] else 0.0
-    envelope_ml = total["muscle"]["total_ml"] + total["intermuscular_fat_ml"]
-    total["intermuscular_fat_fraction"] = total["intermuscular_fat_ml"] / envelope_ml if envelope_ml else 0.0
-    if height_m:
-        total["muscle_volume_index_ml_per_m2"] = total["muscle"]["total_ml"] / height_m ** 2
-    result["asymmetry_percent"] = {name: _asymmetry(result["right"][name]["total_ml"], result["left"][name]["total_ml"])
-                                   for name in names}
-    return _rounded(result)
+    volumes = {leg: {name: _finish(stats[(leg, name)], voxel_ml) for name in TISSUES} for leg in (*LEGS, "total")}
+    intermuscular_ml = {leg: intermuscular[leg] * voxel_ml for leg in LEGS}
+    intermuscular_ml["total"] = sum(intermuscular.values()) * voxel_ml
+    muscle_ml, imat_ml = volumes["total"]["muscle"]["total_ml"], volumes["total"]["muscle"]["imat_ml"]
+    envelope_ml = muscle_ml + intermuscular_ml["total"]
+
+    def leg_indices(leg: str, kind: type[LegIndices] = LegIndices, **extra: float | None) -> LegIndices:
+        tissues = {name: TissueVolumes(**{k: _round(v) for k, v in volumes[leg][name].items()}) for name in TISSUES}
+        return kind(**tissues, intermuscular_fat_ml=_round(intermuscular_ml[leg]),
+                    **{k: _round(v) for k, v in extra.items()})
+
+    total = leg_indices("total", TotalIndices, imat_fraction=imat_ml / muscle_ml if muscle_ml else 0.0,
+                        intermuscular_fat_fraction=intermuscular_ml["total"] / envelope_ml if envelope_ml else 0.0,
+                        muscle_volume_index_ml_per_m2=muscle_ml / height_m ** 2 if height_m else None)
+    asymmetry = Asymmetry(**{name: _round(_asymmetry(volumes["right"][name]["total_ml"],
+                                                      volumes["left"][name]["total_ml"])) for name in TISSUES})
+    return VolumeIndices(leg_indices("right"), leg_indices("left"), total, asymmetry)
 
 
 def _asymmetry(right: float, left: float) -> float:
@@ -144,14 +228,6 @@ def _asymmetry(right: float, left: float) -> float:
     return 100 * abs(right - left) / mean if mean else 0.0
 
 
-def _rounded(value):
-    if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
-    return None if np.isnan(value) else round(float(value), 3)  # JSON has no NaN
-
-
-def headline(indices: dict) -> dict[str, float]:
-    """The four volumes compared with ICC: total muscle, lean muscle, IMAT, intermuscular fat."""
-    total = indices["total"]
-    return {"total_muscle_ml": total["muscle"]["total_ml"], "lean_muscle_ml": total["muscle"]["lean_ml"],
-            "intramuscular_fat_ml": total["muscle"]["imat_ml"], "intermuscular_fat_ml": total["intermuscular_fat_ml"]}
+def _round(value: float | None) -> float | None:
+    """Three decimals; NaN (no voxel to average) becomes None, as JSON has no NaN."""
+    return None if value is None or np.isnan(value) else round(float(value), 3)

@@ -20,14 +20,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from thighseg import models, phantom
-from thighseg.client.baselines import onnxruntime_runner, slices_per_second, torch_runner
-from thighseg.client.ingest import compare_ingest, free_port, listener_process, peak_rss_bytes, push
+from thighseg.learning import models
+from thighseg.synthetic import phantom
+from thighseg.apps.baselines import onnxruntime_runner, slices_per_second, torch_runner
+from thighseg.apps.ingest import compare_ingest, free_port, listener_process, peak_rss_bytes, push
 from thighseg.client.perf import measure, without_dynamic_batching
-from thighseg.ct_series import write_series
-from thighseg.embedded_triton import CPU_CONFIG_NAME, EmbeddedTriton, Ports
-from thighseg.labels import normalise_hu
-from thighseg.resample import MODEL_INPUT_SIZE, to_model_grid
+from thighseg.synthetic.ct_series import write_series
+from thighseg.serving.embedded_triton import CPU_CONFIG_NAME, EmbeddedTriton, Ports
+from thighseg.core.labels import normalise_hu
+from thighseg.core.resample import MODEL_INPUT_SIZE, to_model_grid
+from thighseg.core.constants import AE_TITLE
 
 DYNAMIC_BATCHING_TARGET = 1.3  # issue 6: batching on vs off at concurrency 8
 
@@ -96,7 +98,7 @@ def run_baselines(model: str, onnx_path: Path, config: BenchConfig) -> dict[str,
 def _process_study(files: list[Path], port: int, out: Path, reports_before: int) -> tuple[float, float]:
     """Push one study; (seconds from the first C-STORE to its report, seconds of sending)."""
     started = time.perf_counter()
-    send_seconds = push(files, port, 1, "THIGHSEG")
+    send_seconds = push(files, port, 1, AE_TITLE)
     deadline = time.monotonic() + 1800
     while len(list(out.rglob("report.json"))) <= reports_before and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage
 
-from thighseg.labels import Group
+from thighseg.core.labels import Group
 
 HU_AIR = -1000.0
 HU_FAT = -100.0

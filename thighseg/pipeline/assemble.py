@@ -65,33 +65,44 @@ def _normal(ds: Dataset) -> np.ndarray:
     return np.cross(orientation[:3], orientation[3:])
 
 
-def assemble(paths: list[Path], min_slices: int = 3, scratch: Path | None = None) -> Volume:
-    """Sort by ImagePositionPatient along the slice normal, check spacing and orientation, rescale.
-
-    With `scratch`, the HU volume is an HUStack in a file there instead of an array in memory.
-    """
+def _check_count(paths: list[Path], min_slices: int) -> None:
     if len(paths) < min_slices:
         raise SeriesError(f"series has {len(paths)} instances; at least {min_slices} are needed")
-    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
-    first = headers[0]
-    for attribute in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "Rows", "Columns"):
-        missing = [h.SOPInstanceUID for h in headers if attribute not in h]
+
+
+def _check_attributes(headers: list[Dataset]) -> None:
+    for attribute in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "Rows", "Columns",
+                      "RescaleSlope", "RescaleIntercept"):
+        missing = [h for h in headers if attribute not in h]
         if missing:
             raise SeriesError(f"{len(missing)} instance(s) lack {attribute}")
-    normal = _normal(first)
-    if abs(normal[2]) < 0.99:
+
+
+def _check_axial(first: Dataset) -> None:
+    if abs(_normal(first)[2]) < 0.99:
         raise SeriesError("series is not axial (slice normal is not along the patient z axis)")
+
+
+def _check_consistent(headers: list[Dataset]) -> None:
+    """One frame of reference, matrix, orientation and pixel spacing for every instance."""
+    first = headers[0]
     if len({str(h.get("FrameOfReferenceUID", "")) for h in headers}) > 1:
         raise SeriesError("instances differ in FrameOfReferenceUID")
+    orientation, spacing = _floats(first.ImageOrientationPatient), _floats(first.PixelSpacing)
     for h in headers:
         if (h.Rows, h.Columns) != (first.Rows, first.Columns):
             raise SeriesError("instances differ in Rows/Columns")
-        if not np.allclose([float(v) for v in h.ImageOrientationPatient],
-                           [float(v) for v in first.ImageOrientationPatient], atol=1e-3):
+        if not np.allclose(_floats(h.ImageOrientationPatient), orientation, atol=1e-3):
             raise SeriesError("instances differ in ImageOrientationPatient")
-        if not np.allclose([float(v) for v in h.PixelSpacing], [float(v) for v in first.PixelSpacing], atol=1e-4):
+        if not np.allclose(_floats(h.PixelSpacing), spacing, atol=1e-4):
             raise SeriesError("instances differ in PixelSpacing")
-    positions = np.array([np.dot(normal, [float(v) for v in h.ImagePositionPatient]) for h in headers])
+
+
+def _slice_order(headers: list[Dataset]) -> tuple[np.ndarray, float]:
+    """Instances sorted along the slice normal, and the slice spacing; refuses duplicate positions,
+    gaps, uneven steps and slices too far apart."""
+    normal = _normal(headers[0])
+    positions = np.array([np.dot(normal, _floats(h.ImagePositionPatient)) for h in headers])
     order = np.argsort(positions)
     steps = np.diff(positions[order])
     if np.any(steps < 1e-3):
@@ -102,21 +113,43 @@ def assemble(paths: list[Path], min_slices: int = 3, scratch: Path | None = None
     if np.any(np.abs(steps - spacing) > 0.1 * spacing + 0.01):
         raise SeriesError(f"slice positions are not evenly spaced (gap or missing slice; steps "
                           f"{steps.min():.2f}-{steps.max():.2f} mm)")
-    rows, columns = int(first.Rows), int(first.Columns)
-    rescales = {(float(h.get("RescaleSlope", 1)), float(h.get("RescaleIntercept", 0))) for h in headers}
+    return order, spacing
+
+
+def _floats(values) -> list[float]:
+    return [float(v) for v in values]
+
+
+def _rescale(ds: Dataset) -> tuple[float, float]:
+    return float(ds.RescaleSlope), float(ds.RescaleIntercept)
+
+
+def assemble(paths: list[Path], min_slices: int = 3, scratch: Path | None = None) -> Volume:
+    """Sort by ImagePositionPatient along the slice normal, check spacing and orientation, rescale.
+
+    Each check is a named function above that raises SeriesError with the reason for the report.
+    With `scratch`, the HU volume is an HUStack in a file there instead of an array in memory.
+    """
+    _check_count(paths, min_slices)
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    _check_attributes(headers)
+    _check_axial(headers[0])
+    _check_consistent(headers)
+    order, spacing = _slice_order(headers)
+    first = headers[0]
+    rescales = {_rescale(h) for h in headers}
     # Integer HU (slope 1, integer intercepts: nearly every CT) fit in int16: half the memory of float32.
     exact = all(slope == 1 and intercept.is_integer() for slope, intercept in rescales)
-    shape, dtype = (len(paths), rows, columns), np.int16 if exact else np.float32
+    shape, dtype = (len(paths), int(first.Rows), int(first.Columns)), np.int16 if exact else np.float32
     hu = np.empty(shape, dtype) if scratch is None else HUStack(shape, dtype, scratch)
     for target, index in enumerate(order):
         ds = pydicom.dcmread(paths[index])
-        slope, intercept = float(ds.get("RescaleSlope", 1)), float(ds.get("RescaleIntercept", 0))
+        slope, intercept = _rescale(ds)
         pixels = ds.pixel_array
         if exact:  # clip: no tissue is outside int16, and a 16-bit unsigned value plus intercept could be
-            image = np.clip(pixels.astype(np.int32) + int(intercept), -32768, 32767)
+            hu[target] = np.clip(pixels.astype(np.int32) + int(intercept), -32768, 32767)
         else:
-            image = pixels.astype(np.float32) * slope + intercept
-        hu[target] = image
-    row_mm, column_mm = (float(v) for v in first.PixelSpacing)
+            hu[target] = pixels.astype(np.float32) * slope + intercept
+    row_mm, column_mm = _floats(first.PixelSpacing)
     return Volume(hu=hu, spacing_zyx=(spacing, row_mm, column_mm), sources=[headers[i] for i in order],
                   paths=[paths[i] for i in order])

@@ -1,0 +1,41 @@
+"""The listener's settings in one dataclass: the CLI's options, the Helm chart's values and the
+README take their defaults from here (tests check that they agree)."""
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+
+from thighseg.core.constants import AE_TITLE, DICOM_PORT
+from thighseg.dicom_listener.forward import Destination
+from thighseg.dicom_listener.validation import Limits
+
+
+@dataclass
+class ListenerConfig:
+    spool_dir: Path
+    output_dir: Path
+    ae_title: str = AE_TITLE
+    host: str = "0.0.0.0"
+    port: int = DICOM_PORT
+    idle_s: float = 2.0
+    expiry_s: float = 86400.0  # a series still receiving after this long is given up and freed
+    workers: int = 1
+    metrics_port: int | None = None  # /metrics, /healthz, /readyz (LISTENER_METRICS_PORT in the CLI)
+    allowed_calling_aets: tuple[str, ...] = ()  # empty: any calling AE title may associate
+    tls_cert: Path | None = None  # PEM certificate + key: DICOM over TLS
+    tls_key: Path | None = None
+    tls_ca: Path | None = None  # when set, clients must present a certificate signed by it
+    max_pdu_bytes: int = 4 << 20  # advertised and enforced: a larger PDU aborts the association
+    network_timeout_s: float = 30.0  # a peer silent this long mid-PDU or mid-handshake is dropped
+    limits: Limits = Limits()
+    retry_backoff_s: tuple[float, float] = (2.0, 60.0)  # Triton down: first and longest wait
+    destination: Destination | None = None  # C-STORE SEG and SR here when set
+    forward_attempts: int = 4
+
+
+def default(name: str) -> object:
+    """The default of one ListenerConfig field (for CLI options and documentation)."""
+    field = next(f for f in fields(ListenerConfig) if f.name == name)
+    if field.default is MISSING:
+        raise KeyError(f"ListenerConfig.{name} has no default")
+    return field.default

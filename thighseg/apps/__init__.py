@@ -1,0 +1,1 @@
+"""Applications on top of the pipeline: cohort batch mode, evaluation, demo, benchmark."""

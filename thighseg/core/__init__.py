@@ -1,0 +1,1 @@
+"""Bottom layer: labels and HU windows, constants and defaults, resampling, memory release."""

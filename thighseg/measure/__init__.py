@@ -1,0 +1,1 @@
+"""Measurement: overlap metrics, volume indices, QC flags, agreement statistics (ICC, Bland-Altman)."""

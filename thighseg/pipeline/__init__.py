@@ -1,0 +1,1 @@
+"""One series through the stages: assemble or load -> infer -> measure -> emit."""

@@ -1,0 +1,201 @@
+"""One series through the stages: assemble (DICOM) or load (NIfTI) -> infer -> measure -> emit.
+
+Each stage is a plain function with declared inputs and outputs; `run_stages` wires them once for
+both kinds of input and records how long each took, so a failure names its stage and the report
+says where time went. `process_series` (DICOM: SEG, SR, summary, SC, overlay) and `process_nifti`
+(labels as NIfTI, summary) differ only in how the volume is read and what is written.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from thighseg.client.triton import TritonUnavailable
+from thighseg.client.volume import segment_volume
+from thighseg.core.memory import release_free_heap, release_highdicom_tables
+from thighseg.measure import qc
+from thighseg.measure.indices import volume_indices
+from thighseg.measure.metrics import group_volumes_ml
+from thighseg.pipeline.assemble import HUStack, SeriesError, Volume, assemble
+from thighseg.pipeline.loaders import load_nifti_image, save_nifti_labels
+from thighseg.pipeline.outputs import write_overlay_png, write_seg, write_sr
+from thighseg.pipeline.report import DONE, SeriesReport
+from thighseg.pipeline.summary import Preview, render, secondary_capture
+
+log = logging.getLogger(__name__)
+
+InferFn = Callable[[np.ndarray], np.ndarray]
+
+
+def _always_ready() -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    infer: InferFn
+    model: str
+    input_size: int
+    batch_size: int = 8
+    concurrency: int = 4
+    ready: Callable[[], bool] = _always_ready  # is the inference server reachable (for /readyz)
+
+
+def settings_for(segmenter, model: str, **options) -> InferenceSettings:
+    """Inference through a TritonSegmenter, at the input size the served model declares."""
+    return InferenceSettings(segmenter.infer, model, segmenter.input_shape()[1], ready=segmenter.is_ready, **options)
+
+
+# Failures of the machine, not of the series: the series is kept and tried again once they clear.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO,
+                                errno.ENOTDIR})
+
+
+def is_environment_error(error: BaseException) -> bool:
+    """A full or unwritable disk, as opposed to a series that cannot be processed."""
+    return isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS
+
+
+@dataclass(frozen=True)
+class SeriesResult:
+    report_path: Path
+    seg_path: Path | None  # None for a failed series or a NIfTI input
+    report: SeriesReport
+
+
+def short_uid(uid: str) -> str:
+    """Last 8 characters: enough to tell series apart in logs without printing full identifiers."""
+    return "…" + uid[-8:]
+
+
+@dataclass
+class LoadedVolume:
+    """What the read stage hands on: the HU volume, its geometry and, for emit, where it came from."""
+
+    hu: np.ndarray | HUStack  # (z, y, x)
+    spacing_zyx: tuple[float, float, float]
+    height_m: float | None  # PatientSize, for the height-normalised index
+    origin: Any  # the assembled DICOM Volume, or the NIfTI affine
+
+
+def infer_stage(hu: np.ndarray | HUStack, settings: InferenceSettings) -> np.ndarray:
+    """Labels (z, y, x) for the volume, in batches of slices through the inference server."""
+    return segment_volume(hu, settings.infer, settings.input_size, settings.batch_size, settings.concurrency)
+
+
+def measure_stage(report: SeriesReport, loaded: LoadedVolume, labels: np.ndarray) -> None:
+    """Group volumes, the full per-leg indices and the QC flags, into the report."""
+    report.volumes_ml = group_volumes_ml(labels, loaded.spacing_zyx)
+    report.indices = volume_indices(loaded.hu, labels, loaded.spacing_zyx, loaded.height_m)
+    report.qc_flags = qc.check(loaded.hu, labels, loaded.spacing_zyx)
+
+
+def _summary(report: SeriesReport, loaded: LoadedVolume, labels: np.ndarray, out_dir: Path, title: str) -> Preview:
+    preview = Preview.of(loaded.hu, labels)  # the pictures need only a few planes of the HU volume
+    render(preview, loaded.spacing_zyx, report.indices, report.qc_flags, title, out_dir / "summary.png",
+           out_dir / "summary.pdf")
+    return preview
+
+
+def emit_dicom(report: SeriesReport, loaded: LoadedVolume, labels: np.ndarray, out_dir: Path) -> None:
+    """SEG, SR, the one-page summary (PNG, PDF, DICOM SC) and the overlay."""
+    volume: Volume = loaded.origin
+    title = (f"Thigh muscle summary — {report.model}, {len(volume.sources)} slices, "
+             f"study {short_uid(report.study_instance_uid or '')}")
+    preview = _summary(report, loaded, labels, out_dir, title)
+    write_overlay_png(preview, out_dir / "overlay.png")
+    del preview
+    release_free_heap()  # the SEG is the largest allocation of the study: make room for it
+    seg = write_seg(volume.sources, labels, out_dir / "seg.dcm", report.model)
+    sr = write_sr(seg, volume.sources, report.volumes_ml, out_dir / "sr.dcm", report.model, report.qc_flags)
+    sc = secondary_capture(out_dir / "summary.png", volume.sources[0], out_dir / "summary_sc.dcm")
+    release_highdicom_tables()
+    report.seg_sop_instance_uid, report.sr_sop_instance_uid = str(seg.SOPInstanceUID), str(sr.SOPInstanceUID)
+    report.sc_sop_instance_uid = str(sc.SOPInstanceUID)
+    report.outputs = ["seg.dcm", "sr.dcm", "summary.png", "summary.pdf", "summary_sc.dcm", "overlay.png",
+                      "report.json"]
+
+
+def emit_nifti(report: SeriesReport, loaded: LoadedVolume, labels: np.ndarray, out_dir: Path) -> None:
+    """Labels as NIfTI in the image's own space, and the one-page summary."""
+    save_nifti_labels(labels, loaded.origin, out_dir / "labels.nii.gz")
+    _summary(report, loaded, labels, out_dir, f"Thigh muscle summary — {report.model}, {Path(report.source).name}")
+    report.outputs = ["labels.nii.gz", "summary.png", "summary.pdf", "report.json"]
+
+
+def read_dicom(report: SeriesReport, paths: list[Path], out_dir: Path) -> LoadedVolume:
+    """Assemble the series; the HU volume lives in a scratch file beside the results."""
+    volume = assemble(paths, scratch=out_dir)
+    first = volume.sources[0]
+    report.study_instance_uid, report.series_instance_uid = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
+    height = first.get("PatientSize")
+    return LoadedVolume(volume.hu, volume.spacing_zyx, float(height) if height else None, volume)
+
+
+def read_nifti(report: SeriesReport, path: Path) -> LoadedVolume:
+    hu, spacing, affine = load_nifti_image(path)
+    return LoadedVolume(hu, spacing, None, affine)
+
+
+Reader = Callable[[SeriesReport], LoadedVolume]
+Emitter = Callable[[SeriesReport, LoadedVolume, np.ndarray, Path], None]
+
+
+def run_stages(report: SeriesReport, read: Reader, emit: Emitter, out_dir: Path,
+               settings: InferenceSettings) -> SeriesResult:
+    """Run every stage; an input that cannot be processed still gets a report with the reason.
+
+    TritonUnavailable and environment errors (disk full, folder not writable) are not properties
+    of the input: they propagate so the caller can keep it queued and try again later.
+    """
+    stage = "assemble"
+
+    def timed(name: str, work: Callable, *args):
+        nonlocal stage
+        stage, started = name, time.perf_counter()
+        result = work(*args)
+        release_free_heap()  # what the stage freed leaves the process before the next one allocates
+        report.stage_seconds[name] = round(time.perf_counter() - started, 4)
+        return result
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        loaded = timed("assemble", read, report)
+        report.shape_zyx, report.spacing_zyx_mm = list(loaded.hu.shape), list(loaded.spacing_zyx)
+        labels = timed("infer", infer_stage, loaded.hu, settings)
+        timed("measure", measure_stage, report, loaded, labels)
+        timed("emit", emit, report, loaded, labels, out_dir)
+        report.status = DONE
+    except SeriesError as error:
+        report.reason = str(error)
+    except TritonUnavailable:
+        raise
+    except Exception as error:  # any stage failure is reported, never lost
+        if is_environment_error(error):
+            raise
+        log.exception("input failed in stage %s", stage)
+        report.reason = f"{stage} failed: {type(error).__name__}: {error}"
+    report_path = out_dir / "report.json"
+    report.write(report_path)
+    seg_path = out_dir / "seg.dcm" if report.done and "seg.dcm" in report.outputs else None
+    return SeriesResult(report_path=report_path, seg_path=seg_path, report=report)
+
+
+def process_series(instance_paths: list[Path], out_dir: Path, settings: InferenceSettings,
+                   provenance: dict | None = None) -> SeriesResult:
+    """A DICOM CT series -> SEG, SR, summary, SC, overlay, report. `provenance` (the listener's
+    content hash and generation of the inputs) is recorded in the report as given."""
+    report = SeriesReport(model=settings.model, instances=len(instance_paths), **(provenance or {}))
+    return run_stages(report, lambda r: read_dicom(r, instance_paths, out_dir), emit_dicom, out_dir, settings)
+
+
+def process_nifti(path: Path, out_dir: Path, settings: InferenceSettings) -> SeriesResult:
+    """A NIfTI volume -> labels (NIfTI), summary, report."""
+    report = SeriesReport(model=settings.model, source=str(path))
+    return run_stages(report, lambda r: read_nifti(r, path), emit_nifti, out_dir, settings)

@@ -1,0 +1,1 @@
+"""Synthetic thigh CT: the phantom generator, cohorts, CT DICOM series writer."""
