@@ -3,6 +3,7 @@
 One tritonclient connection per worker thread (the HTTP client is not thread-safe), so several
 batches can be in flight at once and Triton's dynamic batcher can merge them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -11,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from thighseg.core.constants import TRITON_URL
 
 log = logging.getLogger(__name__)
@@ -52,8 +54,9 @@ class TritonSegmenter:
             if self.protocol == "grpc":
                 client = module.InferenceServerClient(self.url)
             else:
-                client = module.InferenceServerClient(self.url, connection_timeout=self.timeout_s,
-                                                      network_timeout=self.timeout_s)
+                client = module.InferenceServerClient(
+                    self.url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s
+                )
             self._local.client = client
         return client
 
@@ -66,8 +69,11 @@ class TritonSegmenter:
     def input_shape(self) -> tuple[int, int, int]:
         """(channels, H, W) the served model expects, read from its metadata."""
         metadata = self._client().get_model_metadata(self.model)
-        inputs = metadata["inputs"] if isinstance(metadata, dict) else [
-            {"shape": list(i.shape)} for i in metadata.inputs]
+        inputs = (
+            metadata["inputs"]
+            if isinstance(metadata, dict)
+            else [{"shape": list(i.shape)} for i in metadata.inputs]
+        )
         shape = [int(s) for s in inputs[0]["shape"]][-3:]
         return shape[0], shape[1], shape[2]
 
@@ -81,17 +87,26 @@ class TritonSegmenter:
         for attempt in range(self.retries + 1):
             try:
                 tensor = module.InferInput("image", list(batch.shape), "FP32")
-                tensor.set_data_from_numpy(batch, **({"binary_data": True} if self.protocol == "http" else {}))
-                output = module.InferRequestedOutput("logits", **({"binary_data": True}
-                                                                  if self.protocol == "http" else {}))
+                tensor.set_data_from_numpy(
+                    batch, **({"binary_data": True} if self.protocol == "http" else {})
+                )
+                output = module.InferRequestedOutput(
+                    "logits", **({"binary_data": True} if self.protocol == "http" else {})
+                )
                 result = self._client().infer(self.model, [tensor], outputs=[output])
                 return result.as_numpy("logits")
-            except Exception as error:  # tritonclient raises InferenceServerException and socket errors
+            except (
+                Exception
+            ) as error:  # tritonclient raises InferenceServerException and socket errors
                 self._local.client = None
                 if attempt == self.retries:
-                    raise TritonUnavailable(f"inference on {self.model} at {self.url} failed after "
-                                            f"{attempt + 1} attempts: {error}") from error
-                log.warning("triton request failed (%s); retry %d in %.1f s", error, attempt + 1, delay)
+                    raise TritonUnavailable(
+                        f"inference on {self.model} at {self.url} failed after "
+                        f"{attempt + 1} attempts: {error}"
+                    ) from error
+                log.warning(
+                    "triton request failed (%s); retry %d in %.1f s", error, attempt + 1, delay
+                )
                 time.sleep(delay)
                 delay *= 2
         raise AssertionError("unreachable")

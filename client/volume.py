@@ -1,8 +1,9 @@
 """Segment a whole CT volume: slices to the model grid, batches in flight together, labels back."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 import numpy as np
 
@@ -12,9 +13,11 @@ from thighseg.core.resample import logits_to_labels, to_model_grid
 InferFn = Callable[[np.ndarray], np.ndarray]
 
 
-def segment_volume(hu: np.ndarray, infer: InferFn, input_size: int, batch_size: int = 8,
-                   concurrency: int = 4) -> np.ndarray:
-    """(z, y, x) HU -> (z, y, x) uint8 labels; `infer` maps (n, 1, s, s) inputs to (n, C, s, s) logits.
+def segment_volume(
+    hu: np.ndarray, infer: InferFn, input_size: int, batch_size: int = 8, concurrency: int = 4
+) -> np.ndarray:
+    """(z, y, x) HU -> (z, y, x) uint8 labels; `infer` maps (n, 1, s, s) inputs to (n, C, s, s)
+    logits.
 
     Batches are prepared and resampled inside the worker, so at most `concurrency` batches of
     logits exist at once, whatever the number of slices.
@@ -24,9 +27,9 @@ def segment_volume(hu: np.ndarray, infer: InferFn, input_size: int, batch_size: 
     labels = np.empty(hu.shape, dtype=np.uint8)
 
     def run(start: int) -> None:
-        chunk = hu[start:start + batch_size]
+        chunk = hu[start : start + batch_size]
         images = normalise_hu(to_model_grid(chunk, input_size))[:, None]
-        labels[start:start + len(chunk)] = logits_to_labels(infer(images), chunk.shape[1:])
+        labels[start : start + len(chunk)] = logits_to_labels(infer(images), chunk.shape[1:])
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         list(pool.map(run, range(0, hu.shape[0], batch_size)))  # list() re-raises worker errors

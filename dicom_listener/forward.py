@@ -4,6 +4,7 @@ Transient problems (no association, aborted association, out of resources) are r
 exponential backoff; a refusal that will not change (SOP class not supported, data set does not
 match, cannot understand) stops at once, so a refusing PACS never causes an endless loop.
 """
+
 from __future__ import annotations
 
 import logging
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pydicom
 from pynetdicom import AE
+
 from thighseg.core.constants import AE_TITLE
 
 log = logging.getLogger(__name__)
@@ -26,7 +28,7 @@ class Destination:
     port: int
 
     @staticmethod
-    def parse(text: str) -> "Destination":
+    def parse(text: str) -> Destination:
         """AET@host:port"""
         match = re.fullmatch(r"([^@]{1,16})@([^:]+):(\d+)", text)
         if not match:
@@ -45,8 +47,13 @@ def _permanent(status: int) -> bool:
     return status in (0x0122, 0x0124) or 0xA900 <= status <= 0xA9FF or 0xC000 <= status <= 0xCFFF
 
 
-def forward(paths: list[Path], destination: Destination, calling_ae: str = AE_TITLE, attempts: int = 4,
-            backoff_s: float = 1.0) -> ForwardResult:
+def forward(
+    paths: list[Path],
+    destination: Destination,
+    calling_ae: str = AE_TITLE,
+    attempts: int = 4,
+    backoff_s: float = 1.0,
+) -> ForwardResult:
     """Send every file; True only if the destination stored all of them."""
     datasets = [pydicom.dcmread(p) for p in paths]
     delay = backoff_s
@@ -55,7 +62,9 @@ def forward(paths: list[Path], destination: Destination, calling_ae: str = AE_TI
         ae = AE(ae_title=calling_ae)
         for ds in datasets:
             ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-        association = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+        association = ae.associate(
+            destination.host, destination.port, ae_title=destination.ae_title
+        )
         if association.is_established:
             statuses = []
             for ds in datasets:
@@ -67,13 +76,22 @@ def forward(paths: list[Path], destination: Destination, calling_ae: str = AE_TI
             failed = [s for s in statuses if s != 0 and not 0xB000 <= s <= 0xBFFF]
             detail = f"C-STORE status {', '.join(f'0x{s:04X}' for s in failed)}"
             if all(s >= 0 and _permanent(s) for s in failed):
-                log.error("destination %s refused the results (%s); not retrying", destination.ae_title, detail)
+                log.error(
+                    "destination %s refused the results (%s); not retrying",
+                    destination.ae_title,
+                    detail,
+                )
                 return ForwardResult(False, attempt, f"refused: {detail}")
         else:
             detail = "association rejected or destination unreachable"
         if attempt < attempts:
-            log.warning("forwarding to %s failed (%s); retry %d in %.1f s", destination.ae_title, detail,
-                        attempt, delay)
+            log.warning(
+                "forwarding to %s failed (%s); retry %d in %.1f s",
+                destination.ae_title,
+                detail,
+                attempt,
+                delay,
+            )
             time.sleep(delay)
             delay *= 2
     return ForwardResult(False, attempts, f"gave up after {attempts} attempts: {detail}")

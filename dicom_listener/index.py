@@ -8,6 +8,7 @@ only finish if the generation is still the same, so a result always describes ex
 instances it was computed from. `released` records that an association which sent to the series
 was released after its last instance, so a restart resumes each series in the state it had.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,7 +21,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-RECEIVING, COMPLETE, PROCESSING, DONE, FAILED = "receiving", "complete", "processing", "done", "failed"
+RECEIVING, COMPLETE, PROCESSING, DONE, FAILED = (
+    "receiving",
+    "complete",
+    "processing",
+    "done",
+    "failed",
+)
 STATES = (RECEIVING, COMPLETE, PROCESSING, DONE, FAILED)
 
 _SCHEMA = """
@@ -45,10 +52,15 @@ CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
 """
 # Columns added after the first release; an existing spool index is migrated in place.
 _ADDED_COLUMNS = {
-    "series": {"generation": "INTEGER NOT NULL DEFAULT 0", "released": "INTEGER NOT NULL DEFAULT 0"},
+    "series": {
+        "generation": "INTEGER NOT NULL DEFAULT 0",
+        "released": "INTEGER NOT NULL DEFAULT 0",
+    },
     "instances": {"digest": "TEXT NOT NULL DEFAULT ''"},
 }
-_SERIES_COLUMNS = "series_uid, study_uid, state, reason, instances, last_received, attempts, generation, released"
+_SERIES_COLUMNS = (
+    "series_uid, study_uid, state, reason, instances, last_received, attempts, generation, released"
+)
 
 
 class Arrival(enum.Enum):
@@ -121,27 +133,38 @@ class SpoolIndex:
                     self._db.execute("ROLLBACK")
                 raise
 
-    def record_instance(self, study_uid: str, series_uid: str, sop_uid: str, digest: str) -> Arrival:
+    def record_instance(
+        self, study_uid: str, series_uid: str, sop_uid: str, digest: str
+    ) -> Arrival:
         """Record a stored instance. Any change of content re-opens the series (back to receiving,
         next generation): a result must cover it."""
         now = time.time()
         with self._transaction():
-            row = self._db.execute("SELECT series_uid, digest FROM instances WHERE sop_uid = ?",
-                                   (sop_uid,)).fetchone()
+            row = self._db.execute(
+                "SELECT series_uid, digest FROM instances WHERE sop_uid = ?", (sop_uid,)
+            ).fetchone()
             if row is not None and row[0] != series_uid:
                 return Arrival.CONFLICT
             if row is not None and row[1] == digest:
                 return Arrival.DUPLICATE
             self._db.execute(
-                "INSERT INTO series (series_uid, study_uid, state, first_received, last_received, updated)"
+                "INSERT INTO series (series_uid, study_uid, state, first_received, last_received, "
+                "updated)"
                 " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(series_uid) DO NOTHING",
-                (series_uid, study_uid, RECEIVING, now, now, now))
-            self._db.execute("INSERT INTO instances (sop_uid, series_uid, received, digest) VALUES (?, ?, ?, ?)"
-                             " ON CONFLICT(sop_uid) DO UPDATE SET digest = excluded.digest,"
-                             " received = excluded.received", (sop_uid, series_uid, now, digest))
-            self._db.execute("UPDATE series SET instances = instances + ?, last_received = ?, updated = ?,"
-                             " state = ?, reason = NULL, generation = generation + 1, released = 0"
-                             " WHERE series_uid = ?", (int(row is None), now, now, RECEIVING, series_uid))
+                (series_uid, study_uid, RECEIVING, now, now, now),
+            )
+            self._db.execute(
+                "INSERT INTO instances (sop_uid, series_uid, received, digest) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT(sop_uid) DO UPDATE SET digest = excluded.digest,"
+                " received = excluded.received",
+                (sop_uid, series_uid, now, digest),
+            )
+            self._db.execute(
+                "UPDATE series SET instances = instances + ?, last_received = ?, updated = ?,"
+                " state = ?, reason = NULL, generation = generation + 1, released = 0"
+                " WHERE series_uid = ?",
+                (int(row is None), now, now, RECEIVING, series_uid),
+            )
             return Arrival.NEW if row is None else Arrival.REPLACED
 
     def mark_released(self, series_uid: str) -> None:
@@ -153,62 +176,90 @@ class SpoolIndex:
         if state not in STATES:
             raise ValueError(f"unknown state {state!r}")
         with self._transaction():
-            self._db.execute("UPDATE series SET state = ?, reason = ?, updated = ? WHERE series_uid = ?",
-                             (state, reason, time.time(), series_uid))
+            self._db.execute(
+                "UPDATE series SET state = ?, reason = ?, updated = ? WHERE series_uid = ?",
+                (state, reason, time.time(), series_uid),
+            )
 
     def complete_if_receiving(self, series_uid: str) -> bool:
         """receiving -> complete, atomically; False if another path got there first."""
         with self._transaction():
-            return self._db.execute("UPDATE series SET state = ?, updated = ? WHERE series_uid = ? AND state = ?",
-                                    (COMPLETE, time.time(), series_uid, RECEIVING)).rowcount == 1
+            return (
+                self._db.execute(
+                    "UPDATE series SET state = ?, updated = ? WHERE series_uid = ? AND state = ?",
+                    (COMPLETE, time.time(), series_uid, RECEIVING),
+                ).rowcount
+                == 1
+            )
 
     def begin(self, series_uid: str) -> Snapshot | None:
         """complete -> processing, with the snapshot to process; None if the series is no longer
         complete (it changed since it was queued, or another worker took it)."""
         with self._transaction():
-            changed = self._db.execute("UPDATE series SET state = ?, updated = ?, attempts = attempts + 1"
-                                       " WHERE series_uid = ? AND state = ?",
-                                       (PROCESSING, time.time(), series_uid, COMPLETE)).rowcount
+            changed = self._db.execute(
+                "UPDATE series SET state = ?, updated = ?, attempts = attempts + 1"
+                " WHERE series_uid = ? AND state = ?",
+                (PROCESSING, time.time(), series_uid, COMPLETE),
+            ).rowcount
             if not changed:
                 return None
-            generation = self._db.execute("SELECT generation FROM series WHERE series_uid = ?",
-                                          (series_uid,)).fetchone()[0]
-            rows = self._db.execute("SELECT sop_uid, digest FROM instances WHERE series_uid = ? ORDER BY sop_uid",
-                                    (series_uid,)).fetchall()
+            generation = self._db.execute(
+                "SELECT generation FROM series WHERE series_uid = ?", (series_uid,)
+            ).fetchone()[0]
+            rows = self._db.execute(
+                "SELECT sop_uid, digest FROM instances WHERE series_uid = ? ORDER BY sop_uid",
+                (series_uid,),
+            ).fetchall()
         return Snapshot(generation, tuple((sop, digest) for sop, digest in rows))
 
-    def finish(self, series_uid: str, generation: int, state: str, reason: str | None = None,
-               publish: Callable[[], None] | None = None) -> bool:
+    def finish(
+        self,
+        series_uid: str,
+        generation: int,
+        state: str,
+        reason: str | None = None,
+        publish: Callable[[], None] | None = None,
+    ) -> bool:
         """processing -> `state` only if the series is still the generation that was processed;
         False means it changed meanwhile and the result must not be published. `publish` runs
-        inside the transaction: no instance is recorded meanwhile, and if it raises nothing changes."""
+        inside the transaction: no instance is recorded meanwhile, and if it raises nothing
+        changes."""
         with self._transaction():
-            row = self._db.execute("SELECT state, generation FROM series WHERE series_uid = ?",
-                                   (series_uid,)).fetchone()
+            row = self._db.execute(
+                "SELECT state, generation FROM series WHERE series_uid = ?", (series_uid,)
+            ).fetchone()
             if row is None or tuple(row) != (PROCESSING, generation):
                 return False
             if publish is not None:
                 publish()
-            self._db.execute("UPDATE series SET state = ?, reason = ?, updated = ? WHERE series_uid = ?",
-                             (state, reason, time.time(), series_uid))
+            self._db.execute(
+                "UPDATE series SET state = ?, reason = ?, updated = ? WHERE series_uid = ?",
+                (state, reason, time.time(), series_uid),
+            )
             return True
 
     def requeue_processing(self) -> int:
         """After a restart: a series that was being processed is complete again."""
         with self._transaction():
-            return self._db.execute("UPDATE series SET state = ? WHERE state = ?", (COMPLETE, PROCESSING)).rowcount
+            return self._db.execute(
+                "UPDATE series SET state = ? WHERE state = ?", (COMPLETE, PROCESSING)
+            ).rowcount
 
     def get(self, series_uid: str) -> SeriesRecord | None:
         with self._lock:
-            row = self._db.execute(f"SELECT {_SERIES_COLUMNS} FROM series WHERE series_uid = ?",
-                                   (series_uid,)).fetchone()
+            row = self._db.execute(
+                f"SELECT {_SERIES_COLUMNS} FROM series WHERE series_uid = ?", (series_uid,)
+            ).fetchone()
         return SeriesRecord(*row) if row else None
 
     def in_state(self, *states: str) -> list[SeriesRecord]:
         marks = ",".join("?" * len(states))
         with self._lock:
-            rows = self._db.execute(f"SELECT {_SERIES_COLUMNS} FROM series WHERE state IN ({marks})"
-                                    " ORDER BY last_received", states).fetchall()
+            rows = self._db.execute(
+                f"SELECT {_SERIES_COLUMNS} FROM series WHERE state IN ({marks})"
+                " ORDER BY last_received",
+                states,
+            ).fetchall()
         return [SeriesRecord(*row) for row in rows]
 
     def counts(self) -> dict[str, int]:

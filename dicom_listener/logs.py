@@ -5,6 +5,7 @@ shorten them (`short_uid`); pynetdicom, highdicom and tracebacks (paths under sp
 do not. A log record factory rewrites every record as it is created, before any handler or
 formatter sees it, so no configuration of handlers can leak one.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,7 +37,9 @@ def redact_identifiers() -> None:
             message = str(record.msg)
         record.msg, record.args = redact(message), None
         if record.exc_info:
-            record.exc_text = redact("".join(traceback.format_exception(*record.exc_info)).rstrip("\n"))
+            record.exc_text = redact(
+                "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
+            )
             record.exc_info = None
         if record.stack_info:
             record.stack_info = redact(record.stack_info)

@@ -8,6 +8,7 @@ The connection handlers enforce what the association advertises: the called AE t
 maximum PDU length (checked before a PDU is read, so an oversized PDU costs no memory) and a
 network timeout (a half-sent PDU does not hold a connection forever).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,8 +17,15 @@ import ssl
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
-                         JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless)
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+)
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket
@@ -26,16 +34,29 @@ from thighseg.dicom_listener.index import Arrival
 from thighseg.dicom_listener.series import SeriesKey, SeriesTracker
 from thighseg.dicom_listener.spool import Spool, sha256_of
 from thighseg.dicom_listener.telemetry import Telemetry
-from thighseg.dicom_listener.validation import (DATASET_DOES_NOT_MATCH_SOP_CLASS, OUT_OF_RESOURCES, Limits,
-                                                Refusal, check_instance)
+from thighseg.dicom_listener.validation import (
+    DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    OUT_OF_RESOURCES,
+    Limits,
+    Refusal,
+    check_instance,
+)
 
 log = logging.getLogger(__name__)
 
 SUCCESS = 0x0000
 JPEG_LOSSLESS_PROCESS_14 = "1.2.840.10008.1.2.4.57"
 # Uncompressed, deflated and the lossless compressed family (decoded at assembly by pylibjpeg).
-TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
-                     JPEGLosslessSV1, JPEG_LOSSLESS_PROCESS_14, JPEGLSLossless, JPEG2000Lossless, RLELossless]
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGLosslessSV1,
+    JPEG_LOSSLESS_PROCESS_14,
+    JPEGLSLossless,
+    JPEG2000Lossless,
+    RLELossless,
+]
 # A-ABORT PDU: source 2 (service provider), reason 6 (invalid PDU parameter value), PS3.8 9.3.8.
 A_ABORT_INVALID_PDU_PARAMETER = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, 6])
 
@@ -68,44 +89,69 @@ class StoreHandler:
             dataset = event.dataset
             transfer_syntax = str(event.context.transfer_syntax)
         except Exception as error:  # noqa: BLE001 - undecodable data set
-            return Refusal(0xC000, "undecodable", f"cannot decode the data set ({type(error).__name__})")
-        refusal = check_instance(str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID), dataset,
-                                 transfer_syntax, self.limits)
+            return Refusal(
+                0xC000, "undecodable", f"cannot decode the data set ({type(error).__name__})"
+            )
+        refusal = check_instance(
+            str(request.AffectedSOPClassUID),
+            str(request.AffectedSOPInstanceUID),
+            dataset,
+            transfer_syntax,
+            self.limits,
+        )
         if refusal is not None:
             return refusal
         encoded = event.encoded_dataset(include_meta=True)
         if len(encoded) > self.limits.max_instance_bytes:
-            return Refusal(OUT_OF_RESOURCES, "too_large",
-                           f"instance of {len(encoded)} bytes exceeds {self.limits.max_instance_bytes}")
+            return Refusal(
+                OUT_OF_RESOURCES,
+                "too_large",
+                f"instance of {len(encoded)} bytes exceeds {self.limits.max_instance_bytes}",
+            )
         key = SeriesKey(str(dataset.StudyInstanceUID), str(dataset.SeriesInstanceUID))
         return self._spool(event, encoded, key, str(dataset.SOPInstanceUID))
 
-    def _spool(self, event: evt.Event, encoded: bytes, key: SeriesKey, sop_uid: str) -> Refusal | None:
+    def _spool(
+        self, event: evt.Event, encoded: bytes, key: SeriesKey, sop_uid: str
+    ) -> Refusal | None:
         """Stage, record, commit: an instance is in place only once the index knows it."""
         try:
             if self.spool.free_bytes() < self.limits.min_free_spool_bytes + len(encoded):
-                return Refusal(OUT_OF_RESOURCES, "spool_full", "spool disk is full; try again later")
+                return Refusal(
+                    OUT_OF_RESOURCES, "spool_full", "spool disk is full; try again later"
+                )
             digest = sha256_of(encoded)
             staged = self.spool.stage(encoded, key.study_uid, key.series_uid, sop_uid)
         except Exception as error:  # noqa: BLE001 - disk full, unwritable spool: never Success
-            return Refusal(OUT_OF_RESOURCES, "spool_write", f"cannot write the spool ({_describe(error)})")
+            return Refusal(
+                OUT_OF_RESOURCES, "spool_write", f"cannot write the spool ({_describe(error)})"
+            )
         try:
             arrival = self.tracker.received(id(event.assoc), key, sop_uid, digest)
             if arrival is Arrival.CONFLICT:
                 self.spool.discard(staged)
-                return Refusal(DATASET_DOES_NOT_MATCH_SOP_CLASS, "uid_conflict",
-                               "SOPInstanceUID already stored in another series")
-            if arrival is Arrival.DUPLICATE and self.spool.holds(key.study_uid, key.series_uid, sop_uid, digest):
+                return Refusal(
+                    DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                    "uid_conflict",
+                    "SOPInstanceUID already stored in another series",
+                )
+            if arrival is Arrival.DUPLICATE and self.spool.holds(
+                key.study_uid, key.series_uid, sop_uid, digest
+            ):
                 self.spool.discard(staged)
             else:
                 self.spool.commit(staged)
         except Exception as error:  # noqa: BLE001 - index or rename failed: the sender must resend
             self.spool.discard(staged)
-            return Refusal(OUT_OF_RESOURCES, "spool_write", f"cannot record the instance ({_describe(error)})")
+            return Refusal(
+                OUT_OF_RESOURCES, "spool_write", f"cannot record the instance ({_describe(error)})"
+            )
         counter = {Arrival.NEW: self.telemetry.received, Arrival.REPLACED: self.telemetry.replaced}
         counter.get(arrival, self.telemetry.duplicates).inc()
         if arrival is Arrival.REPLACED:
-            log.warning("an instance was received again with different content: its series is re-processed")
+            log.warning(
+                "an instance was received again with different content: its series is re-processed"
+            )
         return None
 
 
@@ -137,7 +183,9 @@ class ConnectionGuard:
 
     def __call__(self, event: evt.Event) -> None:
         sock: AssociationSocket = event.assoc.dul.socket
-        if sock.socket is not None:  # accepted sockets do not inherit the listening socket's timeout
+        if (
+            sock.socket is not None
+        ):  # accepted sockets do not inherit the listening socket's timeout
             sock.socket.settimeout(self.network_timeout_s)
         if self.max_pdu_bytes:
             read = sock.recv
@@ -146,7 +194,11 @@ class ConnectionGuard:
             def bounded_read(nr_bytes: int) -> bytearray:
                 if nr_bytes > limit:
                     telemetry.associations_rejected.labels("pdu_too_large").inc()
-                    log.warning("aborting association: PDU of %d bytes exceeds the %d-byte limit", nr_bytes, limit)
+                    log.warning(
+                        "aborting association: PDU of %d bytes exceeds the %d-byte limit",
+                        nr_bytes,
+                        limit,
+                    )
                     with contextlib.suppress(OSError):
                         sock.socket.sendall(A_ABORT_INVALID_PDU_PARAMETER)
                     raise OSError(f"PDU of {nr_bytes} bytes exceeds the {limit}-byte maximum")
@@ -164,8 +216,11 @@ class RejectionLogger:
 
     def __call__(self, event: evt.Event) -> None:
         request = event.assoc.requestor.primitive
-        calling, called = (str(request.calling_ae_title).strip(), str(request.called_ae_title).strip()) \
-            if request is not None else ("?", "?")
+        calling, called = (
+            (str(request.calling_ae_title).strip(), str(request.called_ae_title).strip())
+            if request is not None
+            else ("?", "?")
+        )
         allowed = [a.strip() for a in self.ae.require_calling_aet]
         if allowed and calling not in allowed:
             reason = "calling_ae"
@@ -174,12 +229,18 @@ class RejectionLogger:
         else:
             reason = "busy"
         self.telemetry.associations_rejected.labels(reason).inc()
-        log.warning("rejected association from %r to %r at %s: %s", calling, called, event.assoc.requestor.address, reason)
+        log.warning(
+            "rejected association from %r to %r at %s: %s",
+            calling,
+            called,
+            event.assoc.requestor.address,
+            reason,
+        )
 
 
 class CountingTLSContext:
-    """The server's SSLContext, with each failed handshake logged and counted, and a timeout on
-    the handshake (pynetdicom runs it in the accepting thread, so a silent client would block it)."""
+    """The server's SSLContext, with each failed handshake logged and counted, and a timeout on the
+    handshake (pynetdicom runs it in the accepting thread, so a silent client would block it)."""
 
     def __init__(self, context: ssl.SSLContext, timeout_s: float, telemetry: Telemetry) -> None:
         self._context, self._timeout_s, self._telemetry = context, timeout_s, telemetry
@@ -190,17 +251,27 @@ class CountingTLSContext:
             return self._context.wrap_socket(sock, server_side=server_side, **options)
         except (ssl.SSLError, OSError) as error:
             self._telemetry.associations_rejected.labels("tls").inc()
-            log.warning("TLS handshake failed: %s", getattr(error, "reason", None) or type(error).__name__)
+            log.warning(
+                "TLS handshake failed: %s", getattr(error, "reason", None) or type(error).__name__
+            )
             sock.close()
             raise
 
 
-def event_handlers(ae: AE, store: StoreHandler, tracker: SeriesTracker, guard: ConnectionGuard) -> list[tuple]:
+def event_handlers(
+    ae: AE, store: StoreHandler, tracker: SeriesTracker, guard: ConnectionGuard
+) -> list[tuple]:
     return [
         (evt.EVT_CONN_OPEN, guard),
         (evt.EVT_REJECTED, RejectionLogger(ae, store.telemetry)),
         (evt.EVT_C_ECHO, lambda event: SUCCESS),
         (evt.EVT_C_STORE, store),
-        (evt.EVT_RELEASED, lambda event: tracker.association_closed(id(event.assoc), released=True)),
-        (evt.EVT_ABORTED, lambda event: tracker.association_closed(id(event.assoc), released=False)),
+        (
+            evt.EVT_RELEASED,
+            lambda event: tracker.association_closed(id(event.assoc), released=True),
+        ),
+        (
+            evt.EVT_ABORTED,
+            lambda event: tracker.association_closed(id(event.assoc), released=False),
+        ),
     ]

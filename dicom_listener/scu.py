@@ -1,4 +1,5 @@
 """A minimal C-STORE SCU for pushing a series (demo, tests, benchmarks)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,11 +7,17 @@ from pathlib import Path
 import pydicom
 from pynetdicom import AE
 from pynetdicom.presentation import StoragePresentationContexts
+
 from thighseg.core.constants import AE_TITLE
 
 
-def send_files(paths: list[Path], host: str, port: int, called_ae: str = AE_TITLE,
-               calling_ae: str = "THIGHSEG_SCU") -> list[int]:
+def send_files(
+    paths: list[Path],
+    host: str,
+    port: int,
+    called_ae: str = AE_TITLE,
+    calling_ae: str = "THIGHSEG_SCU",
+) -> list[int]:
     """Send every file in one association; returns the C-STORE status of each (in order)."""
     ae = AE(ae_title=calling_ae)
     ae.requested_contexts = StoragePresentationContexts[:127]

@@ -8,13 +8,14 @@ connected stays receiving until its own completion; only a released one complete
 A failure of the watch loop (disk full, index error) is reported by `error` and retried on the
 next poll, never the end of the thread.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from thighseg.dicom_listener.index import COMPLETE, RECEIVING, Arrival, SpoolIndex
 
@@ -37,9 +38,15 @@ class _Activity:
 class SeriesTracker:
     """Turns received instances and association events into complete series (`on_complete`)."""
 
-    def __init__(self, index: SpoolIndex, on_complete: Callable[[SeriesKey], None],
-                 on_expired: Callable[[SeriesKey], None], idle_s: float = 2.0, expiry_s: float = 86400.0,
-                 poll_s: float = 0.2) -> None:
+    def __init__(
+        self,
+        index: SpoolIndex,
+        on_complete: Callable[[SeriesKey], None],
+        on_expired: Callable[[SeriesKey], None],
+        idle_s: float = 2.0,
+        expiry_s: float = 86400.0,
+        poll_s: float = 0.2,
+    ) -> None:
         self._index = index
         self._on_complete = on_complete
         self._on_expired = on_expired
@@ -48,7 +55,9 @@ class SeriesTracker:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="series-tracker", daemon=True)
-        self.error: str | None = None  # why the last poll failed; None while the loop makes progress
+        self.error: str | None = (
+            None  # why the last poll failed; None while the loop makes progress
+        )
 
     def start(self) -> None:
         """Resume after a restart, then watch for complete series."""
@@ -58,7 +67,8 @@ class SeriesTracker:
         with self._lock:  # a receiving series completes only if its sender had released
             for record in self._index.in_state(RECEIVING):
                 self._activity[SeriesKey(record.study_uid, record.series_uid)] = _Activity(
-                    released_since_last_instance=record.released)
+                    released_since_last_instance=record.released
+                )
         self._thread.start()
 
     def stop(self) -> None:
@@ -103,7 +113,9 @@ class SeriesTracker:
                 self._expire(time.time())
             except Exception as error:  # noqa: BLE001 - e.g. disk full: report it and try again
                 if self.error is None:
-                    log.error("series tracker cannot make progress: %s: %s", type(error).__name__, error)
+                    log.error(
+                        "series tracker cannot make progress: %s: %s", type(error).__name__, error
+                    )
                 self.error = f"{type(error).__name__}: {error}"
             else:
                 if self.error is not None:
@@ -112,9 +124,13 @@ class SeriesTracker:
 
     def _complete_ready(self, now: float) -> None:
         with self._lock:
-            ready = [key for key, a in self._activity.items()
-                     if a.released_since_last_instance and not a.open_associations
-                     and now - a.last_activity >= self._idle_s]
+            ready = [
+                key
+                for key, a in self._activity.items()
+                if a.released_since_last_instance
+                and not a.open_associations
+                and now - a.last_activity >= self._idle_s
+            ]
         for key in ready:
             completed = self._index.complete_if_receiving(key.series_uid)
             with self._lock:  # forgotten only once the index has recorded the completion

@@ -7,6 +7,7 @@ series is still that generation, atomically with the index update. Triton down o
 writable keep the series queued and retry; any other failure ends as a failed series with a
 reason. /readyz says 503, with the reason, while the listener cannot make progress.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,21 +21,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from thighseg.client.triton import TritonUnavailable
+from thighseg.core.memory import fix_mmap_threshold
 from thighseg.dicom_listener.config import ListenerConfig
 from thighseg.dicom_listener.forward import forward
 from thighseg.dicom_listener.index import COMPLETE, DONE, FAILED, Snapshot, SpoolIndex
 from thighseg.dicom_listener.logs import redact_identifiers
-from thighseg.pipeline.report import FAILED as REPORT_FAILED
-from thighseg.pipeline.report import Forwarding, SeriesReport
-from thighseg.pipeline.stages import InferenceSettings, SeriesResult, process_series, short_uid
-from thighseg.dicom_listener.scp import ConnectionGuard, CountingTLSContext, StoreHandler, event_handlers, make_ae
+from thighseg.dicom_listener.scp import (
+    ConnectionGuard,
+    CountingTLSContext,
+    StoreHandler,
+    event_handlers,
+    make_ae,
+)
 from thighseg.dicom_listener.series import SeriesKey, SeriesTracker
 from thighseg.dicom_listener.spool import Spool
 from thighseg.dicom_listener.telemetry import Telemetry
-from thighseg.core.memory import fix_mmap_threshold
+from thighseg.pipeline.report import FAILED as REPORT_FAILED
+from thighseg.pipeline.report import Forwarding, SeriesReport
+from thighseg.pipeline.stages import InferenceSettings, SeriesResult, process_series, short_uid
 
 log = logging.getLogger(__name__)
-logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO/DEBUG output can carry identifiers
+logging.getLogger("pynetdicom").setLevel(
+    logging.WARNING
+)  # its INFO/DEBUG output can carry identifiers
 
 
 def server_ssl_context(config: ListenerConfig) -> ssl.SSLContext | None:
@@ -61,34 +70,57 @@ class Listener:
         self.spool = Spool(self.config.spool_dir)
         self.index = SpoolIndex(self.config.spool_dir / "index.sqlite3")
         self.telemetry = Telemetry()
-        self.tracker = SeriesTracker(self.index, self._enqueue, self._expire, idle_s=self.config.idle_s,
-                                     expiry_s=self.config.expiry_s)
-        self._workers = ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="pipeline")
+        self.tracker = SeriesTracker(
+            self.index,
+            self._enqueue,
+            self._expire,
+            idle_s=self.config.idle_s,
+            expiry_s=self.config.expiry_s,
+        )
+        self._workers = ThreadPoolExecutor(
+            max_workers=self.config.workers, thread_name_prefix="pipeline"
+        )
         self._done = threading.Condition()
         self._publish_lock = threading.Lock()
         self._timers: set[threading.Timer] = set()
         self._stopping = threading.Event()
-        self._results_error: str | None = None  # why results cannot be written, until a series succeeds
+        self._results_error: str | None = (
+            None  # why results cannot be written, until a series succeeds
+        )
         self._server = None
 
-    def start(self) -> "Listener":
-        fix_mmap_threshold()  # study-sized arrays leave the process when freed (thighseg.core.memory)
+    def start(self) -> Listener:
+        # study-sized arrays leave the process when freed (thighseg.core.memory)
+        fix_mmap_threshold()
         redact_identifiers()  # no full UID in any log line, whichever library writes it
         ae = make_ae(self.config.ae_title, self.config.max_pdu_bytes, self.config.network_timeout_s)
         if self.config.allowed_calling_aets:
             ae.require_calling_aet = list(self.config.allowed_calling_aets)
         store = StoreHandler(self.spool, self.tracker, self.telemetry, self.config.limits)
-        guard = ConnectionGuard(self.config.max_pdu_bytes, self.config.network_timeout_s, self.telemetry)
+        guard = ConnectionGuard(
+            self.config.max_pdu_bytes, self.config.network_timeout_s, self.telemetry
+        )
         tls = server_ssl_context(self.config)
         self._server = ae.start_server(
-            (self.config.host, self.config.port), block=False, evt_handlers=event_handlers(ae, store, self.tracker, guard),
-            ssl_context=CountingTLSContext(tls, self.config.network_timeout_s, self.telemetry) if tls else None)
+            (self.config.host, self.config.port),
+            block=False,
+            evt_handlers=event_handlers(ae, store, self.tracker, guard),
+            ssl_context=CountingTLSContext(tls, self.config.network_timeout_s, self.telemetry)
+            if tls
+            else None,
+        )
         self.telemetry.queue_depth.set_function(self._queued)
         self.tracker.start()
         if self.config.metrics_port is not None:
-            self.telemetry.serve(self.config.metrics_port, self.config.host, alive=lambda: self._server is not None,
-                                 blocked=self.blocked)
-        log.info("listening as %s on %s:%d", self.config.ae_title, self.config.host, self.config.port)
+            self.telemetry.serve(
+                self.config.metrics_port,
+                self.config.host,
+                alive=lambda: self._server is not None,
+                blocked=self.blocked,
+            )
+        log.info(
+            "listening as %s on %s:%d", self.config.ae_title, self.config.host, self.config.port
+        )
         return self
 
     def stop(self) -> None:
@@ -103,7 +135,7 @@ class Listener:
         self.telemetry.close()
         self.index.close()
 
-    def __enter__(self) -> "Listener":
+    def __enter__(self) -> Listener:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -141,22 +173,31 @@ class Listener:
 
     def _expire(self, key: SeriesKey) -> None:
         record = self.index.get(key.series_uid)
-        reason = f"expired: no complete transfer within {self.config.expiry_s:.0f} s; spooled instances freed"
+        reason = (
+            f"expired: no complete transfer within {self.config.expiry_s:.0f} s; "
+            "spooled instances freed"
+        )
         shutil.rmtree(self.spool.series_dir(key.study_uid, key.series_uid), ignore_errors=True)
         self.index.forget_instances(key.series_uid)
         self.index.set_state(key.series_uid, FAILED, reason)
         self.telemetry.series.labels("expired").inc()
         log.warning("series %s %s", short_uid(key.series_uid), reason)
-        report = SeriesReport(model=self.inference.model, status=REPORT_FAILED, reason=reason,
-                              study_instance_uid=key.study_uid, series_instance_uid=key.series_uid,
-                              instances_received=record.instances if record else 0)
+        report = SeriesReport(
+            model=self.inference.model,
+            status=REPORT_FAILED,
+            reason=reason,
+            study_instance_uid=key.study_uid,
+            series_instance_uid=key.series_uid,
+            instances_received=record.instances if record else 0,
+        )
         try:
             report.write(self._result_dir(key) / "report.json")
         except OSError as error:
             log.error("could not write the report of an expired series: %s", error.strerror)
 
     def _process(self, key: SeriesKey) -> None:
-        """Worker entry: whatever happens, the series ends failed with a reason, deferred or done."""
+        """Worker entry: whatever happens, the series ends failed with a reason, deferred or
+        done."""
         try:
             self._process_snapshot(key)
         except Exception as error:  # noqa: BLE001 - a worker must never fail silently
@@ -166,8 +207,12 @@ class Listener:
                 shutil.rmtree(partial, ignore_errors=True)
             try:
                 self.index.set_state(key.series_uid, FAILED, reason)
-                SeriesReport(model=self.inference.model, reason=reason, study_instance_uid=key.study_uid,
-                             series_instance_uid=key.series_uid).write(self._result_dir(key) / "report.json")
+                SeriesReport(
+                    model=self.inference.model,
+                    reason=reason,
+                    study_instance_uid=key.study_uid,
+                    series_instance_uid=key.series_uid,
+                ).write(self._result_dir(key) / "report.json")
             except Exception as record_error:  # noqa: BLE001 - left processing: retried at the next start
                 log.error("could not record the failure: %s", record_error)
             self.telemetry.series.labels("failed").inc()
@@ -178,7 +223,9 @@ class Listener:
             return  # changed since it was queued: the tracker queues it again when it is complete
         final = self._result_dir(key)
         staging = final.with_name(f".{key.series_uid}.{snapshot.generation}.partial")
-        paths = [self.spool.path(key.study_uid, key.series_uid, sop) for sop, _ in snapshot.instances]
+        paths = [
+            self.spool.path(key.study_uid, key.series_uid, sop) for sop, _ in snapshot.instances
+        ]
         provenance = {"content_sha256": snapshot.content_sha256, "generation": snapshot.generation}
         try:
             shutil.rmtree(staging, ignore_errors=True)
@@ -188,33 +235,50 @@ class Listener:
             shutil.rmtree(staging, ignore_errors=True)
             self._defer(key, snapshot, "triton", f"waiting for Triton: {str(error)[:200]}")
             return
-        except OSError as error:  # results folder missing, unwritable or full: keep the series, retry
+        except (
+            OSError
+        ) as error:  # results folder missing, unwritable or full: keep the series, retry
             shutil.rmtree(staging, ignore_errors=True)
             self._results_error = error.strerror or type(error).__name__
-            self._defer(key, snapshot, "results", f"results folder not writable: {self._results_error}")
+            self._defer(
+                key, snapshot, "results", f"results folder not writable: {self._results_error}"
+            )
             return
         self._publish(key, snapshot, staging, result)
 
-    def _publish(self, key: SeriesKey, snapshot: Snapshot, staging: Path, result: SeriesResult) -> None:
+    def _publish(
+        self, key: SeriesKey, snapshot: Snapshot, staging: Path, result: SeriesResult
+    ) -> None:
         status = result.report.status
         final = self._result_dir(key)
         with self._publish_lock:
             try:
-                published = self.index.finish(key.series_uid, snapshot.generation, DONE if status == "done" else FAILED,
-                                              result.report.reason, publish=lambda: _replace_folder(staging, final))
+                published = self.index.finish(
+                    key.series_uid,
+                    snapshot.generation,
+                    DONE if status == "done" else FAILED,
+                    result.report.reason,
+                    publish=lambda: _replace_folder(staging, final),
+                )
             except OSError as error:
                 shutil.rmtree(staging, ignore_errors=True)
                 self._results_error = error.strerror or type(error).__name__
-                self._defer(key, snapshot, "results", f"results folder not writable: {self._results_error}")
+                self._defer(
+                    key, snapshot, "results", f"results folder not writable: {self._results_error}"
+                )
                 return
         if not published:
             shutil.rmtree(staging, ignore_errors=True)
             self.telemetry.superseded.inc()
-            log.warning("series %s changed while it was processed: result discarded, series queued again",
-                        short_uid(key.series_uid))
+            log.warning(
+                "series %s changed while it was processed: result discarded, series queued again",
+                short_uid(key.series_uid),
+            )
             return
         self._results_error = None
-        result = SeriesResult(final / "report.json", final / "seg.dcm" if status == "done" else None, result.report)
+        result = SeriesResult(
+            final / "report.json", final / "seg.dcm" if status == "done" else None, result.report
+        )
         if status == "done" and self.config.destination is not None:
             self._forward(result)
         self.telemetry.series.labels(status).inc()
@@ -227,10 +291,15 @@ class Listener:
             self._done.notify_all()
 
     def _forward(self, result: SeriesResult) -> None:
-        sent = forward([result.seg_path, result.seg_path.with_name("sr.dcm")], self.config.destination,
-                       self.config.ae_title, attempts=self.config.forward_attempts)
-        result.report.forwarded = Forwarding(self.config.destination.ae_title, sent.delivered, sent.attempts,
-                                             sent.detail)
+        sent = forward(
+            [result.seg_path, result.seg_path.with_name("sr.dcm")],
+            self.config.destination,
+            self.config.ae_title,
+            attempts=self.config.forward_attempts,
+        )
+        result.report.forwarded = Forwarding(
+            self.config.destination.ae_title, sent.delivered, sent.attempts, sent.detail
+        )
         if not sent.delivered:
             self.telemetry.forward_failures.inc()
         with self._publish_lock:  # only if no newer result replaced this one meanwhile
@@ -256,22 +325,32 @@ class Listener:
         timer.start()
 
     def _retry_now(self, key: SeriesKey) -> None:
-        self._timers = {t for t in self._timers if t.is_alive() and t is not threading.current_thread()}
+        self._timers = {
+            t for t in self._timers if t.is_alive() and t is not threading.current_thread()
+        }
         self._enqueue(key)
 
     def _update_state_gauge(self) -> None:
         for state, count in self.index.counts().items():
             self.telemetry.series_by_state.labels(state).set(count)
 
-    def wait_for(self, series_uid: str, timeout_s: float, instances: int | None = None) -> SeriesResult:
-        """Block until the series has a result (done or failed), optionally of `instances` slices."""
+    def wait_for(
+        self, series_uid: str, timeout_s: float, instances: int | None = None
+    ) -> SeriesResult:
+        """Block until the series has a result (done or failed), optionally of `instances`
+        slices."""
+
         def ready() -> bool:
             result = self.results.get(series_uid)
-            return result is not None and (instances is None or result.report.instances == instances)
+            return result is not None and (
+                instances is None or result.report.instances == instances
+            )
 
         with self._done:
             if not self._done.wait_for(ready, timeout_s):
-                raise TimeoutError(f"no result for series {short_uid(series_uid)} after {timeout_s:.0f} s")
+                raise TimeoutError(
+                    f"no result for series {short_uid(series_uid)} after {timeout_s:.0f} s"
+                )
             return self.results[series_uid]
 
 
@@ -290,5 +369,7 @@ def _same_result(report_path: Path, report: SeriesReport) -> bool:
         current = json.loads(report_path.read_text())
     except (OSError, ValueError):
         return False
-    return (current.get("content_sha256"), current.get("seg_sop_instance_uid")) == \
-        (report.content_sha256, report.seg_sop_instance_uid)
+    return (current.get("content_sha256"), current.get("seg_sop_instance_uid")) == (
+        report.content_sha256,
+        report.seg_sop_instance_uid,
+    )

@@ -4,6 +4,7 @@ Each instance is first staged in a temporary file and fsynced; only once the ind
 is it renamed into place and the directory fsynced. A crash, a full disk or an index failure
 leaves either the whole instance or none of it, and never a file the index does not know.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -2,14 +2,22 @@
 
 Each Listener has its own registry, so several can run in one process (tests, benchmarks).
 """
+
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -20,34 +28,64 @@ class Telemetry:
 
     def __post_init__(self) -> None:
         r = self.registry
-        self.received = Counter("thighseg_instances_received", "Instances stored in the spool", registry=r)
-        self.replaced = Counter("thighseg_instances_replaced", "Instances received again with new content",
-                                registry=r)
-        self.duplicates = Counter("thighseg_instances_duplicate", "Instances received again (idempotent)",
-                                  registry=r)
-        self.rejected = Counter("thighseg_instances_rejected", "Instances refused, by reason", ["reason"],
-                                registry=r)
-        self.associations_rejected = Counter("thighseg_associations_rejected",
-                                             "Associations refused or aborted, by reason", ["reason"], registry=r)
-        self.series = Counter("thighseg_series", "Series processed, by final status", ["status"], registry=r)
-        self.superseded = Counter("thighseg_results_superseded",
-                                  "Results discarded because the series changed while it was processed",
-                                  registry=r)
-        self.series_by_state = Gauge("thighseg_series_state", "Series in the index, by state", ["state"],
-                                     registry=r)
-        self.stage_seconds = Histogram("thighseg_stage_seconds", "Pipeline stage latency", ["stage"],
-                                       buckets=STAGE_BUCKETS, registry=r)
-        self.queue_depth = Gauge("thighseg_queue_depth",
-                                 "Series complete but not yet processed (waiting for a worker, Triton or disk)",
-                                 registry=r)
-        self.triton_errors = Counter("thighseg_triton_errors", "Series deferred because Triton failed", registry=r)
-        self.deferred = Counter("thighseg_series_deferred", "Processing attempts deferred, by cause", ["cause"],
-                                registry=r)
-        self.forward_failures = Counter("thighseg_forward_failures", "Results not delivered to the destination AE",
-                                        registry=r)
+        self.received = Counter(
+            "thighseg_instances_received", "Instances stored in the spool", registry=r
+        )
+        self.replaced = Counter(
+            "thighseg_instances_replaced", "Instances received again with new content", registry=r
+        )
+        self.duplicates = Counter(
+            "thighseg_instances_duplicate", "Instances received again (idempotent)", registry=r
+        )
+        self.rejected = Counter(
+            "thighseg_instances_rejected", "Instances refused, by reason", ["reason"], registry=r
+        )
+        self.associations_rejected = Counter(
+            "thighseg_associations_rejected",
+            "Associations refused or aborted, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.series = Counter(
+            "thighseg_series", "Series processed, by final status", ["status"], registry=r
+        )
+        self.superseded = Counter(
+            "thighseg_results_superseded",
+            "Results discarded because the series changed while it was processed",
+            registry=r,
+        )
+        self.series_by_state = Gauge(
+            "thighseg_series_state", "Series in the index, by state", ["state"], registry=r
+        )
+        self.stage_seconds = Histogram(
+            "thighseg_stage_seconds",
+            "Pipeline stage latency",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "thighseg_queue_depth",
+            "Series complete but not yet processed (waiting for a worker, Triton or disk)",
+            registry=r,
+        )
+        self.triton_errors = Counter(
+            "thighseg_triton_errors", "Series deferred because Triton failed", registry=r
+        )
+        self.deferred = Counter(
+            "thighseg_series_deferred",
+            "Processing attempts deferred, by cause",
+            ["cause"],
+            registry=r,
+        )
+        self.forward_failures = Counter(
+            "thighseg_forward_failures", "Results not delivered to the destination AE", registry=r
+        )
         self._server: ThreadingHTTPServer | None = None
 
-    def serve(self, port: int, host: str, alive: Callable[[], bool], blocked: Callable[[], str | None]) -> None:
+    def serve(
+        self, port: int, host: str, alive: Callable[[], bool], blocked: Callable[[], str | None]
+    ) -> None:
         """/metrics for Prometheus; /healthz (listener running) and /readyz (can make progress:
         `blocked` returns why not, e.g. Triton unreachable, spool full, results not writable)."""
         registry = self.registry
@@ -72,11 +110,15 @@ class Telemetry:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, *args: object) -> None:  # probes every few seconds: keep logs quiet
+            def log_message(
+                self, *args: object
+            ) -> None:  # probes every few seconds: keep logs quiet
                 pass
 
         self._server = ThreadingHTTPServer((host, port), Handler)
-        threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True).start()
+        threading.Thread(
+            target=self._server.serve_forever, name="metrics-http", daemon=True
+        ).start()
 
     def close(self) -> None:
         if self._server is not None:

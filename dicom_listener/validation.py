@@ -4,6 +4,7 @@ segmented or measured, so no series is accepted only to fail late (or worse, suc
 Problems that only show across a series (gaps, mixed geometry) are left to assembly, which fails
 the series with a reason in its report; the instance itself is accepted.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,17 +47,26 @@ class Refusal:
         return self.detail.replace("\\", "/")[:ERROR_COMMENT_CHARS]
 
 
-def check_instance(sop_class: str, sop_instance: str, dataset: Dataset, transfer_syntax: str,
-                   limits: Limits = Limits()) -> Refusal | None:
+def check_instance(
+    sop_class: str,
+    sop_instance: str,
+    dataset: Dataset,
+    transfer_syntax: str,
+    limits: Limits = Limits(),
+) -> Refusal | None:
     """None when the instance may be stored, otherwise why not.
 
     pydicom decodes element values lazily, so a malformed encoding surfaces here: it is answered
     with 0xC000 (cannot understand) rather than an exception in the handler.
     """
     try:
-        return _check_header(sop_class, sop_instance, dataset) or _check_image(dataset, transfer_syntax, limits)
+        return _check_header(sop_class, sop_instance, dataset) or _check_image(
+            dataset, transfer_syntax, limits
+        )
     except Exception as error:  # noqa: BLE001 - any decoding failure is the sender's data, not our bug
-        return Refusal(CANNOT_UNDERSTAND, "undecodable", f"cannot decode the data set ({type(error).__name__})")
+        return Refusal(
+            CANNOT_UNDERSTAND, "undecodable", f"cannot decode the data set ({type(error).__name__})"
+        )
 
 
 def _refuse(reason: str, detail: str) -> Refusal:
@@ -65,7 +75,9 @@ def _refuse(reason: str, detail: str) -> Refusal:
 
 def _check_header(sop_class: str, sop_instance: str, dataset: Dataset) -> Refusal | None:
     if sop_class != CTImageStorage:
-        return Refusal(SOP_CLASS_NOT_SUPPORTED, "sop_class", f"SOP class {sop_class} is not CT Image Storage")
+        return Refusal(
+            SOP_CLASS_NOT_SUPPORTED, "sop_class", f"SOP class {sop_class} is not CT Image Storage"
+        )
     if dataset.get("Modality") != "CT":
         return _refuse("modality", f"Modality {dataset.get('Modality')!r} is not CT")
     keywords = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
@@ -75,8 +87,11 @@ def _check_header(sop_class: str, sop_instance: str, dataset: Dataset) -> Refusa
     if str(dataset.SOPInstanceUID) != sop_instance:
         return _refuse("uid", "SOPInstanceUID differs from the request's")
     charsets = dataset.get("SpecificCharacterSet") or []
-    unknown = [c for c in ([charsets] if isinstance(charsets, str) else charsets)
-               if c and c.strip() not in python_encoding]
+    unknown = [
+        c
+        for c in ([charsets] if isinstance(charsets, str) else charsets)
+        if c and c.strip() not in python_encoding
+    ]
     if unknown:
         return _refuse("charset", f"unknown SpecificCharacterSet {unknown[0][:24]!r}")
     if "PixelData" not in dataset:
@@ -98,16 +113,25 @@ def _numbers(dataset: Dataset, keyword: str, count: int) -> list[float] | None:
 
 
 def _check_image(dataset: Dataset, transfer_syntax: str, limits: Limits) -> Refusal | None:
-    return (_check_matrix(dataset, limits) or _check_geometry(dataset, limits) or _check_rescale(dataset, limits)
-            or _check_pixel_length(dataset, transfer_syntax))
+    return (
+        _check_matrix(dataset, limits)
+        or _check_geometry(dataset, limits)
+        or _check_rescale(dataset, limits)
+        or _check_pixel_length(dataset, transfer_syntax)
+    )
 
 
 def _check_matrix(dataset: Dataset, limits: Limits) -> Refusal | None:
     rows, columns = dataset.get("Rows"), dataset.get("Columns")
     if rows is None or columns is None:
         return _refuse("matrix", "Rows/Columns missing")
-    if not (limits.min_matrix <= rows <= limits.max_matrix and limits.min_matrix <= columns <= limits.max_matrix):
-        return _refuse("matrix", f"matrix {rows}x{columns} outside {limits.min_matrix}..{limits.max_matrix}")
+    if not (
+        limits.min_matrix <= rows <= limits.max_matrix
+        and limits.min_matrix <= columns <= limits.max_matrix
+    ):
+        return _refuse(
+            "matrix", f"matrix {rows}x{columns} outside {limits.min_matrix}..{limits.max_matrix}"
+        )
     if dataset.get("SamplesPerPixel", 1) != 1:
         return _refuse("not_grayscale", "SamplesPerPixel != 1")
     bits = dataset.get("BitsAllocated")
@@ -119,7 +143,11 @@ def _check_matrix(dataset: Dataset, limits: Limits) -> Refusal | None:
 
 
 def _check_geometry(dataset: Dataset, limits: Limits) -> Refusal | None:
-    for keyword, count in (("ImagePositionPatient", 3), ("ImageOrientationPatient", 6), ("PixelSpacing", 2)):
+    for keyword, count in (
+        ("ImagePositionPatient", 3),
+        ("ImageOrientationPatient", 6),
+        ("PixelSpacing", 2),
+    ):
         if _numbers(dataset, keyword, count) is None:
             return _refuse("geometry", f"{keyword} missing or not {count} numbers")
     low, high = limits.pixel_spacing_mm
@@ -130,7 +158,10 @@ def _check_geometry(dataset: Dataset, limits: Limits) -> Refusal | None:
 
 def _check_rescale(dataset: Dataset, limits: Limits) -> Refusal | None:
     """Rescale Slope and Intercept are Type 1 in the CT Image module: without them no HU exist."""
-    slope, intercept = _numbers(dataset, "RescaleSlope", 1), _numbers(dataset, "RescaleIntercept", 1)
+    slope, intercept = (
+        _numbers(dataset, "RescaleSlope", 1),
+        _numbers(dataset, "RescaleIntercept", 1),
+    )
     if slope is None or intercept is None:
         return _refuse("rescale", "RescaleSlope/RescaleIntercept missing or not numeric")
     low, high = limits.rescale_slope
@@ -143,5 +174,8 @@ def _check_pixel_length(dataset: Dataset, transfer_syntax: str) -> Refusal | Non
     if transfer_syntax in UNCOMPRESSED:
         expected = dataset.Rows * dataset.Columns * dataset.BitsAllocated // 8
         if len(dataset.PixelData) not in (expected, expected + 1):
-            return _refuse("pixel_length", f"Pixel Data has {len(dataset.PixelData)} bytes, expected {expected}")
+            return _refuse(
+                "pixel_length",
+                f"Pixel Data has {len(dataset.PixelData)} bytes, expected {expected}",
+            )
     return None

@@ -1,24 +1,27 @@
 """The export chain for one model: torch -> ONNX FP32 -> ONNX FP16 -> TensorRT FP16, each step
 validated against the previous one on phantom slices with ground truth."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
-from thighseg.learning import models
-from thighseg.synthetic import phantom
+from thighseg.core.labels import normalise_hu
+from thighseg.core.resample import labels_to_model_grid, to_model_grid
 from thighseg.export.fp16 import convert_to_fp16
 from thighseg.export.onnx_export import export_to_repository, measure_parity
 from thighseg.export.validation import compare, onnx_backend
-from thighseg.core.labels import normalise_hu
-from thighseg.core.resample import labels_to_model_grid, to_model_grid
+from thighseg.learning import models
+from thighseg.synthetic import phantom
 
 FORMATS = ("onnx", "fp16", "tensorrt")
 VALIDATION_SEEDS = (7001, 7002)  # outside the training seeds
 
 
-def validation_slices(slices_per_subject: int = 8, size: int = 384) -> tuple[np.ndarray, np.ndarray]:
+def validation_slices(
+    slices_per_subject: int = 8, size: int = 384
+) -> tuple[np.ndarray, np.ndarray]:
     """Normalised model-grid inputs (n, 1, s, s) and their true labels."""
     images, truth = [], []
     for seed in VALIDATION_SEEDS:
@@ -28,9 +31,16 @@ def validation_slices(slices_per_subject: int = 8, size: int = 384) -> tuple[np.
     return np.concatenate(images), np.concatenate(truth)
 
 
-def export_model(model: str, repository: Path, fmt: str = "onnx", weights: Path | None = None,
-                 timing_cache: Path | None = None, slices_per_subject: int = 8) -> dict:
-    """Write the requested format (and the ones it is built from) into the repository; report parity."""
+def export_model(
+    model: str,
+    repository: Path,
+    fmt: str = "onnx",
+    weights: Path | None = None,
+    timing_cache: Path | None = None,
+    slices_per_subject: int = 8,
+) -> dict:
+    """Write the requested format (and the ones it is built from) into the repository; report
+    parity."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     if fmt == "tensorrt":
@@ -39,19 +49,27 @@ def export_model(model: str, repository: Path, fmt: str = "onnx", weights: Path 
         require_gpu_tensorrt()
     images, truth = validation_slices(slices_per_subject)
     onnx_fp32 = export_to_repository(model, repository, weights)
-    report: dict = {"model": model, "onnx": str(onnx_fp32),
-                    "torch_vs_onnx": measure_parity(models.load_trained(model, weights), onnx_fp32, images,
-                                                    truth).as_dict()}
+    report: dict = {
+        "model": model,
+        "onnx": str(onnx_fp32),
+        "torch_vs_onnx": measure_parity(
+            models.load_trained(model, weights), onnx_fp32, images, truth
+        ).as_dict(),
+    }
     if fmt == "onnx":
         return report
     onnx_fp16 = convert_to_fp16(onnx_fp32, onnx_fp32.with_name("model_fp16.onnx"))
     report["onnx_fp16"] = str(onnx_fp16)
-    report["onnx_vs_onnx_fp16"] = compare(onnx_backend(onnx_fp32), onnx_backend(onnx_fp16), images, truth).as_dict()
+    report["onnx_vs_onnx_fp16"] = compare(
+        onnx_backend(onnx_fp32), onnx_backend(onnx_fp16), images, truth
+    ).as_dict()
     if fmt == "tensorrt":
         from thighseg.export.tensorrt_engine import EngineRunner, build_engine
 
         plan = onnx_fp32.with_name("model.plan")
         info = build_engine(onnx_fp16, plan, timing_cache or repository / ".tensorrt_timing.cache")
         report["plan"], report["build_info"] = str(plan), info.__dict__
-        report["onnx_vs_tensorrt"] = compare(onnx_backend(onnx_fp32), EngineRunner(plan), images, truth).as_dict()
+        report["onnx_vs_tensorrt"] = compare(
+            onnx_backend(onnx_fp32), EngineRunner(plan), images, truth
+        ).as_dict()
     return report

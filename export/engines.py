@@ -3,14 +3,20 @@ or was built for another GPU, TensorRT version or profile, then let tritonserver
 
     python -m thighseg.export.engines /models
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
-from thighseg.export.tensorrt_engine import (BuildInfo, TensorRTUnavailable, build_engine, current_build_info,
-                                             read_build_info)
+from thighseg.export.tensorrt_engine import (
+    BuildInfo,
+    TensorRTUnavailable,
+    build_engine,
+    current_build_info,
+    read_build_info,
+)
 
 
 def needs_rebuild(existing: BuildInfo | None, current: BuildInfo) -> str | None:
@@ -18,14 +24,19 @@ def needs_rebuild(existing: BuildInfo | None, current: BuildInfo) -> str | None:
     if existing is None:
         return "no engine yet"
     if not existing.matches(current):
-        return (f"built for {existing.gpu} / TensorRT {existing.tensorrt_version} / profile "
-                f"{existing.profile_min_opt_max}, running on {current.gpu} / TensorRT {current.tensorrt_version}")
+        return (
+            f"built for {existing.gpu} / TensorRT {existing.tensorrt_version} / profile "
+            f"{existing.profile_min_opt_max}, running on {current.gpu} / TensorRT "
+            f"{current.tensorrt_version}"
+        )
     return None
 
 
 def tensorrt_models(repository: Path) -> list[Path]:
     """Model folders whose production config is a tensorrt_plan."""
-    return sorted(p.parent for p in repository.glob("*/config.pbtxt") if "tensorrt_plan" in p.read_text())
+    return sorted(
+        p.parent for p in repository.glob("*/config.pbtxt") if "tensorrt_plan" in p.read_text()
+    )
 
 
 def ensure_engines(repository: Path) -> list[str]:
@@ -34,8 +45,12 @@ def ensure_engines(repository: Path) -> list[str]:
         onnx_fp16 = model_dir / "1" / "model_fp16.onnx"
         plan = model_dir / "1" / "model.plan"
         if not onnx_fp16.exists():
-            raise FileNotFoundError(f"{onnx_fp16} is missing: build the image with `thighseg export --format fp16`")
-        reason = needs_rebuild(read_build_info(plan), current_build_info(onnx_fp16, strongly_typed=True))
+            raise FileNotFoundError(
+                f"{onnx_fp16} is missing: build the image with `thighseg export --format fp16`"
+            )
+        reason = needs_rebuild(
+            read_build_info(plan), current_build_info(onnx_fp16, strongly_typed=True)
+        )
         if reason is None:
             actions.append(f"{model_dir.name}: engine up to date")
             continue

@@ -2,6 +2,7 @@
 
 Inputs and outputs stay FP32 so clients and Triton configs are the same for every variant.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -35,6 +36,13 @@ def _cast_outputs_to_fp32(model: onnx.ModelProto) -> None:
         for node in model.graph.node:
             node.output[:] = [internal if name == output.name else name for name in node.output]
             node.input[:] = [internal if name == output.name else name for name in node.input]
-        model.graph.node.append(helper.make_node("Cast", [internal], [output.name], to=TensorProto.FLOAT,
-                                                 name=f"{output.name}_to_fp32"))
+        model.graph.node.append(
+            helper.make_node(
+                "Cast",
+                [internal],
+                [output.name],
+                to=TensorProto.FLOAT,
+                name=f"{output.name}_to_fp32",
+            )
+        )
         output.type.tensor_type.elem_type = TensorProto.FLOAT

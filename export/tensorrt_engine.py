@@ -5,6 +5,7 @@ machine (the Triton container's entry step) and writes `build_info.json` beside 
 later starts whether the plan still fits. FP16 comes from the FP16 ONNX through a strongly typed
 network, since recent TensorRT deprecates the FP16 builder flag; older TensorRT falls back to it.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,9 +38,15 @@ class BuildInfo:
     strongly_typed: bool
     onnx_file: str
 
-    def matches(self, other: "BuildInfo") -> bool:
+    def matches(self, other: BuildInfo) -> bool:
         """Same GPU, TensorRT and profile: the plan can be reused."""
-        keys = ("gpu", "compute_capability", "tensorrt_version", "profile_min_opt_max", "input_size")
+        keys = (
+            "gpu",
+            "compute_capability",
+            "tensorrt_version",
+            "profile_min_opt_max",
+            "input_size",
+        )
         return all(getattr(self, k) == getattr(other, k) for k in keys)
 
 
@@ -47,15 +54,22 @@ def _tensorrt():
     try:
         import tensorrt
     except ImportError as error:
-        raise TensorRTUnavailable("the tensorrt Python package is not installed (pip install tensorrt)") from error
+        raise TensorRTUnavailable(
+            "the tensorrt Python package is not installed (pip install tensorrt)"
+        ) from error
     return tensorrt
 
 
 def gpu_identity() -> tuple[str, str]:
     """(name, compute capability) of GPU 0 from nvidia-smi (present wherever a GPU is usable)."""
     try:
-        output = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
-                                capture_output=True, text=True, timeout=30, check=True).stdout
+        output = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
     except (FileNotFoundError, subprocess.SubprocessError) as error:
         raise TensorRTUnavailable(f"no CUDA GPU is visible (nvidia-smi: {error})") from error
     name, capability = (part.strip() for part in output.splitlines()[0].split(","))
@@ -70,9 +84,15 @@ def require_gpu_tensorrt() -> None:
 
 def current_build_info(onnx_file: Path, strongly_typed: bool) -> BuildInfo:
     name, capability = gpu_identity()
-    return BuildInfo(gpu=name, compute_capability=capability, tensorrt_version=_tensorrt().__version__,
-                     profile_min_opt_max=(PROFILE_MIN, PROFILE_OPT, PROFILE_MAX), input_size=MODEL_INPUT_SIZE,
-                     strongly_typed=strongly_typed, onnx_file=onnx_file.name)
+    return BuildInfo(
+        gpu=name,
+        compute_capability=capability,
+        tensorrt_version=_tensorrt().__version__,
+        profile_min_opt_max=(PROFILE_MIN, PROFILE_OPT, PROFILE_MAX),
+        input_size=MODEL_INPUT_SIZE,
+        strongly_typed=strongly_typed,
+        onnx_file=onnx_file.name,
+    )
 
 
 def read_build_info(plan: Path) -> BuildInfo | None:
@@ -129,7 +149,9 @@ class EngineRunner:
 
         trt = _tensorrt()
         self._torch = torch
-        self._engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan.read_bytes())
+        self._engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(
+            plan.read_bytes()
+        )
         if self._engine is None:
             raise RuntimeError(f"{plan} does not deserialize on this GPU/TensorRT")
         self._context = self._engine.create_execution_context()
@@ -138,7 +160,9 @@ class EngineRunner:
         torch = self._torch
         batch = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).cuda()
         self._context.set_input_shape("image", tuple(batch.shape))
-        logits = torch.empty(tuple(self._context.get_tensor_shape("logits")), dtype=torch.float32, device="cuda")
+        logits = torch.empty(
+            tuple(self._context.get_tensor_shape("logits")), dtype=torch.float32, device="cuda"
+        )
         self._context.set_tensor_address("image", batch.data_ptr())
         self._context.set_tensor_address("logits", logits.data_ptr())
         stream = torch.cuda.current_stream()

@@ -3,10 +3,11 @@
 Used for every step of the export chain: torch vs ONNX Runtime FP32, ONNX FP32 vs FP16, and
 ONNX Runtime FP32 vs the TensorRT FP16 engine.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -33,16 +34,23 @@ class Comparison:
         return {**asdict(self), "max_dice_drop": self.max_dice_drop}
 
 
-def compare(reference: Backend, candidate: Backend, images: np.ndarray, truth: np.ndarray | None = None,
-            batch_size: int = 8) -> Comparison:
+def compare(
+    reference: Backend,
+    candidate: Backend,
+    images: np.ndarray,
+    truth: np.ndarray | None = None,
+    batch_size: int = 8,
+) -> Comparison:
     """Run both backends batch by batch; compare logits, labels and (optionally) DSC to truth."""
     max_diff, agree, total = 0.0, 0, 0
     labels_reference, labels_candidate = [], []
     for start in range(0, len(images), batch_size):
-        batch = np.ascontiguousarray(images[start:start + batch_size], dtype=np.float32)
+        batch = np.ascontiguousarray(images[start : start + batch_size], dtype=np.float32)
         expected, actual = reference(batch), candidate(batch)
         if actual.shape != expected.shape:
-            raise AssertionError(f"candidate output shape {actual.shape} != reference {expected.shape}")
+            raise AssertionError(
+                f"candidate output shape {actual.shape} != reference {expected.shape}"
+            )
         max_diff = max(max_diff, float(np.abs(actual.astype(np.float32) - expected).max()))
         labels_reference.append(expected.argmax(1).astype(np.uint8))
         labels_candidate.append(actual.argmax(1).astype(np.uint8))

@@ -1,4 +1,5 @@
 """Builds and validates the TensorRT engines of every model; see gpu_check.sh."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from thighseg.learning import models
 from thighseg.export.build import export_model
+from thighseg.learning import models
 
 REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 
@@ -19,9 +20,17 @@ def serve_engines() -> str:
     binary = shutil.which("tritonserver")
     if binary is None:
         return "skipped: no tritonserver on PATH (run inside the official Triton container)"
-    process = subprocess.Popen([binary, f"--model-repository={REPOSITORY}", "--http-port=18000",
-                                "--grpc-port=18001", "--metrics-port=18002"], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [
+            binary,
+            f"--model-repository={REPOSITORY}",
+            "--http-port=18000",
+            "--grpc-port=18001",
+            "--metrics-port=18002",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
     try:
         import tritonclient.http as http
 
@@ -29,7 +38,9 @@ def serve_engines() -> str:
         for _ in range(240):
             try:
                 if client.is_server_ready():
-                    states = {m["name"]: m.get("state") for m in client.get_model_repository_index()}
+                    states = {
+                        m["name"]: m.get("state") for m in client.get_model_repository_index()
+                    }
                     return f"served: {states}"
             except Exception:
                 pass
@@ -52,16 +63,26 @@ def main() -> int:
         results[model] = report
     results["triton"] = serve_engines()
     Path("gpu_check.json").write_text(json.dumps(results, indent=2, default=str))
-    print(f"{'model':<12}{'GPU':<28}{'TensorRT':<12}{'agreement':>10}{'max DSC drop':>14}{'build s':>9}")
+    print(
+        f"{'model':<12}{'GPU':<28}{'TensorRT':<12}{'agreement':>10}"
+        f"{'max DSC drop':>14}{'build s':>9}"
+    )
     for model, report in results.items():
         if model == "triton" or "error" in report:
             continue
         check, info = report["onnx_vs_tensorrt"], report["build_info"]
-        print(f"{model:<12}{info['gpu'][:27]:<28}{info['tensorrt_version']:<12}{check['argmax_agreement']:>10.5f}"
-              f"{check['max_dice_drop']:>14.4f}{report['seconds']:>9}")
+        print(
+            f"{model:<12}{info['gpu'][:27]:<28}{info['tensorrt_version']:<12}{check['argmax_agreement']:>10.5f}"
+            f"{check['max_dice_drop']:>14.4f}{report['seconds']:>9}"
+        )
     print(f"triton: {results['triton']}")
-    ok = all("error" not in r and r["onnx_vs_tensorrt"]["argmax_agreement"] >= 0.995
-             and r["onnx_vs_tensorrt"]["max_dice_drop"] <= 0.005 for m, r in results.items() if m != "triton")
+    ok = all(
+        "error" not in r
+        and r["onnx_vs_tensorrt"]["argmax_agreement"] >= 0.995
+        and r["onnx_vs_tensorrt"]["max_dice_drop"] <= 0.005
+        for m, r in results.items()
+        if m != "triton"
+    )
     return 0 if ok else 1
 
 

@@ -1,5 +1,6 @@
 """Shared fixtures: small phantom studies, a model repository exported for the test session, a real
 embedded Triton server and a real listener on free localhost ports."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from thighseg.learning import models
+from thighseg.serving.embedded_triton import EmbeddedTriton, Ports
 from thighseg.synthetic import phantom
 from thighseg.synthetic.ct_series import write_series
-from thighseg.serving.embedded_triton import EmbeddedTriton, Ports
+
 
 def free_port() -> int:
     """A TCP port free on localhost now (tests bind their servers to it)."""
@@ -30,7 +32,9 @@ TEST_SLICE_SPACING_MM = 5.0
 
 
 def needs_torch():
-    return pytest.importorskip("segmentation_models_pytorch", reason="training/export extra not installed")
+    return pytest.importorskip(
+        "segmentation_models_pytorch", reason="training/export extra not installed"
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -59,7 +63,9 @@ def study_factory(tmp_path_factory):
         key = (seed, size, slices)
         if key not in cache:
             folder = tmp_path_factory.mktemp(f"study-{seed}-{size}-{slices}")
-            study = phantom.generate(seed, size=size, slices=slices, slice_spacing=TEST_SLICE_SPACING_MM)
+            study = phantom.generate(
+                seed, size=size, slices=slices, slice_spacing=TEST_SLICE_SPACING_MM
+            )
             cache[key] = write_series(study, folder)
         return cache[key]
 
@@ -68,14 +74,18 @@ def study_factory(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def model_repository(tmp_path_factory) -> Path:
-    """A copy of the version-controlled repository entry with the shipped weights exported into it."""
+    """A copy of the version-controlled repository entry with the shipped weights exported into
+    it."""
     needs_torch()
     from thighseg.export.onnx_export import export_to_repository
 
     repository = tmp_path_factory.mktemp("model_repository")
     name = models.triton_name(MODEL)
-    shutil.copytree(REPO_ROOT / "model_repository" / name, repository / name,
-                    ignore=shutil.ignore_patterns("*.onnx", "__pycache__"))
+    shutil.copytree(
+        REPO_ROOT / "model_repository" / name,
+        repository / name,
+        ignore=shutil.ignore_patterns("*.onnx", "__pycache__"),
+    )
     export_to_repository(MODEL, repository)
     return repository
 
@@ -93,23 +103,32 @@ def triton(model_repository, tmp_path_factory):
 
 @pytest.fixture
 def listener_factory(triton, tmp_path):
-    """make(**ListenerConfig overrides) -> a started Listener on free ports, stopped after the test."""
+    """make(**ListenerConfig overrides) -> a started Listener on free ports, stopped after the
+    test."""
     from thighseg.client.triton import TritonSegmenter
-    from thighseg.pipeline.stages import settings_for
     from thighseg.dicom_listener.config import ListenerConfig
     from thighseg.dicom_listener.service import Listener
+    from thighseg.pipeline.stages import settings_for
 
     started = []
 
     def make(triton_url: str | None = None, wrap_infer=None, **overrides):
-        """`wrap_infer(infer) -> infer` puts a test's hook (e.g. a gate) around the real inference."""
-        segmenter = TritonSegmenter(triton_url or triton.http_url, models.triton_name(MODEL), retries=1,
-                                    backoff_s=0.2)
+        """`wrap_infer(infer) -> infer` puts a test's hook (e.g. a gate) around the real
+        inference."""
+        segmenter = TritonSegmenter(
+            triton_url or triton.http_url, models.triton_name(MODEL), retries=1, backoff_s=0.2
+        )
         settings = settings_for(segmenter, MODEL)
         if wrap_infer is not None:
             settings = dataclasses.replace(settings, infer=wrap_infer(settings.infer))
-        options = dict(spool_dir=tmp_path / f"spool{len(started)}", output_dir=tmp_path / f"out{len(started)}",
-                       host="127.0.0.1", port=free_port(), idle_s=0.5, metrics_port=free_port())
+        options = dict(
+            spool_dir=tmp_path / f"spool{len(started)}",
+            output_dir=tmp_path / f"out{len(started)}",
+            host="127.0.0.1",
+            port=free_port(),
+            idle_s=0.5,
+            metrics_port=free_port(),
+        )
         listener = Listener(ListenerConfig(**{**options, **overrides}), settings).start()
         started.append(listener)
         return listener

@@ -1,5 +1,6 @@
 """Cohort batch mode through the real Triton server: DICOM folders and NIfTI, errors listed not
 fatal, indices against truth, resume after kill -9."""
+
 from __future__ import annotations
 
 import csv
@@ -14,9 +15,9 @@ import numpy as np
 import pydicom
 import pytest
 
+from thighseg.measure.indices import volume_indices
 from thighseg.synthetic import phantom
 from thighseg.synthetic.ct_series import write_series
-from thighseg.measure.indices import volume_indices
 
 SEGMENT = [sys.executable, "-m", "thighseg.cli", "segment"]
 
@@ -30,7 +31,9 @@ def _cohort(root: Path, seeds: range) -> dict[str, float]:
         write_series(study, root / f"study{seed}")
         g = study.geometry
         spacing = (g.slice_spacing, g.pixel_spacing, g.pixel_spacing)
-        truth[f"study{seed}"] = volume_indices(study.hu, study.labels, spacing).headline()["total_muscle_ml"]
+        truth[f"study{seed}"] = volume_indices(study.hu, study.labels, spacing).headline()[
+            "total_muscle_ml"
+        ]
     study = phantom.generate(seeds[-1] + 1, size=128, slices=12, slice_spacing=5.0)
     g = study.geometry
     affine = np.diag([g.pixel_spacing, g.pixel_spacing, g.slice_spacing, 1.0])
@@ -56,9 +59,22 @@ def test_cohort_with_a_broken_study_reports_it_and_finishes_the_rest(triton, tmp
         ds.SeriesInstanceUID = broken_series
         ds.save_as(broken / path.name)
     out = tmp_path / "out"
-    result = subprocess.run([*SEGMENT, str(inputs / "study9100"), str(inputs / "study9101"), str(broken),
-                             str(inputs / "volume.nii.gz"), "--out", str(out), "--triton-url", triton.http_url],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            *SEGMENT,
+            str(inputs / "study9100"),
+            str(inputs / "study9101"),
+            str(broken),
+            str(inputs / "volume.nii.gz"),
+            "--out",
+            str(out),
+            "--triton-url",
+            triton.http_url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 1, result.stderr[-2000:]
     assert "failed: broken_" in result.stdout and "not evenly spaced" in result.stdout
     rows = _rows(out)

@@ -1,5 +1,6 @@
-"""The benchmark in its tiny configuration: it runs end to end and writes its figures (no thresholds:
-speed targets are read from a full `thighseg bench` run, never asserted in tests)."""
+"""The benchmark in its tiny configuration: it runs end to end and writes its figures (no
+thresholds: speed targets are read from a full `thighseg bench` run, never asserted in tests)."""
+
 import json
 import shutil
 
@@ -11,14 +12,19 @@ from thighseg.client.perf import without_dynamic_batching
 
 
 def test_nobatch_variant_drops_only_dynamic_batching():
-    config = 'name: "m"\nbackend: "python"\nmax_batch_size: 16\ndynamic_batching { max_queue_delay_microseconds: 100 }\n'
+    config = (
+        'name: "m"\nbackend: "python"\nmax_batch_size: 16\n'
+        "dynamic_batching { max_queue_delay_microseconds: 100 }\n"
+    )
     variant = without_dynamic_batching(config, "m_nobatch")
     assert 'name: "m_nobatch"' in variant and "max_batch_size: 16" in variant
     assert "dynamic_batching" not in variant
 
 
-@pytest.mark.skipif(shutil.which("storescu") is None or shutil.which("storescp") is None,
-                    reason="DCMTK storescu/storescp not installed")
+@pytest.mark.skipif(
+    shutil.which("storescu") is None or shutil.which("storescp") is None,
+    reason="DCMTK storescu/storescp not installed",
+)
 def test_tiny_benchmark_writes_json_markdown_and_plots(model_repository, tmp_path):
     pytest.importorskip("matplotlib")
     from thighseg.apps.bench import BenchConfig, run_bench
@@ -27,15 +33,22 @@ def test_tiny_benchmark_writes_json_markdown_and_plots(model_repository, tmp_pat
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["ratios"] == results["ratios"]
     assert {(p["protocol"], p["dynamic_batching"]) for p in saved["perf_analyzer"]} == {
-        ("http", True), ("http", False), ("grpc", True), ("grpc", False)}
+        ("http", True),
+        ("http", False),
+        ("grpc", True),
+        ("grpc", False),
+    }
     assert all(p["throughput"] > 0 and p["p99_ms"] >= p["p50_ms"] for p in saved["perf_analyzer"])
     assert {p["architecture"] for p in saved["perf_analyzer"]} == {"segformer"}
     assert {"onnxruntime_fp32", "onnxruntime_fp32_batch1", "torch_eager_fp32"} <= set(
-        saved["baselines_slices_per_second"]["segformer"])
+        saved["baselines_slices_per_second"]["segformer"]
+    )
     assert {r["receiver"] for r in saved["ingest"]} == {"dcmtk-storescp", "thighseg-listener"}
     whole = saved["whole_study"]
     assert whole["instances"] == 8 and whole["listener_peak_rss_mb"] > 0
-    assert whole["warm_listener_peak_rss_mb"] > 0  # measured in a second listener, after a warm-up study
+    assert (
+        whole["warm_listener_peak_rss_mb"] > 0
+    )  # measured in a second listener, after a warm-up study
     assert "segformer: most_dynamic_batching_could_give_at_concurrency_2" in saved["ratios"]
     text = (tmp_path / "bench.md").read_text()
     assert "| ratio | value |" in text and "compute ceiling" in text

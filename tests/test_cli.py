@@ -1,4 +1,5 @@
 """The `thighseg` command as users run it: real processes, real ports, clean shutdown."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,6 @@ import time
 from pathlib import Path
 
 import tritonclient.http as http
-
 from conftest import free_port
 
 THIGHSEG = [sys.executable, "-m", "thighseg.cli"]
@@ -21,7 +21,9 @@ def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 def test_phantom_command_writes_a_series(tmp_path):
-    result = run("phantom", "--seed", "9", "--size", "64", "--slices", "3", "--out", str(tmp_path / "s"))
+    result = run(
+        "phantom", "--seed", "9", "--size", "64", "--slices", "3", "--out", str(tmp_path / "s")
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["files"] == 3 and len(list((tmp_path / "s").glob("CT-*.dcm"))) == 3
@@ -29,7 +31,9 @@ def test_phantom_command_writes_a_series(tmp_path):
 
 
 def test_listen_without_triton_fails_with_a_clear_message():
-    result = run("listen", "--triton-url", f"127.0.0.1:{free_port()}", "--port", str(free_port()), timeout=60)
+    result = run(
+        "listen", "--triton-url", f"127.0.0.1:{free_port()}", "--port", str(free_port()), timeout=60
+    )
     assert result.returncode == 2
     assert "is not ready" in result.stderr and "thighseg serve" in result.stderr
 
@@ -42,22 +46,43 @@ def test_bad_arguments_get_a_message_not_a_traceback(tmp_path):
 
 def test_serve_starts_triton_and_stops_it_on_sigterm(model_repository):
     http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
-    process = subprocess.Popen([*THIGHSEG, "serve", "--repository", str(model_repository), "--http-port",
-                                str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            *THIGHSEG,
+            "serve",
+            "--repository",
+            str(model_repository),
+            "--http-port",
+            str(http_port),
+            "--grpc-port",
+            str(grpc_port),
+            "--metrics-port",
+            str(metrics_port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = process.stdout.readline()
         assert "triton ready" in line, process.stderr.read() if process.poll() is not None else line
         triton_pid = int(re.search(r"pid (\d+)", line).group(1))
-        assert http.InferenceServerClient(f"127.0.0.1:{http_port}").is_model_ready("thighseg_segformer")
+        assert http.InferenceServerClient(f"127.0.0.1:{http_port}").is_model_ready(
+            "thighseg_segformer"
+        )
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and Path(f"/proc/{triton_pid}").exists() and \
-                "zombie" not in Path(f"/proc/{triton_pid}/status").read_text().lower():
+        while (
+            time.monotonic() < deadline
+            and Path(f"/proc/{triton_pid}").exists()
+            and "zombie" not in Path(f"/proc/{triton_pid}/status").read_text().lower()
+        ):
             time.sleep(0.2)
-        assert not Path(f"/proc/{triton_pid}").exists() or \
-            "zombie" in Path(f"/proc/{triton_pid}/status").read_text().lower()
+        assert (
+            not Path(f"/proc/{triton_pid}").exists()
+            or "zombie" in Path(f"/proc/{triton_pid}/status").read_text().lower()
+        )
     finally:
         if process.poll() is None:
             process.kill()
@@ -65,12 +90,32 @@ def test_serve_starts_triton_and_stops_it_on_sigterm(model_repository):
 
 def test_demo_runs_end_to_end(model_repository, tmp_path):
     ports = [str(free_port()) for _ in range(4)]
-    result = run("demo", "--size", "256", "--slices", "16", "--repository", str(model_repository),
-                 "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2], "--port", ports[3],
-                 "--work", str(tmp_path), timeout=600)
+    result = run(
+        "demo",
+        "--size",
+        "256",
+        "--slices",
+        "16",
+        "--repository",
+        str(model_repository),
+        "--http-port",
+        ports[0],
+        "--grpc-port",
+        ports[1],
+        "--metrics-port",
+        ports[2],
+        "--port",
+        ports[3],
+        "--work",
+        str(tmp_path),
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()
-            if line.split() and line.split()[0] in ("extensor", "flexor", "adductor")}
+    rows = {
+        line.split()[0]: line.split()[1:]
+        for line in result.stdout.splitlines()
+        if line.split() and line.split()[0] in ("extensor", "flexor", "adductor")
+    }
     assert set(rows) == {"extensor", "flexor", "adductor"}
     assert all(float(values[2]) >= 0.8 for values in rows.values()), result.stdout
     assert list(tmp_path.rglob("seg.dcm")) and list(tmp_path.rglob("report.json"))
@@ -83,9 +128,23 @@ def test_cli_defaults_are_the_configs_own():
     from thighseg.learning.training import TrainConfig
 
     listen = build_parser().parse_args(["listen"])
-    assert (listen.ae_title, listen.port, listen.metrics_port) == (AE_TITLE, DICOM_PORT, LISTENER_METRICS_PORT)
-    assert (listen.idle, listen.expiry, listen.workers, listen.network_timeout, listen.host) == \
-        tuple(default(name) for name in ("idle_s", "expiry_s", "workers", "network_timeout_s", "host"))
+    assert (listen.ae_title, listen.port, listen.metrics_port) == (
+        AE_TITLE,
+        DICOM_PORT,
+        LISTENER_METRICS_PORT,
+    )
+    assert (
+        listen.idle,
+        listen.expiry,
+        listen.workers,
+        listen.network_timeout,
+        listen.host,
+    ) == tuple(
+        default(name) for name in ("idle_s", "expiry_s", "workers", "network_timeout_s", "host")
+    )
     train = build_parser().parse_args(["train"])
-    assert (train.steps, train.subjects, train.batch_size) == \
-        (TrainConfig().steps, TrainConfig().subjects, TrainConfig().batch_size)
+    assert (train.steps, train.subjects, train.batch_size) == (
+        TrainConfig().steps,
+        TrainConfig().subjects,
+        TrainConfig().batch_size,
+    )

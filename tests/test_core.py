@@ -1,8 +1,8 @@
 import numpy as np
 
 from thighseg.core.labels import normalise_hu
-from thighseg.measure.metrics import dice, dice_per_group, group_volumes_ml
 from thighseg.core.resample import logits_to_labels, to_model_grid
+from thighseg.measure.metrics import dice, dice_per_group, group_volumes_ml
 
 
 def test_dice_matches_hand_count():

@@ -1,4 +1,5 @@
 """Metrics against independent implementations, real-data loaders, and an evaluation run."""
+
 from __future__ import annotations
 
 import json
@@ -7,21 +8,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from thighseg.measure.metrics import confusion_counts, overlap_metrics
 from thighseg.measure.agreement import bland_altman, icc_2_1
+from thighseg.measure.metrics import confusion_counts, overlap_metrics
 
 
 def test_confusion_counts_match_scikit_learn():
     metrics = pytest.importorskip("sklearn.metrics")
     rng = np.random.default_rng(0)
     truth, prediction = rng.integers(0, 4, (3, 20, 20)), rng.integers(0, 4, (3, 20, 20))
-    matrix = metrics.multilabel_confusion_matrix(truth.ravel(), prediction.ravel(), labels=[1, 2, 3])
-    for label, ((tn, fp), (fn, tp)) in zip((1, 2, 3), matrix):
+    matrix = metrics.multilabel_confusion_matrix(
+        truth.ravel(), prediction.ravel(), labels=[1, 2, 3]
+    )
+    for label, ((tn, fp), (fn, tp)) in zip((1, 2, 3), matrix, strict=False):
         assert confusion_counts(prediction, truth, label) == (tp, fp, fn, tn)
     overlap = overlap_metrics(prediction, truth)
-    assert overlap["extensor"]["dsc"] == pytest.approx(metrics.f1_score(truth.ravel() == 1, prediction.ravel() == 1))
+    assert overlap["extensor"]["dsc"] == pytest.approx(
+        metrics.f1_score(truth.ravel() == 1, prediction.ravel() == 1)
+    )
     assert overlap["flexor"]["sensitivity"] == pytest.approx(
-        metrics.recall_score(truth.ravel() == 2, prediction.ravel() == 2))
+        metrics.recall_score(truth.ravel() == 2, prediction.ravel() == 2)
+    )
 
 
 def test_icc_matches_pingouin():
@@ -32,13 +38,22 @@ def test_icc_matches_pingouin():
     truth = rng.uniform(2000, 6000, 12)
     predicted = truth * rng.normal(1.0, 0.03, 12) + 40
     ours = icc_2_1(np.stack([truth, predicted], 1))
-    table = pd.DataFrame({"subject": np.tile(np.arange(12), 2), "rater": np.repeat(["truth", "model"], 12),
-                          "volume": np.concatenate([truth, predicted])})
-    theirs = pingouin.intraclass_corr(table, targets="subject", raters="rater", ratings="volume").set_index("Type")
+    table = pd.DataFrame(
+        {
+            "subject": np.tile(np.arange(12), 2),
+            "rater": np.repeat(["truth", "model"], 12),
+            "volume": np.concatenate([truth, predicted]),
+        }
+    )
+    theirs = pingouin.intraclass_corr(
+        table, targets="subject", raters="rater", ratings="volume"
+    ).set_index("Type")
     row = "ICC2" if "ICC2" in theirs.index else "ICC(A,1)"  # pingouin 0.6 names it by McGraw & Wong
     assert ours.value == pytest.approx(theirs.loc[row, "ICC"], abs=1e-9)
     low, high = theirs.loc[row, "CI95"]
-    assert (ours.ci_low, ours.ci_high) == pytest.approx((low, high), abs=0.01)  # pingouin rounds to 2 decimals
+    assert (ours.ci_low, ours.ci_high) == pytest.approx(
+        (low, high), abs=0.01
+    )  # pingouin rounds to 2 decimals
 
 
 def test_icc_rejects_too_few_subjects_and_bland_altman_is_symmetric():
@@ -50,8 +65,8 @@ def test_icc_rejects_too_few_subjects_and_bland_altman_is_symmetric():
 
 def test_nifti_pair_round_trip_keeps_orientation():
     nib = pytest.importorskip("nibabel")
-    from thighseg.synthetic import phantom
     from thighseg.pipeline.loaders import load_nifti_pair
+    from thighseg.synthetic import phantom
 
     study = phantom.generate(61, size=64, slices=4, slice_spacing=5.0)
     g = study.geometry
@@ -63,17 +78,19 @@ def test_nifti_pair_round_trip_keeps_orientation():
     with tempfile.TemporaryDirectory() as folder:
         image, label = Path(folder) / "ct.nii.gz", Path(folder) / "labels.nii.gz"
         nib.save(nib.Nifti1Image(np.ascontiguousarray(ras(study.hu)), affine), image)
-        nib.save(nib.Nifti1Image(np.ascontiguousarray(ras(study.labels)).astype(np.uint8), affine), label)
+        nib.save(
+            nib.Nifti1Image(np.ascontiguousarray(ras(study.labels)).astype(np.uint8), affine), label
+        )
         loaded = load_nifti_pair(image, label)
     assert np.array_equal(loaded.labels, study.labels) and np.allclose(loaded.hu, study.hu)
     assert loaded.spacing_zyx == pytest.approx((g.slice_spacing, g.pixel_spacing, g.pixel_spacing))
 
 
 def test_dicom_series_with_seg_round_trip(study_factory, tmp_path):
-    from thighseg.synthetic.ct_series import read_truth
     from thighseg.pipeline.assemble import assemble
-    from thighseg.pipeline.outputs import write_seg
     from thighseg.pipeline.loaders import load_dicom_with_seg
+    from thighseg.pipeline.outputs import write_seg
+    from thighseg.synthetic.ct_series import read_truth
 
     paths = study_factory(62, size=128, slices=5)
     volume = assemble(list(paths))
@@ -90,13 +107,20 @@ def test_evaluation_writes_report_figures_and_sane_numbers(model_repository, tmp
     from thighseg.export.validation import onnx_backend
 
     backend = onnx_backend(model_repository / "thighseg_segformer" / "1" / "model.onnx")
-    report = run_evaluation({"segformer": backend}, tmp_path, EvaluationConfig(studies=3, slices=4, size=192))
+    report = run_evaluation(
+        {"segformer": backend}, tmp_path, EvaluationConfig(studies=3, slices=4, size=192)
+    )
     saved = json.loads((tmp_path / "evaluation.json").read_text())
     internal = saved["models"]["segformer"]["internal_test"]["summary"]
     assert 0.8 < internal["overlap"]["mean"]["dsc"]["mean"] <= 1.0
     assert internal["overlap"]["mean"]["specificity"]["mean"] > 0.99
     assert -1 <= internal["volumes"]["total_muscle_ml"]["icc_2_1"]["value"] <= 1
     assert report["models"].keys() == {"segformer"}
-    for name in ("evaluation.md", "dsc_boxplot_external.png", "bland_altman_segformer_internal_test.png",
-                 "overlay_segformer_external_worst.png", "overlay_segformer_internal_test_median.png"):
+    for name in (
+        "evaluation.md",
+        "dsc_boxplot_external.png",
+        "bland_altman_segformer_internal_test.png",
+        "overlay_segformer_external_worst.png",
+        "overlay_segformer_internal_test_median.png",
+    ):
         assert (tmp_path / name).stat().st_size > 1000, name

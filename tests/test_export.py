@@ -2,12 +2,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-
 from conftest import MODEL, needs_torch
-from thighseg.learning import models
-from thighseg.synthetic import phantom
+
 from thighseg.core.labels import normalise_hu
 from thighseg.core.resample import MODEL_INPUT_SIZE, to_model_grid
+from thighseg.learning import models
+from thighseg.synthetic import phantom
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,12 @@ def test_onnx_has_dynamic_batch_and_opset(exported):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for batch in (1, 5):
         x = np.zeros((batch, 1, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE), np.float32)
-        assert session.run(["logits"], {"image": x})[0].shape == (batch, 4, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE)
+        assert session.run(["logits"], {"image": x})[0].shape == (
+            batch,
+            4,
+            MODEL_INPUT_SIZE,
+            MODEL_INPUT_SIZE,
+        )
 
 
 def test_onnx_runtime_matches_torch_on_phantom_slices(exported):

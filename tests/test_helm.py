@@ -1,4 +1,6 @@
-"""The Helm chart rendered by the real Helm engine, validated against Kubernetes schemas and checkov."""
+"""The Helm chart rendered by the real Helm engine, validated against Kubernetes schemas and
+checkov."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-helm_python = pytest.importorskip("helm_python", reason="helm-python-sdk (the Helm engine) not installed")
+helm_python = pytest.importorskip(
+    "helm_python", reason="helm-python-sdk (the Helm engine) not installed"
+)
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -21,25 +25,53 @@ DIGEST = "sha256:" + "ab" * 32
 VALUE_SETS = {
     "default": {},
     "gpu_off": {"triton": {"gpu": {"enabled": False}}},
-    "tls_on": {"listener": {"tls": {"enabled": True, "secretName": "dicom-tls", "requireClientCertificate": True},
-                            "allowedCallingAETitles": ["CT_SCANNER", "PACS"]}},
+    "tls_on": {
+        "listener": {
+            "tls": {"enabled": True, "secretName": "dicom-tls", "requireClientCertificate": True},
+            "allowedCallingAETitles": ["CT_SCANNER", "PACS"],
+        }
+    },
     "autoscaling_cpu": {"triton": {"autoscaling": {"enabled": True}}},
-    "autoscaling_queue": {"triton": {"autoscaling": {"enabled": True, "queueMetric": {"enabled": True}}}},
-    "external_model_store": {"triton": {"modelRepository": {"source": "external", "external": {
-        "uri": "s3://hospital-models/thighseg", "credentialsSecret": "model-store"}}}},
-    "pvc_model_store": {"triton": {"modelRepository": {"source": "pvc", "pvc": {"claimName": "thighseg-models"}}}},
-    "monitoring": {"metrics": {"serviceMonitor": {"enabled": True}, "grafanaDashboard": {"enabled": True}}},
-    "nodeport_pinned": {"listener": {"service": {"type": "NodePort", "nodePort": 31112}},
-                        "images": {"triton": {"repository": "r/t", "tag": "1", "digest": DIGEST},
-                                   "listener": {"repository": "r/l", "tag": "1", "digest": DIGEST}}},
+    "autoscaling_queue": {
+        "triton": {"autoscaling": {"enabled": True, "queueMetric": {"enabled": True}}}
+    },
+    "external_model_store": {
+        "triton": {
+            "modelRepository": {
+                "source": "external",
+                "external": {
+                    "uri": "s3://hospital-models/thighseg",
+                    "credentialsSecret": "model-store",
+                },
+            }
+        }
+    },
+    "pvc_model_store": {
+        "triton": {"modelRepository": {"source": "pvc", "pvc": {"claimName": "thighseg-models"}}}
+    },
+    "monitoring": {
+        "metrics": {"serviceMonitor": {"enabled": True}, "grafanaDashboard": {"enabled": True}}
+    },
+    "nodeport_pinned": {
+        "listener": {"service": {"type": "NodePort", "nodePort": 31112}},
+        "images": {
+            "triton": {"repository": "r/t", "tag": "1", "digest": DIGEST},
+            "listener": {"repository": "r/l", "tag": "1", "digest": DIGEST},
+        },
+    },
 }
 
 
 def render(values: dict) -> list[dict]:
     chart = helm_python.Chart.load(str(CHART))
     rendered = chart.render(values, name="thighseg", namespace="radiology")
-    return [doc for path, text in rendered.items() if path.endswith(".yaml")
-            for doc in yaml.safe_load_all(text) if doc]
+    return [
+        doc
+        for path, text in rendered.items()
+        if path.endswith(".yaml")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
 
 
 def by_kind(docs: list[dict], kind: str) -> list[dict]:
@@ -79,15 +111,22 @@ def test_default_triton_on_gpu_with_health_probes_and_non_root():
     listener = by_kind(docs, "StatefulSet")[0]
     assert listener["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "spool"
     assert by_kind(docs, "Service")[0]["spec"]["type"] in ("LoadBalancer", "NodePort")
-    assert len(by_kind(docs, "PodDisruptionBudget")) == 2 and not by_kind(docs, "HorizontalPodAutoscaler")
+    assert len(by_kind(docs, "PodDisruptionBudget")) == 2 and not by_kind(
+        docs, "HorizontalPodAutoscaler"
+    )
 
 
 def test_network_policies_only_let_the_listener_reach_triton():
     policies = {p["metadata"]["name"]: p for p in by_kind(render({}), "NetworkPolicy")}
     triton_ingress = policies["thighseg-thighseg-triton"]["spec"]["ingress"]
-    inference = [rule for rule in triton_ingress if {"port": 8000, "protocol": "TCP"} in rule["ports"]]
+    inference = [
+        rule for rule in triton_ingress if {"port": 8000, "protocol": "TCP"} in rule["ports"]
+    ]
     assert len(inference) == 1
-    assert inference[0]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "listener"
+    assert (
+        inference[0]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+        == "listener"
+    )
     dicom = policies["thighseg-thighseg-listener"]["spec"]["ingress"][0]
     assert dicom["from"] == [{"ipBlock": {"cidr": "10.0.0.0/8"}}]
 
@@ -98,27 +137,39 @@ def test_value_sets_change_what_they_should():
     assert {"name": "MODEL_CONFIG_NAME", "value": "cpu"} in gpu_off["env"]
     tls = render(VALUE_SETS["tls_on"])
     args = container(tls, "StatefulSet")["args"]
-    assert "--tls-cert=/etc/thighseg/tls/tls.crt" in args and "--tls-ca=/etc/thighseg/tls/ca.crt" in args
+    assert (
+        "--tls-cert=/etc/thighseg/tls/tls.crt" in args
+        and "--tls-ca=/etc/thighseg/tls/ca.crt" in args
+    )
     assert "--allow-aet=CT_SCANNER" in args
     hpa = by_kind(render(VALUE_SETS["autoscaling_queue"]), "HorizontalPodAutoscaler")[0]
     assert hpa["spec"]["metrics"][0]["type"] == "Pods"
     assert "replicas" not in by_kind(render(VALUE_SETS["autoscaling_cpu"]), "Deployment")[0]["spec"]
     external = container(render(VALUE_SETS["external_model_store"]), "Deployment")
     assert {"name": "MODEL_REPOSITORY", "value": "s3://hospital-models/thighseg"} in external["env"]
-    assert {"name": "cloud-credentials", "mountPath": "/etc/thighseg/cloud", "readOnly": True} in external["volumeMounts"]
+    assert {
+        "name": "cloud-credentials",
+        "mountPath": "/etc/thighseg/cloud",
+        "readOnly": True,
+    } in external["volumeMounts"]
     monitoring = render(VALUE_SETS["monitoring"])
     dashboard = json.loads(by_kind(monitoring, "ConfigMap")[0]["data"]["thighseg.json"])
-    assert any("thighseg_stage_seconds" in t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    assert any(
+        "thighseg_stage_seconds" in t["expr"] for p in dashboard["panels"] for t in p["targets"]
+    )
     assert by_kind(monitoring, "ServiceMonitor")[0]["spec"]["endpoints"][0]["port"] == "metrics"
     assert "@sha256:" in container(render(VALUE_SETS["nodeport_pinned"]), "Deployment")["image"]
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"listener": {"tls": {"enabled": True}}}, "secretName"),
-    ({"triton": {"modelRepository": {"source": "pvc"}}}, "claimName"),
-    ({"model": "unet"}, "model"),
-    ({"listener": {"port": 70000}}, "port"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"listener": {"tls": {"enabled": True}}}, "secretName"),
+        ({"triton": {"modelRepository": {"source": "pvc"}}}, "claimName"),
+        ({"model": "unet"}, "model"),
+        ({"listener": {"port": 70000}}, "port"),
+    ],
+)
 def test_invalid_values_are_refused_with_a_reason(values, message):
     with pytest.raises(helm_python.HelmError, match=message):
         render(values)
@@ -129,19 +180,40 @@ def _checkov() -> str | None:
     return str(local) if local.exists() else shutil.which("checkov")
 
 
-@pytest.mark.skipif(_checkov() is None, reason="checkov not installed (scripts/setup.sh installs it)")
+@pytest.mark.skipif(
+    _checkov() is None, reason="checkov not installed (scripts/setup.sh installs it)"
+)
 def test_checkov_finds_nothing_unjustified(tmp_path):
     justified = yaml.safe_load((CHART / "checkov-justifications.yaml").read_text())
     for name, values in VALUE_SETS.items():
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump_all(render(values)))
-    result = subprocess.run([_checkov(), "-d", str(tmp_path), "--framework", "kubernetes", "--skip-download",
-                             "--quiet", "-o", "json"], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            _checkov(),
+            "-d",
+            str(tmp_path),
+            "--framework",
+            "kubernetes",
+            "--skip-download",
+            "--quiet",
+            "-o",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     report = json.loads(result.stdout)
-    failed = [(c["check_id"], c["resource"], Path(c["file_path"]).stem)
-              for r in (report if isinstance(report, list) else [report]) for c in r["results"]["failed_checks"]]
+    failed = [
+        (c["check_id"], c["resource"], Path(c["file_path"]).stem)
+        for r in (report if isinstance(report, list) else [report])
+        for c in r["results"]["failed_checks"]
+    ]
     unjustified = [f for f in failed if f[0] not in justified]
     assert unjustified == []
-    assert not [f for f in failed if f[2] == "nodeport_pinned"], "pinned digests must pass every check"
+    assert not [f for f in failed if f[2] == "nodeport_pinned"], (
+        "pinned digests must pass every check"
+    )
 
 
 def test_chart_defaults_are_the_listeners_own():
@@ -150,7 +222,9 @@ def test_chart_defaults_are_the_listeners_own():
     from thighseg.dicom_listener.config import default
 
     listener = yaml.safe_load((CHART / "values.yaml").read_text())["listener"]
-    assert (listener["aeTitle"], listener["port"], listener["metricsPort"]) == \
-        (AE_TITLE, DICOM_PORT, LISTENER_METRICS_PORT)
+    assert (listener["aeTitle"], listener["port"], listener["metricsPort"]) == (
+        AE_TITLE,
+        DICOM_PORT,
+        LISTENER_METRICS_PORT,
+    )
     assert (listener["idleSeconds"], listener["workers"]) == (default("idle_s"), default("workers"))
-

@@ -1,9 +1,10 @@
 """Volume indices on a phantom whose fat and muscle volumes are known by construction."""
+
 import numpy as np
 import pytest
 
-from thighseg.measure.indices import VolumeIndices, volume_indices
 from thighseg.core.labels import Group
+from thighseg.measure.indices import VolumeIndices, volume_indices
 
 SPACING = (2.0, 1.0, 1.0)  # 2 µL voxels
 VOXEL_ML = 0.002
@@ -17,17 +18,17 @@ def analytic_volume():
     hu = np.full((2, 80, 120), -1000.0)
     labels = np.zeros(hu.shape, np.uint8)
     for x0 in (10, 70):  # right leg columns 10-49, left leg 70-109
-        hu[:, 20:60, x0:x0 + 40] = -100.0  # subcutaneous-like fat around; outside the envelope
-        labels[:, 25:55, x0 + 5:x0 + 18] = Group.EXTENSOR
-        labels[:, 25:55, x0 + 21:x0 + 35] = Group.ADDUCTOR
-        hu[:, 25:55, x0 + 5:x0 + 18] = 50.0
-        hu[:, 25:55, x0 + 21:x0 + 35] = 50.0
+        hu[:, 20:60, x0 : x0 + 40] = -100.0  # subcutaneous-like fat around; outside the envelope
+        labels[:, 25:55, x0 + 5 : x0 + 18] = Group.EXTENSOR
+        labels[:, 25:55, x0 + 21 : x0 + 35] = Group.ADDUCTOR
+        hu[:, 25:55, x0 + 5 : x0 + 18] = 50.0
+        hu[:, 25:55, x0 + 21 : x0 + 35] = 50.0
         for rows in (slice(25, 28), slice(52, 55)):  # muscle bridges close the septum at both ends
-            labels[:, rows, x0 + 18:x0 + 21] = Group.EXTENSOR
-            hu[:, rows, x0 + 18:x0 + 21] = 50.0
+            labels[:, rows, x0 + 18 : x0 + 21] = Group.EXTENSOR
+            hu[:, rows, x0 + 18 : x0 + 21] = 50.0
         # the enclosed septum (2 slices x 24 rows x 3 columns) stays at -100 HU
-        hu[:, 30:32, x0 + 8:x0 + 13] = -80.0  # IMAT: 2 x 2 x 5 = 20 voxels per leg
-        hu[:, 40:43, x0 + 25:x0 + 26] = 200.0  # 2 x 3 x 1 = 6 dense voxels per leg
+        hu[:, 30:32, x0 + 8 : x0 + 13] = -80.0  # IMAT: 2 x 2 x 5 = 20 voxels per leg
+        hu[:, 40:43, x0 + 25 : x0 + 26] = 200.0  # 2 x 3 x 1 = 6 dense voxels per leg
     return hu, labels
 
 
@@ -52,13 +53,17 @@ def test_indices_match_the_construction():
 def test_bone_marrow_inside_the_envelope_is_not_intermuscular_fat():
     hu, labels = analytic_volume()
     yy, xx = np.mgrid[:80, :120]
-    ring = (np.hypot(yy - 40, xx - 29.5) < 4)
+    ring = np.hypot(yy - 40, xx - 29.5) < 4
     hu[:, ring] = -40.0  # marrow (fat-dense)
-    hu[:, (np.hypot(yy - 40, xx - 29.5) >= 4) & (np.hypot(yy - 40, xx - 29.5) < 6)] = 1400.0  # cortex
+    hu[:, (np.hypot(yy - 40, xx - 29.5) >= 4) & (np.hypot(yy - 40, xx - 29.5) < 6)] = (
+        1400.0  # cortex
+    )
     labels[:, np.hypot(yy - 40, xx - 29.5) < 6] = 0
     before = volume_indices(*analytic_volume(), SPACING).right.intermuscular_fat_ml
     after = volume_indices(hu, labels, SPACING).right.intermuscular_fat_ml
-    assert after <= before  # the marrow is excluded; only the septum voxels the bone replaced are lost
+    assert (
+        after <= before
+    )  # the marrow is excluded; only the septum voxels the bone replaced are lost
 
 
 def test_legs_split_between_the_legs_even_when_they_differ():
@@ -80,8 +85,12 @@ def test_density_fraction_asymmetry_and_height_indices():
     assert indices.left.adductor.mean_hu == 50.0 and indices.left.adductor.sd_hu == 0.0
     assert right.mean_hu < 50.0  # the 10 HU voxels pull the lean-muscle mean down
     total = indices.total
-    assert total.imat_fraction == pytest.approx(total.muscle.imat_ml / total.muscle.total_ml, abs=1e-3)
-    assert total.muscle_volume_index_ml_per_m2 == pytest.approx(total.muscle.total_ml / 1.6 ** 2, abs=1e-3)
+    assert total.imat_fraction == pytest.approx(
+        total.muscle.imat_ml / total.muscle.total_ml, abs=1e-3
+    )
+    assert total.muscle_volume_index_ml_per_m2 == pytest.approx(
+        total.muscle.total_ml / 1.6**2, abs=1e-3
+    )
     assert indices.asymmetry_percent.muscle == 0.0
     labels[:, 25:55, 91:105] = 0
     lopsided = volume_indices(hu, labels, SPACING).asymmetry_percent

@@ -1,5 +1,6 @@
 """The layers stay visible: every module imports only from layers below its own (or from its own
 package), function-level imports included. The order is the README's "Layout" table."""
+
 from __future__ import annotations
 
 import ast
@@ -48,18 +49,30 @@ def _imports(path: Path) -> list[tuple[int, str]]:
             elif node.module.startswith("thighseg."):
                 out.append((node.lineno, node.module))
         elif isinstance(node, ast.Import):
-            out += [(node.lineno, alias.name) for alias in node.names if alias.name.startswith("thighseg.")]
+            out += [
+                (node.lineno, alias.name)
+                for alias in node.names
+                if alias.name.startswith("thighseg.")
+            ]
     return out
 
 
 def test_every_source_file_belongs_to_a_layer():
     covered = {path for _, path in _modules()}
-    sources = {p for folder in ("thighseg", "client", "export", "dicom_listener") for p in (REPO / folder).rglob("*.py")}
-    stray = sorted(str(p.relative_to(REPO)) for p in sources - covered if p != REPO / "thighseg/__init__.py")
+    sources = {
+        p
+        for folder in ("thighseg", "client", "export", "dicom_listener")
+        for p in (REPO / folder).rglob("*.py")
+    }
+    stray = sorted(
+        str(p.relative_to(REPO)) for p in sources - covered if p != REPO / "thighseg/__init__.py"
+    )
     assert not stray, f"modules outside every layer: {stray}"
 
 
-@pytest.mark.parametrize("package,path", _modules(), ids=lambda v: str(v).replace(str(REPO) + "/", ""))
+@pytest.mark.parametrize(
+    "package,path", _modules(), ids=lambda v: str(v).replace(str(REPO) + "/", "")
+)
 def test_no_upward_or_sideways_import(package, path):
     bad = []
     for line, module in _imports(path):
@@ -67,7 +80,10 @@ def test_no_upward_or_sideways_import(package, path):
         if target is None or target == package:
             continue
         if RANK[target] >= RANK[package]:
-            bad.append(f"{path.relative_to(REPO)}:{line} imports {module} (layer {RANK[target]} >= {RANK[package]})")
+            bad.append(
+                f"{path.relative_to(REPO)}:{line} imports {module} (layer {RANK[target]} >= "
+                f"{RANK[package]})"
+            )
     assert not bad, "\n".join(bad)
 
 

@@ -1,4 +1,5 @@
 """Real associations on localhost into the real listener, inference by the real Triton server."""
+
 from __future__ import annotations
 
 import shutil
@@ -16,10 +17,10 @@ from pydicom.uid import MRImageStorage
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from thighseg.synthetic.ct_series import read_truth
-from thighseg.pipeline.loaders import labels_from_seg
 from thighseg.dicom_listener.scu import send_files
 from thighseg.measure.metrics import dice_per_group, group_volumes_ml
+from thighseg.pipeline.loaders import labels_from_seg
+from thighseg.synthetic.ct_series import read_truth
 
 
 @pytest.fixture
@@ -32,15 +33,31 @@ def series_uid(paths) -> str:
 
 
 def storescu(paths, port: int) -> subprocess.CompletedProcess:
-    return subprocess.run(["storescu", "-aet", "MODALITY", "-aec", "THIGHSEG", "127.0.0.1", str(port),
-                           *map(str, paths)], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [
+            "storescu",
+            "-aet",
+            "MODALITY",
+            "-aec",
+            "THIGHSEG",
+            "127.0.0.1",
+            str(port),
+            *map(str, paths),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def assert_accurate_seg(result, paths) -> None:
     assert result.report.status == "done", result.report
     truth, uids = read_truth(paths[0].parent)
     seg = hd.seg.segread(result.seg_path)
-    referenced = {i.ReferencedSOPInstanceUID for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    referenced = {
+        i.ReferencedSOPInstanceUID
+        for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    }
     assert referenced == set(uids)
     predicted = labels_from_seg(result.seg_path, uids)
     dsc = dice_per_group(predicted, truth)
@@ -58,16 +75,25 @@ def test_storescu_study_becomes_an_accurate_seg(listener, study_factory):
     result = listener.wait_for(series_uid(paths), timeout_s=300)
     assert_accurate_seg(result, paths)
     assert len(list(listener.config.spool_dir.rglob("*.dcm"))) == len(paths)
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{listener.config.metrics_port}/metrics", timeout=10).read()
+    metrics = urllib.request.urlopen(
+        f"http://127.0.0.1:{listener.config.metrics_port}/metrics", timeout=10
+    ).read()
     assert f"thighseg_instances_received_total {float(len(paths))}" in metrics.decode()
     assert 'thighseg_series_total{status="done"} 1.0' in metrics.decode()
     out_dir = result.seg_path.parent
     assert {"seg.dcm", "sr.dcm", "summary_sc.dcm", "summary.png", "summary.pdf", "overlay.png"} <= {
-        p.name for p in out_dir.iterdir()}
+        p.name for p in out_dir.iterdir()
+    }
     if shutil.which("dciodvfy"):
         for name in ("seg.dcm", "sr.dcm", "summary_sc.dcm"):
-            check = subprocess.run(["dciodvfy", str(out_dir / name)], capture_output=True, text=True)
-            errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
+            check = subprocess.run(
+                ["dciodvfy", str(out_dir / name)], capture_output=True, text=True
+            )
+            errors = [
+                line
+                for line in (check.stdout + check.stderr).splitlines()
+                if line.startswith("Error")
+            ]
             assert errors == [], name
     sr = hd.sr.srread(out_dir / "sr.dcm")
     assert len(sr.content.get_volumetric_roi_measurement_groups()) == 3
@@ -75,7 +101,9 @@ def test_storescu_study_becomes_an_accurate_seg(listener, study_factory):
     assert "PARTIAL_COVERAGE" in {f.code for f in result.report.qc_flags}
     assert "PARTIAL_COVERAGE" in repr(sr.to_json_dict())
     picture = np.asarray(Image.open(out_dir / "summary.png").convert("RGB")).astype(float)
-    assert picture.std() > 20 and (picture[..., 0] - picture[..., 2] > 60).mean() > 0.002  # coloured groups
+    assert (
+        picture.std() > 20 and (picture[..., 0] - picture[..., 2] > 60).mean() > 0.002
+    )  # coloured groups
     assert result.report.indices.total.muscle.total_ml > 0
 
 
@@ -84,7 +112,9 @@ def test_second_study_pushed_while_first_is_processing(listener, study_factory):
     assert send_files(first, "127.0.0.1", listener.config.port) == [0] * len(first)
     time.sleep(listener.config.idle_s + 0.3)  # the first series is now in the pipeline
     statuses: list[int] = []
-    pusher = threading.Thread(target=lambda: statuses.extend(send_files(second, "127.0.0.1", listener.config.port)))
+    pusher = threading.Thread(
+        target=lambda: statuses.extend(send_files(second, "127.0.0.1", listener.config.port))
+    )
     pusher.start()
     pusher.join(timeout=120)
     assert statuses == [0] * len(second)
@@ -102,7 +132,9 @@ def _variant(path, folder, name, change) -> list:
     return [out]
 
 
-def test_non_ct_and_unusable_instances_are_refused_and_not_spooled(listener, study_factory, tmp_path):
+def test_non_ct_and_unusable_instances_are_refused_and_not_spooled(
+    listener, study_factory, tmp_path
+):
     source = study_factory(4242)[0]
 
     def to_mr(ds):
@@ -115,14 +147,23 @@ def test_non_ct_and_unusable_instances_are_refused_and_not_spooled(listener, stu
     def no_pixels(ds):
         del ds.PixelData
 
-    cases = {"mr": (to_mr, 0x0122), "modality": (wrong_modality, 0xA900), "pixels": (no_pixels, 0xA900)}
+    cases = {
+        "mr": (to_mr, 0x0122),
+        "modality": (wrong_modality, 0xA900),
+        "pixels": (no_pixels, 0xA900),
+    }
     for name, (change, expected) in cases.items():
-        statuses = send_files(_variant(source, tmp_path, name, change), "127.0.0.1", listener.config.port)
+        statuses = send_files(
+            _variant(source, tmp_path, name, change), "127.0.0.1", listener.config.port
+        )
         assert statuses == [expected], name
     assert list(listener.config.spool_dir.rglob("*.dcm")) == []
     registry = listener.telemetry.registry
     for reason in ("sop_class", "modality", "no_pixel_data"):
-        assert registry.get_sample_value("thighseg_instances_rejected_total", {"reason": reason}) == 1.0
+        assert (
+            registry.get_sample_value("thighseg_instances_rejected_total", {"reason": reason})
+            == 1.0
+        )
 
     ae = AE(ae_title="ECHO")
     ae.add_requested_context(Verification)

@@ -1,5 +1,6 @@
-"""Nothing lost: concurrency, duplicates, expiry, unwritable spool, crash and restart, Triton outage,
-forwarding with bounded retries, compressed transfer syntaxes, no identifiers in logs."""
+"""Nothing lost: concurrency, duplicates, expiry, unwritable spool, crash and restart, Triton
+outage, forwarding with bounded retries, compressed transfer syntaxes, no identifiers in logs."""
+
 from __future__ import annotations
 
 import logging
@@ -17,16 +18,21 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless,
-                         JPEGLSLossless, RLELossless)
+from conftest import free_port
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    RLELossless,
+)
 from pynetdicom import AE, evt
 from pynetdicom.presentation import StoragePresentationContexts
 
-from conftest import free_port
-from thighseg.pipeline.assemble import assemble
 from thighseg.dicom_listener.forward import Destination
 from thighseg.dicom_listener.index import DONE, FAILED
 from thighseg.dicom_listener.scu import send_files
+from thighseg.pipeline.assemble import assemble
 from thighseg.serving.embedded_triton import EmbeddedTriton, Ports
 
 SMALL = dict(size=128, slices=6)
@@ -51,8 +57,18 @@ def test_ten_concurrent_associations_every_instance_accounted_for(listener_facto
 
     def push(k: int) -> None:
         if k % 2:  # half from DCMTK, half from pynetdicom
-            result = subprocess.run(["storescu", "-aec", "THIGHSEG", "127.0.0.1", str(listener.config.port),
-                                     *map(str, studies[k])], capture_output=True, timeout=120)
+            result = subprocess.run(
+                [
+                    "storescu",
+                    "-aec",
+                    "THIGHSEG",
+                    "127.0.0.1",
+                    str(listener.config.port),
+                    *map(str, studies[k]),
+                ],
+                capture_output=True,
+                timeout=120,
+            )
             statuses[k] = result.returncode
         else:
             statuses[k] = send_files(studies[k], "127.0.0.1", listener.config.port)
@@ -75,7 +91,9 @@ def test_duplicates_are_idempotent_and_do_not_reprocess(listener_factory, study_
     paths = study_factory(5100, **SMALL)
     assert send_files(paths, "127.0.0.1", listener.config.port) == [0] * 6
     listener.wait_for(series_uid(paths), timeout_s=120)
-    assert send_files(paths, "127.0.0.1", listener.config.port) == [0] * 6  # Success again, stored once
+    assert (
+        send_files(paths, "127.0.0.1", listener.config.port) == [0] * 6
+    )  # Success again, stored once
     time.sleep(listener.config.idle_s + 1.0)
     record = listener.index.get(series_uid(paths))
     assert (record.state, record.instances, record.attempts) == (DONE, 6, 1)
@@ -100,7 +118,9 @@ def test_aborted_transfer_expires_and_is_freed(listener_factory, study_factory):
     assert series_uid(paths) not in listener.results  # never segmented from a partial transfer
 
 
-def test_unwritable_spool_answers_out_of_resources_and_keeps_running(listener_factory, study_factory):
+def test_unwritable_spool_answers_out_of_resources_and_keeps_running(
+    listener_factory, study_factory
+):
     listener = listener_factory()
     blocked, fine = study_factory(5300, **SMALL), study_factory(5301, **SMALL)
     study_uid = str(pydicom.dcmread(blocked[0], stop_before_pixels=True).StudyInstanceUID)
@@ -110,13 +130,21 @@ def test_unwritable_spool_answers_out_of_resources_and_keeps_running(listener_fa
     assert listener.wait_for(series_uid(fine), timeout_s=120).report.status == "done"
 
 
-def test_compressed_transfer_syntaxes_are_stored_as_sent_and_decoded(listener_factory, study_factory, tmp_path):
+def test_compressed_transfer_syntaxes_are_stored_as_sent_and_decoded(
+    listener_factory, study_factory, tmp_path
+):
     listener = listener_factory()
     paths = study_factory(5400, **SMALL)
-    syntaxes = [RLELossless, JPEG2000Lossless, JPEGLSLossless, DeflatedExplicitVRLittleEndian,
-                ImplicitVRLittleEndian, "1.2.840.10008.1.2.4.70"]
+    syntaxes = [
+        RLELossless,
+        JPEG2000Lossless,
+        JPEGLSLossless,
+        DeflatedExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+        "1.2.840.10008.1.2.4.70",
+    ]
     variants = []
-    for k, (path, syntax) in enumerate(zip(paths, syntaxes)):
+    for k, (path, syntax) in enumerate(zip(paths, syntaxes, strict=False)):
         target = tmp_path / f"{k}.dcm"
         if syntax == "1.2.840.10008.1.2.4.70":
             if shutil.which("dcmcjpeg") is None:
@@ -140,13 +168,16 @@ def test_compressed_transfer_syntaxes_are_stored_as_sent_and_decoded(listener_fa
     result = listener.wait_for(series_uid(paths), timeout_s=120)
     assert result.report.status == "done", result.report
     spooled = sorted(listener.config.spool_dir.rglob("*.dcm"))
-    assert {str(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID) for p in spooled} \
-        >= {str(RLELossless), str(JPEG2000Lossless), str(JPEGLSLossless)}
+    assert {
+        str(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        for p in spooled
+    } >= {str(RLELossless), str(JPEG2000Lossless), str(JPEGLSLossless)}
     assert np.array_equal(assemble(spooled).hu, assemble(list(paths)).hu)
 
 
-def test_triton_outage_keeps_the_series_queued_until_it_is_back(model_repository, listener_factory, study_factory,
-                                                                 tmp_path):
+def test_triton_outage_keeps_the_series_queued_until_it_is_back(
+    model_repository, listener_factory, study_factory, tmp_path
+):
     ports = Ports(free_port(), free_port(), free_port())
     server = EmbeddedTriton(model_repository, ports, log_file=tmp_path / "triton.log").start()
     listener = listener_factory(triton_url=server.http_url, retry_backoff_s=(0.5, 2.0))
@@ -159,12 +190,18 @@ def test_triton_outage_keeps_the_series_queued_until_it_is_back(model_repository
         assert send_files(paths, "127.0.0.1", listener.config.port) == [0] * 6
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not listener.telemetry.registry.get_sample_value(
-                "thighseg_triton_errors_total"):
+            "thighseg_triton_errors_total"
+        ):
             time.sleep(0.2)
         record = listener.index.get(series_uid(paths))
-        assert record.state in ("complete", "processing") and series_uid(paths) not in listener.results
+        assert (
+            record.state in ("complete", "processing") and series_uid(paths) not in listener.results
+        )
         deadline = time.monotonic() + 10  # waiting for Triton counts as queued
-        while time.monotonic() < deadline and listener.index.get(series_uid(paths)).state != "complete":
+        while (
+            time.monotonic() < deadline
+            and listener.index.get(series_uid(paths)).state != "complete"
+        ):
             time.sleep(0.1)
         assert listener.telemetry.registry.get_sample_value("thighseg_queue_depth") == 1
         server = EmbeddedTriton(model_repository, ports, log_file=tmp_path / "triton2.log").start()
@@ -176,10 +213,31 @@ def test_triton_outage_keeps_the_series_queued_until_it_is_back(model_repository
 
 
 def _listen_process(triton, spool: Path, out: Path, port: int, idle: float) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "thighseg.cli", "listen", "--triton-url", triton.http_url,
-                             "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--spool", str(spool),
-                             "--out", str(out), "--idle", str(idle)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "thighseg.cli",
+            "listen",
+            "--triton-url",
+            triton.http_url,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--metrics-port",
+            "0",
+            "--spool",
+            str(spool),
+            "--out",
+            str(out),
+            "--idle",
+            str(idle),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _wait_listening(process: subprocess.Popen) -> None:
@@ -232,8 +290,9 @@ class _RefusingPacs:
         self.port = free_port()
         ae = AE(ae_title="REFUSER")
         ae.supported_contexts = StoragePresentationContexts
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self._refuse)])
+        self.server = ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._refuse)]
+        )
 
     def _refuse(self, event) -> int:
         self.requests += 1
@@ -241,7 +300,9 @@ class _RefusingPacs:
 
 
 @pytest.mark.skipif(shutil.which("storescp") is None, reason="DCMTK storescp not installed")
-def test_results_are_forwarded_and_refusals_are_not_retried(listener_factory, study_factory, tmp_path):
+def test_results_are_forwarded_and_refusals_are_not_retried(
+    listener_factory, study_factory, tmp_path
+):
     received = tmp_path / "pacs"
     received.mkdir()
     pacs_port = free_port()
@@ -254,7 +315,9 @@ def test_results_are_forwarded_and_refusals_are_not_retried(listener_factory, st
         send_files(paths, "127.0.0.1", good.config.port)
         forwarded = good.wait_for(series_uid(paths), timeout_s=120).report.forwarded
         assert forwarded.delivered is True and forwarded.attempts == 1
-        modalities = sorted(pydicom.dcmread(p, stop_before_pixels=True).Modality for p in received.iterdir())
+        modalities = sorted(
+            pydicom.dcmread(p, stop_before_pixels=True).Modality for p in received.iterdir()
+        )
         assert modalities == ["SEG", "SR"]
 
         refused = listener_factory(destination=Destination("REFUSER", "127.0.0.1", refuser.port))
@@ -263,7 +326,9 @@ def test_results_are_forwarded_and_refusals_are_not_retried(listener_factory, st
         assert report.forwarded.delivered is False and report.forwarded.detail.startswith("refused")
         assert report.forwarded.attempts == 1 and refuser.requests == 2  # SEG and SR, once each
 
-        down = listener_factory(destination=Destination("NOBODY", "127.0.0.1", free_port()), forward_attempts=2)
+        down = listener_factory(
+            destination=Destination("NOBODY", "127.0.0.1", free_port()), forward_attempts=2
+        )
         send_files(paths, "127.0.0.1", down.config.port)
         report = down.wait_for(series_uid(paths), timeout_s=120).report
         assert report.forwarded.delivered is False and report.forwarded.attempts == 2
@@ -284,6 +349,11 @@ def test_logs_carry_no_patient_identifiers(listener_factory, study_factory, capl
     send_files([paths[0]], "127.0.0.1", listener.config.port, calling_ae="OTHER")
     text = caplog.text
     assert caplog.records, "nothing was logged at all"
-    for identifier in (str(ds.PatientName), str(ds.PatientID), str(ds.AccessionNumber), str(ds.SeriesInstanceUID),
-                       str(ds.StudyInstanceUID)):
+    for identifier in (
+        str(ds.PatientName),
+        str(ds.PatientID),
+        str(ds.AccessionNumber),
+        str(ds.SeriesInstanceUID),
+        str(ds.StudyInstanceUID),
+    ):
         assert identifier not in text

@@ -1,16 +1,17 @@
 """Calling-AE allow-list and DICOM over TLS, with a self-signed certificate made in the test."""
+
 import shutil
 import ssl
 import subprocess
 
 import pytest
+from conftest import free_port
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from conftest import free_port
-from thighseg.pipeline.stages import InferenceSettings
 from thighseg.dicom_listener.config import ListenerConfig
 from thighseg.dicom_listener.service import Listener
+from thighseg.pipeline.stages import InferenceSettings
 
 
 def _unused_inference() -> InferenceSettings:
@@ -32,26 +33,66 @@ def _echo(port: int, calling: str, tls: tuple | None = None) -> bool:
 
 
 def test_only_allowed_calling_ae_titles_associate(tmp_path):
-    config = ListenerConfig(tmp_path / "spool", tmp_path / "out", host="127.0.0.1", port=free_port(),
-                            allowed_calling_aets=("CT_SCANNER",))
+    config = ListenerConfig(
+        tmp_path / "spool",
+        tmp_path / "out",
+        host="127.0.0.1",
+        port=free_port(),
+        allowed_calling_aets=("CT_SCANNER",),
+    )
     with Listener(config, _unused_inference()) as listener:
         assert _echo(config.port, "CT_SCANNER")
         assert not _echo(config.port, "INTRUDER")
         registry = listener.telemetry.registry
-        assert registry.get_sample_value("thighseg_associations_rejected_total", {"reason": "calling_ae"}) == 1
+        assert (
+            registry.get_sample_value(
+                "thighseg_associations_rejected_total", {"reason": "calling_ae"}
+            )
+            == 1
+        )
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
 def test_tls_association_with_a_self_signed_certificate(tmp_path):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
-    config = ListenerConfig(tmp_path / "spool", tmp_path / "out", host="127.0.0.1", port=free_port(),
-                            tls_cert=cert, tls_key=key)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    config = ListenerConfig(
+        tmp_path / "spool",
+        tmp_path / "out",
+        host="127.0.0.1",
+        port=free_port(),
+        tls_cert=cert,
+        tls_key=key,
+    )
     with Listener(config, _unused_inference()) as listener:
         client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
         assert _echo(config.port, "SECURE_SCU", (client, "localhost"))
-        assert not _echo(config.port, "PLAIN_SCU"), "a plain-TCP association must not be accepted on the TLS port"
+        assert not _echo(config.port, "PLAIN_SCU"), (
+            "a plain-TCP association must not be accepted on the TLS port"
+        )
         registry = listener.telemetry.registry
-        assert registry.get_sample_value("thighseg_associations_rejected_total", {"reason": "tls"}) == 1
+        assert (
+            registry.get_sample_value("thighseg_associations_rejected_total", {"reason": "tls"})
+            == 1
+        )

@@ -1,5 +1,7 @@
-"""Never publish a partial or wrong result (issue 17): each of the black-box campaign's ten findings,
-reproduced on loopback against the real listener, real associations and the real Triton server."""
+"""Never publish a partial or wrong result (issue 17): each of the black-box campaign's ten
+findings, reproduced on loopback against the real listener, real associations and the real Triton
+server."""
+
 from __future__ import annotations
 
 import hashlib
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import free_port
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 from pynetdicom import AE, evt
@@ -29,7 +32,6 @@ from pynetdicom.pdu_primitives import MaximumLengthNotification
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
-from conftest import free_port
 from thighseg.dicom_listener.index import DONE, RECEIVING
 from thighseg.dicom_listener.scu import send_files
 
@@ -58,7 +60,9 @@ def wait_until(condition, timeout_s: float, poll_s: float = 0.1) -> bool:
     return condition()
 
 
-def store(port: int, datasets: list[pydicom.Dataset], called: str = "THIGHSEG") -> list[pydicom.Dataset]:
+def store(
+    port: int, datasets: list[pydicom.Dataset], called: str = "THIGHSEG"
+) -> list[pydicom.Dataset]:
     """C-STORE each data set in one association; the full responses (status, error comment)."""
     ae = AE(ae_title="MODALITY")
     ae.requested_contexts = StoragePresentationContexts[:127]
@@ -79,19 +83,26 @@ def spool_content_sha256(spool: Path, study_uid: str, series_uid: str) -> str:
 
 def seg_sources(seg_path: Path) -> set[str]:
     seg = pydicom.dcmread(seg_path)
-    return {str(item.ReferencedSOPInstanceUID)
-            for series in seg.ReferencedSeriesSequence for item in series.ReferencedInstanceSequence}
+    return {
+        str(item.ReferencedSOPInstanceUID)
+        for series in seg.ReferencedSeriesSequence
+        for item in series.ReferencedInstanceSequence
+    }
 
 
 # 1 ------------------------------------------------------------------------------------------------
-def test_instances_arriving_while_the_series_is_processed_are_in_the_published_result(listener_factory,
-                                                                                        study_factory):
-    gate = threading.Event()  # holds the first processing attempt in inference until the rest arrived
+def test_instances_arriving_while_the_series_is_processed_are_in_the_published_result(
+    listener_factory, study_factory
+):
+    gate = (
+        threading.Event()
+    )  # holds the first processing attempt in inference until the rest arrived
 
     def gated(infer):
         def wait_then_infer(batch):
             gate.wait(60)
             return infer(batch)
+
         return wait_then_infer
 
     listener = listener_factory(idle_s=0.3, wrap_infer=gated)
@@ -111,24 +122,51 @@ def test_instances_arriving_while_the_series_is_processed_are_in_the_published_r
     assert wait_until(lambda: listener.index.get(series_uid).state == DONE, 60)
     report = json.loads(result.report_path.read_text())
     assert report["status"] == "done" and report["instances"] == 12
-    assert report["content_sha256"] == spool_content_sha256(listener.config.spool_dir, study_uid, series_uid)
+    assert report["content_sha256"] == spool_content_sha256(
+        listener.config.spool_dir, study_uid, series_uid
+    )
     sop_uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
     assert seg_sources(result.seg_path) == sop_uids
-    assert not list(result.report_path.parent.parent.glob(".*partial"))  # no staging folder left behind
+    assert not list(
+        result.report_path.parent.parent.glob(".*partial")
+    )  # no staging folder left behind
 
 
 # 2 ------------------------------------------------------------------------------------------------
 def _listen(triton, spool: Path, out: Path, port: int, idle: float) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-m", "thighseg.cli", "listen", "--triton-url", triton.http_url,
-                                "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
-                                "--spool", str(spool), "--out", str(out), "--idle", str(idle)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "thighseg.cli",
+            "listen",
+            "--triton-url",
+            triton.http_url,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--metrics-port",
+            "0",
+            "--spool",
+            str(spool),
+            "--out",
+            str(out),
+            "--idle",
+            str(idle),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     line = process.stdout.readline()
     assert "listening" in line, line
     return process
 
 
-def test_after_a_restart_a_series_still_receiving_waits_for_its_own_completion(triton, study_factory, tmp_path):
+def test_after_a_restart_a_series_still_receiving_waits_for_its_own_completion(
+    triton, study_factory, tmp_path
+):
     paths = study_factory(6200, size=128, slices=12)
     study_uid, series_uid = uids(paths)
     spool, out, port = tmp_path / "spool", tmp_path / "out", free_port()
@@ -138,7 +176,9 @@ def test_after_a_restart_a_series_still_receiving_waits_for_its_own_completion(t
         ae.add_requested_context(pydicom.uid.CTImageStorage)
         association = ae.associate("127.0.0.1", port, ae_title="THIGHSEG")
         assert [association.send_c_store(pydicom.dcmread(p)).Status for p in paths[:5]] == [0] * 5
-        os.kill(first.pid, signal.SIGKILL)  # the sender is still connected: the series is not complete
+        os.kill(
+            first.pid, signal.SIGKILL
+        )  # the sender is still connected: the series is not complete
         first.wait(10)
     finally:
         if first.poll() is None:
@@ -165,8 +205,13 @@ def small_disk(tmp_path):
     """A real 24 MiB file system (tmpfs), so that the disk really fills up."""
     mount_point = tmp_path / "disk"
     mount_point.mkdir()
-    if shutil.which("mount") is None or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount_point)], capture_output=True).returncode:
+    if (
+        shutil.which("mount") is None
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount_point)],
+            capture_output=True,
+        ).returncode
+    ):
         pytest.skip("cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN)")
     yield mount_point
     subprocess.run(["umount", "-l", str(mount_point)], check=False)
@@ -185,9 +230,12 @@ def _fill(folder: Path) -> Path:
     return filler
 
 
-def test_a_full_spool_disk_refuses_instances_then_recovers_without_a_partial_result(listener_factory,
-                                                                                    study_factory, small_disk):
-    listener = listener_factory(spool_dir=small_disk / "spool", limits=_limits(min_free_spool_bytes=0))
+def test_a_full_spool_disk_refuses_instances_then_recovers_without_a_partial_result(
+    listener_factory, study_factory, small_disk
+):
+    listener = listener_factory(
+        spool_dir=small_disk / "spool", limits=_limits(min_free_spool_bytes=0)
+    )
     readyz = f"http://127.0.0.1:{listener.config.metrics_port}/readyz"
     paths = study_factory(6300, **SMALL)
     study_uid, series_uid = uids(paths)
@@ -203,9 +251,14 @@ def test_a_full_spool_disk_refuses_instances_then_recovers_without_a_partial_res
     assert result.report.status == "done" and result.report.instances == 6
     assert http_get(readyz)[0] == 200
 
-    guarded = listener_factory(spool_dir=small_disk / "spool2", limits=_limits(min_free_spool_bytes=1 << 30))
+    guarded = listener_factory(
+        spool_dir=small_disk / "spool2", limits=_limits(min_free_spool_bytes=1 << 30)
+    )
     response = store(guarded.config.port, [pydicom.dcmread(paths[0])])[0]
-    assert (response.Status, response.ErrorComment) == (0xA700, "spool disk is full; try again later")
+    assert (response.Status, response.ErrorComment) == (
+        0xA700,
+        "spool disk is full; try again later",
+    )
     status, body = http_get(f"http://127.0.0.1:{guarded.config.metrics_port}/readyz")
     assert status == 503 and "spool disk full" in body
 
@@ -214,10 +267,13 @@ def _limits(**changes):
     from dataclasses import replace
 
     from thighseg.dicom_listener.validation import Limits
+
     return replace(Limits(), **changes)
 
 
-def test_a_failing_index_stalls_completion_visibly_and_completion_resumes(listener_factory, study_factory):
+def test_a_failing_index_stalls_completion_visibly_and_completion_resumes(
+    listener_factory, study_factory
+):
     """The tracker thread meets `database or disk is full` (as on a full disk): it must survive,
     say so on /readyz, and complete the series once the index works again."""
     listener = listener_factory(idle_s=0.3)
@@ -250,16 +306,24 @@ def test_the_advertised_pdu_limit_holds_on_the_wire(listener_factory, study_fact
     ae.add_requested_context(pydicom.uid.CTImageStorage)
     association = ae.associate("127.0.0.1", listener.config.port, ae_title="THIGHSEG")
     assert association.acceptor.maximum_length == limit  # what the listener advertises
-    for item in association.acceptor.user_information:  # a sender that ignores it: one oversized P-DATA PDU
+    for item in (
+        association.acceptor.user_information
+    ):  # a sender that ignores it: one oversized P-DATA PDU
         if isinstance(item, MaximumLengthNotification):
             item.maximum_length_received = 8 << 20
     response = association.send_c_store(pydicom.dcmread(paths[0]))
     assert "Status" not in response
     assert wait_until(lambda: not association.is_established, 10)
     assert list(listener.config.spool_dir.rglob("*.dcm")) == []
-    assert listener.telemetry.registry.get_sample_value("thighseg_associations_rejected_total",
-                                                        {"reason": "pdu_too_large"}) == 1
-    assert send_files(paths[:1], "127.0.0.1", listener.config.port) == [0]  # an honest sender still works
+    assert (
+        listener.telemetry.registry.get_sample_value(
+            "thighseg_associations_rejected_total", {"reason": "pdu_too_large"}
+        )
+        == 1
+    )
+    assert send_files(paths[:1], "127.0.0.1", listener.config.port) == [
+        0
+    ]  # an honest sender still works
 
 
 def _associate_request(called: str = "THIGHSEG") -> bytes:
@@ -290,18 +354,24 @@ def test_a_huge_pdu_header_is_refused_before_its_body_is_read(listener_factory):
         raw.recv(1 << 16)
         raw.sendall(struct.pack(">BBL", 0x04, 0, 100 << 20) + b"\0" * 1024)  # "100 MiB follow"
         started = time.monotonic()
-        while raw.recv(1 << 16):  # the listener closes the connection instead of waiting for 100 MiB
+        while raw.recv(
+            1 << 16
+        ):  # the listener closes the connection instead of waiting for 100 MiB
             pass
         assert time.monotonic() - started < 5
-    assert listener.telemetry.registry.get_sample_value("thighseg_associations_rejected_total",
-                                                        {"reason": "pdu_too_large"}) == 1
+    assert (
+        listener.telemetry.registry.get_sample_value(
+            "thighseg_associations_rejected_total", {"reason": "pdu_too_large"}
+        )
+        == 1
+    )
 
 
 def test_a_half_sent_pdu_does_not_hold_the_connection(listener_factory):
     listener = listener_factory(network_timeout_s=1.0)
     with socket.create_connection(("127.0.0.1", listener.config.port), timeout=15) as raw:
         request = _associate_request()
-        raw.sendall(request[:len(request) // 2])
+        raw.sendall(request[: len(request) // 2])
         started = time.monotonic()
         while raw.recv(1 << 16):
             pass
@@ -309,8 +379,9 @@ def test_a_half_sent_pdu_does_not_hold_the_connection(listener_factory):
 
 
 # 5 ------------------------------------------------------------------------------------------------
-def test_unwritable_results_keep_the_series_queued_and_it_finishes_once_writable(listener_factory, study_factory,
-                                                                               caplog):
+def test_unwritable_results_keep_the_series_queued_and_it_finishes_once_writable(
+    listener_factory, study_factory, caplog
+):
     caplog.set_level(logging.DEBUG)
     listener = listener_factory(retry_backoff_s=(0.3, 1.0))
     readyz = f"http://127.0.0.1:{listener.config.metrics_port}/readyz"
@@ -320,7 +391,9 @@ def test_unwritable_results_keep_the_series_queued_and_it_finishes_once_writable
     blocker = listener.config.output_dir / study_uid
     blocker.write_text("a file where the study's results folder should be")
     assert send_files(paths, "127.0.0.1", listener.config.port) == [0] * 6
-    assert wait_until(lambda: (listener.index.get(series_uid).reason or "").startswith("results folder"), 60)
+    assert wait_until(
+        lambda: (listener.index.get(series_uid).reason or "").startswith("results folder"), 60
+    )
     status, body = http_get(readyz)
     assert status == 503 and "results not writable" in body
     assert listener.index.get(series_uid).state in ("complete", "processing")
@@ -335,6 +408,7 @@ def test_unwritable_results_keep_the_series_queued_and_it_finishes_once_writable
 def _without(keyword):
     def change(ds):
         delattr(ds, keyword)
+
     return change
 
 
@@ -342,20 +416,31 @@ def _raw(keyword: str, vr: str, value: bytes):
     def change(ds):
         tag = Tag(keyword)
         ds[tag] = RawDataElement(tag, vr, len(value), value, 0, False, True)
+
     return change
 
 
 BAD_HEADERS = {
     "no_rescale_slope": (_without("RescaleSlope"), 0xA900, "Rescale"),
     "no_rescale_intercept": (_without("RescaleIntercept"), 0xA900, "Rescale"),
-    "unknown_charset": (_raw("SpecificCharacterSet", "CS", b"ISO_IR 999"), 0xA900, "SpecificCharacterSet"),
-    "non_numeric_position": (_raw("ImagePositionPatient", "DS", b"a\\b\\c "), 0xA900, "ImagePositionPatient"),
+    "unknown_charset": (
+        _raw("SpecificCharacterSet", "CS", b"ISO_IR 999"),
+        0xA900,
+        "SpecificCharacterSet",
+    ),
+    "non_numeric_position": (
+        _raw("ImagePositionPatient", "DS", b"a\\b\\c "),
+        0xA900,
+        "ImagePositionPatient",
+    ),
     "no_frame_of_reference": (_without("FrameOfReferenceUID"), 0xA900, "FrameOfReferenceUID"),
     "undecodable_rows": (_raw("Rows", "US", b"\x01\x02\x03"), 0xC000, "decode"),
 }
 
 
-def test_bad_headers_are_refused_at_c_store_time_with_an_error_comment(listener_factory, study_factory):
+def test_bad_headers_are_refused_at_c_store_time_with_an_error_comment(
+    listener_factory, study_factory
+):
     listener = listener_factory()
     paths = study_factory(6600, **SMALL)
     datasets = []
@@ -364,10 +449,13 @@ def test_bad_headers_are_refused_at_c_store_time_with_an_error_comment(listener_
         change(ds)
         datasets.append(ds)
     responses = store(listener.config.port, datasets)
-    for name, response in zip(BAD_HEADERS, responses):
+    for name, response in zip(BAD_HEADERS, responses, strict=False):
         _, status, comment = BAD_HEADERS[name]
         assert response.Status == status, (name, hex(response.Status))
-        assert comment in response.ErrorComment and len(response.ErrorComment) <= 64, (name, response.ErrorComment)
+        assert comment in response.ErrorComment and len(response.ErrorComment) <= 64, (
+            name,
+            response.ErrorComment,
+        )
     assert list(listener.config.spool_dir.rglob("*.dcm")) == []
 
 
@@ -380,16 +468,18 @@ class _Pacs:
         self.port = free_port()
         ae = AE(ae_title="PACS")
         ae.supported_contexts = StoragePresentationContexts
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        self.server = ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
+        )
 
     def _store(self, event) -> int:
         self.received.append((event.dataset.Modality, str(event.dataset.SOPInstanceUID)))
         return 0
 
 
-def test_new_content_under_a_known_sop_instance_uid_replaces_and_reforwards_the_result(listener_factory,
-                                                                                     study_factory):
+def test_new_content_under_a_known_sop_instance_uid_replaces_and_reforwards_the_result(
+    listener_factory, study_factory
+):
     from thighseg.dicom_listener.forward import Destination
 
     pacs = _Pacs()
@@ -402,22 +492,30 @@ def test_new_content_under_a_known_sop_instance_uid_replaces_and_reforwards_the_
         changed = pydicom.dcmread(paths[2])
         changed.PixelData = bytes(len(changed.PixelData))  # same SOP Instance UID, different image
         assert store(listener.config.port, [changed])[0].Status == 0
-        assert wait_until(lambda: listener.results[series_uid].report.content_sha256
-                          != first["content_sha256"], 120)
+        assert wait_until(
+            lambda: listener.results[series_uid].report.content_sha256 != first["content_sha256"],
+            120,
+        )
         second = json.loads(listener.results[series_uid].report_path.read_text())
         assert second["status"] == "done" and second["instances"] == 6
-        assert second["content_sha256"] == spool_content_sha256(listener.config.spool_dir, study_uid, series_uid)
+        assert second["content_sha256"] == spool_content_sha256(
+            listener.config.spool_dir, study_uid, series_uid
+        )
         assert second["seg_sop_instance_uid"] != first["seg_sop_instance_uid"]
         assert wait_until(lambda: len(pacs.received) == 4, 30)
         segs = [uid for modality, uid in pacs.received if modality == "SEG"]
         assert segs == [first["seg_sop_instance_uid"], second["seg_sop_instance_uid"]]
-        assert listener.telemetry.registry.get_sample_value("thighseg_instances_replaced_total") == 1
+        assert (
+            listener.telemetry.registry.get_sample_value("thighseg_instances_replaced_total") == 1
+        )
     finally:
         pacs.server.shutdown()
 
 
 # 8 ------------------------------------------------------------------------------------------------
-def test_an_association_for_another_called_ae_title_is_rejected_and_counted(listener_factory, caplog):
+def test_an_association_for_another_called_ae_title_is_rejected_and_counted(
+    listener_factory, caplog
+):
     caplog.set_level(logging.WARNING)
     listener = listener_factory()
     ae = AE(ae_title="MODALITY")
@@ -427,8 +525,13 @@ def test_an_association_for_another_called_ae_title_is_rejected_and_counted(list
     right = ae.associate("127.0.0.1", listener.config.port, ae_title="THIGHSEG")
     assert right.is_established
     right.release()
-    assert wait_until(lambda: listener.telemetry.registry.get_sample_value(
-        "thighseg_associations_rejected_total", {"reason": "called_ae"}) == 1, 5)
+    assert wait_until(
+        lambda: listener.telemetry.registry.get_sample_value(
+            "thighseg_associations_rejected_total", {"reason": "called_ae"}
+        )
+        == 1,
+        5,
+    )
     assert "WRONGAE" in caplog.text
 
 
@@ -445,8 +548,11 @@ def test_no_full_uid_in_any_log_line_at_any_level(listener_factory, study_factor
         paths = study_factory(6800, **SMALL)
         assert send_files(paths, "127.0.0.1", listener.config.port) == [0] * 6
         assert listener.wait_for(uids(paths)[1], timeout_s=120).report.status == "done"
-        logging.getLogger("thighseg.test").exception("failure while reading %s", paths[0],
-                                                      exc_info=FileNotFoundError(2, "missing", str(paths[0])))
+        logging.getLogger("thighseg.test").exception(
+            "failure while reading %s",
+            paths[0],
+            exc_info=FileNotFoundError(2, "missing", str(paths[0])),
+        )
     finally:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         logging.getLogger("highdicom").setLevel(logging.NOTSET)

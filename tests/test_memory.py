@@ -1,5 +1,6 @@
 """Memory bounds of the listener's stages: the HU volume kept on disk and read back slab by slab
 gives the same results as the array in memory; memory is handed back between studies."""
+
 from __future__ import annotations
 
 import platform
@@ -8,12 +9,12 @@ import numpy as np
 import pydicom
 import pytest
 
-from thighseg.measure import qc
 from thighseg.client.volume import segment_volume
+from thighseg.core.memory import fix_mmap_threshold, release_free_heap, release_highdicom_tables
+from thighseg.measure import qc
+from thighseg.measure.indices import volume_indices
 from thighseg.pipeline.assemble import HUStack, assemble
 from thighseg.pipeline.outputs import write_seg
-from thighseg.measure.indices import volume_indices
-from thighseg.core.memory import fix_mmap_threshold, release_free_heap, release_highdicom_tables
 from thighseg.pipeline.summary import Preview
 
 
@@ -25,10 +26,18 @@ def series(study_factory):
 def test_hu_stack_reads_back_what_the_array_holds(series, tmp_path):
     in_memory = assemble(list(series)).hu
     on_disk = assemble(list(series), scratch=tmp_path).hu
-    assert isinstance(on_disk, HUStack) and on_disk.shape == in_memory.shape and on_disk.dtype == in_memory.dtype
-    assert list(tmp_path.iterdir()) == []  # the scratch file is unnamed: nothing to clean up after a crash
-    assert np.array_equal(on_disk[0:len(on_disk)], in_memory)
-    assert np.array_equal(on_disk[5:9], in_memory[5:9]) and np.array_equal(on_disk[-1], in_memory[-1])
+    assert (
+        isinstance(on_disk, HUStack)
+        and on_disk.shape == in_memory.shape
+        and on_disk.dtype == in_memory.dtype
+    )
+    assert (
+        list(tmp_path.iterdir()) == []
+    )  # the scratch file is unnamed: nothing to clean up after a crash
+    assert np.array_equal(on_disk[0 : len(on_disk)], in_memory)
+    assert np.array_equal(on_disk[5:9], in_memory[5:9]) and np.array_equal(
+        on_disk[-1], in_memory[-1]
+    )
     assert on_disk[18:40].shape[0] == 2 and on_disk[30:40].shape[0] == 0  # clipped like numpy
     chunk = on_disk[3:5]
     chunk[:] = 0  # a new array: changing it leaves the stack alone
@@ -51,9 +60,13 @@ def test_stages_give_the_same_results_from_disk_as_from_memory(series, tmp_path)
         logits[:, 1] = images[:, 0]
         return logits
 
-    assert np.array_equal(segment_volume(on_disk.hu, infer, 64, 4, 2), segment_volume(in_memory.hu, infer, 64, 4, 2))
+    assert np.array_equal(
+        segment_volume(on_disk.hu, infer, 64, 4, 2), segment_volume(in_memory.hu, infer, 64, 4, 2)
+    )
     spacing = in_memory.spacing_zyx
-    assert volume_indices(on_disk.hu, labels, spacing) == volume_indices(in_memory.hu, labels, spacing)
+    assert volume_indices(on_disk.hu, labels, spacing) == volume_indices(
+        in_memory.hu, labels, spacing
+    )
     assert qc.check(on_disk.hu, labels, spacing) == qc.check(in_memory.hu, labels, spacing)
     disk_preview, memory_preview = Preview.of(on_disk.hu, labels), Preview.of(in_memory.hu, labels)
     assert np.array_equal(disk_preview.axial_hu, memory_preview.axial_hu)
@@ -79,7 +92,9 @@ def test_highdicom_tables_are_released_and_reloaded(series, tmp_path):
     release_highdicom_tables()
     release_free_heap()
     assert _standard_utils.get_module_attribute_map.cache_info().currsize == 0
-    write_seg(volume.sources, np.ones(volume.hu.shape, np.uint8), tmp_path / "b.dcm", "test")  # reloads them
+    write_seg(
+        volume.sources, np.ones(volume.hu.shape, np.uint8), tmp_path / "b.dcm", "test"
+    )  # reloads them
     assert pydicom.dcmread(tmp_path / "b.dcm").NumberOfFrames == 3 * len(volume.sources)
 
 

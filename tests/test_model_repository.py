@@ -1,12 +1,13 @@
 """Every model configuration parses with Triton's own protobuf and respects the engine profile."""
+
 from pathlib import Path
 
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from thighseg.export.tensorrt_engine import PROFILE_MAX, PROFILE_MIN
 from thighseg.core.resample import MODEL_INPUT_SIZE
+from thighseg.export.tensorrt_engine import PROFILE_MAX, PROFILE_MIN
 
 REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 MODEL_DIRS = sorted(p for p in REPOSITORY.iterdir() if p.is_dir())
@@ -31,11 +32,16 @@ def test_production_config_stays_inside_the_tensorrt_profile(model_dir):
     assert config.platform == "tensorrt_plan"
     assert PROFILE_MIN <= config.max_batch_size <= PROFILE_MAX
     assert config.dynamic_batching.preferred_batch_size
-    assert all(PROFILE_MIN <= b <= config.max_batch_size for b in config.dynamic_batching.preferred_batch_size)
+    assert all(
+        PROFILE_MIN <= b <= config.max_batch_size
+        for b in config.dynamic_batching.preferred_batch_size
+    )
     assert config.dynamic_batching.max_queue_delay_microseconds <= 5000
     assert [g.kind for g in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]
-    assert io_signature(config) == [("image", model_config_pb2.TYPE_FP32, [1, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE]),
-                                    ("logits", model_config_pb2.TYPE_FP32, [4, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE])]
+    assert io_signature(config) == [
+        ("image", model_config_pb2.TYPE_FP32, [1, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE]),
+        ("logits", model_config_pb2.TYPE_FP32, [4, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE]),
+    ]
     for warmup in config.model_warmup:
         assert warmup.batch_size <= config.max_batch_size
         assert list(warmup.inputs["image"].dims) == [1, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE]
@@ -47,7 +53,9 @@ def test_cpu_variant_matches_the_production_contract(model_dir):
     assert cpu.name == production.name
     assert cpu.backend == "python" and (model_dir / "1" / "model.py").exists()
     assert cpu.max_batch_size >= 16 and cpu.HasField("dynamic_batching")
-    assert int(cpu.parameters["inference_batch"].string_value) >= 0  # read by model.py; 0: whole batches
+    assert (
+        int(cpu.parameters["inference_batch"].string_value) >= 0
+    )  # read by model.py; 0: whole batches
     assert io_signature(cpu) == io_signature(production)
     assert [g.kind for g in cpu.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_CPU]
 

@@ -4,12 +4,12 @@ import subprocess
 import numpy as np
 import pydicom
 import pytest
+from conftest import TEST_SLICE_SPACING_MM
 from pydicom.uid import CTImageStorage
 
-from conftest import TEST_SLICE_SPACING_MM
+from thighseg.core.labels import MUSCLE_GROUPS, MUSCLE_HU, Group
 from thighseg.synthetic import phantom
 from thighseg.synthetic.ct_series import read_truth
-from thighseg.core.labels import MUSCLE_GROUPS, MUSCLE_HU, Group
 
 
 def test_same_seed_same_study_and_different_seeds_differ():
@@ -49,7 +49,9 @@ def test_series_is_valid_ct_with_rescale_and_positions(study_factory):
     for k, ds in enumerate(datasets):
         assert ds.SOPClassUID == CTImageStorage and ds.Modality == "CT"
         hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-        assert np.abs(hu - np.clip(study.hu[k], -1024, 3071)).max() <= 0.501  # rounding to integer HU
+        assert (
+            np.abs(hu - np.clip(study.hu[k], -1024, 3071)).max() <= 0.501
+        )  # rounding to integer HU
     z = [float(d.ImagePositionPatient[2]) for d in datasets]
     assert np.allclose(np.diff(z), -float(datasets[0].SliceThickness), atol=1e-3)
     assert truth.shape == (5, 128, 128)
@@ -57,7 +59,10 @@ def test_series_is_valid_ct_with_rescale_and_positions(study_factory):
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools (dciodvfy) not installed")
 def test_ct_instances_pass_dciodvfy(study_factory):
-    result = subprocess.run(["dciodvfy", str(study_factory(21, size=128, slices=5)[0])],
-                            capture_output=True, text=True)
-    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+    result = subprocess.run(
+        ["dciodvfy", str(study_factory(21, size=128, slices=5)[0])], capture_output=True, text=True
+    )
+    errors = [
+        line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")
+    ]
     assert errors == []

@@ -1,12 +1,13 @@
 """Each QC flag is raised by a study built to trip it and is silent on a clean one."""
+
 import inspect
 import re
 
 import numpy as np
 import pytest
 
-from thighseg.synthetic import phantom
 from thighseg.measure import qc
+from thighseg.synthetic import phantom
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def _trip(clean, name):
         return hu[:15], labels[:15], (3.0, *spacing[1:])
     if name == "MASK_AT_FOV_EDGE":
         columns = np.nonzero(labels.any(axis=(0, 1)))[0]
-        return hu[:, :, columns[0] + 10:], labels[:, :, columns[0] + 10:], spacing
+        return hu[:, :, columns[0] + 10 :], labels[:, :, columns[0] + 10 :], spacing
     if name == "IMPLAUSIBLE_VOL":
         labels[:, ::2, :] = 0
         labels[:, :, ::2] = 0
@@ -43,7 +44,7 @@ def _trip(clean, name):
         return hu, labels, spacing
     if name == "LEFT_RIGHT_DIFF":
         columns = np.nonzero(labels.any(axis=(0, 1)))[0]
-        labels[:, :, (columns[0] + columns[-1]) // 2 + 20:] = 0
+        labels[:, :, (columns[0] + columns[-1]) // 2 + 20 :] = 0
         return hu, labels, spacing
     if name == "SLICE_JUMP":
         labels[12] = 0
@@ -55,8 +56,19 @@ def _trip(clean, name):
     raise AssertionError(name)
 
 
-@pytest.mark.parametrize("code", ["TOO_FEW_SLICES", "PARTIAL_COVERAGE", "MASK_AT_FOV_EDGE", "IMPLAUSIBLE_VOL",
-                                  "IMPLAUSIBLE_HU", "LEFT_RIGHT_DIFF", "SLICE_JUMP", "METAL_ARTEFACT"])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "TOO_FEW_SLICES",
+        "PARTIAL_COVERAGE",
+        "MASK_AT_FOV_EDGE",
+        "IMPLAUSIBLE_VOL",
+        "IMPLAUSIBLE_HU",
+        "LEFT_RIGHT_DIFF",
+        "SLICE_JUMP",
+        "METAL_ARTEFACT",
+    ],
+)
 def test_each_flag_is_raised_with_a_reason(clean, code):
     flags = qc.check(*_trip(clean, code))
     matching = [f for f in flags if f.code == code]

@@ -1,10 +1,10 @@
 """TensorRT FP16 engines: built and validated only where a GPU and TensorRT are present."""
+
 import shutil
 import subprocess
 import sys
 
 import pytest
-
 from conftest import MODEL, REPO_ROOT, needs_torch
 
 
@@ -21,10 +21,25 @@ def _gpu_tensorrt_missing() -> str | None:
 def test_tensorrt_export_without_gpu_is_a_clear_cli_error(tmp_path):
     if _gpu_tensorrt_missing() is None:
         pytest.skip("this machine can build engines; the GPU test covers it")
-    result = subprocess.run([sys.executable, "-m", "thighseg.cli", "export", "--format", "tensorrt",
-                             "--repository", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "thighseg.cli",
+            "export",
+            "--format",
+            "tensorrt",
+            "--repository",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
-    assert result.stderr.startswith("error:") and ("tensorrt" in result.stderr or "GPU" in result.stderr)
+    assert result.stderr.startswith("error:") and (
+        "tensorrt" in result.stderr or "GPU" in result.stderr
+    )
 
 
 @pytest.mark.gpu
@@ -33,13 +48,16 @@ def test_fp16_engine_matches_onnx_runtime(tmp_path):
     if reason:
         pytest.skip(f"TensorRT engine build needs a GPU: {reason}")
     needs_torch()
-    from thighseg.learning import models
     from thighseg.export.build import export_model
     from thighseg.export.tensorrt_engine import read_build_info
+    from thighseg.learning import models
 
     name = models.triton_name(MODEL)
-    shutil.copytree(REPO_ROOT / "model_repository" / name, tmp_path / name,
-                    ignore=shutil.ignore_patterns("*.onnx", "*.plan", "__pycache__"))
+    shutil.copytree(
+        REPO_ROOT / "model_repository" / name,
+        tmp_path / name,
+        ignore=shutil.ignore_patterns("*.onnx", "*.plan", "__pycache__"),
+    )
     report = export_model(MODEL, tmp_path, "tensorrt")
     check = report["onnx_vs_tensorrt"]
     assert check["argmax_agreement"] >= 0.995, check
@@ -52,8 +70,15 @@ def test_fp16_engine_matches_onnx_runtime(tmp_path):
 def _info(**changes):
     from thighseg.export.tensorrt_engine import BuildInfo
 
-    base = dict(gpu="NVIDIA H100 80GB HBM3", compute_capability="9.0", tensorrt_version="10.7.0",
-                profile_min_opt_max=(1, 16, 64), input_size=256, strongly_typed=True, onnx_file="model_fp16.onnx")
+    base = dict(
+        gpu="NVIDIA H100 80GB HBM3",
+        compute_capability="9.0",
+        tensorrt_version="10.7.0",
+        profile_min_opt_max=(1, 16, 64),
+        input_size=256,
+        strongly_typed=True,
+        onnx_file="model_fp16.onnx",
+    )
     return BuildInfo(**{**base, **changes})
 
 
@@ -72,4 +97,7 @@ def test_entry_step_finds_the_tensorrt_models():
     from thighseg.export.engines import tensorrt_models
 
     assert [p.name for p in tensorrt_models(REPO_ROOT / "model_repository")] == [
-        "thighseg_denseunet", "thighseg_manet", "thighseg_segformer"]
+        "thighseg_denseunet",
+        "thighseg_manet",
+        "thighseg_segformer",
+    ]

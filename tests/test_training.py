@@ -10,8 +10,14 @@ def test_training_saves_weights_and_resumes_from_the_checkpoint(tmp_path):
     from thighseg.learning import models
     from thighseg.learning.training import TrainConfig, train
 
-    config = TrainConfig(model="denseunet", subjects=1, slices_per_subject=2, validation_subjects=1, steps=3,
-                         batch_size=2)
+    config = TrainConfig(
+        model="denseunet",
+        subjects=1,
+        slices_per_subject=2,
+        validation_subjects=1,
+        steps=3,
+        batch_size=2,
+    )
     out = tmp_path / "denseunet.pt"
     first = train(config, out=out)
     assert set(first["validation"]) == {"extensor", "flexor", "adductor"}
@@ -34,4 +40,9 @@ def test_every_registered_model_has_the_same_contract():
 
     for name in models.BUILDERS:
         with torch.no_grad():
-            assert models.build(name).eval()(torch.zeros(1, 1, 256, 256)).shape == (1, 4, 256, 256), name
+            assert models.build(name).eval()(torch.zeros(1, 1, 256, 256)).shape == (
+                1,
+                4,
+                256,
+                256,
+            ), name

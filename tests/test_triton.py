@@ -1,4 +1,5 @@
 """The real embedded tritonserver: readiness, HTTP and gRPC, dynamic batching, metrics."""
+
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,14 +34,23 @@ def test_concurrent_requests_are_batched_and_counted_in_metrics(triton):
     x = np.zeros((1, 1, 256, 256), np.float32)
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda _: segmenter.infer(x), range(32)))
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{triton.ports.metrics}/metrics", timeout=10).read().decode()
+    metrics = (
+        urllib.request.urlopen(f"http://127.0.0.1:{triton.ports.metrics}/metrics", timeout=10)
+        .read()
+        .decode()
+    )
 
     def counter(name: str) -> float:
-        return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-                   if line.startswith(name + "{") and f'model="{NAME}"' in line)
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith(name + "{") and f'model="{NAME}"' in line
+        )
 
     assert counter("nv_inference_count") >= 32
-    assert counter("nv_inference_exec_count") < counter("nv_inference_count"), "no request was batched"
+    assert counter("nv_inference_exec_count") < counter("nv_inference_count"), (
+        "no request was batched"
+    )
 
 
 def test_wrong_input_shape_is_a_clear_error(triton):

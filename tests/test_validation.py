@@ -1,5 +1,6 @@
 """The bad-input catalogue: each unusable instance gets its C-STORE status, each unusable series
 its reason. Instance checks run on the real validator; series checks on real spooled files."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,8 +8,8 @@ import pydicom
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, RLELossless
 
-from thighseg.pipeline.assemble import SeriesError, assemble
 from thighseg.dicom_listener.validation import Limits, check_instance
+from thighseg.pipeline.assemble import SeriesError, assemble
 
 A900, X0122 = 0xA900, 0x0122
 
@@ -18,19 +19,25 @@ def series(study_factory):
     return study_factory(4545, size=128, slices=6)
 
 
-def _check(ds, sop_class=CTImageStorage, sop_instance=None, ts=ExplicitVRLittleEndian, limits=Limits()):
-    return check_instance(sop_class, sop_instance or str(ds.get("SOPInstanceUID", "")), ds, ts, limits)
+def _check(
+    ds, sop_class=CTImageStorage, sop_instance=None, ts=ExplicitVRLittleEndian, limits=Limits()
+):
+    return check_instance(
+        sop_class, sop_instance or str(ds.get("SOPInstanceUID", "")), ds, ts, limits
+    )
 
 
 def _set(keyword, value):
     def change(ds):
         setattr(ds, keyword, value)
+
     return change
 
 
 def _delete(keyword):
     def change(ds):
         delattr(ds, keyword)
+
     return change
 
 
@@ -51,7 +58,12 @@ INSTANCE_CASES = {
     "no_position": (_delete("ImagePositionPatient"), {}, A900, "geometry"),
     "bad_orientation": (_set("ImageOrientationPatient", [1, 0, 0]), {}, A900, "geometry"),
     "absurd_spacing": (_set("PixelSpacing", [40.0, 40.0]), {}, A900, "geometry"),
-    "truncated_pixels": (lambda ds: setattr(ds, "PixelData", ds.PixelData[:1000]), {}, A900, "pixel_length"),
+    "truncated_pixels": (
+        lambda ds: setattr(ds, "PixelData", ds.PixelData[:1000]),
+        {},
+        A900,
+        "pixel_length",
+    ),
 }
 
 
@@ -86,7 +98,11 @@ def _write_variant(paths, folder, change_by_index):
 
 def _shift_z(dz):
     def change(ds):
-        ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], float(ds.ImagePositionPatient[2]) + dz]
+        ds.ImagePositionPatient = [
+            *ds.ImagePositionPatient[:2],
+            float(ds.ImagePositionPatient[2]) + dz,
+        ]
+
     return change
 
 
@@ -97,12 +113,21 @@ def _resample(ds):
 
 SERIES_CASES = {
     "gap": ({3: "drop"}, "not evenly spaced"),
-    "non_axial": ({k: _set("ImageOrientationPatient", [0, 1, 0, 0, 0, -1]) for k in range(6)}, "not axial"),
+    "non_axial": (
+        {k: _set("ImageOrientationPatient", [0, 1, 0, 0, 0, -1]) for k in range(6)},
+        "not axial",
+    ),
     "matrix_differs": ({4: _resample}, "Rows/Columns"),
     "spacing_differs": ({1: _set("PixelSpacing", [0.5, 0.5])}, "PixelSpacing"),
-    "orientation_differs": ({2: _set("ImageOrientationPatient", [1, 0, 0, 0, 0.9, 0.1])}, "ImageOrientationPatient"),
+    "orientation_differs": (
+        {2: _set("ImageOrientationPatient", [1, 0, 0, 0, 0.9, 0.1])},
+        "ImageOrientationPatient",
+    ),
     "uneven_positions": ({5: _shift_z(7.0)}, "not evenly spaced"),
-    "frame_of_reference_differs": ({1: _set("FrameOfReferenceUID", "1.2.3.4.5")}, "FrameOfReferenceUID"),
+    "frame_of_reference_differs": (
+        {1: _set("FrameOfReferenceUID", "1.2.3.4.5")},
+        "FrameOfReferenceUID",
+    ),
 }
 
 

@@ -1,4 +1,5 @@
 """The `thighseg` command: one entry point, one subcommand per job."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,8 +11,16 @@ import threading
 import time
 from pathlib import Path
 
-from thighseg.core.constants import (AE_TITLE, DEFAULT_MODEL, DICOM_PORT, LISTENER_METRICS_PORT, TRITON_GRPC_PORT,
-                                     TRITON_HTTP_PORT, TRITON_METRICS_PORT, TRITON_URL)
+from thighseg.core.constants import (
+    AE_TITLE,
+    DEFAULT_MODEL,
+    DICOM_PORT,
+    LISTENER_METRICS_PORT,
+    TRITON_GRPC_PORT,
+    TRITON_HTTP_PORT,
+    TRITON_METRICS_PORT,
+    TRITON_URL,
+)
 from thighseg.dicom_listener import config as listener_config
 from thighseg.learning import models
 from thighseg.learning.training import TrainConfig
@@ -27,24 +36,38 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
 def _add_triton_ports(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-port", type=int, default=TRITON_HTTP_PORT, help="Triton HTTP port")
     parser.add_argument("--grpc-port", type=int, default=TRITON_GRPC_PORT, help="Triton gRPC port")
-    parser.add_argument("--metrics-port", type=int, default=TRITON_METRICS_PORT, help="Triton metrics port")
+    parser.add_argument(
+        "--metrics-port", type=int, default=TRITON_METRICS_PORT, help="Triton metrics port"
+    )
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
     from thighseg.synthetic import phantom
     from thighseg.synthetic.ct_series import write_series
 
-    study = phantom.generate(args.seed, size=args.size, slices=args.slices, slice_spacing=args.slice_spacing)
+    study = phantom.generate(
+        args.seed, size=args.size, slices=args.slices, slice_spacing=args.slice_spacing
+    )
     paths = write_series(study, args.out)
-    print(json.dumps({"files": len(paths), "folder": str(args.out), **phantom.describe(study)}, indent=2))
+    print(
+        json.dumps(
+            {"files": len(paths), "folder": str(args.out), **phantom.describe(study)}, indent=2
+        )
+    )
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from thighseg.learning.training import TrainConfig, train
 
-    config = TrainConfig(model=args.model, subjects=args.subjects, slices_per_subject=args.slices,
-                         steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    config = TrainConfig(
+        model=args.model,
+        subjects=args.subjects,
+        slices_per_subject=args.slices,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
     summary = train(config, out=args.out)
     print(json.dumps(summary, indent=2))
     return 0
@@ -70,8 +93,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
     with EmbeddedTriton(args.repository, ports, log_file=args.log_file) as server:
-        print(f"triton ready: http {ports.http}, grpc {ports.grpc}, metrics {ports.metrics} "
-              f"(pid {server.process.pid}); Ctrl-C stops it", flush=True)
+        print(
+            f"triton ready: http {ports.http}, grpc {ports.grpc}, metrics {ports.metrics} "
+            f"(pid {server.process.pid}); Ctrl-C stops it",
+            flush=True,
+        )
         _wait_for_signal()
     return 0
 
@@ -80,35 +106,56 @@ def _ready_segmenter(args: argparse.Namespace, wait_s: float = 0.0):
     """The served model through Triton, or None (with a message) when it is not ready in time."""
     from thighseg.client.triton import TritonSegmenter
 
-    segmenter = TritonSegmenter(args.triton_url, models.triton_name(args.model), protocol=args.protocol)
+    segmenter = TritonSegmenter(
+        args.triton_url, models.triton_name(args.model), protocol=args.protocol
+    )
     deadline = time.monotonic() + wait_s
     while not segmenter.is_ready() and time.monotonic() < deadline:
         time.sleep(2)
     if segmenter.is_ready():
         return segmenter
-    print(f"error: model {segmenter.model} is not ready at {args.triton_url} ({args.protocol}); "
-          "start it with `thighseg serve`", file=sys.stderr)
+    print(
+        f"error: model {segmenter.model} is not ready at {args.triton_url} ({args.protocol}); "
+        "start it with `thighseg serve`",
+        file=sys.stderr,
+    )
     return None
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
-    from thighseg.dicom_listener.forward import Destination
-    from thighseg.pipeline.stages import settings_for
     from thighseg.dicom_listener.config import ListenerConfig
+    from thighseg.dicom_listener.forward import Destination
     from thighseg.dicom_listener.service import Listener
+    from thighseg.pipeline.stages import settings_for
 
     segmenter = _ready_segmenter(args, args.triton_wait)
     if segmenter is None:
         return 2
-    settings = settings_for(segmenter, args.model, batch_size=args.batch_size, concurrency=args.concurrency)
-    config = ListenerConfig(spool_dir=args.spool, output_dir=args.out, ae_title=args.ae_title, host=args.host,
-                            port=args.port, idle_s=args.idle, expiry_s=args.expiry, workers=args.workers,
-                            metrics_port=args.metrics_port or None, allowed_calling_aets=tuple(args.allow_aet),
-                            tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
-                            network_timeout_s=args.network_timeout,
-                            destination=Destination.parse(args.forward) if args.forward else None)
+    settings = settings_for(
+        segmenter, args.model, batch_size=args.batch_size, concurrency=args.concurrency
+    )
+    config = ListenerConfig(
+        spool_dir=args.spool,
+        output_dir=args.out,
+        ae_title=args.ae_title,
+        host=args.host,
+        port=args.port,
+        idle_s=args.idle,
+        expiry_s=args.expiry,
+        workers=args.workers,
+        metrics_port=args.metrics_port or None,
+        allowed_calling_aets=tuple(args.allow_aet),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_ca=args.tls_ca,
+        network_timeout_s=args.network_timeout,
+        destination=Destination.parse(args.forward) if args.forward else None,
+    )
     with Listener(config, settings):
-        print(f"listening as {args.ae_title} on {args.host}:{args.port}; results in {args.out}", flush=True)
+        print(
+            f"listening as {args.ae_title} on {args.host}:{args.port}; results in {args.out}",
+            flush=True,
+        )
         _wait_for_signal()
     return 0
 
@@ -117,9 +164,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from thighseg.apps.demo import DemoOptions, print_summary, run_demo
     from thighseg.serving.embedded_triton import Ports
 
-    options = DemoOptions(model=args.model, seed=args.seed, size=args.size, slices=args.slices,
-                          work_dir=args.work, ports=Ports(args.http_port, args.grpc_port, args.metrics_port),
-                          scp_port=args.port, repository=args.repository)
+    options = DemoOptions(
+        model=args.model,
+        seed=args.seed,
+        size=args.size,
+        slices=args.slices,
+        work_dir=args.work,
+        ports=Ports(args.http_port, args.grpc_port, args.metrics_port),
+        scp_port=args.port,
+        repository=args.repository,
+    )
     print_summary(run_demo(options))
     return 0
 
@@ -146,13 +200,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if args.triton_url:
             from thighseg.client.triton import TritonSegmenter
 
-            backends[model] = TritonSegmenter(args.triton_url, models.triton_name(model), args.protocol).infer
+            backends[model] = TritonSegmenter(
+                args.triton_url, models.triton_name(model), args.protocol
+            ).infer
         else:
             from thighseg.apps.demo import ensure_exported
             from thighseg.export.validation import onnx_backend
 
             backends[model] = onnx_backend(ensure_exported(model, args.repository))
-    config = EvaluationConfig(cohorts=tuple(args.cohorts), studies=args.studies, slices=args.slices, size=args.size)
+    config = EvaluationConfig(
+        cohorts=tuple(args.cohorts), studies=args.studies, slices=args.slices, size=args.size
+    )
     report = run_evaluation(backends, args.out, config)
     print((args.out / "evaluation.md").read_text())
     print(f"figures and JSON in {args.out}; {len(report['models'])} model(s) evaluated")
@@ -163,7 +221,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from thighseg.apps.bench import BenchConfig, run_bench
     from thighseg.apps.demo import ensure_exported
 
-    config = BenchConfig.tiny() if args.tiny else BenchConfig(models=tuple(args.models), study_slices=args.study_slices)
+    config = (
+        BenchConfig.tiny()
+        if args.tiny
+        else BenchConfig(models=tuple(args.models), study_slices=args.study_slices)
+    )
     for model in {*config.models, config.study_model}:
         ensure_exported(model, args.repository)
     results = run_bench(args.out, args.repository, config)
@@ -181,28 +243,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=512, help="matrix size (pixels per side)")
     p.add_argument("--slices", type=int, default=72)
-    p.add_argument("--slice-spacing", type=float, default=None,
-                   help="mm between slices around mid-thigh (default: spread over the whole thigh)")
+    p.add_argument(
+        "--slice-spacing",
+        type=float,
+        default=None,
+        help="mm between slices around mid-thigh (default: spread over the whole thigh)",
+    )
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_phantom)
 
     p = sub.add_parser("train", help="train a model on phantoms")
     _add_model(p)
-    p.add_argument("--subjects", type=int, default=TRAIN_DEFAULTS.subjects, help="training phantoms")
-    p.add_argument("--slices", type=int, default=TRAIN_DEFAULTS.slices_per_subject, help="slices per subject")
+    p.add_argument(
+        "--subjects", type=int, default=TRAIN_DEFAULTS.subjects, help="training phantoms"
+    )
+    p.add_argument(
+        "--slices", type=int, default=TRAIN_DEFAULTS.slices_per_subject, help="slices per subject"
+    )
     p.add_argument("--steps", type=int, default=TRAIN_DEFAULTS.steps, help="optimiser steps")
     p.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS.batch_size)
     p.add_argument("--seed", type=int, default=TRAIN_DEFAULTS.seed)
-    p.add_argument("--out", type=Path, default=None, help="weights file (default: the shipped weights)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="weights file (default: the shipped weights)"
+    )
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("export", help="export weights to ONNX / TensorRT in the model repository, check parity")
+    p = sub.add_parser(
+        "export", help="export weights to ONNX / TensorRT in the model repository, check parity"
+    )
     _add_model(p)
     p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
     p.add_argument("--weights", type=Path, default=None)
-    p.add_argument("--format", choices=["onnx", "fp16", "tensorrt"], default="onnx",
-                   help="onnx: FP32 for the CPU server; fp16: also FP16 ONNX; tensorrt: also the FP16 engine (GPU)")
-    p.add_argument("--timing-cache", type=Path, default=None, help="TensorRT timing cache reused between builds")
+    p.add_argument(
+        "--format",
+        choices=["onnx", "fp16", "tensorrt"],
+        default="onnx",
+        help="onnx: FP32 for the CPU server; fp16: also FP16 ONNX; "
+        "tensorrt: also the FP16 engine (GPU)",
+    )
+    p.add_argument(
+        "--timing-cache",
+        type=Path,
+        default=None,
+        help="TensorRT timing cache reused between builds",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="run the embedded Triton server (CPU) on the model repository")
@@ -215,34 +299,79 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--triton-url", default=TRITON_URL, help="Triton HTTP (or gRPC) address")
     p.add_argument("--protocol", choices=["http", "grpc"], default="http")
-    p.add_argument("--triton-wait", type=float, default=0, metavar="SECONDS",
-                   help="wait this long for the model to become ready before giving up")
-    p.add_argument("--ae-title", default=AE_TITLE, help="called AE title; associations to others are rejected")
+    p.add_argument(
+        "--triton-wait",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="wait this long for the model to become ready before giving up",
+    )
+    p.add_argument(
+        "--ae-title", default=AE_TITLE, help="called AE title; associations to others are rejected"
+    )
     p.add_argument("--host", default=listener_config.default("host"), help="address to listen on")
     p.add_argument("--port", type=int, default=DICOM_PORT, help="DICOM port")
-    p.add_argument("--spool", type=Path, default=Path("spool"), help="received instances and their index")
-    p.add_argument("--out", type=Path, default=Path("results"), help="results, one folder per series")
-    p.add_argument("--idle", type=float, default=listener_config.default("idle_s"),
-                   help="seconds of quiet after release before processing")
-    p.add_argument("--expiry", type=float, default=listener_config.default("expiry_s"),
-                   help="seconds after which a series still receiving is given up and freed")
-    p.add_argument("--workers", type=int, default=listener_config.default("workers"),
-                   help="series processed at once")
-    p.add_argument("--network-timeout", type=float, default=listener_config.default("network_timeout_s"),
-                   metavar="SECONDS", help="drop a peer silent this long mid-PDU or mid-TLS-handshake")
-    p.add_argument("--metrics-port", type=int, default=LISTENER_METRICS_PORT,
-                   help="/metrics, /healthz, /readyz port (0: off)")
-    p.add_argument("--allow-aet", action="append", default=[], metavar="AET",
-                   help="calling AE title allowed to associate (repeat; default: any)")
-    p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate: accept DICOM over TLS")
+    p.add_argument(
+        "--spool", type=Path, default=Path("spool"), help="received instances and their index"
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("results"), help="results, one folder per series"
+    )
+    p.add_argument(
+        "--idle",
+        type=float,
+        default=listener_config.default("idle_s"),
+        help="seconds of quiet after release before processing",
+    )
+    p.add_argument(
+        "--expiry",
+        type=float,
+        default=listener_config.default("expiry_s"),
+        help="seconds after which a series still receiving is given up and freed",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=listener_config.default("workers"),
+        help="series processed at once",
+    )
+    p.add_argument(
+        "--network-timeout",
+        type=float,
+        default=listener_config.default("network_timeout_s"),
+        metavar="SECONDS",
+        help="drop a peer silent this long mid-PDU or mid-TLS-handshake",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=LISTENER_METRICS_PORT,
+        help="/metrics, /healthz, /readyz port (0: off)",
+    )
+    p.add_argument(
+        "--allow-aet",
+        action="append",
+        default=[],
+        metavar="AET",
+        help="calling AE title allowed to associate (repeat; default: any)",
+    )
+    p.add_argument(
+        "--tls-cert", type=Path, default=None, help="PEM certificate: accept DICOM over TLS"
+    )
     p.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
-    p.add_argument("--tls-ca", type=Path, default=None, help="require client certificates signed by this CA")
-    p.add_argument("--forward", default=None, metavar="AET@HOST:PORT", help="C-STORE SEG and SR to this AE")
+    p.add_argument(
+        "--tls-ca", type=Path, default=None, help="require client certificates signed by this CA"
+    )
+    p.add_argument(
+        "--forward", default=None, metavar="AET@HOST:PORT", help="C-STORE SEG and SR to this AE"
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--concurrency", type=int, default=4, help="batches in flight per series")
     p.set_defaults(func=cmd_listen)
 
-    p = sub.add_parser("segment", help="batch: many DICOM folders / NIfTI files through Triton, one CSV row each")
+    p = sub.add_parser(
+        "segment", help="batch: many DICOM folders / NIfTI files through Triton, one CSV row each"
+    )
     _add_model(p)
     p.add_argument("inputs", nargs="+", type=Path, help="DICOM folders and/or NIfTI files")
     p.add_argument("--out", type=Path, required=True)
@@ -250,25 +379,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=["http", "grpc"], default="http")
     p.set_defaults(func=cmd_segment)
 
-    p = sub.add_parser("evaluate", help="DSC/sensitivity/specificity/accuracy and volume ICC on phantom cohorts")
-    p.add_argument("--models", nargs="+", default=sorted(models.BUILDERS), choices=sorted(models.BUILDERS))
-    p.add_argument("--cohorts", nargs="+", default=["internal_test", "external"],
-                   choices=["internal_test", "external", "validation"])
+    p = sub.add_parser(
+        "evaluate", help="DSC/sensitivity/specificity/accuracy and volume ICC on phantom cohorts"
+    )
+    p.add_argument(
+        "--models", nargs="+", default=sorted(models.BUILDERS), choices=sorted(models.BUILDERS)
+    )
+    p.add_argument(
+        "--cohorts",
+        nargs="+",
+        default=["internal_test", "external"],
+        choices=["internal_test", "external", "validation"],
+    )
     p.add_argument("--studies", type=int, default=10, help="studies per cohort")
     p.add_argument("--slices", type=int, default=24, help="slices per study")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--out", type=Path, default=Path("evaluation"))
     p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
-    p.add_argument("--triton-url", default=None, help="evaluate through a running Triton (default: ONNX Runtime)")
+    p.add_argument(
+        "--triton-url",
+        default=None,
+        help="evaluate through a running Triton (default: ONNX Runtime)",
+    )
     p.add_argument("--protocol", choices=["http", "grpc"], default="http")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("bench", help="perf_analyzer sweeps, baselines, ingest and whole-study figures")
-    p.add_argument("--models", nargs="+", default=sorted(models.BUILDERS), choices=sorted(models.BUILDERS))
+    p = sub.add_parser(
+        "bench", help="perf_analyzer sweeps, baselines, ingest and whole-study figures"
+    )
+    p.add_argument(
+        "--models", nargs="+", default=sorted(models.BUILDERS), choices=sorted(models.BUILDERS)
+    )
     p.add_argument("--out", type=Path, default=Path("bench"))
     p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
     p.add_argument("--study-slices", type=int, default=300)
-    p.add_argument("--tiny", action="store_true", help="a one-minute run that proves the benchmark works")
+    p.add_argument(
+        "--tiny", action="store_true", help="a one-minute run that proves the benchmark works"
+    )
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="serve + listen, push a phantom study, print volumes and DSC")
@@ -288,8 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError, RuntimeError, TimeoutError, ConnectionError) as error:

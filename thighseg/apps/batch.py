@@ -5,6 +5,7 @@ output folder; a study whose report says done is skipped, so a killed run resume
 One study's failure never stops the cohort: it is reported and listed at the end. The cohort table
 (results.csv, and results.parquet when pyarrow is installed) is rebuilt from every report.
 """
+
 from __future__ import annotations
 
 import csv
@@ -43,9 +44,13 @@ def discover(inputs: list[Path]) -> list[Study]:
             nifti = sorted(p for p in item.rglob("*") if p.is_file() and NIFTI.search(p.name))
             studies += [Study(_safe(NIFTI.sub("", p.name)), "nifti", (p,)) for p in nifti]
             series: dict[str, list[Path]] = {}
-            for path in sorted(p for p in item.rglob("*") if p.is_file() and not NIFTI.search(p.name)):
+            for path in sorted(
+                p for p in item.rglob("*") if p.is_file() and not NIFTI.search(p.name)
+            ):
                 try:
-                    header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+                    header = pydicom.dcmread(
+                        path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]
+                    )
                 except Exception:  # not DICOM (truth files, notes): not a study
                     continue
                 if "SeriesInstanceUID" in header:
@@ -71,16 +76,26 @@ def process(study: Study, out_dir: Path, settings: InferenceSettings) -> SeriesR
 
 def row(key: str, report: SeriesReport) -> dict:
     """One flat CSV row: identity, status, headline volumes, indices, QC codes."""
-    out = {"study": key, "status": report.status, "reason": report.reason or "", "model": report.model,
-           "thighseg_version": thighseg.__version__, "qc_flags": ";".join(f.code for f in report.qc_flags)}
+    out = {
+        "study": key,
+        "status": report.status,
+        "reason": report.reason or "",
+        "model": report.model,
+        "thighseg_version": thighseg.__version__,
+        "qc_flags": ";".join(f.code for f in report.qc_flags),
+    }
     indices = report.indices
     if indices is not None:
         out.update(indices.headline())
         total = indices.total
-        out.update(imat_fraction=total.imat_fraction, intermuscular_fat_fraction=total.intermuscular_fat_fraction,
-                   muscle_mean_hu=total.muscle.mean_hu, low_density_muscle_ml=total.muscle.low_density_ml,
-                   asymmetry_percent=indices.asymmetry_percent.muscle,
-                   muscle_volume_index_ml_per_m2=total.muscle_volume_index_ml_per_m2)
+        out.update(
+            imat_fraction=total.imat_fraction,
+            intermuscular_fat_fraction=total.intermuscular_fat_fraction,
+            muscle_mean_hu=total.muscle.mean_hu,
+            low_density_muscle_ml=total.muscle.low_density_ml,
+            asymmetry_percent=indices.asymmetry_percent.muscle,
+            muscle_volume_index_ml_per_m2=total.muscle_volume_index_ml_per_m2,
+        )
         for leg in ("right", "left"):
             for group in ("extensor", "flexor", "adductor"):
                 out[f"{leg}_{group}_ml"] = indices.leg(leg).tissue(group).total_ml
@@ -88,7 +103,9 @@ def row(key: str, report: SeriesReport) -> dict:
 
 
 def write_table(out: Path) -> Path:
-    rows = [row(path.parent.name, SeriesReport.read(path)) for path in sorted(out.glob("*/report.json"))]
+    rows = [
+        row(path.parent.name, SeriesReport.read(path)) for path in sorted(out.glob("*/report.json"))
+    ]
     columns = list(dict.fromkeys(k for r in rows for k in r))
     table = out / "results.csv"
     with table.open("w", newline="") as handle:
@@ -104,7 +121,9 @@ def write_table(out: Path) -> Path:
     return table
 
 
-def run(inputs: list[Path], out: Path, settings: InferenceSettings) -> tuple[list[str], list[tuple[str, str]]]:
+def run(
+    inputs: list[Path], out: Path, settings: InferenceSettings
+) -> tuple[list[str], list[tuple[str, str]]]:
     """Process every study not done yet; returns (processed keys, [(key, reason) of failures])."""
     studies = discover(inputs)
     out.mkdir(parents=True, exist_ok=True)

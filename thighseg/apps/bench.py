@@ -6,6 +6,7 @@ ceiling any server of that model meets on this machine), C-STORE ingest against 
 one whole study from the first C-STORE to the SEG with the listener's peak memory, in a fresh
 listener and in one that has already processed a study. Writes bench.json, bench.md and PNG plots.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,16 +21,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from thighseg.learning import models
-from thighseg.synthetic import phantom
 from thighseg.apps.baselines import onnxruntime_runner, slices_per_second, torch_runner
 from thighseg.apps.ingest import compare_ingest, free_port, listener_process, peak_rss_bytes, push
 from thighseg.client.perf import measure, without_dynamic_batching
-from thighseg.synthetic.ct_series import write_series
-from thighseg.serving.embedded_triton import CPU_CONFIG_NAME, EmbeddedTriton, Ports
+from thighseg.core.constants import AE_TITLE
 from thighseg.core.labels import normalise_hu
 from thighseg.core.resample import MODEL_INPUT_SIZE, to_model_grid
-from thighseg.core.constants import AE_TITLE
+from thighseg.learning import models
+from thighseg.serving.embedded_triton import CPU_CONFIG_NAME, EmbeddedTriton, Ports
+from thighseg.synthetic import phantom
+from thighseg.synthetic.ct_series import write_series
 
 DYNAMIC_BATCHING_TARGET = 1.3  # issue 6: batching on vs off at concurrency 8
 
@@ -44,20 +45,33 @@ class BenchConfig:
     bf16_slices: int = 16
     study_slices: int = 300
     study_size: int = 512
-    warmup_slices: int = 12  # the study a listener processes first for the steady-state memory figure
+    warmup_slices: int = (
+        12  # the study a listener processes first for the steady-state memory figure
+    )
     ingest_associations: tuple[int, ...] = (1, 4)
 
     @staticmethod
-    def tiny() -> "BenchConfig":
+    def tiny() -> BenchConfig:
         """Proves the benchmark works in about a minute; its figures mean little."""
-        return BenchConfig(models=("segformer",), concurrencies=(1, 2), measurement_ms=500, baseline_slices=8,
-                           bf16_slices=8, study_slices=8, study_size=128, warmup_slices=4, ingest_associations=(1, 2))
+        return BenchConfig(
+            models=("segformer",),
+            concurrencies=(1, 2),
+            measurement_ms=500,
+            baseline_slices=8,
+            bf16_slices=8,
+            study_slices=8,
+            study_size=128,
+            warmup_slices=4,
+            ingest_associations=(1, 2),
+        )
 
 
 def bench_repository(source: Path, model: str, target: Path) -> tuple[str, str]:
     """The served model plus a copy without dynamic batching, for the on/off comparison."""
     name = models.triton_name(model)
-    shutil.copytree(source / name, target / name, ignore=shutil.ignore_patterns("*.plan", "model_fp16.onnx"))
+    shutil.copytree(
+        source / name, target / name, ignore=shutil.ignore_patterns("*.plan", "model_fp16.onnx")
+    )
     nobatch = f"{name}_nobatch"
     shutil.copytree(target / name, target / nobatch)
     config = target / nobatch / "configs" / f"{CPU_CONFIG_NAME}.pbtxt"
@@ -66,16 +80,35 @@ def bench_repository(source: Path, model: str, target: Path) -> tuple[str, str]:
     return name, nobatch
 
 
-def run_perf(server: EmbeddedTriton, served: dict[str, tuple[str, str]], config: BenchConfig) -> list[dict]:
+def run_perf(
+    server: EmbeddedTriton, served: dict[str, tuple[str, str]], config: BenchConfig
+) -> list[dict]:
     points = []
     # batching on and off back to back at each point: this machine's speed drifts over minutes
-    plan = [(model, name, protocol, c) for model, names in served.items() for protocol in ("http", "grpc")
-            for c in config.concurrencies for name in names]
+    plan = [
+        (model, name, protocol, c)
+        for model, names in served.items()
+        for protocol in ("http", "grpc")
+        for c in config.concurrencies
+        for name in names
+    ]
     for model, name, protocol, concurrency in tqdm(plan, desc="perf_analyzer"):
         url = server.http_url if protocol == "http" else server.grpc_url
-        point = measure(name, url, protocol, concurrency, (1, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE),
-                        config.measurement_ms)
-        points.append({**point.as_dict(), "architecture": model, "dynamic_batching": not name.endswith("_nobatch")})
+        point = measure(
+            name,
+            url,
+            protocol,
+            concurrency,
+            (1, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE),
+            config.measurement_ms,
+        )
+        points.append(
+            {
+                **point.as_dict(),
+                "architecture": model,
+                "dynamic_batching": not name.endswith("_nobatch"),
+            }
+        )
     return points
 
 
@@ -83,19 +116,26 @@ def run_baselines(model: str, onnx_path: Path, config: BenchConfig) -> dict[str,
     study = phantom.generate(8101, size=MODEL_INPUT_SIZE, slices=config.baseline_slices)
     images = normalise_hu(to_model_grid(study.hu))[:, None].astype(np.float32)
     session = onnxruntime_runner(onnx_path)
-    results = {"onnxruntime_fp32_batch1": slices_per_second(session, images, batch_size=1, warmup_batches=8),
-               "onnxruntime_fp32": slices_per_second(session, images)}
+    results = {
+        "onnxruntime_fp32_batch1": slices_per_second(
+            session, images, batch_size=1, warmup_batches=8
+        ),
+        "onnxruntime_fp32": slices_per_second(session, images),
+    }
     try:
         network = models.load_trained(model)
     except ImportError:  # torch is an optional extra
         return results
     results["torch_eager_fp32"] = slices_per_second(torch_runner(network), images)
-    results["torch_eager_bf16_autocast"] = slices_per_second(torch_runner(network, "bf16"),
-                                                             images[:config.bf16_slices])
+    results["torch_eager_bf16_autocast"] = slices_per_second(
+        torch_runner(network, "bf16"), images[: config.bf16_slices]
+    )
     return results
 
 
-def _process_study(files: list[Path], port: int, out: Path, reports_before: int) -> tuple[float, float]:
+def _process_study(
+    files: list[Path], port: int, out: Path, reports_before: int
+) -> tuple[float, float]:
     """Push one study; (seconds from the first C-STORE to its report, seconds of sending)."""
     started = time.perf_counter()
     send_seconds = push(files, port, 1, AE_TITLE)
@@ -115,58 +155,96 @@ def _study_report(out: Path, study_uid: str) -> dict:
     raise RuntimeError("whole-study run wrote no report in 30 minutes")
 
 
-def run_whole_study(files: list[Path], warmup: list[Path], triton_url: str, model: str, work: Path,
-                    voxel_bytes: int) -> dict:
-    """First C-STORE to SEG on disk, stage times from the report, and the listener process's peak RSS:
-    in a fresh listener, and in one that processed a small study first (libraries loaded, caches and
-    heaps as they stay in a long-running listener)."""
+def run_whole_study(
+    files: list[Path], warmup: list[Path], triton_url: str, model: str, work: Path, voxel_bytes: int
+) -> dict:
+    """First C-STORE to SEG on disk, stage times from the report, and the listener process's peak
+    RSS: in a fresh listener, and in one that processed a small study first (libraries loaded,
+    caches and heaps as they stay in a long-running listener)."""
     import pydicom
 
     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     out = work / "whole-out"
-    with listener_process(triton_url, work / "whole-spool", out, idle_s=1.0, model=model) as (port, process):
+    with listener_process(triton_url, work / "whole-spool", out, idle_s=1.0, model=model) as (
+        port,
+        process,
+    ):
         total, send_seconds = _process_study(files, port, out, 0)
         peak = peak_rss_bytes(process.pid)
     warm_out = work / "warm-out"
-    with listener_process(triton_url, work / "warm-spool", warm_out, idle_s=1.0, model=model) as (port, process):
+    with listener_process(triton_url, work / "warm-spool", warm_out, idle_s=1.0, model=model) as (
+        port,
+        process,
+    ):
         _process_study(warmup, port, warm_out, 0)
         _process_study(files, port, warm_out, 1)
         warm_peak = peak_rss_bytes(process.pid)
     report = _study_report(out, study_uid)
     _study_report(warm_out, study_uid)
-    return {"model": model, "instances": len(files), "seconds_first_store_to_seg": round(total, 2),
-            "seconds_receive": round(send_seconds, 2), "stage_seconds": report["stage_seconds"],
-            "study_voxel_mb": round(voxel_bytes / 2**20, 1), "listener_peak_rss_mb": round(peak / 2**20, 1),
-            "peak_rss_over_voxel_bytes": round(peak / voxel_bytes, 2),
-            "warm_listener_peak_rss_mb": round(warm_peak / 2**20, 1),
-            "warm_peak_rss_over_voxel_bytes": round(warm_peak / voxel_bytes, 2)}
+    return {
+        "model": model,
+        "instances": len(files),
+        "seconds_first_store_to_seg": round(total, 2),
+        "seconds_receive": round(send_seconds, 2),
+        "stage_seconds": report["stage_seconds"],
+        "study_voxel_mb": round(voxel_bytes / 2**20, 1),
+        "listener_peak_rss_mb": round(peak / 2**20, 1),
+        "peak_rss_over_voxel_bytes": round(peak / voxel_bytes, 2),
+        "warm_listener_peak_rss_mb": round(warm_peak / 2**20, 1),
+        "warm_peak_rss_over_voxel_bytes": round(warm_peak / voxel_bytes, 2),
+    }
 
 
 def run_bench(out: Path, repository: Path, config: BenchConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"config": asdict(config), "machine": {"platform": platform.platform(),
-                                                           "processor": platform.processor(),
-                                                           "cpus": os.cpu_count()},
-                     "gpu": "missing: no GPU on this machine; run scripts/gpu_check.sh on a GPU host"}
+    results: dict = {
+        "config": asdict(config),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+        },
+        "gpu": "missing: no GPU on this machine; run scripts/gpu_check.sh on a GPU host",
+    }
     with tempfile.TemporaryDirectory(prefix="thighseg-bench-") as scratch:
         work = Path(scratch)
-        served = {model: bench_repository(repository, model, work / "repository") for model in config.models}
-        study = phantom.generate(8100, size=config.study_size, slices=config.study_slices, slice_spacing=5.0)
+        served = {
+            model: bench_repository(repository, model, work / "repository")
+            for model in config.models
+        }
+        study = phantom.generate(
+            8100, size=config.study_size, slices=config.study_slices, slice_spacing=5.0
+        )
         files = write_series(study, work / "study")
         voxel_bytes = study.hu.size * 2  # as stored: 16 bits per voxel
         del study
-        warmup = write_series(phantom.generate(8102, size=config.study_size, slices=config.warmup_slices,
-                                               slice_spacing=5.0), work / "warmup")
-        with EmbeddedTriton(work / "repository", Ports(free_port(), free_port(), free_port()),
-                            log_file=work / "triton.log") as server:
+        warmup = write_series(
+            phantom.generate(
+                8102, size=config.study_size, slices=config.warmup_slices, slice_spacing=5.0
+            ),
+            work / "warmup",
+        )
+        with EmbeddedTriton(
+            work / "repository",
+            Ports(free_port(), free_port(), free_port()),
+            log_file=work / "triton.log",
+        ) as server:
             results["perf_analyzer"] = run_perf(server, served, config)
             results["baselines_slices_per_second"] = {
-                model: run_baselines(model, work / "repository" / names[0] / "1" / "model.onnx", config)
-                for model, names in tqdm(served.items(), desc="baselines")}
-            results["ingest"] = [r.as_dict() for r in compare_ingest(files, server.http_url, work / "ingest",
-                                                                     config.ingest_associations)]
-            results["whole_study"] = run_whole_study(files, warmup, server.http_url, config.study_model, work,
-                                                     voxel_bytes)
+                model: run_baselines(
+                    model, work / "repository" / names[0] / "1" / "model.onnx", config
+                )
+                for model, names in tqdm(served.items(), desc="baselines")
+            }
+            results["ingest"] = [
+                r.as_dict()
+                for r in compare_ingest(
+                    files, server.http_url, work / "ingest", config.ingest_associations
+                )
+            ]
+            results["whole_study"] = run_whole_study(
+                files, warmup, server.http_url, config.study_model, work, voxel_bytes
+            )
     results["ratios"] = ratios(results)
     (out / "bench.json").write_text(json.dumps(results, indent=2))
     (out / "bench.md").write_text(markdown(results))
@@ -174,21 +252,34 @@ def run_bench(out: Path, repository: Path, config: BenchConfig) -> dict:
     return results
 
 
-def _best(points: list[dict], model: str, protocol: str | None, batching: bool, concurrency: int | None = None
-          ) -> float:
-    chosen = [p["throughput"] for p in points if p["architecture"] == model and p["dynamic_batching"] == batching
-              and (protocol is None or p["protocol"] == protocol)
-              and (concurrency is None or p["concurrency"] == concurrency)]
+def _best(
+    points: list[dict],
+    model: str,
+    protocol: str | None,
+    batching: bool,
+    concurrency: int | None = None,
+) -> float:
+    chosen = [
+        p["throughput"]
+        for p in points
+        if p["architecture"] == model
+        and p["dynamic_batching"] == batching
+        and (protocol is None or p["protocol"] == protocol)
+        and (concurrency is None or p["concurrency"] == concurrency)
+    ]
     return max(chosen) if chosen else float("nan")
 
 
 def _ceiling(baselines: dict[str, float]) -> float:
-    """ONNX Runtime called directly at its best batch: no server of the model beats it on this machine."""
+    """ONNX Runtime called directly at its best batch: no server of the model beats it on this
+    machine."""
     return max(baselines["onnxruntime_fp32_batch1"], baselines["onnxruntime_fp32"])
 
 
 def _compared_concurrency(points: list[dict]) -> int:
-    return 8 if any(p["concurrency"] == 8 for p in points) else max(p["concurrency"] for p in points)
+    return (
+        8 if any(p["concurrency"] == 8 for p in points) else max(p["concurrency"] for p in points)
+    )
 
 
 def ratios(results: dict) -> dict:
@@ -197,68 +288,130 @@ def ratios(results: dict) -> dict:
     for model, baselines in results["baselines_slices_per_second"].items():
         triton = _best(points, model, None, True)
         for protocol in ("http", "grpc"):
-            out[f"{model}: dynamic_batching_on_vs_off_{protocol}_at_concurrency_{at}"] = (
-                _best(points, model, protocol, True, at) / _best(points, model, protocol, False, at))
+            out[f"{model}: dynamic_batching_on_vs_off_{protocol}_at_concurrency_{at}"] = _best(
+                points, model, protocol, True, at
+            ) / _best(points, model, protocol, False, at)
         ceiling = _ceiling(baselines)
-        out[f"{model}: most_dynamic_batching_could_give_at_concurrency_{at}"] = (
-            ceiling / _best(points, model, None, False, at))
+        out[f"{model}: most_dynamic_batching_could_give_at_concurrency_{at}"] = ceiling / _best(
+            points, model, None, False, at
+        )
         if "torch_eager_fp32" in baselines:
-            out[f"{model}: embedded_triton_vs_torch_eager_fp32"] = triton / baselines["torch_eager_fp32"]
+            out[f"{model}: embedded_triton_vs_torch_eager_fp32"] = (
+                triton / baselines["torch_eager_fp32"]
+            )
         out[f"{model}: embedded_triton_vs_onnxruntime_direct_best_batch"] = triton / ceiling
     whole = results["whole_study"]
     out["listener_peak_rss_over_study_voxel_bytes"] = whole["peak_rss_over_voxel_bytes"]
     out["warm_listener_peak_rss_over_study_voxel_bytes"] = whole["warm_peak_rss_over_voxel_bytes"]
-    ingest = {(r["receiver"], r["associations"]): r["instances_per_second"] for r in results["ingest"]}
+    ingest = {
+        (r["receiver"], r["associations"]): r["instances_per_second"] for r in results["ingest"]
+    }
     for count in sorted({r["associations"] for r in results["ingest"]}):
         out[f"ingest_listener_vs_storescp_{count}_associations"] = (
-            ingest[("thighseg-listener", count)] / ingest[("dcmtk-storescp", count)])
+            ingest[("thighseg-listener", count)] / ingest[("dcmtk-storescp", count)]
+        )
     return {k: round(v, 3) for k, v in out.items()}
 
 
 def markdown(results: dict) -> str:
     points, at = results["perf_analyzer"], _compared_concurrency(results["perf_analyzer"])
-    lines = ["# thighseg benchmark", "", f"Machine: {results['machine']['platform']}, "
-             f"{results['machine']['cpus']} CPUs. GPU: {results['gpu']}", "", "## Ratios", "",
-             "| ratio | value |", "|---|---|"]
+    lines = [
+        "# thighseg benchmark",
+        "",
+        f"Machine: {results['machine']['platform']}, "
+        f"{results['machine']['cpus']} CPUs. GPU: {results['gpu']}",
+        "",
+        "## Ratios",
+        "",
+        "| ratio | value |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v} |" for k, v in results["ratios"].items()]
-    lines += ["", f"## Dynamic batching against the compute ceiling (concurrency {at})", "",
-              "| model | batching off, slices/s | batching on | ONNX Runtime direct, batch 1 / 8 | off ÷ ceiling | "
-              f"{DYNAMIC_BATCHING_TARGET}× off would need |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"## Dynamic batching against the compute ceiling (concurrency {at})",
+        "",
+        "| model | batching off, slices/s | batching on | ONNX Runtime direct, batch 1 / 8 | off "
+        "÷ ceiling | "
+        f"{DYNAMIC_BATCHING_TARGET}× off would need |",
+        "|---|---|---|---|---|---|",
+    ]
     for model, baselines in results["baselines_slices_per_second"].items():
         off, on = _best(points, model, None, False, at), _best(points, model, None, True, at)
         ceiling = _ceiling(baselines)
-        lines.append(f"| {model} | {off:.1f} | {on:.1f} | {baselines['onnxruntime_fp32_batch1']:.1f} / "
-                     f"{baselines['onnxruntime_fp32']:.1f} | {off / ceiling:.0%} | {DYNAMIC_BATCHING_TARGET * off:.1f} |")
-    lines += ["", "Batching pays where a bigger batch runs more slices per second. On this CPU a model runs no "
-              "faster at batch 8 than at batch 1, so the CPU configuration batches without waiting and runs "
-              "the slices one at a time: batching saves only the per-request round trip, and the server "
-              "without batching already runs at the share of the ceiling shown. GPU figures come from "
-              "scripts/gpu_check.sh.", ""]
+        lines.append(
+            f"| {model} | {off:.1f} | {on:.1f} | {baselines['onnxruntime_fp32_batch1']:.1f} / "
+            f"{baselines['onnxruntime_fp32']:.1f} | {off / ceiling:.0%} | "
+            f"{DYNAMIC_BATCHING_TARGET * off:.1f} |"
+        )
+    lines += [
+        "",
+        "Batching pays where a bigger batch runs more slices per second. On this CPU a model runs "
+        "no "
+        "faster at batch 8 than at batch 1, so the CPU configuration batches without waiting and "
+        "runs "
+        "the slices one at a time: batching saves only the per-request round trip, and the server "
+        "without batching already runs at the share of the ceiling shown. GPU figures come from "
+        "scripts/gpu_check.sh.",
+        "",
+    ]
     for model in results["baselines_slices_per_second"]:
-        lines += [f"## perf_analyzer: {model} (embedded Triton, CPU; slices/s and ms)", "",
-                  "| protocol | dynamic batching | concurrency | slices/s | p50 | p95 | p99 |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {p['protocol']} | {'on' if p['dynamic_batching'] else 'off'} | {p['concurrency']} | "
-                  f"{p['throughput']:.1f} | {p['p50_ms']:.0f} | {p['p95_ms']:.0f} | {p['p99_ms']:.0f} |"
-                  for p in sorted((p for p in points if p["architecture"] == model),
-                                  key=lambda p: (p["protocol"], not p["dynamic_batching"], p["concurrency"]))]
+        lines += [
+            f"## perf_analyzer: {model} (embedded Triton, CPU; slices/s and ms)",
+            "",
+            "| protocol | dynamic batching | concurrency | slices/s | p50 | p95 | p99 |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {p['protocol']} | {'on' if p['dynamic_batching'] else 'off'} | {p['concurrency']} "
+            "| "
+            f"{p['throughput']:.1f} | {p['p50_ms']:.0f} | {p['p95_ms']:.0f} | {p['p99_ms']:.0f} |"
+            for p in sorted(
+                (p for p in points if p["architecture"] == model),
+                key=lambda p: (p["protocol"], not p["dynamic_batching"], p["concurrency"]),
+            )
+        ]
         lines.append("")
-    lines += ["## Baselines on the same slices (slices/s; batch 8 unless named)", "",
-              "| model | runtime | slices/s |", "|---|---|---|"]
-    lines += [f"| {model} | {runtime} | {value:.1f} |" for model, baselines in results["baselines_slices_per_second"].items()
-              for runtime, value in baselines.items()]
-    lines += ["", "## C-STORE ingest (DCMTK storescu as sender)", "",
-              "| receiver | associations | instances | seconds | instances/s |", "|---|---|---|---|---|"]
-    lines += [f"| {r['receiver']} | {r['associations']} | {r['instances']} | {r['seconds']:.2f} | "
-              f"{r['instances_per_second']:.1f} |" for r in results["ingest"]]
+    lines += [
+        "## Baselines on the same slices (slices/s; batch 8 unless named)",
+        "",
+        "| model | runtime | slices/s |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {model} | {runtime} | {value:.1f} |"
+        for model, baselines in results["baselines_slices_per_second"].items()
+        for runtime, value in baselines.items()
+    ]
+    lines += [
+        "",
+        "## C-STORE ingest (DCMTK storescu as sender)",
+        "",
+        "| receiver | associations | instances | seconds | instances/s |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['receiver']} | {r['associations']} | {r['instances']} | {r['seconds']:.2f} | "
+        f"{r['instances_per_second']:.1f} |"
+        for r in results["ingest"]
+    ]
     whole = results["whole_study"]
-    lines += ["", "## Whole study", "", f"{whole['instances']} instances ({whole['model']}): first C-STORE to SEG in "
-              f"{whole['seconds_first_store_to_seg']} s (receive {whole['seconds_receive']} s); stages "
-              + ", ".join(f"{k} {v:.2f} s" for k, v in whole["stage_seconds"].items())
-              + f". Listener peak RSS for {whole['study_voxel_mb']} MB of voxels: {whole['listener_peak_rss_mb']} MB "
-              f"({whole['peak_rss_over_voxel_bytes']}×) in a fresh listener, {whole['warm_listener_peak_rss_mb']} MB "
-              f"({whole['warm_peak_rss_over_voxel_bytes']}×) in one that processed a {results['config']['warmup_slices']}"
-              "-slice study first.", ""]
+    lines += [
+        "",
+        "## Whole study",
+        "",
+        f"{whole['instances']} instances ({whole['model']}): first C-STORE to SEG in "
+        f"{whole['seconds_first_store_to_seg']} s (receive {whole['seconds_receive']} s); stages "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in whole["stage_seconds"].items())
+        + f". Listener peak RSS for {whole['study_voxel_mb']} MB of voxels: "
+        f"{whole['listener_peak_rss_mb']} MB "
+        f"({whole['peak_rss_over_voxel_bytes']}×) in a fresh listener, "
+        f"{whole['warm_listener_peak_rss_mb']} MB "
+        f"({whole['warm_peak_rss_over_voxel_bytes']}×) in one that processed a "
+        f"{results['config']['warmup_slices']}"
+        "-slice study first.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -270,20 +423,38 @@ def plot(results: dict, out: Path) -> None:
 
     served = list(results["baselines_slices_per_second"])
     figure, axes = plt.subplots(len(served), 2, figsize=(11, 3.6 * len(served)), squeeze=False)
-    for (throughput, latency), model in zip(axes, served):
+    for (throughput, latency), model in zip(axes, served, strict=False):
         for protocol in ("http", "grpc"):
             for batching in (True, False):
-                points = sorted((p for p in results["perf_analyzer"] if p["architecture"] == model
-                                 and p["protocol"] == protocol and p["dynamic_batching"] == batching),
-                                key=lambda p: p["concurrency"])
+                points = sorted(
+                    (
+                        p
+                        for p in results["perf_analyzer"]
+                        if p["architecture"] == model
+                        and p["protocol"] == protocol
+                        and p["dynamic_batching"] == batching
+                    ),
+                    key=lambda p: p["concurrency"],
+                )
                 label = f"{protocol}, batching {'on' if batching else 'off'}"
                 style = "-" if batching else "--"
                 concurrency = [p["concurrency"] for p in points]
-                throughput.plot(concurrency, [p["throughput"] for p in points], style, marker="o", label=label)
-                latency.plot(concurrency, [p["p95_ms"] for p in points], style, marker="o", label=label)
-        throughput.axhline(_ceiling(results["baselines_slices_per_second"][model]), color="grey", linestyle=":",
-                           label="ONNX Runtime direct (ceiling)")
-        for axis, title, unit in ((throughput, "throughput", "slices/s"), (latency, "p95 latency", "ms")):
+                throughput.plot(
+                    concurrency, [p["throughput"] for p in points], style, marker="o", label=label
+                )
+                latency.plot(
+                    concurrency, [p["p95_ms"] for p in points], style, marker="o", label=label
+                )
+        throughput.axhline(
+            _ceiling(results["baselines_slices_per_second"][model]),
+            color="grey",
+            linestyle=":",
+            label="ONNX Runtime direct (ceiling)",
+        )
+        for axis, title, unit in (
+            (throughput, "throughput", "slices/s"),
+            (latency, "p95 latency", "ms"),
+        ):
             axis.set_xscale("log", base=2)
             axis.set_xlabel("concurrency")
             axis.set_ylabel(unit)
@@ -294,9 +465,17 @@ def plot(results: dict, out: Path) -> None:
     plt.close(figure)
 
     figure, (runtimes, ingest) = plt.subplots(1, 2, figsize=(12, 4.5))
-    bars = {f"{model}: {runtime}": value for model, baselines in results["baselines_slices_per_second"].items()
-            for runtime, value in baselines.items()}
-    bars.update({f"{model}: triton (best)": _best(results["perf_analyzer"], model, None, True) for model in served})
+    bars = {
+        f"{model}: {runtime}": value
+        for model, baselines in results["baselines_slices_per_second"].items()
+        for runtime, value in baselines.items()
+    }
+    bars.update(
+        {
+            f"{model}: triton (best)": _best(results["perf_analyzer"], model, None, True)
+            for model in served
+        }
+    )
     runtimes.barh(list(bars), list(bars.values()))
     runtimes.tick_params(axis="y", labelsize=7)
     runtimes.set_xlabel("slices/s")

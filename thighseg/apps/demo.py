@@ -1,4 +1,5 @@
 """`thighseg demo`: the whole product on one machine, with a synthetic study and its truth."""
+
 from __future__ import annotations
 
 import logging
@@ -7,16 +8,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pydicom
 
+from thighseg.core.constants import DICOM_PORT
 from thighseg.learning import models
-from thighseg.synthetic import phantom
-from thighseg.synthetic.ct_series import read_truth, write_series
-from thighseg.serving.embedded_triton import EmbeddedTriton, Ports
 from thighseg.measure.metrics import dice_per_group, group_volumes_ml
 from thighseg.pipeline.loaders import labels_from_seg
-from thighseg.core.constants import DICOM_PORT
+from thighseg.serving.embedded_triton import EmbeddedTriton, Ports
+from thighseg.synthetic import phantom
+from thighseg.synthetic.ct_series import read_truth, write_series
 
 log = logging.getLogger(__name__)
 
@@ -47,34 +47,51 @@ def ensure_exported(model: str, repository: Path) -> Path:
 
 def run_demo(options: DemoOptions) -> dict:
     from thighseg.client.triton import TritonSegmenter
-    from thighseg.pipeline.stages import settings_for
-    from thighseg.dicom_listener.scu import send_files
     from thighseg.dicom_listener.config import ListenerConfig
+    from thighseg.dicom_listener.scu import send_files
     from thighseg.dicom_listener.service import Listener
+    from thighseg.pipeline.stages import settings_for
 
     ensure_exported(options.model, options.repository)
     with tempfile.TemporaryDirectory(prefix="thighseg-demo-") as scratch:
         work = options.work_dir or Path(scratch)
         started = time.perf_counter()
-        study = phantom.generate(options.seed, size=options.size, slices=options.slices,
-                                 slice_spacing=options.slice_spacing)
+        study = phantom.generate(
+            options.seed,
+            size=options.size,
+            slices=options.slices,
+            slice_spacing=options.slice_spacing,
+        )
         series_dir = work / "study"
         paths = write_series(study, series_dir)
-        print(f"phantom: seed {options.seed}, {options.slices} slices of {options.size}², "
-              f"{time.perf_counter() - started:.1f} s")
-        with EmbeddedTriton(options.repository, options.ports, log_file=work / "triton.log") as server:
-            print(f"triton: ready on http {options.ports.http}, grpc {options.ports.grpc}, "
-                  f"metrics {options.ports.metrics}")
+        print(
+            f"phantom: seed {options.seed}, {options.slices} slices of {options.size}², "
+            f"{time.perf_counter() - started:.1f} s"
+        )
+        with EmbeddedTriton(
+            options.repository, options.ports, log_file=work / "triton.log"
+        ) as server:
+            print(
+                f"triton: ready on http {options.ports.http}, grpc {options.ports.grpc}, "
+                f"metrics {options.ports.metrics}"
+            )
             segmenter = TritonSegmenter(server.http_url, models.triton_name(options.model))
             settings = settings_for(segmenter, options.model)
-            config = ListenerConfig(spool_dir=work / "spool", output_dir=work / "results", host="127.0.0.1",
-                                    port=options.scp_port, idle_s=1.0)
+            config = ListenerConfig(
+                spool_dir=work / "spool",
+                output_dir=work / "results",
+                host="127.0.0.1",
+                port=options.scp_port,
+                idle_s=1.0,
+            )
             with Listener(config, settings) as listener:
                 pushed = time.perf_counter()
                 statuses = send_files(paths, "127.0.0.1", options.scp_port)
                 if any(statuses):
                     raise RuntimeError(f"C-STORE failures: {sorted(set(statuses))}")
-                series_uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
+                series_uid = str(
+                    pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID
+                )
                 result = listener.wait_for(series_uid, timeout_s=600)
                 elapsed = time.perf_counter() - pushed
         if result.report.status != "done":
@@ -106,5 +123,7 @@ def print_summary(summary: dict) -> None:
     print(f"{'group':<14}{'predicted mL':>14}{'truth mL':>12}{'DSC':>8}")
     for group, volume in summary["volumes_ml"].items():
         dsc = summary["dice"].get(group)
-        print(f"{group:<14}{volume:>14.1f}{summary['truth_volumes_ml'][group]:>12.1f}"
-              f"{'' if dsc is None else f'{dsc:>8.3f}'}")
+        print(
+            f"{group:<14}{volume:>14.1f}{summary['truth_volumes_ml'][group]:>12.1f}"
+            f"{'' if dsc is None else f'{dsc:>8.3f}'}"
+        )

@@ -5,24 +5,25 @@ muscle, intramuscular and intermuscular fat) from the predicted and the true mas
 Per cohort: mean ± SD, ICC(2,1) with 95 % CI for each volume, Bland–Altman. Output: JSON,
 Markdown, DSC box plot, Bland–Altman plots, overlays of the worst and the median study.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
 
-from thighseg.synthetic import cohorts
 from thighseg.client.volume import segment_volume
-from thighseg.measure.indices import volume_indices
 from thighseg.core.labels import MUSCLE_GROUPS
-from thighseg.measure.metrics import overlap_metrics
-from thighseg.synthetic.phantom import Phantom
 from thighseg.core.resample import MODEL_INPUT_SIZE
 from thighseg.measure.agreement import bland_altman, icc_2_1, mean_sd
+from thighseg.measure.indices import volume_indices
+from thighseg.measure.metrics import overlap_metrics
+from thighseg.synthetic import cohorts
+from thighseg.synthetic.phantom import Phantom
 
 InferFn = Callable[[np.ndarray], np.ndarray]
 METRICS = ("dsc", "sensitivity", "specificity", "accuracy")
@@ -40,23 +41,36 @@ def evaluate_study(study: Phantom, infer: InferFn) -> dict:
     g = study.geometry
     spacing = (g.slice_spacing, g.pixel_spacing, g.pixel_spacing)
     predicted = segment_volume(study.hu, infer, MODEL_INPUT_SIZE)
-    return {"seed": study.subject.seed, "overlap": overlap_metrics(predicted, study.labels),
-            "volumes_predicted": volume_indices(study.hu, predicted, spacing).headline(),
-            "volumes_truth": volume_indices(study.hu, study.labels, spacing).headline(),
-            "_labels": predicted}
+    return {
+        "seed": study.subject.seed,
+        "overlap": overlap_metrics(predicted, study.labels),
+        "volumes_predicted": volume_indices(study.hu, predicted, spacing).headline(),
+        "volumes_truth": volume_indices(study.hu, study.labels, spacing).headline(),
+        "_labels": predicted,
+    }
 
 
 def summarise(per_study: list[dict]) -> dict:
     summary: dict = {"overlap": {}, "volumes": {}}
     for group in [g.name.lower() for g in MUSCLE_GROUPS]:
-        summary["overlap"][group] = {m: mean_sd(s["overlap"][group][m] for s in per_study) for m in METRICS}
-    summary["overlap"]["mean"] = {m: mean_sd(np.mean([s["overlap"][g][m] for g in summary["overlap"] if g != "mean"
-                                                      ]) for s in per_study) for m in METRICS}
+        summary["overlap"][group] = {
+            m: mean_sd(s["overlap"][group][m] for s in per_study) for m in METRICS
+        }
+    summary["overlap"]["mean"] = {
+        m: mean_sd(
+            np.mean([s["overlap"][g][m] for g in summary["overlap"] if g != "mean"])
+            for s in per_study
+        )
+        for m in METRICS
+    }
     for volume in per_study[0]["volumes_truth"]:
         truth = np.array([s["volumes_truth"][volume] for s in per_study])
         predicted = np.array([s["volumes_predicted"][volume] for s in per_study])
-        entry = {"truth_ml": mean_sd(truth), "predicted_ml": mean_sd(predicted),
-                 "bland_altman_ml": bland_altman(truth, predicted).as_dict()}
+        entry = {
+            "truth_ml": mean_sd(truth),
+            "predicted_ml": mean_sd(predicted),
+            "bland_altman_ml": bland_altman(truth, predicted).as_dict(),
+        }
         if len(per_study) >= 3:
             entry["icc_2_1"] = icc_2_1(np.stack([truth, predicted], axis=1)).as_dict()
         summary["volumes"][volume] = entry
@@ -68,14 +82,20 @@ def run_evaluation(backends: dict[str, InferFn], out: Path, config: EvaluationCo
     report: dict = {"config": config.__dict__, "models": {}}
     cases: dict = {}
     for cohort in config.cohorts:
-        studies = list(tqdm(cohorts.studies(cohort, config.slices, config.size, config.studies),
-                            total=config.studies, desc=f"phantoms {cohort}"))
+        studies = list(
+            tqdm(
+                cohorts.studies(cohort, config.slices, config.size, config.studies),
+                total=config.studies,
+                desc=f"phantoms {cohort}",
+            )
+        )
         for model, infer in backends.items():
             results = [evaluate_study(s, infer) for s in tqdm(studies, desc=f"{model} {cohort}")]
             cases[(model, cohort)] = (studies, results)
             report["models"].setdefault(model, {})[cohort] = {
                 "summary": summarise(results),
-                "studies": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]}
+                "studies": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results],
+            }
     (out / "evaluation.json").write_text(json.dumps(report, indent=2))
     (out / "evaluation.md").write_text(markdown(report))
     write_figures(report, cases, out)
@@ -87,27 +107,51 @@ def _fmt(stat: dict, digits: int = 3) -> str:
 
 
 def markdown(report: dict) -> str:
-    lines = ["# thighseg evaluation (synthetic phantom cohorts)", "",
-             "DSC, sensitivity, specificity and accuracy are 3D per study, then mean ± SD over studies. "
-             "ICC is ICC(2,1) (two-way random, absolute agreement, single measure) of predicted vs true volumes "
-             "with its 95 % CI.", ""]
+    lines = [
+        "# thighseg evaluation (synthetic phantom cohorts)",
+        "",
+        "DSC, sensitivity, specificity and accuracy are 3D per study, then mean ± SD over studies. "
+        "ICC is ICC(2,1) (two-way random, absolute agreement, single measure) of predicted vs "
+        "true volumes "
+        "with its 95 % CI.",
+        "",
+    ]
     for cohort in report["config"]["cohorts"]:
-        lines += [f"## {cohort}", "", "| model | extensor DSC | flexor DSC | adductor DSC | mean DSC | mean sensitivity | "
-                  "mean specificity | mean accuracy |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {cohort}",
+            "",
+            "| model | extensor DSC | flexor DSC | adductor DSC | mean DSC | mean sensitivity | "
+            "mean specificity | mean accuracy |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for model, by_cohort in report["models"].items():
             o = by_cohort[cohort]["summary"]["overlap"]
-            lines.append(f"| {model} | {_fmt(o['extensor']['dsc'])} | {_fmt(o['flexor']['dsc'])} | "
-                         f"{_fmt(o['adductor']['dsc'])} | {_fmt(o['mean']['dsc'])} | {_fmt(o['mean']['sensitivity'])} | "
-                         f"{_fmt(o['mean']['specificity'], 4)} | {_fmt(o['mean']['accuracy'], 4)} |")
-        lines += ["", "| model | volume | truth mL | predicted mL | ICC(2,1) [95 % CI] | bias mL [LoA] |",
-                  "|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {model} | {_fmt(o['extensor']['dsc'])} | {_fmt(o['flexor']['dsc'])} | "
+                f"{_fmt(o['adductor']['dsc'])} | {_fmt(o['mean']['dsc'])} | "
+                f"{_fmt(o['mean']['sensitivity'])} | "
+                f"{_fmt(o['mean']['specificity'], 4)} | {_fmt(o['mean']['accuracy'], 4)} |"
+            )
+        lines += [
+            "",
+            "| model | volume | truth mL | predicted mL | ICC(2,1) [95 % CI] | bias mL [LoA] |",
+            "|---|---|---|---|---|---|",
+        ]
         for model, by_cohort in report["models"].items():
             for volume, v in by_cohort[cohort]["summary"]["volumes"].items():
                 icc = v.get("icc_2_1")
-                icc_text = f"{icc['value']:.4f} [{icc['ci_low']:.4f}, {icc['ci_high']:.4f}]" if icc else "n/a"
+                icc_text = (
+                    f"{icc['value']:.4f} [{icc['ci_low']:.4f}, {icc['ci_high']:.4f}]"
+                    if icc
+                    else "n/a"
+                )
                 ba = v["bland_altman_ml"]
-                lines.append(f"| {model} | {volume} | {_fmt(v['truth_ml'], 1)} | {_fmt(v['predicted_ml'], 1)} | "
-                             f"{icc_text} | {ba['mean_difference']:.1f} [{ba['lower_limit']:.1f}, {ba['upper_limit']:.1f}] |")
+                lines.append(
+                    f"| {model} | {volume} | {_fmt(v['truth_ml'], 1)} | "
+                    f"{_fmt(v['predicted_ml'], 1)} | "
+                    f"{icc_text} | {ba['mean_difference']:.1f} [{ba['lower_limit']:.1f}, "
+                    f"{ba['upper_limit']:.1f}] |"
+                )
         lines.append("")
     return "\n".join(lines)
 
@@ -128,7 +172,9 @@ def write_figures(report: dict, cases: dict, out: Path) -> None:
         data, labels = [], []
         for model in models:
             for group in groups:
-                data.append([s["overlap"][group]["dsc"] for s in report["models"][model][cohort]["studies"]])
+                data.append(
+                    [s["overlap"][group]["dsc"] for s in report["models"][model][cohort]["studies"]]
+                )
                 labels.append(f"{model}\n{group}")
         axis.boxplot(data)
         axis.set_xticks(range(1, len(labels) + 1), labels, fontsize=7)
@@ -141,12 +187,16 @@ def write_figures(report: dict, cases: dict, out: Path) -> None:
             studies = report["models"][model][cohort]["studies"]
             volumes = list(studies[0]["volumes_truth"])
             figure, axes = plt.subplots(1, len(volumes), figsize=(4 * len(volumes), 3.5))
-            for axis, volume in zip(axes, volumes):
+            for axis, volume in zip(axes, volumes, strict=False):
                 truth = np.array([s["volumes_truth"][volume] for s in studies])
                 predicted = np.array([s["volumes_predicted"][volume] for s in studies])
                 ba = bland_altman(truth, predicted)
                 axis.scatter((truth + predicted) / 2, predicted - truth, s=14)
-                for y, style in ((ba.mean_difference, "-"), (ba.lower_limit, "--"), (ba.upper_limit, "--")):
+                for y, style in (
+                    (ba.mean_difference, "-"),
+                    (ba.lower_limit, "--"),
+                    (ba.upper_limit, "--"),
+                ):
                     axis.axhline(y, linestyle=style, color="grey")
                 axis.set_title(volume.replace("_", " "), fontsize=9)
                 axis.set_xlabel("mean of truth and prediction (mL)", fontsize=8)
@@ -158,5 +208,7 @@ def write_figures(report: dict, cases: dict, out: Path) -> None:
             studies_ph, results = cases[(model, cohort)]
             order = np.argsort([np.mean([r["overlap"][g]["dsc"] for g in groups]) for r in results])
             for tag, index in (("worst", order[0]), ("median", order[len(order) // 2])):
-                write_overlay_png(Preview.of(studies_ph[index].hu, results[index]["_labels"]),
-                                  out / f"overlay_{model}_{cohort}_{tag}.png")
+                write_overlay_png(
+                    Preview.of(studies_ph[index].hu, results[index]["_labels"]),
+                    out / f"overlay_{model}_{cohort}_{tag}.png",
+                )

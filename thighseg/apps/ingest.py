@@ -1,5 +1,6 @@
 """C-STORE ingest side by side: the thighseg listener and DCMTK storescp receive the same files from
 the same sender (DCMTK storescu), both writing to disk on loopback."""
+
 from __future__ import annotations
 
 import shutil
@@ -7,10 +8,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+
 from thighseg.core.constants import AE_TITLE
 
 
@@ -51,9 +53,15 @@ def push(files: list[Path], port: int, associations: int, called_ae: str) -> flo
         raise FileNotFoundError("DCMTK storescu is needed (Debian package dcmtk)")
     parts = [files[k::associations] for k in range(associations)]
     started = time.perf_counter()
-    senders = [subprocess.Popen(["storescu", "-aec", called_ae, "127.0.0.1", str(port),
-                                 *map(str, part)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-               for part in parts if part]
+    senders = [
+        subprocess.Popen(
+            ["storescu", "-aec", called_ae, "127.0.0.1", str(port), *map(str, part)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for part in parts
+        if part
+    ]
     for sender in senders:
         _, error = sender.communicate(timeout=900)
         if sender.returncode != 0:
@@ -78,15 +86,42 @@ def storescp(folder: Path, fork: bool) -> Iterator[int]:
 
 
 @contextmanager
-def listener_process(triton_url: str, spool: Path, out: Path, idle_s: float, port: int | None = None,
-                     model: str = "segformer") -> Iterator[tuple[int, subprocess.Popen]]:
+def listener_process(
+    triton_url: str,
+    spool: Path,
+    out: Path,
+    idle_s: float,
+    port: int | None = None,
+    model: str = "segformer",
+) -> Iterator[tuple[int, subprocess.Popen]]:
     """`thighseg listen` in its own process (so its memory can be read from /proc)."""
     port = port or free_port()
-    process = subprocess.Popen([sys.executable, "-m", "thighseg.cli", "listen", "--triton-url", triton_url,
-                                "--model", model,
-                                "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
-                                "--spool", str(spool), "--out", str(out), "--idle", str(idle_s)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "thighseg.cli",
+            "listen",
+            "--triton-url",
+            triton_url,
+            "--model",
+            model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--metrics-port",
+            "0",
+            "--spool",
+            str(spool),
+            "--out",
+            str(out),
+            "--idle",
+            str(idle_s),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         wait_for_port(port)
         yield port, process
@@ -103,12 +138,22 @@ def peak_rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmHWM for pid {pid}")
 
 
-def compare_ingest(files: list[Path], triton_url: str, work: Path, associations: tuple[int, ...]) -> list[IngestRun]:
+def compare_ingest(
+    files: list[Path], triton_url: str, work: Path, associations: tuple[int, ...]
+) -> list[IngestRun]:
     runs = []
     for count in associations:
         with storescp(work / f"storescp-{count}", fork=count > 1) as port:
-            runs.append(IngestRun("dcmtk-storescp", count, len(files), push(files, port, count, "STORESCP")))
+            runs.append(
+                IngestRun("dcmtk-storescp", count, len(files), push(files, port, count, "STORESCP"))
+            )
         # idle far longer than the run: measure receiving only, not the segmentation that follows
-        with listener_process(triton_url, work / f"spool-{count}", work / f"out-{count}", idle_s=1e6) as (port, _):
-            runs.append(IngestRun("thighseg-listener", count, len(files), push(files, port, count, AE_TITLE)))
+        with listener_process(
+            triton_url, work / f"spool-{count}", work / f"out-{count}", idle_s=1e6
+        ) as (port, _):
+            runs.append(
+                IngestRun(
+                    "thighseg-listener", count, len(files), push(files, port, count, AE_TITLE)
+                )
+            )
     return runs

@@ -1,6 +1,7 @@
 """Names and numbers every part of the deployment agrees on, defined once (see DESIGN.md, "Ports
 and names"). CLI options, config dataclasses, Helm values and docs take them from here or are
 tested against them."""
+
 from __future__ import annotations
 
 AE_TITLE = "THIGHSEG"  # the listener's called AE title, and its calling AE title when forwarding

@@ -3,6 +3,7 @@
 Keeping these in one place guarantees that the model sees the same input in training, in
 ONNX parity checks and behind Triton.
 """
+
 from __future__ import annotations
 
 from enum import IntEnum

@@ -1,15 +1,17 @@
 """Giving memory back between the stages of a study, so that a long-running listener's peak stays at
 what one study needs (the bench measures it against the study's voxel bytes).
 
-- glibc maps large allocations on their own and unmaps them when freed, but each time it frees one it
-  raises that size threshold (up to 32 MB): later arrays then come from heaps, where long-lived small
-  objects pin the freed pages. A fixed threshold keeps every array of 16 MB and more mapped (measured:
-  a warm listener's peak for a 300 x 512² study fell from 449 to 364 MB, times unchanged).
-- `malloc_trim` returns what the heaps of every thread still hold free (the remedy Dask documents for
-  "memory not released back to the OS"). Elsewhere than glibc both are no-ops.
-- highdicom caches its DICOM module tables (about 65 MB of Python objects) the first time it builds an
-  instance, for the life of the process; re-reading them costs about 0.2 s a study.
+- glibc maps large allocations on their own and unmaps them when freed, but each time it frees one
+  it raises that size threshold (up to 32 MB): later arrays then come from heaps, where long-lived
+  small objects pin the freed pages. A fixed threshold keeps every array of 16 MB and more mapped
+  (measured: a warm listener's peak for a 300 x 512² study fell from 449 to 364 MB, times
+  unchanged).
+- `malloc_trim` returns what the heaps of every thread still hold free (the remedy Dask documents
+  for "memory not released back to the OS"). Elsewhere than glibc both are no-ops.
+- highdicom caches its DICOM module tables (about 65 MB of Python objects) the first time it builds
+  an instance, for the life of the process; re-reading them costs about 0.2 s a study.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -35,8 +37,8 @@ _MALLOC_TRIM, _MALLOPT = _glibc("malloc_trim"), _glibc("mallopt")
 
 
 def fix_mmap_threshold(size: int = FIXED_MMAP_THRESHOLD_BYTES) -> bool:
-    """Map every allocation of `size` bytes and more on its own, whatever was freed before (process-wide).
-    False where the C library does not support it."""
+    """Map every allocation of `size` bytes and more on its own, whatever was freed before
+    (process-wide). False where the C library does not support it."""
     return bool(_MALLOPT is not None and _MALLOPT(M_MMAP_THRESHOLD, size) == 1)
 
 

@@ -4,6 +4,7 @@ The served models take square slices of `MODEL_INPUT_SIZE` pixels covering the w
 view: muscle groups are large structures, and a fixed grid keeps Triton batching and TensorRT
 profiles simple. Logits (not labels) are resampled back, so boundaries stay smooth.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,7 +19,9 @@ def to_model_grid(slices: np.ndarray, size: int = MODEL_INPUT_SIZE) -> np.ndarra
     if (height, width) == (size, size):
         return slices.astype(np.float32, copy=False)
     zoom = (1.0, size / height, size / width)
-    return ndimage.zoom(slices.astype(np.float32, copy=False), zoom, order=1, grid_mode=True, mode="nearest")
+    return ndimage.zoom(
+        slices.astype(np.float32, copy=False), zoom, order=1, grid_mode=True, mode="nearest"
+    )
 
 
 def labels_to_model_grid(labels: np.ndarray, size: int = MODEL_INPUT_SIZE) -> np.ndarray:
@@ -37,7 +40,16 @@ def logits_to_labels(logits: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     labels = np.empty((n, *shape), dtype=np.uint8)
     zoom = (1.0, shape[0] / height, shape[1] / width)
     for k in range(n):
-        upsampled = logits[k] if (height, width) == tuple(shape) else ndimage.zoom(
-            logits[k].astype(np.float32, copy=False), zoom, order=1, grid_mode=True, mode="nearest")
+        upsampled = (
+            logits[k]
+            if (height, width) == tuple(shape)
+            else ndimage.zoom(
+                logits[k].astype(np.float32, copy=False),
+                zoom,
+                order=1,
+                grid_mode=True,
+                mode="nearest",
+            )
+        )
         labels[k] = np.argmax(upsampled, axis=0)
     return labels

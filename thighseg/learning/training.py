@@ -1,4 +1,5 @@
 """Training on synthetic phantoms (torch; only needed for training and export)."""
+
 from __future__ import annotations
 
 import json
@@ -9,11 +10,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from thighseg.learning import models
-from thighseg.synthetic import phantom
 from thighseg.core.labels import NUM_CLASSES, normalise_hu
-from thighseg.measure.metrics import dice_per_group
 from thighseg.core.resample import MODEL_INPUT_SIZE, labels_to_model_grid, to_model_grid
+from thighseg.learning import models
+from thighseg.measure.metrics import dice_per_group
+from thighseg.synthetic import phantom
 
 
 @dataclass
@@ -29,8 +30,9 @@ class TrainConfig:
     first_seed: int = 1000  # training subjects are seeds first_seed.. (tests/demo use others)
 
 
-def cohort_slices(seeds: list[int], slices_per_subject: int, rng: np.random.Generator,
-                  progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def cohort_slices(
+    seeds: list[int], slices_per_subject: int, rng: np.random.Generator, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Normalised model-grid slices and labels from phantoms of mixed matrix sizes."""
     images, targets = [], []
     for seed in tqdm(seeds, desc="phantoms", disable=not progress):
@@ -53,13 +55,24 @@ def _augment(torch, images, targets, generator):
     scale = 1 + (torch.rand(n, generator=generator) - 0.5) * 0.3
     shift = (torch.rand(n, 2, generator=generator) - 0.5) * 0.2
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    theta = torch.stack(
+        [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
+    )
     grid = F.affine_grid(theta, images.shape, align_corners=False)
-    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    images = F.grid_sample(
+        images, grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
     onehot = F.one_hot(targets.long(), NUM_CLASSES).permute(0, 3, 1, 2).float()
-    targets = F.grid_sample(onehot, grid, mode="nearest", padding_mode="border", align_corners=False).argmax(1)
+    targets = F.grid_sample(
+        onehot, grid, mode="nearest", padding_mode="border", align_corners=False
+    ).argmax(1)
     images = images + (torch.rand(n, 1, 1, 1, generator=generator) - 0.5) * 0.08
-    images = images + torch.randn(images.shape, generator=generator) * torch.rand(n, 1, 1, 1, generator=generator) * 0.06
+    images = (
+        images
+        + torch.randn(images.shape, generator=generator)
+        * torch.rand(n, 1, 1, 1, generator=generator)
+        * 0.06
+    )
     return images, targets
 
 
@@ -87,13 +100,18 @@ def train(config: TrainConfig, out: Path | None = None, checkpoint: Path | None 
     checkpoint = checkpoint or out.with_suffix(".ckpt")
     out.parent.mkdir(parents=True, exist_ok=True)
     train_seeds = list(range(config.first_seed, config.first_seed + config.subjects))
-    val_seeds = list(range(config.first_seed + config.subjects,
-                           config.first_seed + config.subjects + config.validation_subjects))
+    val_seeds = list(
+        range(
+            config.first_seed + config.subjects,
+            config.first_seed + config.subjects + config.validation_subjects,
+        )
+    )
     images, targets = cohort_slices(train_seeds, config.slices_per_subject, rng)
     network = models.build(config.model).to(device)
     optimiser = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config.learning_rate, total_steps=config.steps,
-                                                   pct_start=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, config.learning_rate, total_steps=config.steps, pct_start=0.05
+    )
     start_step = 0
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
@@ -105,7 +123,12 @@ def train(config: TrainConfig, out: Path | None = None, checkpoint: Path | None 
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     network.train()
     started = time.time()
-    bar = tqdm(range(start_step, config.steps), desc=f"train {config.model}", initial=start_step, total=config.steps)
+    bar = tqdm(
+        range(start_step, config.steps),
+        desc=f"train {config.model}",
+        initial=start_step,
+        total=config.steps,
+    )
     for step in bar:
         index = torch.randint(0, len(images), (config.batch_size,), generator=generator)
         x = torch.from_numpy(images[index.numpy()].astype(np.float32))[:, None]
@@ -121,14 +144,32 @@ def train(config: TrainConfig, out: Path | None = None, checkpoint: Path | None 
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % 100 == 0 or step + 1 == config.steps:
-            torch.save({"state_dict": network.state_dict(), "optimiser": optimiser.state_dict(),
-                        "schedule": schedule.state_dict(), "step": step + 1}, checkpoint)
+            torch.save(
+                {
+                    "state_dict": network.state_dict(),
+                    "optimiser": optimiser.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "step": step + 1,
+                },
+                checkpoint,
+            )
     network = network.cpu().eval()
     validation = validate(network, val_seeds, config.slices_per_subject)
-    torch.save({"state_dict": _compact(network.state_dict()), "config": asdict(config), "validation": validation,
-                "input_size": MODEL_INPUT_SIZE}, out)
-    summary = {"config": asdict(config), "validation": validation, "seconds": round(time.time() - started, 1),
-               "weights": out.name}
+    torch.save(
+        {
+            "state_dict": _compact(network.state_dict()),
+            "config": asdict(config),
+            "validation": validation,
+            "input_size": MODEL_INPUT_SIZE,
+        },
+        out,
+    )
+    summary = {
+        "config": asdict(config),
+        "validation": validation,
+        "seconds": round(time.time() - started, 1),
+        "weights": out.name,
+    }
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -151,6 +192,10 @@ def validate(network, seeds: list[int], slices: int) -> dict[str, float]:
     rng = np.random.default_rng(12345)
     images, targets = cohort_slices(seeds, slices, rng, progress=False)
     with torch.no_grad():
-        logits = torch.cat([network(torch.from_numpy(images[i:i + 16].astype(np.float32))[:, None])
-                            for i in range(0, len(images), 16)])
+        logits = torch.cat(
+            [
+                network(torch.from_numpy(images[i : i + 16].astype(np.float32))[:, None])
+                for i in range(0, len(images), 16)
+            ]
+        )
     return dice_per_group(logits.argmax(1).numpy().astype(np.uint8), targets)

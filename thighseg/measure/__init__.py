@@ -1,1 +1,2 @@
-"""Measurement: overlap metrics, volume indices, QC flags, agreement statistics (ICC, Bland-Altman)."""
+"""Measurement: overlap metrics, volume indices, QC flags, agreement statistics (ICC,
+Bland-Altman)."""

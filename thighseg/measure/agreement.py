@@ -1,4 +1,5 @@
 """Agreement statistics for volumes and overlap (pure numpy/scipy)."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass

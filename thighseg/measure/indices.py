@@ -7,8 +7,8 @@
 - mean and SD of HU over the lean-muscle voxels (muscle density, "myosteatosis");
 - fractions: IMAT / total muscle, intermuscular fat / (total muscle + intermuscular fat);
 - left/right asymmetry: 100 × |R − L| / mean(R, L) of total muscle volume, per group and overall;
-- muscle volume index: total muscle volume / height² (mL/m²) when PatientSize (m) is known, by analogy
-  with the skeletal muscle index of CT body composition;
+- muscle volume index: total muscle volume / height² (mL/m²) when PatientSize (m) is known, by
+  analogy with the skeletal muscle index of CT body composition;
 - intermuscular fat: adipose-window voxels between the groups inside the deep fascia. The fascia
   envelope of each leg is approximated per slice from the group masks: their union is closed with a
   disc of FASCIA_CLOSING_MM (bridging the fat septa between muscles) and its holes are filled; bone
@@ -18,6 +18,7 @@ middle half of its width, i.e. the gap between the thighs; it does not move when
 smaller or missing. Patient left is +x in LPS, i.e. higher columns for an axial image in standard
 orientation.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -27,9 +28,11 @@ from scipy import ndimage
 
 from thighseg.core.labels import ADIPOSE_HU, MUSCLE_GROUPS, MUSCLE_HU
 
+
 @dataclass(frozen=True)
 class TissueVolumes:
-    """One group (or all muscle) in one leg or both: volumes in mL, density of the lean voxels in HU."""
+    """One group (or all muscle) in one leg or both: volumes in mL, density of the lean voxels in
+    HU."""
 
     total_ml: float
     lean_ml: float
@@ -81,10 +84,15 @@ class VolumeIndices:
         return getattr(self, name)
 
     def headline(self) -> dict[str, float]:
-        """The four volumes compared with ICC: total muscle, lean muscle, IMAT, intermuscular fat."""
+        """The four volumes compared with ICC: total muscle, lean muscle, IMAT, intermuscular
+        fat."""
         muscle = self.total.muscle
-        return {"total_muscle_ml": muscle.total_ml, "lean_muscle_ml": muscle.lean_ml,
-                "intramuscular_fat_ml": muscle.imat_ml, "intermuscular_fat_ml": self.total.intermuscular_fat_ml}
+        return {
+            "total_muscle_ml": muscle.total_ml,
+            "lean_muscle_ml": muscle.lean_ml,
+            "intramuscular_fat_ml": muscle.imat_ml,
+            "intermuscular_fat_ml": self.total.intermuscular_fat_ml,
+        }
 
     def to_dict(self) -> dict:
         """Plain data for report.json (an unknown height leaves the volume index out)."""
@@ -94,13 +102,17 @@ class VolumeIndices:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "VolumeIndices":
+    def from_dict(cls, data: dict) -> VolumeIndices:
         def leg(values: dict, kind: type[LegIndices]) -> LegIndices:
             tissues = {name: TissueVolumes(**values[name]) for name in TISSUES}
             return kind(**tissues, **{k: v for k, v in values.items() if k not in TISSUES})
 
-        return cls(leg(data["right"], LegIndices), leg(data["left"], LegIndices), leg(data["total"], TotalIndices),
-                   Asymmetry(**data["asymmetry_percent"]))
+        return cls(
+            leg(data["right"], LegIndices),
+            leg(data["left"], LegIndices),
+            leg(data["total"], TotalIndices),
+            Asymmetry(**data["asymmetry_percent"]),
+        )
 
 
 TISSUES = tuple(g.name.lower() for g in MUSCLE_GROUPS) + ("muscle",)
@@ -116,7 +128,7 @@ def body_midline(hu: np.ndarray) -> float:
     """Column of the gap between the thighs (see module docstring)."""
     profile = np.zeros(hu.shape[2])
     for start in range(0, hu.shape[0], CHUNK_SLICES):  # slab by slab: bounded memory
-        slab = hu[start:start + CHUNK_SLICES]
+        slab = hu[start : start + CHUNK_SLICES]
         profile += ((slab > -300) & (slab < 3000)).sum(axis=(0, 1))
     if profile.max() == 0:
         return hu.shape[2] / 2
@@ -124,7 +136,7 @@ def body_midline(hu: np.ndarray) -> float:
     low, high = int(columns[0]), int(columns[-1])
     quarter = (high - low) // 4
     smooth = np.convolve(profile, np.ones(5) / 5, mode="same")
-    return float(low + quarter + np.argmin(smooth[low + quarter:high - quarter + 1]))
+    return float(low + quarter + np.argmin(smooth[low + quarter : high - quarter + 1]))
 
 
 def leg_masks(hu: np.ndarray) -> dict[str, np.ndarray]:
@@ -150,24 +162,42 @@ def fascia_envelope(group_mask: np.ndarray, pixel_mm: float) -> np.ndarray:
         # closing with a Euclidean disc through distance transforms: linear in the slice size,
         # whatever the radius (a structuring element of radius r costs r² per pixel)
         rows, columns = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
-        box = (slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1))  # work on the leg only
+        box = (
+            slice(rows[0], rows[-1] + 1),
+            slice(columns[0], columns[-1] + 1),
+        )  # work on the leg only
         padded = np.pad(mask[box], radius + 1)
         dilated = ndimage.distance_transform_edt(~padded) <= radius
         closed = ndimage.distance_transform_edt(dilated) > radius
-        envelope[z][box] = ndimage.binary_fill_holes(closed[radius + 1:-radius - 1, radius + 1:-radius - 1])
+        envelope[z][box] = ndimage.binary_fill_holes(
+            closed[radius + 1 : -radius - 1, radius + 1 : -radius - 1]
+        )
     return envelope
 
 
-CHUNK_SLICES = 16  # indices are accumulated over slabs: memory stays bounded whatever the study size
+CHUNK_SLICES = (
+    16  # indices are accumulated over slabs: memory stays bounded whatever the study size
+)
 _STATS = ("total", "lean", "imat", "low_density", "hu_sum", "hu_sq")
 
 
-def _accumulate(stats: dict, hu: np.ndarray, mask: np.ndarray, lean: np.ndarray, adipose: np.ndarray,
-                low_density: np.ndarray) -> None:
+def _accumulate(
+    stats: dict,
+    hu: np.ndarray,
+    mask: np.ndarray,
+    lean: np.ndarray,
+    adipose: np.ndarray,
+    low_density: np.ndarray,
+) -> None:
     lean_hu = hu[mask & lean].astype(np.float64)
-    for key, value in (("total", mask.sum()), ("lean", lean_hu.size), ("imat", (mask & adipose).sum()),
-                       ("low_density", (mask & low_density).sum()), ("hu_sum", lean_hu.sum()),
-                       ("hu_sq", np.square(lean_hu).sum())):
+    for key, value in (
+        ("total", mask.sum()),
+        ("lean", lean_hu.size),
+        ("imat", (mask & adipose).sum()),
+        ("low_density", (mask & low_density).sum()),
+        ("hu_sum", lean_hu.sum()),
+        ("hu_sq", np.square(lean_hu).sum()),
+    ):
         stats[key] = stats.get(key, 0) + value
 
 
@@ -175,13 +205,22 @@ def _finish(stats: dict, voxel_ml: float) -> dict:
     n = stats.get("lean", 0)
     mean = stats["hu_sum"] / n if n else float("nan")
     sd = float(np.sqrt(max(0.0, stats["hu_sq"] / n - mean * mean))) if n else float("nan")
-    return {"total_ml": stats["total"] * voxel_ml, "lean_ml": stats["lean"] * voxel_ml,
-            "imat_ml": stats["imat"] * voxel_ml, "low_density_ml": stats["low_density"] * voxel_ml,
-            "mean_hu": mean, "sd_hu": sd}
+    return {
+        "total_ml": stats["total"] * voxel_ml,
+        "lean_ml": stats["lean"] * voxel_ml,
+        "imat_ml": stats["imat"] * voxel_ml,
+        "low_density_ml": stats["low_density"] * voxel_ml,
+        "mean_hu": mean,
+        "sd_hu": sd,
+    }
 
 
-def volume_indices(hu: np.ndarray, labels: np.ndarray, spacing_zyx: tuple[float, float, float],
-                   height_m: float | None = None) -> VolumeIndices:
+def volume_indices(
+    hu: np.ndarray,
+    labels: np.ndarray,
+    spacing_zyx: tuple[float, float, float],
+    height_m: float | None = None,
+) -> VolumeIndices:
     """Per leg and in total: each group's and all muscle's volumes and density, intermuscular fat,
     fractions and asymmetry (definitions in the module docstring)."""
     voxel_ml = float(np.prod(spacing_zyx)) / 1000
@@ -189,7 +228,7 @@ def volume_indices(hu: np.ndarray, labels: np.ndarray, spacing_zyx: tuple[float,
     intermuscular = {leg: 0 for leg in LEGS}
     legs = leg_masks(hu)
     for start in range(0, hu.shape[0], CHUNK_SLICES):
-        h, lab = hu[start:start + CHUNK_SLICES], labels[start:start + CHUNK_SLICES]
+        h, lab = hu[start : start + CHUNK_SLICES], labels[start : start + CHUNK_SLICES]
         lean = (h >= MUSCLE_HU[0]) & (h <= MUSCLE_HU[1])
         adipose = (h >= ADIPOSE_HU[0]) & (h <= ADIPOSE_HU[1])
         low_density = (h >= LOW_DENSITY_HU[0]) & (h <= LOW_DENSITY_HU[1])
@@ -198,28 +237,61 @@ def volume_indices(hu: np.ndarray, labels: np.ndarray, spacing_zyx: tuple[float,
             in_leg = np.broadcast_to(columns, lab.shape)
             muscle = (lab > 0) & in_leg
             for group in MUSCLE_GROUPS:
-                _accumulate(stats[(leg, group.name.lower())], h, (lab == group) & in_leg, lean, adipose, low_density)
+                _accumulate(
+                    stats[(leg, group.name.lower())],
+                    h,
+                    (lab == group) & in_leg,
+                    lean,
+                    adipose,
+                    low_density,
+                )
             _accumulate(stats[(leg, "muscle")], h, muscle, lean, adipose, low_density)
             envelope = fascia_envelope(muscle, spacing_zyx[1]) & in_leg
             intermuscular[leg] += int((envelope & ~muscle & ~bone & adipose).sum())
     for name in TISSUES:
-        stats[("total", name)] = {k: sum(stats[(leg, name)].get(k, 0) for leg in LEGS) for k in _STATS}
-    volumes = {leg: {name: _finish(stats[(leg, name)], voxel_ml) for name in TISSUES} for leg in (*LEGS, "total")}
+        stats[("total", name)] = {
+            k: sum(stats[(leg, name)].get(k, 0) for leg in LEGS) for k in _STATS
+        }
+    volumes = {
+        leg: {name: _finish(stats[(leg, name)], voxel_ml) for name in TISSUES}
+        for leg in (*LEGS, "total")
+    }
     intermuscular_ml = {leg: intermuscular[leg] * voxel_ml for leg in LEGS}
     intermuscular_ml["total"] = sum(intermuscular.values()) * voxel_ml
-    muscle_ml, imat_ml = volumes["total"]["muscle"]["total_ml"], volumes["total"]["muscle"]["imat_ml"]
+    muscle_ml, imat_ml = (
+        volumes["total"]["muscle"]["total_ml"],
+        volumes["total"]["muscle"]["imat_ml"],
+    )
     envelope_ml = muscle_ml + intermuscular_ml["total"]
 
-    def leg_indices(leg: str, kind: type[LegIndices] = LegIndices, **extra: float | None) -> LegIndices:
-        tissues = {name: TissueVolumes(**{k: _round(v) for k, v in volumes[leg][name].items()}) for name in TISSUES}
-        return kind(**tissues, intermuscular_fat_ml=_round(intermuscular_ml[leg]),
-                    **{k: _round(v) for k, v in extra.items()})
+    def leg_indices(
+        leg: str, kind: type[LegIndices] = LegIndices, **extra: float | None
+    ) -> LegIndices:
+        tissues = {
+            name: TissueVolumes(**{k: _round(v) for k, v in volumes[leg][name].items()})
+            for name in TISSUES
+        }
+        return kind(
+            **tissues,
+            intermuscular_fat_ml=_round(intermuscular_ml[leg]),
+            **{k: _round(v) for k, v in extra.items()},
+        )
 
-    total = leg_indices("total", TotalIndices, imat_fraction=imat_ml / muscle_ml if muscle_ml else 0.0,
-                        intermuscular_fat_fraction=intermuscular_ml["total"] / envelope_ml if envelope_ml else 0.0,
-                        muscle_volume_index_ml_per_m2=muscle_ml / height_m ** 2 if height_m else None)
-    asymmetry = Asymmetry(**{name: _round(_asymmetry(volumes["right"][name]["total_ml"],
-                                                      volumes["left"][name]["total_ml"])) for name in TISSUES})
+    total = leg_indices(
+        "total",
+        TotalIndices,
+        imat_fraction=imat_ml / muscle_ml if muscle_ml else 0.0,
+        intermuscular_fat_fraction=intermuscular_ml["total"] / envelope_ml if envelope_ml else 0.0,
+        muscle_volume_index_ml_per_m2=muscle_ml / height_m**2 if height_m else None,
+    )
+    asymmetry = Asymmetry(
+        **{
+            name: _round(
+                _asymmetry(volumes["right"][name]["total_ml"], volumes["left"][name]["total_ml"])
+            )
+            for name in TISSUES
+        }
+    )
     return VolumeIndices(leg_indices("right"), leg_indices("left"), total, asymmetry)
 
 

@@ -1,4 +1,5 @@
 """Overlap and volume measures computed from label volumes (pure numpy)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,17 +22,25 @@ def voxel_volume_ml(spacing_zyx: tuple[float, float, float]) -> float:
     return float(np.prod(spacing_zyx)) / 1000.0
 
 
-def group_volumes_ml(labels: np.ndarray, spacing_zyx: tuple[float, float, float]) -> dict[str, float]:
+def group_volumes_ml(
+    labels: np.ndarray, spacing_zyx: tuple[float, float, float]
+) -> dict[str, float]:
     """Volume of each muscle group and their total, in mL."""
     voxel_ml = voxel_volume_ml(spacing_zyx)
-    images = labels.reshape(-1, *labels.shape[-2:])  # counted slice by slice: no volume-sized temporary
-    volumes = {g.name.lower(): float(sum(np.count_nonzero(image == g) for image in images) * voxel_ml)
-               for g in MUSCLE_GROUPS}
+    images = labels.reshape(
+        -1, *labels.shape[-2:]
+    )  # counted slice by slice: no volume-sized temporary
+    volumes = {
+        g.name.lower(): float(sum(np.count_nonzero(image == g) for image in images) * voxel_ml)
+        for g in MUSCLE_GROUPS
+    }
     volumes["total_muscle"] = float(sum(volumes.values()))
     return volumes
 
 
-def confusion_counts(prediction: np.ndarray, truth: np.ndarray, label: int) -> tuple[int, int, int, int]:
+def confusion_counts(
+    prediction: np.ndarray, truth: np.ndarray, label: int
+) -> tuple[int, int, int, int]:
     """(TP, FP, FN, TN) of one label against the rest, over every voxel."""
     p, t = prediction == label, truth == label
     tp = int((p & t).sum())

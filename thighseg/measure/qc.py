@@ -5,6 +5,7 @@ in one slab-wise pass, so memory stays bounded whatever the study size) and the 
 carries a stable code (for the CSV, the SR and dashboards) and a human-readable reason.
 Thresholds are deliberately generous: a flag asks for a look, it does not reject the study.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -59,9 +60,9 @@ def profile(hu: np.ndarray, labels: np.ndarray) -> StudyProfile:
     leg_area = {leg: np.zeros(hu.shape[0], dtype=np.int64) for leg in LEGS}
     counts = dict.fromkeys(("edge", "muscle", "hu_sum", "dark", "body", "metal"), 0)
     for start in range(0, hu.shape[0], CHUNK_SLICES):
-        h, muscle = hu[start:start + CHUNK_SLICES], labels[start:start + CHUNK_SLICES] > 0
+        h, muscle = hu[start : start + CHUNK_SLICES], labels[start : start + CHUNK_SLICES] > 0
         for leg, columns in legs.items():
-            leg_area[leg][start:start + len(h)] = (muscle & columns).sum(axis=(1, 2))
+            leg_area[leg][start : start + len(h)] = (muscle & columns).sum(axis=(1, 2))
         muscle_hu = h[muscle]
         counts["edge"] += int(muscle[:, [0, -1], :].sum() + muscle[:, 1:-1, [0, -1]].sum())
         counts["muscle"] += muscle_hu.size
@@ -69,14 +70,31 @@ def profile(hu: np.ndarray, labels: np.ndarray) -> StudyProfile:
         counts["dark"] += int((muscle_hu < -200).sum())
         counts["body"] += int((h > -500).sum())
         counts["metal"] += int((h > METAL_HU).sum())
-    return StudyProfile(leg_area, counts["edge"], counts["muscle"], counts["hu_sum"], counts["dark"], counts["body"],
-                        counts["metal"])
+    return StudyProfile(
+        leg_area,
+        counts["edge"],
+        counts["muscle"],
+        counts["hu_sum"],
+        counts["dark"],
+        counts["body"],
+        counts["metal"],
+    )
 
 
-def check(hu: np.ndarray, labels: np.ndarray, spacing_zyx: tuple[float, float, float]) -> list[Flag]:
+def check(
+    hu: np.ndarray, labels: np.ndarray, spacing_zyx: tuple[float, float, float]
+) -> list[Flag]:
     study = profile(hu, labels)
     flags = []
-    for test in (_coverage, _fov_edge, _plausible_volume, _plausible_hu, _left_right, _slice_consistency, _metal):
+    for test in (
+        _coverage,
+        _fov_edge,
+        _plausible_volume,
+        _plausible_hu,
+        _left_right,
+        _slice_consistency,
+        _metal,
+    ):
         flags.extend(test(study, spacing_zyx))
     return flags
 
@@ -84,18 +102,32 @@ def check(hu: np.ndarray, labels: np.ndarray, spacing_zyx: tuple[float, float, f
 def _coverage(study: StudyProfile, spacing) -> list[Flag]:
     flags = []
     if study.slices < MIN_SLICES:
-        flags.append(Flag("TOO_FEW_SLICES", f"{study.slices} slices; at least {MIN_SLICES} are expected for a "
-                                            "thigh study"))
+        flags.append(
+            Flag(
+                "TOO_FEW_SLICES",
+                f"{study.slices} slices; at least {MIN_SLICES} are expected for a thigh study",
+            )
+        )
     if study.slices * spacing[0] < MIN_COVERAGE_MM:
-        flags.append(Flag("PARTIAL_COVERAGE", f"z-coverage {study.slices * spacing[0]:.0f} mm is under "
-                                              f"{MIN_COVERAGE_MM:.0f} mm: volumes cover part of the thigh only"))
+        flags.append(
+            Flag(
+                "PARTIAL_COVERAGE",
+                f"z-coverage {study.slices * spacing[0]:.0f} mm is under "
+                f"{MIN_COVERAGE_MM:.0f} mm: volumes cover part of the thigh only",
+            )
+        )
     return flags
 
 
 def _fov_edge(study: StudyProfile, spacing) -> list[Flag]:
     if study.edge_voxels:
-        return [Flag("MASK_AT_FOV_EDGE", f"{study.edge_voxels} muscle voxels on the image border: "
-                                         "the thigh may be cut off by the field of view")]
+        return [
+            Flag(
+                "MASK_AT_FOV_EDGE",
+                f"{study.edge_voxels} muscle voxels on the image border: "
+                "the thigh may be cut off by the field of view",
+            )
+        ]
     return []
 
 
@@ -105,8 +137,13 @@ def _plausible_volume(study: StudyProfile, spacing) -> list[Flag]:
     for leg, area in study.leg_area.items():
         mean_area = float(area.mean()) * pixel_cm2
         if not LEG_CSA_CM2[0] <= mean_area <= LEG_CSA_CM2[1]:
-            flags.append(Flag("IMPLAUSIBLE_VOL", f"{leg} thigh muscle cross-section {mean_area:.0f} cm² per slice "
-                                                 f"is outside {LEG_CSA_CM2[0]:.0f}-{LEG_CSA_CM2[1]:.0f} cm²"))
+            flags.append(
+                Flag(
+                    "IMPLAUSIBLE_VOL",
+                    f"{leg} thigh muscle cross-section {mean_area:.0f} cm² per slice "
+                    f"is outside {LEG_CSA_CM2[0]:.0f}-{LEG_CSA_CM2[1]:.0f} cm²",
+                )
+            )
     return flags
 
 
@@ -115,8 +152,13 @@ def _plausible_hu(study: StudyProfile, spacing) -> list[Flag]:
         return [Flag("IMPLAUSIBLE_HU", "no muscle was segmented")]
     mean = study.muscle_hu_sum / study.muscle_voxels
     if not MUSCLE_MEAN_HU[0] <= mean <= MUSCLE_MEAN_HU[1]:
-        return [Flag("IMPLAUSIBLE_HU", f"mean muscle density {mean:.0f} HU is outside "
-                                       f"{MUSCLE_MEAN_HU[0]:.0f}-{MUSCLE_MEAN_HU[1]:.0f} HU (contrast? calibration?)")]
+        return [
+            Flag(
+                "IMPLAUSIBLE_HU",
+                f"mean muscle density {mean:.0f} HU is outside "
+                f"{MUSCLE_MEAN_HU[0]:.0f}-{MUSCLE_MEAN_HU[1]:.0f} HU (contrast? calibration?)",
+            )
+        ]
     return []
 
 
@@ -125,8 +167,13 @@ def _left_right(study: StudyProfile, spacing) -> list[Flag]:
     mean = (right + left) / 2
     asymmetry = 100 * abs(right - left) / mean if mean else 0.0
     if asymmetry > MAX_ASYMMETRY_PERCENT:
-        return [Flag("LEFT_RIGHT_DIFF", f"left/right muscle volumes differ by {asymmetry:.0f} % "
-                                        f"(over {MAX_ASYMMETRY_PERCENT:.0f} %): one leg missing or cut off?")]
+        return [
+            Flag(
+                "LEFT_RIGHT_DIFF",
+                f"left/right muscle volumes differ by {asymmetry:.0f} % "
+                f"(over {MAX_ASYMMETRY_PERCENT:.0f} %): one leg missing or cut off?",
+            )
+        ]
     return []
 
 
@@ -137,7 +184,11 @@ def _slice_consistency(study: StudyProfile, spacing) -> list[Flag]:
     change = np.abs(np.diff(area[1:-1])) / np.maximum(area[1:-1][:-1], 1.0)
     worst = float(change.max()) if change.size else 0.0
     if worst > MAX_ADJACENT_CHANGE:
-        return [Flag("SLICE_JUMP", f"muscle area changes by {100 * worst:.0f} % between adjacent slices")]
+        return [
+            Flag(
+                "SLICE_JUMP", f"muscle area changes by {100 * worst:.0f} % between adjacent slices"
+            )
+        ]
     return []
 
 
@@ -145,6 +196,11 @@ def _metal(study: StudyProfile, spacing) -> list[Flag]:
     metal_fraction = study.metal_voxels / max(1, study.body_voxels)
     dark_fraction = study.dark_muscle_voxels / study.muscle_voxels if study.muscle_voxels else 0.0
     if metal_fraction > MAX_METAL_VOXEL_FRACTION or dark_fraction > MAX_DARK_MUSCLE_FRACTION:
-        return [Flag("METAL_ARTEFACT", f"{100 * metal_fraction:.3f} % of body voxels above {METAL_HU:.0f} HU and "
-                                       f"{100 * dark_fraction:.1f} % of muscle below -200 HU: metal or streaks")]
+        return [
+            Flag(
+                "METAL_ARTEFACT",
+                f"{100 * metal_fraction:.3f} % of body voxels above {METAL_HU:.0f} HU and "
+                f"{100 * dark_fraction:.1f} % of muscle below -200 HU: metal or streaks",
+            )
+        ]
     return []

@@ -1,4 +1,5 @@
 """Spooled CT instances -> one HU volume (z, y, x) with its geometry, checked for consistency."""
+
 from __future__ import annotations
 
 import os
@@ -10,7 +11,6 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-
 MAX_SLICE_SPACING_MM = 20.0
 
 
@@ -19,15 +19,17 @@ class SeriesError(ValueError):
 
 
 class HUStack:
-    """(z, y, x) HU slices kept in an unnamed scratch file and read back on demand, so that a study is
-    never held whole in memory: the stages work slab by slab. Slices are written one at a time
+    """(z, y, x) HU slices kept in an unnamed scratch file and read back on demand, so that a study
+    is never held whole in memory: the stages work slab by slab. Slices are written one at a time
     (`stack[z] = image`); reading an int or a contiguous slice returns a new array."""
 
     ndim = 3
 
     def __init__(self, shape: tuple[int, int, int], dtype: np.dtype, directory: Path):
         self.shape, self.dtype = shape, np.dtype(dtype)
-        self._file = tempfile.TemporaryFile(dir=directory)  # unlinked: gone with the process, whatever happens
+        self._file = tempfile.TemporaryFile(
+            dir=directory
+        )  # unlinked: gone with the process, whatever happens
         self._slice_bytes = shape[1] * shape[2] * self.dtype.itemsize
 
     def __len__(self) -> int:
@@ -35,7 +37,10 @@ class HUStack:
 
     def __setitem__(self, index: int, image: np.ndarray) -> None:
         data = np.ascontiguousarray(np.broadcast_to(image, self.shape[1:]), dtype=self.dtype)
-        if os.pwrite(self._file.fileno(), data, range(len(self))[index] * self._slice_bytes) != self._slice_bytes:
+        if (
+            os.pwrite(self._file.fileno(), data, range(len(self))[index] * self._slice_bytes)
+            != self._slice_bytes
+        ):
             raise OSError("short write to the HU scratch file")
 
     def __getitem__(self, index: int | slice) -> np.ndarray:
@@ -47,7 +52,10 @@ class HUStack:
         else:
             start = range(len(self))[index]  # negative indices, IndexError past the end
             out = np.empty(self.shape[1:], self.dtype)
-        if out.nbytes and os.preadv(self._file.fileno(), [out], start * self._slice_bytes) != out.nbytes:
+        if (
+            out.nbytes
+            and os.preadv(self._file.fileno(), [out], start * self._slice_bytes) != out.nbytes
+        ):
             raise OSError("short read from the HU scratch file")
         return out
 
@@ -71,8 +79,15 @@ def _check_count(paths: list[Path], min_slices: int) -> None:
 
 
 def _check_attributes(headers: list[Dataset]) -> None:
-    for attribute in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "Rows", "Columns",
-                      "RescaleSlope", "RescaleIntercept"):
+    for attribute in (
+        "ImageOrientationPatient",
+        "ImagePositionPatient",
+        "PixelSpacing",
+        "Rows",
+        "Columns",
+        "RescaleSlope",
+        "RescaleIntercept",
+    ):
         missing = [h for h in headers if attribute not in h]
         if missing:
             raise SeriesError(f"{len(missing)} instance(s) lack {attribute}")
@@ -111,8 +126,10 @@ def _slice_order(headers: list[Dataset]) -> tuple[np.ndarray, float]:
     if spacing > MAX_SLICE_SPACING_MM:
         raise SeriesError(f"slice spacing {spacing:.1f} mm exceeds {MAX_SLICE_SPACING_MM:.0f} mm")
     if np.any(np.abs(steps - spacing) > 0.1 * spacing + 0.01):
-        raise SeriesError(f"slice positions are not evenly spaced (gap or missing slice; steps "
-                          f"{steps.min():.2f}-{steps.max():.2f} mm)")
+        raise SeriesError(
+            f"slice positions are not evenly spaced (gap or missing slice; steps "
+            f"{steps.min():.2f}-{steps.max():.2f} mm)"
+        )
     return order, spacing
 
 
@@ -138,18 +155,28 @@ def assemble(paths: list[Path], min_slices: int = 3, scratch: Path | None = None
     order, spacing = _slice_order(headers)
     first = headers[0]
     rescales = {_rescale(h) for h in headers}
-    # Integer HU (slope 1, integer intercepts: nearly every CT) fit in int16: half the memory of float32.
+    # Integer HU (slope 1, integer intercepts: nearly every CT) fit in int16: half the memory of
+    # float32.
     exact = all(slope == 1 and intercept.is_integer() for slope, intercept in rescales)
-    shape, dtype = (len(paths), int(first.Rows), int(first.Columns)), np.int16 if exact else np.float32
+    shape, dtype = (
+        (len(paths), int(first.Rows), int(first.Columns)),
+        np.int16 if exact else np.float32,
+    )
     hu = np.empty(shape, dtype) if scratch is None else HUStack(shape, dtype, scratch)
     for target, index in enumerate(order):
         ds = pydicom.dcmread(paths[index])
         slope, intercept = _rescale(ds)
         pixels = ds.pixel_array
-        if exact:  # clip: no tissue is outside int16, and a 16-bit unsigned value plus intercept could be
+        if (
+            exact
+        ):  # clip: no tissue is outside int16, and a 16-bit unsigned value plus intercept could be
             hu[target] = np.clip(pixels.astype(np.int32) + int(intercept), -32768, 32767)
         else:
             hu[target] = pixels.astype(np.float32) * slope + intercept
     row_mm, column_mm = _floats(first.PixelSpacing)
-    return Volume(hu=hu, spacing_zyx=(spacing, row_mm, column_mm), sources=[headers[i] for i in order],
-                  paths=[paths[i] for i in order])
+    return Volume(
+        hu=hu,
+        spacing_zyx=(spacing, row_mm, column_mm),
+        sources=[headers[i] for i in order],
+        paths=[paths[i] for i in order],
+    )

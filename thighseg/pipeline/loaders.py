@@ -5,6 +5,7 @@ array convention: (z, row, column) with z ascending towards the head, rows towar
 columns towards the patient's left (DICOM LPS display), so legs and indices mean the same thing
 whatever the source.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ class LabelledVolume:
 
 
 def _canonical_to_zyx(array: np.ndarray) -> np.ndarray:
-    """Canonical RAS (+x to the patient's right, +y anterior) -> (z, posterior rows, leftward columns)."""
+    """Canonical RAS (+x to the patient's right, +y anterior) -> (z, posterior rows, leftward
+    columns)."""
     return np.ascontiguousarray(array[::-1, ::-1, :].transpose(2, 1, 0))
 
 
@@ -88,8 +90,9 @@ def load_dicom_with_seg(series_files: list[Path], seg_path: Path) -> LabelledVol
         group = next((value for key, value in by_name.items() if key in name), None)
         if group is None:
             raise ValueError(f"SEG segment {number} ({name!r}) is not extensor, flexor or adductor")
-        mask = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[number],
-                                                 combine_segments=True)
+        mask = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=uids, segment_numbers=[number], combine_segments=True
+        )
         labels[np.asarray(mask) > 0] = group
     return LabelledVolume(volume.hu, labels, volume.spacing_zyx, str(seg_path))
 
@@ -97,5 +100,9 @@ def load_dicom_with_seg(series_files: list[Path], seg_path: Path) -> LabelledVol
 def labels_from_seg(seg_path: Path, source_uids: list[str]) -> np.ndarray:
     """Label map (z, y, x) from a SEG, one slice per source SOP Instance UID, in the given order."""
     seg = hd.seg.segread(seg_path)
-    return np.asarray(seg.get_pixels_by_source_instance(source_sop_instance_uids=source_uids,
-                                                        combine_segments=True), dtype=np.uint8)
+    return np.asarray(
+        seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=source_uids, combine_segments=True
+        ),
+        dtype=np.uint8,
+    )

@@ -1,4 +1,5 @@
 """Results as DICOM SEG (highdicom) and a JSON report."""
+
 from __future__ import annotations
 
 import io
@@ -11,7 +12,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 import thighseg
-from thighseg.core.labels import Group, MUSCLE_GROUPS
+from thighseg.core.labels import MUSCLE_GROUPS, Group
 from thighseg.pipeline.summary import Preview, blend
 
 # The segmented property type is SNOMED CT "Muscle of lower limb" (102292000, in DICOM's anatomic
@@ -25,8 +26,11 @@ _GROUP_DESCRIPTIONS = {
 
 
 def segment_descriptions(model: str) -> list[hd.seg.SegmentDescription]:
-    algorithm = hd.AlgorithmIdentificationSequence(name=f"thighseg {model}", version=thighseg.__version__,
-                                                   family=codes.cid7162.ArtificialIntelligence)
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=f"thighseg {model}",
+        version=thighseg.__version__,
+        family=codes.cid7162.ArtificialIntelligence,
+    )
     return [
         hd.seg.SegmentDescription(
             segment_number=int(group),
@@ -43,7 +47,8 @@ def segment_descriptions(model: str) -> list[hd.seg.SegmentDescription]:
 
 
 def write_seg(sources: list[Dataset], labels: np.ndarray, path: Path, model: str) -> Dataset:
-    """A binary SEG with one frame per source slice and segment, referencing every source instance."""
+    """A binary SEG with one frame per source slice and segment, referencing every source
+    instance."""
     if labels.shape[0] != len(sources):
         raise ValueError(f"{labels.shape[0]} mask slices for {len(sources)} source instances")
     seg = hd.seg.Segmentation(
@@ -64,7 +69,9 @@ def write_seg(sources: list[Dataset], labels: np.ndarray, path: Path, model: str
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     pixels = seg.PixelData
-    seg.PixelData = io.BytesIO(pixels)  # a buffered value is streamed to the file, not copied twice first
+    seg.PixelData = io.BytesIO(
+        pixels
+    )  # a buffered value is streamed to the file, not copied twice first
     try:
         seg.save_as(path)
     finally:
@@ -80,41 +87,83 @@ QC_FLAG = hd.sr.CodedConcept("QC", "99THIGHSEG", "Quality control flag")
 
 def _qc_evaluations(flags: list) -> list[hd.sr.QualitativeEvaluation]:
     """QC flags as qualitative evaluations, coded in thighseg's private scheme (99THIGHSEG)."""
-    return [hd.sr.QualitativeEvaluation(QC_FLAG, hd.sr.CodedConcept(flag.code, "99THIGHSEG", flag.reason[:64]))
-            for flag in flags]
+    return [
+        hd.sr.QualitativeEvaluation(
+            QC_FLAG, hd.sr.CodedConcept(flag.code, "99THIGHSEG", flag.reason[:64])
+        )
+        for flag in flags
+    ]
 
 
-def write_sr(seg: hd.seg.Segmentation, sources: list[Dataset], volumes_ml: dict[str, float], path: Path,
-             model: str, flags: list | None = None) -> hd.sr.Comprehensive3DSR:
+def write_sr(
+    seg: hd.seg.Segmentation,
+    sources: list[Dataset],
+    volumes_ml: dict[str, float],
+    path: Path,
+    model: str,
+    flags: list | None = None,
+) -> hd.sr.Comprehensive3DSR:
     """Comprehensive 3D SR, TID 1500 measurement report: one volumetric ROI group per muscle group,
     each referencing its SEG segment, with the group's volume in mL; QC flags as qualitative
     evaluations of the whole report."""
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=hd.UID(), name=f"thighseg {model}", manufacturer_name="thighseg",
-            model_name=model, serial_number="thighseg-embedded"))
+            uid=hd.UID(),
+            name=f"thighseg {model}",
+            manufacturer_name="thighseg",
+            model_name=model,
+            serial_number="thighseg-embedded",
+        ),
+    )
     groups = []
     for group in MUSCLE_GROUPS:
         segment = hd.sr.ReferencedSegment(
-            sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=int(group),
-            source_series=hd.sr.SourceSeriesForSegmentation(sources[0].SeriesInstanceUID))
-        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=_GROUP_DESCRIPTIONS[group]),
-            referenced_segment=segment,
-            finding_type=codes.SCT.MuscleOfLowerLimb,
-            measurements=[hd.sr.Measurement(name=codes.SCT.Volume, value=round(volumes_ml[group.name.lower()], 2),
-                                            unit=MILLILITRE)]))
+            sop_class_uid=seg.SOPClassUID,
+            sop_instance_uid=seg.SOPInstanceUID,
+            segment_number=int(group),
+            source_series=hd.sr.SourceSeriesForSegmentation(sources[0].SeriesInstanceUID),
+        )
+        groups.append(
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=hd.UID(), identifier=_GROUP_DESCRIPTIONS[group]
+                ),
+                referenced_segment=segment,
+                finding_type=codes.SCT.MuscleOfLowerLimb,
+                measurements=[
+                    hd.sr.Measurement(
+                        name=codes.SCT.Volume,
+                        value=round(volumes_ml[group.name.lower()], 2),
+                        unit=MILLILITRE,
+                    )
+                ],
+            )
+        )
     if flags:
-        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="Quality control"),
-            qualitative_evaluations=_qc_evaluations(flags)))
-    report = hd.sr.MeasurementReport(observation_context=hd.sr.ObservationContext(observer_device_context=device),
-                                     procedure_reported=codes.LN.CTUnspecifiedBodyRegion, imaging_measurements=groups)
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=hd.UID(), identifier="Quality control"
+                ),
+                qualitative_evaluations=_qc_evaluations(flags),
+            )
+        )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=device),
+        procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
+        imaging_measurements=groups,
+    )
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[seg, *sources], content=report, series_instance_uid=hd.UID(),
-        series_number=int(sources[0].get("SeriesNumber", 1) or 1) + 2000, sop_instance_uid=hd.UID(),
-        instance_number=1, manufacturer="thighseg", series_description="Thigh muscle volumes (thighseg)")
+        evidence=[seg, *sources],
+        content=report,
+        series_instance_uid=hd.UID(),
+        series_number=int(sources[0].get("SeriesNumber", 1) or 1) + 2000,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="thighseg",
+        series_description="Thigh muscle volumes (thighseg)",
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     sr.save_as(path)
     return sr
@@ -125,7 +174,10 @@ def write_overlay_png(preview: Preview, path: Path) -> Path:
     so a reader can judge the result at a glance."""
     from PIL import Image
 
-    tiles = [(blend(hu, labels) * 255).astype(np.uint8) for hu, labels in zip(preview.axial_hu, preview.axial_labels)]
+    tiles = [
+        (blend(hu, labels) * 255).astype(np.uint8)
+        for hu, labels in zip(preview.axial_hu, preview.axial_labels, strict=False)
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate(tiles, axis=1)).save(path)
     return path

@@ -4,6 +4,7 @@ Every consumer (batch table, benchmark, demo, forwarding) reads it through `Seri
 the file's shape is published as a JSON Schema (`report.schema.json` beside this module) that each
 report the tests write is validated against. `schema_version` changes when the shape does.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,11 +38,15 @@ class SeriesReport:
     status: str = FAILED
     reason: str | None = None
     instances: int = 0
-    instances_received: int | None = None  # an expired transfer: what had arrived before it was freed
+    instances_received: int | None = (
+        None  # an expired transfer: what had arrived before it was freed
+    )
     source: str | None = None  # the NIfTI file, for inputs that are not DICOM series
     study_instance_uid: str | None = None
     series_instance_uid: str | None = None
-    content_sha256: str | None = None  # over each SOP Instance UID and its file's SHA-256 (listener)
+    content_sha256: str | None = (
+        None  # over each SOP Instance UID and its file's SHA-256 (listener)
+    )
     generation: int | None = None  # the spool index's generation of the series that was processed
     shape_zyx: list[int] | None = None
     spacing_zyx_mm: list[float] | None = None
@@ -77,7 +82,7 @@ class SeriesReport:
         return document
 
     @classmethod
-    def from_json(cls, document: dict) -> "SeriesReport":
+    def from_json(cls, document: dict) -> SeriesReport:
         known = {item.name for item in fields(cls)}
         values = {k: v for k, v in document.items() if k in known}
         if values.get("indices") is not None:
@@ -95,7 +100,7 @@ class SeriesReport:
         temporary.replace(path)
 
     @classmethod
-    def read(cls, path: Path) -> "SeriesReport":
+    def read(cls, path: Path) -> SeriesReport:
         return cls.from_json(json.loads(path.read_text()))
 
 

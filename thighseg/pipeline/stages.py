@@ -5,14 +5,16 @@ both kinds of input and records how long each took, so a failure names its stage
 says where time went. `process_series` (DICOM: SEG, SR, summary, SC, overlay) and `process_nifti`
 (labels as NIfTI, summary) differ only in how the volume is read and what is written.
 """
+
 from __future__ import annotations
 
 import errno
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -49,12 +51,15 @@ class InferenceSettings:
 
 def settings_for(segmenter, model: str, **options) -> InferenceSettings:
     """Inference through a TritonSegmenter, at the input size the served model declares."""
-    return InferenceSettings(segmenter.infer, model, segmenter.input_shape()[1], ready=segmenter.is_ready, **options)
+    return InferenceSettings(
+        segmenter.infer, model, segmenter.input_shape()[1], ready=segmenter.is_ready, **options
+    )
 
 
 # Failures of the machine, not of the series: the series is kept and tried again once they clear.
-ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO,
-                                errno.ENOTDIR})
+ENVIRONMENT_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO, errno.ENOTDIR}
+)
 
 
 def is_environment_error(error: BaseException) -> bool:
@@ -76,7 +81,8 @@ def short_uid(uid: str) -> str:
 
 @dataclass
 class LoadedVolume:
-    """What the read stage hands on: the HU volume, its geometry and, for emit, where it came from."""
+    """What the read stage hands on: the HU volume, its geometry and, for emit, where it came
+    from."""
 
     hu: np.ndarray | HUStack  # (z, y, x)
     spacing_zyx: tuple[float, float, float]
@@ -86,7 +92,9 @@ class LoadedVolume:
 
 def infer_stage(hu: np.ndarray | HUStack, settings: InferenceSettings) -> np.ndarray:
     """Labels (z, y, x) for the volume, in batches of slices through the inference server."""
-    return segment_volume(hu, settings.infer, settings.input_size, settings.batch_size, settings.concurrency)
+    return segment_volume(
+        hu, settings.infer, settings.input_size, settings.batch_size, settings.concurrency
+    )
 
 
 def measure_stage(report: SeriesReport, loaded: LoadedVolume, labels: np.ndarray) -> None:
@@ -96,36 +104,69 @@ def measure_stage(report: SeriesReport, loaded: LoadedVolume, labels: np.ndarray
     report.qc_flags = qc.check(loaded.hu, labels, loaded.spacing_zyx)
 
 
-def _summary(report: SeriesReport, loaded: LoadedVolume, labels: np.ndarray, out_dir: Path, title: str) -> Preview:
+def _summary(
+    report: SeriesReport, loaded: LoadedVolume, labels: np.ndarray, out_dir: Path, title: str
+) -> Preview:
     preview = Preview.of(loaded.hu, labels)  # the pictures need only a few planes of the HU volume
-    render(preview, loaded.spacing_zyx, report.indices, report.qc_flags, title, out_dir / "summary.png",
-           out_dir / "summary.pdf")
+    render(
+        preview,
+        loaded.spacing_zyx,
+        report.indices,
+        report.qc_flags,
+        title,
+        out_dir / "summary.png",
+        out_dir / "summary.pdf",
+    )
     return preview
 
 
-def emit_dicom(report: SeriesReport, loaded: LoadedVolume, labels: np.ndarray, out_dir: Path) -> None:
+def emit_dicom(
+    report: SeriesReport, loaded: LoadedVolume, labels: np.ndarray, out_dir: Path
+) -> None:
     """SEG, SR, the one-page summary (PNG, PDF, DICOM SC) and the overlay."""
     volume: Volume = loaded.origin
-    title = (f"Thigh muscle summary — {report.model}, {len(volume.sources)} slices, "
-             f"study {short_uid(report.study_instance_uid or '')}")
+    title = (
+        f"Thigh muscle summary — {report.model}, {len(volume.sources)} slices, "
+        f"study {short_uid(report.study_instance_uid or '')}"
+    )
     preview = _summary(report, loaded, labels, out_dir, title)
     write_overlay_png(preview, out_dir / "overlay.png")
     del preview
     release_free_heap()  # the SEG is the largest allocation of the study: make room for it
     seg = write_seg(volume.sources, labels, out_dir / "seg.dcm", report.model)
-    sr = write_sr(seg, volume.sources, report.volumes_ml, out_dir / "sr.dcm", report.model, report.qc_flags)
+    sr = write_sr(
+        seg, volume.sources, report.volumes_ml, out_dir / "sr.dcm", report.model, report.qc_flags
+    )
     sc = secondary_capture(out_dir / "summary.png", volume.sources[0], out_dir / "summary_sc.dcm")
     release_highdicom_tables()
-    report.seg_sop_instance_uid, report.sr_sop_instance_uid = str(seg.SOPInstanceUID), str(sr.SOPInstanceUID)
+    report.seg_sop_instance_uid, report.sr_sop_instance_uid = (
+        str(seg.SOPInstanceUID),
+        str(sr.SOPInstanceUID),
+    )
     report.sc_sop_instance_uid = str(sc.SOPInstanceUID)
-    report.outputs = ["seg.dcm", "sr.dcm", "summary.png", "summary.pdf", "summary_sc.dcm", "overlay.png",
-                      "report.json"]
+    report.outputs = [
+        "seg.dcm",
+        "sr.dcm",
+        "summary.png",
+        "summary.pdf",
+        "summary_sc.dcm",
+        "overlay.png",
+        "report.json",
+    ]
 
 
-def emit_nifti(report: SeriesReport, loaded: LoadedVolume, labels: np.ndarray, out_dir: Path) -> None:
+def emit_nifti(
+    report: SeriesReport, loaded: LoadedVolume, labels: np.ndarray, out_dir: Path
+) -> None:
     """Labels as NIfTI in the image's own space, and the one-page summary."""
     save_nifti_labels(labels, loaded.origin, out_dir / "labels.nii.gz")
-    _summary(report, loaded, labels, out_dir, f"Thigh muscle summary — {report.model}, {Path(report.source).name}")
+    _summary(
+        report,
+        loaded,
+        labels,
+        out_dir,
+        f"Thigh muscle summary — {report.model}, {Path(report.source).name}",
+    )
     report.outputs = ["labels.nii.gz", "summary.png", "summary.pdf", "report.json"]
 
 
@@ -133,7 +174,10 @@ def read_dicom(report: SeriesReport, paths: list[Path], out_dir: Path) -> Loaded
     """Assemble the series; the HU volume lives in a scratch file beside the results."""
     volume = assemble(paths, scratch=out_dir)
     first = volume.sources[0]
-    report.study_instance_uid, report.series_instance_uid = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
+    report.study_instance_uid, report.series_instance_uid = (
+        str(first.StudyInstanceUID),
+        str(first.SeriesInstanceUID),
+    )
     height = first.get("PatientSize")
     return LoadedVolume(volume.hu, volume.spacing_zyx, float(height) if height else None, volume)
 
@@ -147,8 +191,9 @@ Reader = Callable[[SeriesReport], LoadedVolume]
 Emitter = Callable[[SeriesReport, LoadedVolume, np.ndarray, Path], None]
 
 
-def run_stages(report: SeriesReport, read: Reader, emit: Emitter, out_dir: Path,
-               settings: InferenceSettings) -> SeriesResult:
+def run_stages(
+    report: SeriesReport, read: Reader, emit: Emitter, out_dir: Path, settings: InferenceSettings
+) -> SeriesResult:
     """Run every stage; an input that cannot be processed still gets a report with the reason.
 
     TritonUnavailable and environment errors (disk full, folder not writable) are not properties
@@ -187,12 +232,18 @@ def run_stages(report: SeriesReport, read: Reader, emit: Emitter, out_dir: Path,
     return SeriesResult(report_path=report_path, seg_path=seg_path, report=report)
 
 
-def process_series(instance_paths: list[Path], out_dir: Path, settings: InferenceSettings,
-                   provenance: dict | None = None) -> SeriesResult:
+def process_series(
+    instance_paths: list[Path],
+    out_dir: Path,
+    settings: InferenceSettings,
+    provenance: dict | None = None,
+) -> SeriesResult:
     """A DICOM CT series -> SEG, SR, summary, SC, overlay, report. `provenance` (the listener's
     content hash and generation of the inputs) is recorded in the report as given."""
     report = SeriesReport(model=settings.model, instances=len(instance_paths), **(provenance or {}))
-    return run_stages(report, lambda r: read_dicom(r, instance_paths, out_dir), emit_dicom, out_dir, settings)
+    return run_stages(
+        report, lambda r: read_dicom(r, instance_paths, out_dir), emit_dicom, out_dir, settings
+    )
 
 
 def process_nifti(path: Path, out_dir: Path, settings: InferenceSettings) -> SeriesResult:

@@ -1,6 +1,7 @@
 """One-page study summary (PNG and PDF, and a DICOM Secondary Capture of the same page): three
 axial levels with the coloured groups, a coronal reformat of the mask, the table of indices and the
 QC flags — what a radiologist opens from the PACS and a researcher opens as a file."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-from thighseg.core.labels import MUSCLE_GROUPS
 from thighseg.measure.indices import TISSUES, VolumeIndices
 from thighseg.measure.qc import Flag
 
@@ -29,12 +29,26 @@ def _table_rows(indices: VolumeIndices) -> list[list[str]]:
     rows = []
     for name in TISSUES:
         right, left = indices.right.tissue(name), indices.left.tissue(name)
-        rows.append([name, f"{right.total_ml:.0f} / {left.total_ml:.0f}", f"{right.lean_ml:.0f} / {left.lean_ml:.0f}",
-                     f"{right.imat_ml:.0f} / {left.imat_ml:.0f}",
-                     f"{(right.mean_hu or 0):.0f} / {(left.mean_hu or 0):.0f}",
-                     f"{getattr(indices.asymmetry_percent, name):.1f}"])
-    rows.append(["intermuscular fat", f"{indices.right.intermuscular_fat_ml:.0f} / "
-                 f"{indices.left.intermuscular_fat_ml:.0f}", "", "", "", ""])
+        rows.append(
+            [
+                name,
+                f"{right.total_ml:.0f} / {left.total_ml:.0f}",
+                f"{right.lean_ml:.0f} / {left.lean_ml:.0f}",
+                f"{right.imat_ml:.0f} / {left.imat_ml:.0f}",
+                f"{(right.mean_hu or 0):.0f} / {(left.mean_hu or 0):.0f}",
+                f"{getattr(indices.asymmetry_percent, name):.1f}",
+            ]
+        )
+    rows.append(
+        [
+            "intermuscular fat",
+            f"{indices.right.intermuscular_fat_ml:.0f} / {indices.left.intermuscular_fat_ml:.0f}",
+            "",
+            "",
+            "",
+            "",
+        ]
+    )
     return rows
 
 
@@ -43,7 +57,9 @@ class Preview:
     """The few planes the pictures show, copied out of the study so that the HU volume can be freed
     before anything is drawn."""
 
-    levels: tuple[int, ...]  # axial slice indices at 20, 50 and 80 % of the study, ascending (distal first)
+    levels: tuple[
+        int, ...
+    ]  # axial slice indices at 20, 50 and 80 % of the study, ascending (distal first)
     axial_hu: np.ndarray  # (levels, y, x)
     axial_labels: np.ndarray
     coronal_hu: np.ndarray  # (z, x) through the image row with the most muscle
@@ -51,24 +67,43 @@ class Preview:
     crop: tuple[slice, slice]  # (y, x) around all the muscle in the study, with a margin
 
     @classmethod
-    def of(cls, hu, labels: np.ndarray) -> "Preview":
+    def of(cls, hu, labels: np.ndarray) -> Preview:
         """`hu`: (z, y, x), a numpy array or an HUStack."""
         levels = tuple(sorted({int(round(f * (len(hu) - 1))) for f in (0.2, 0.5, 0.8)}))
         # the row with the most muscle, counted slice by slice: no volume-sized temporary
         coronal_row = int(np.argmax(sum(np.count_nonzero(s, axis=1) for s in labels)))
         rows, columns = np.nonzero(labels.any(axis=0))
         margin = max(10, (columns.max() - columns.min()) // 8) if rows.size else 0
-        crop = (slice(max(0, rows.min() - margin), rows.max() + margin + 1),
-                slice(max(0, columns.min() - margin), columns.max() + margin + 1)) if rows.size else (slice(None),) * 2
+        crop = (
+            (
+                slice(max(0, rows.min() - margin), rows.max() + margin + 1),
+                slice(max(0, columns.min() - margin), columns.max() + margin + 1),
+            )
+            if rows.size
+            else (slice(None),) * 2
+        )
         coronal = np.empty((len(hu), hu.shape[2]), hu.dtype)
         for z in range(len(hu)):  # slice by slice, so that `hu` may be an HUStack read from disk
             coronal[z] = hu[z][coronal_row]
-        return cls(levels, np.stack([hu[z] for z in levels]), labels[list(levels)], coronal,
-                   labels[:, coronal_row].copy(), crop)
+        return cls(
+            levels,
+            np.stack([hu[z] for z in levels]),
+            labels[list(levels)],
+            coronal,
+            labels[:, coronal_row].copy(),
+            crop,
+        )
 
 
-def render(preview: Preview, spacing_zyx: tuple[float, float, float], indices: VolumeIndices,
-           flags: list[Flag], title: str, png: Path, pdf: Path | None = None) -> Path:
+def render(
+    preview: Preview,
+    spacing_zyx: tuple[float, float, float],
+    indices: VolumeIndices,
+    flags: list[Flag],
+    title: str,
+    png: Path,
+    pdf: Path | None = None,
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,36 +117,57 @@ def render(preview: Preview, spacing_zyx: tuple[float, float, float], indices: V
     for column, k in enumerate(reversed(range(len(preview.levels)))):  # proximal (highest z) first
         axis = figure.add_subplot(grid[0, column])
         axis.imshow(blend(preview.axial_hu[k][crop], preview.axial_labels[k][crop]))
-        axis.set_title(("proximal", "middle", "distal")[column] if named else f"slice {preview.levels[k]}",
-                       fontsize=9)
+        axis.set_title(
+            ("proximal", "middle", "distal")[column] if named else f"slice {preview.levels[k]}",
+            fontsize=9,
+        )
         axis.axis("off")
     axis = figure.add_subplot(grid[0, 3])
-    axis.imshow(blend(preview.coronal_hu[::-1, crop[1]], preview.coronal_labels[::-1, crop[1]]),
-                aspect=spacing_zyx[0] / spacing_zyx[2])
+    axis.imshow(
+        blend(preview.coronal_hu[::-1, crop[1]], preview.coronal_labels[::-1, crop[1]]),
+        aspect=spacing_zyx[0] / spacing_zyx[2],
+    )
     axis.set_title("coronal (mask)", fontsize=9)
     axis.axis("off")
     table_axis = figure.add_subplot(grid[1, :])
     table_axis.axis("off")
-    table = table_axis.table(cellText=_table_rows(indices), colLabels=[
-        "group (R / L)", "total mL", "lean mL", "IMAT mL", "mean HU", "asymmetry %"], loc="center")
+    table = table_axis.table(
+        cellText=_table_rows(indices),
+        colLabels=["group (R / L)", "total mL", "lean mL", "IMAT mL", "mean HU", "asymmetry %"],
+        loc="center",
+    )
     table.auto_set_font_size(False)
     table.set_fontsize(9)
     table.scale(1, 1.3)
     total = indices.total
-    facts = [f"Total muscle {total.muscle.total_ml:.0f} mL, lean {total.muscle.lean_ml:.0f} mL, "
-             f"IMAT fraction {100 * total.imat_fraction:.1f} %, intermuscular fat fraction "
-             f"{100 * total.intermuscular_fat_fraction:.1f} %, low-density muscle "
-             f"{total.muscle.low_density_ml:.0f} mL"]
+    facts = [
+        f"Total muscle {total.muscle.total_ml:.0f} mL, lean {total.muscle.lean_ml:.0f} mL, "
+        f"IMAT fraction {100 * total.imat_fraction:.1f} %, intermuscular fat fraction "
+        f"{100 * total.intermuscular_fat_fraction:.1f} %, low-density muscle "
+        f"{total.muscle.low_density_ml:.0f} mL"
+    ]
     if total.muscle_volume_index_ml_per_m2 is not None:
         facts.append(f"Muscle volume index {total.muscle_volume_index_ml_per_m2:.0f} mL/m²")
     facts.append("QC: " + ("no flags" if not flags else ""))
     facts += [f"  ⚠ {f.code}: {f.reason}" for f in flags]
     text_axis = figure.add_subplot(grid[2, :])
     text_axis.axis("off")
-    text_axis.text(0, 1, "\n".join(facts), va="top", fontsize=9, family="DejaVu Sans",
-                   color="black" if not flags else "#8a1c1c")
-    text_axis.text(0, 0, "Automatic segmentation (thighseg). Research use; verify before clinical decisions.",
-                   fontsize=7, color="grey")
+    text_axis.text(
+        0,
+        1,
+        "\n".join(facts),
+        va="top",
+        fontsize=9,
+        family="DejaVu Sans",
+        color="black" if not flags else "#8a1c1c",
+    )
+    text_axis.text(
+        0,
+        0,
+        "Automatic segmentation (thighseg). Research use; verify before clinical decisions.",
+        fontsize=7,
+        color="grey",
+    )
     png.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(png)
     if pdf is not None:
@@ -121,17 +177,28 @@ def render(preview: Preview, spacing_zyx: tuple[float, float, float], indices: V
 
 
 def secondary_capture(png: Path, reference, path: Path):
-    """The summary page as a DICOM Secondary Capture in the study of `reference` (a source header)."""
+    """The summary page as a DICOM Secondary Capture in the study of `reference` (a source
+    header)."""
     import highdicom as hd
     from PIL import Image
 
     pixels = np.asarray(Image.open(png).convert("RGB"))
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=reference, pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
-        # the axial panels keep the CT's display orientation: rows run to the patient's left, columns posterior
-        coordinate_system="PATIENT", patient_orientation=("L", "P"), series_instance_uid=hd.UID(),
-        series_number=int(reference.get("SeriesNumber", 1) or 1) + 3000, sop_instance_uid=hd.UID(),
-        instance_number=1, manufacturer="thighseg", series_description="Thigh muscle summary (thighseg)")
+        ref_dataset=reference,
+        pixel_array=pixels,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        # the axial panels keep the CT's display orientation: rows run to the patient's left,
+        # columns posterior
+        coordinate_system="PATIENT",
+        patient_orientation=("L", "P"),
+        series_instance_uid=hd.UID(),
+        series_number=int(reference.get("SeriesNumber", 1) or 1) + 3000,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="thighseg",
+        series_description="Thigh muscle summary (thighseg)",
+    )
     sc.ImageLaterality = "B"  # both thighs (the thigh is a paired body part)
     path.parent.mkdir(parents=True, exist_ok=True)
     sc.save_as(path)

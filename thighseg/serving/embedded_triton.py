@@ -4,6 +4,7 @@ PyTriton's own `Triton()` API wraps Python callables; we instead launch the bina
 standard Triton model repository so that the embedded default and the production container serve
 the same repository layout, model names and protocols.
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,6 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
 from thighseg.core.constants import TRITON_GRPC_PORT, TRITON_HTTP_PORT, TRITON_METRICS_PORT
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,9 @@ def _pytriton_root() -> Path:
     try:
         import pytriton
     except ImportError as error:  # pragma: no cover - install problem
-        raise RuntimeError("nvidia-pytriton is not installed; it provides the tritonserver binary") from error
+        raise RuntimeError(
+            "nvidia-pytriton is not installed; it provides the tritonserver binary"
+        ) from error
     return Path(pytriton.__file__).parent / "tritonserver"
 
 
@@ -90,7 +94,9 @@ class EmbeddedTriton:
     def served_models(self) -> tuple[str, ...]:
         if self.models is not None:
             return self.models
-        return tuple(sorted(p.parent.parent.name for p in self.model_repository.glob("*/1/model.onnx")))
+        return tuple(
+            sorted(p.parent.parent.name for p in self.model_repository.glob("*/1/model.onnx"))
+        )
 
     def command(self, backends: Path) -> list[str]:
         return [
@@ -110,18 +116,30 @@ class EmbeddedTriton:
             *(f"--load-model={name}" for name in self.served_models()),
         ]
 
-    def start(self) -> "EmbeddedTriton":
+    def start(self) -> EmbeddedTriton:
         if not self.model_repository.is_dir():
             raise FileNotFoundError(f"model repository {self.model_repository} does not exist")
         if not self.served_models():
-            raise FileNotFoundError(f"no exported model in {self.model_repository}; run `thighseg export`")
+            raise FileNotFoundError(
+                f"no exported model in {self.model_repository}; run `thighseg export`"
+            )
         self._cache = tempfile.TemporaryDirectory(prefix="thighseg-triton-")
         backends = backend_directory(Path(self._cache.name))
         output = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
-        self.process = subprocess.Popen(self.command(backends), env=server_environment(), stdout=output,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
-        log.info("tritonserver pid %d on http %d / grpc %d / metrics %d", self.process.pid,
-                 self.ports.http, self.ports.grpc, self.ports.metrics)
+        self.process = subprocess.Popen(
+            self.command(backends),
+            env=server_environment(),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.info(
+            "tritonserver pid %d on http %d / grpc %d / metrics %d",
+            self.process.pid,
+            self.ports.http,
+            self.ports.grpc,
+            self.ports.metrics,
+        )
         try:
             self.wait_ready()
         except BaseException:
@@ -137,10 +155,14 @@ class EmbeddedTriton:
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"tritonserver exited with code {self.process.returncode}"
-                                   f"{'; see ' + str(self.log_file) if self.log_file else ''}")
+                raise RuntimeError(
+                    f"tritonserver exited with code {self.process.returncode}"
+                    f"{'; see ' + str(self.log_file) if self.log_file else ''}"
+                )
             try:
-                if client.is_server_ready() and all(client.is_model_ready(m) for m in self.served_models()):
+                if client.is_server_ready() and all(
+                    client.is_model_ready(m) for m in self.served_models()
+                ):
                     return
             except Exception:  # not listening yet
                 pass
@@ -160,7 +182,7 @@ class EmbeddedTriton:
             self._cache.cleanup()
             self._cache = None
 
-    def __enter__(self) -> "EmbeddedTriton":
+    def __enter__(self) -> EmbeddedTriton:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

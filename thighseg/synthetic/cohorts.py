@@ -3,10 +3,11 @@
 The external cohort comes from a different synthetic "institution" (phantom.EXTERNAL), mimicking
 the paper's second hospital.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from thighseg.synthetic import phantom
 
@@ -26,11 +27,15 @@ COHORTS = {
 }
 
 
-def studies(cohort: str, slices: int = 24, size: int = 512, limit: int | None = None) -> Iterator[phantom.Phantom]:
+def studies(
+    cohort: str, slices: int = 24, size: int = 512, limit: int | None = None
+) -> Iterator[phantom.Phantom]:
     """Phantoms of a cohort; evaluation cohorts use each site's slice spacing around mid-thigh."""
     if cohort not in COHORTS:
         raise ValueError(f"unknown cohort {cohort!r}; choose one of {', '.join(COHORTS)}")
     spec = COHORTS[cohort]
     spacing = None if cohort in ("train", "validation") else spec.site.slice_spacing_mm
     for seed in list(spec.seeds)[:limit]:
-        yield phantom.generate(seed, size=size, slices=slices, slice_spacing=spacing, site=spec.site)
+        yield phantom.generate(
+            seed, size=size, slices=slices, slice_spacing=spacing, site=spec.site
+        )

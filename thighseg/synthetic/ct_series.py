@@ -1,4 +1,5 @@
 """Writing a phantom as a CT Image Storage series, with its ground truth beside it."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -7,7 +8,12 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
 
 from thighseg.synthetic.phantom import Phantom, describe
 
@@ -20,29 +26,57 @@ def write_series(phantom: Phantom, folder: Path, patient_id: str | None = None) 
     folder.mkdir(parents=True, exist_ok=True)
     g = phantom.geometry
     seed = phantom.subject.seed
-    study_uid, series_uid, frame_uid = (generate_uid(entropy_srcs=[f"thighseg-{seed}-{what}"])
-                                        for what in ("study", "series", "frame"))
+    study_uid, series_uid, frame_uid = (
+        generate_uid(entropy_srcs=[f"thighseg-{seed}-{what}"])
+        for what in ("study", "series", "frame")
+    )
     now = dt.datetime(2026, 1, 1, 8, 0, 0) + dt.timedelta(minutes=seed % 10000)
     x0, y0 = g.origin_xy
     stored = np.clip(np.rint(phantom.hu - RESCALE_INTERCEPT), 0, 4095).astype(np.uint16)
     paths, sop_uids = [], []
     for k, z in enumerate(g.slice_positions):
-        sop_uid = generate_uid(entropy_srcs=[f"thighseg-{seed}-{g.size}-{len(g.slice_positions)}-{k}"])
-        ds = _slice_dataset(phantom, stored[k], k, float(z), (x0, y0), study_uid, series_uid, frame_uid,
-                            sop_uid, now, patient_id or f"PHANTOM{seed:05d}")
+        sop_uid = generate_uid(
+            entropy_srcs=[f"thighseg-{seed}-{g.size}-{len(g.slice_positions)}-{k}"]
+        )
+        ds = _slice_dataset(
+            phantom,
+            stored[k],
+            k,
+            float(z),
+            (x0, y0),
+            study_uid,
+            series_uid,
+            frame_uid,
+            sop_uid,
+            now,
+            patient_id or f"PHANTOM{seed:05d}",
+        )
         path = folder / f"CT-{k + 1:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
         sop_uids.append(sop_uid)
-    np.savez_compressed(folder / TRUTH_FILE, labels=phantom.labels, sop_instance_uids=np.array(sop_uids),
-                        slice_positions=g.slice_positions)
+    np.savez_compressed(
+        folder / TRUTH_FILE,
+        labels=phantom.labels,
+        sop_instance_uids=np.array(sop_uids),
+        slice_positions=g.slice_positions,
+    )
     (folder / "truth.json").write_text(json.dumps(describe(phantom), indent=2))
     return paths
 
 
 def _slice_dataset(
-    phantom: Phantom, pixels: np.ndarray, index: int, z: float, origin: tuple[float, float], study_uid: str,
-    series_uid: str, frame_uid: str, sop_uid: str, when: dt.datetime, patient_id: str,
+    phantom: Phantom,
+    pixels: np.ndarray,
+    index: int,
+    z: float,
+    origin: tuple[float, float],
+    study_uid: str,
+    series_uid: str,
+    frame_uid: str,
+    sop_uid: str,
+    when: dt.datetime,
+    patient_id: str,
 ) -> Dataset:
     g = phantom.geometry
     meta = FileMetaDataset()
@@ -105,6 +139,7 @@ def _slice_dataset(
 
 
 def read_truth(folder: Path) -> tuple[np.ndarray, list[str]]:
-    """Ground-truth labels (z, y, x) in slice-file order and the SOP Instance UIDs they belong to."""
+    """Ground-truth labels (z, y, x) in slice-file order and the SOP Instance UIDs they belong
+    to."""
     with np.load(folder / TRUTH_FILE) as truth:
         return truth["labels"], [str(u) for u in truth["sop_instance_uids"]]

@@ -14,6 +14,7 @@ behind the femur split the compartment into extensor (anterolateral), adductor (
 in fat pockets on the septa. Intramuscular fat is a smooth 3D field inside the groups (labelled as
 muscle, as in manual contours); septa, bone, vessels and fat are background.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -48,8 +49,14 @@ class Site:
 
 
 INTERNAL = Site()
-EXTERNAL = Site(name="external", noise_scale=1.7, fov_margin_mm=(110.0, 160.0), fat_scale=1.35,
-                age_range=(45.0, 90.0), slice_spacing_mm=3.0)
+EXTERNAL = Site(
+    name="external",
+    noise_scale=1.7,
+    fov_margin_mm=(110.0, 160.0),
+    fat_scale=1.35,
+    age_range=(45.0, 90.0),
+    slice_spacing_mm=3.0,
+)
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,7 @@ class Subject:
     asymmetry: float  # relative size difference left vs right
 
     @staticmethod
-    def sample(seed: int, site: Site = INTERNAL) -> "Subject":
+    def sample(seed: int, site: Site = INTERNAL) -> Subject:
         rng = np.random.default_rng([seed, 1])
         age = float(rng.uniform(*site.age_range))
         ageing = float(np.clip((age - 20) / 65, 0, 1))
@@ -81,8 +88,10 @@ class Subject:
             seed=seed,
             age=age,
             muscle_radius=float(rng.uniform(58, 70) * (1 - 0.25 * sarcopenia)),
-            fat_thickness=float(rng.choice([rng.uniform(5, 15), rng.uniform(12, 30), rng.uniform(25, 45)])
-                                * site.fat_scale),
+            fat_thickness=float(
+                rng.choice([rng.uniform(5, 15), rng.uniform(12, 30), rng.uniform(25, 45)])
+                * site.fat_scale
+            ),
             muscle_hu=float(rng.normal(58 - 18 * ageing, 4)),
             imat_fraction=float(np.clip(0.02 + 0.12 * ageing * rng.uniform(0.3, 1.2), 0.01, 0.2)),
             septum_width=float(rng.uniform(1.2, 3.0) + 1.5 * ageing),
@@ -135,13 +144,19 @@ class Phantom:
 
 
 def make_geometry(
-    subject: Subject, size: int = 512, slices: int = 72, field_of_view: float | None = None,
-    slice_spacing: float | None = None, site: Site = INTERNAL,
+    subject: Subject,
+    size: int = 512,
+    slices: int = 72,
+    field_of_view: float | None = None,
+    slice_spacing: float | None = None,
+    site: Site = INTERNAL,
 ) -> Geometry:
     """Axial slices, proximal to distal: spread over 5-95 % of the thigh length, or `slice_spacing`
     mm apart around mid-thigh."""
     if size < 32 or slices < 1:
-        raise ValueError(f"phantom needs size >= 32 and slices >= 1, got size={size}, slices={slices}")
+        raise ValueError(
+            f"phantom needs size >= 32 and slices >= 1, got size={size}, slices={slices}"
+        )
     coverage = (0.05, 0.95)
     if slice_spacing is not None:
         half_span = min(0.45, (slices - 1) * slice_spacing / subject.thigh_length / 2)
@@ -151,16 +166,30 @@ def make_geometry(
         span = 4 * (subject.muscle_radius + subject.fat_thickness) + subject.leg_gap
         field_of_view = float(max(360.0, span + rng.uniform(*site.fov_margin_mm)))
     levels = np.linspace(coverage[0], coverage[1], slices)
-    z = -levels * subject.thigh_length + 100.0  # proximal slice has the highest z (LPS: +z superior)
+    z = (
+        -levels * subject.thigh_length + 100.0
+    )  # proximal slice has the highest z (LPS: +z superior)
     return Geometry(size=size, field_of_view=field_of_view, slice_positions=z, thigh_levels=levels)
 
 
-def generate(seed: int, size: int = 512, slices: int = 72, field_of_view: float | None = None,
-             slice_spacing: float | None = None, site: Site = INTERNAL) -> Phantom:
+def generate(
+    seed: int,
+    size: int = 512,
+    slices: int = 72,
+    field_of_view: float | None = None,
+    slice_spacing: float | None = None,
+    site: Site = INTERNAL,
+) -> Phantom:
     """Render one subject (deterministic for a seed, site and geometry)."""
     subject = Subject.sample(seed, site)
-    geometry = make_geometry(subject, size=size, slices=slices, field_of_view=field_of_view,
-                             slice_spacing=slice_spacing, site=site)
+    geometry = make_geometry(
+        subject,
+        size=size,
+        slices=slices,
+        field_of_view=field_of_view,
+        slice_spacing=slice_spacing,
+        site=site,
+    )
     rng = np.random.default_rng([seed, 3, size, slices])
     x0, y0 = geometry.origin_xy
     coords = x0 + geometry.pixel_spacing * np.arange(size, dtype=np.float32)
@@ -170,14 +199,18 @@ def generate(seed: int, size: int = 512, slices: int = 72, field_of_view: float 
     hu = np.empty((slices, size, size), dtype=np.float32)
     labels = np.empty((slices, size, size), dtype=np.uint8)
     for k, level in enumerate(geometry.thigh_levels):
-        hu[k], labels[k] = _render_slice(subject, float(level), xx, yy, imat_field[k], texture_field[k])
+        hu[k], labels[k] = _render_slice(
+            subject, float(level), xx, yy, imat_field[k], texture_field[k]
+        )
     blur_px = 0.6 / geometry.pixel_spacing + 0.35  # scanner point-spread / partial volume
     hu = ndimage.gaussian_filter(hu, sigma=(0, blur_px, blur_px))
     hu += _scanner_noise(rng, hu.shape, subject.noise_hu, geometry.pixel_spacing)
     return Phantom(subject=subject, geometry=geometry, hu=hu, labels=labels)
 
 
-def _smooth_field(rng: np.random.Generator, geometry: Geometry, correlation_mm: float) -> np.ndarray:
+def _smooth_field(
+    rng: np.random.Generator, geometry: Geometry, correlation_mm: float
+) -> np.ndarray:
     """Unit-variance Gaussian random field with the given correlation length, on the slice grid."""
     coarse_mm = correlation_mm / 2
     n = max(8, int(round(geometry.field_of_view / coarse_mm)))
@@ -189,11 +222,15 @@ def _smooth_field(rng: np.random.Generator, geometry: Geometry, correlation_mm: 
     grid_y, grid_x = np.meshgrid(yi, yi, indexing="ij")
     out = np.empty((len(zi), geometry.size, geometry.size), dtype=np.float32)
     for k in range(len(zi)):  # per slice keeps memory at one slice of coordinates
-        out[k] = ndimage.map_coordinates(field, [np.full_like(grid_y, zi[k]), grid_y, grid_x], order=1)
+        out[k] = ndimage.map_coordinates(
+            field, [np.full_like(grid_y, zi[k]), grid_y, grid_x], order=1
+        )
     return out
 
 
-def _scanner_noise(rng: np.random.Generator, shape: tuple[int, ...], sd: float, pixel_mm: float) -> np.ndarray:
+def _scanner_noise(
+    rng: np.random.Generator, shape: tuple[int, ...], sd: float, pixel_mm: float
+) -> np.ndarray:
     """Slightly correlated noise, as in filtered back-projection reconstructions."""
     noise = rng.standard_normal(shape).astype(np.float32)
     sigma = 0.4 / pixel_mm + 0.3
@@ -202,17 +239,24 @@ def _scanner_noise(rng: np.random.Generator, shape: tuple[int, ...], sd: float, 
 
 
 def _render_slice(
-    subject: Subject, level: float, xx: np.ndarray, yy: np.ndarray, imat: np.ndarray, texture: np.ndarray
+    subject: Subject,
+    level: float,
+    xx: np.ndarray,
+    yy: np.ndarray,
+    imat: np.ndarray,
+    texture: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     hu = np.full(xx.shape, HU_AIR, dtype=np.float32)
     labels = np.zeros(xx.shape, dtype=np.uint8)
     _render_table(subject, xx, yy, hu)
     taper = 1.0 - 0.28 * level  # the thigh narrows towards the knee
-    outer = (subject.muscle_radius * taper + subject.fat_thickness * (1 - 0.3 * level) + 2.0)
+    outer = subject.muscle_radius * taper + subject.fat_thickness * (1 - 0.3 * level) + 2.0
     for side in (-1, +1):  # -1: patient right (negative x in LPS), +1: patient left
         size = 1 + side * subject.asymmetry / 2
         centre_x = side * (outer * size + subject.leg_gap / 2)
-        _render_leg(subject, level, taper * size, side, xx - centre_x, yy, imat, texture, hu, labels)
+        _render_leg(
+            subject, level, taper * size, side, xx - centre_x, yy, imat, texture, hu, labels
+        )
     return hu, labels
 
 
@@ -225,8 +269,16 @@ def _render_table(subject: Subject, xx: np.ndarray, yy: np.ndarray, hu: np.ndarr
 
 
 def _render_leg(
-    subject: Subject, level: float, scale: float, side: int, dx: np.ndarray, yy: np.ndarray,
-    imat: np.ndarray, texture: np.ndarray, hu: np.ndarray, labels: np.ndarray,
+    subject: Subject,
+    level: float,
+    scale: float,
+    side: int,
+    dx: np.ndarray,
+    yy: np.ndarray,
+    imat: np.ndarray,
+    texture: np.ndarray,
+    hu: np.ndarray,
+    labels: np.ndarray,
 ) -> None:
     u = dx * -side  # medial positive
     v = yy  # posterior positive
@@ -234,8 +286,13 @@ def _render_leg(
     angle = np.arctan2(u, -v)  # 0 anterior, +pi/2 medial, +-pi posterior
     c = subject.shape_coefficients
     drift = 0.5 * np.sin(2 * np.pi * level + side)  # the outline changes smoothly along z
-    shape = (1 + 0.06 * np.cos(2 * angle) + c[0] * np.cos(2 * angle + c[1] * 20 + drift)
-             + c[2] * np.cos(3 * angle + c[3] * 20) + c[4] * np.cos(4 * angle + drift))
+    shape = (
+        1
+        + 0.06 * np.cos(2 * angle)
+        + c[0] * np.cos(2 * angle + c[1] * 20 + drift)
+        + c[2] * np.cos(3 * angle + c[3] * 20)
+        + c[4] * np.cos(4 * angle + drift)
+    )
     fascia_r = subject.muscle_radius * scale * shape
     fat_r = fascia_r + subject.fat_thickness * (1 - 0.3 * level) * (1 + 0.25 * np.cos(angle + 2.2))
     skin_r = fat_r + 2.0
@@ -266,7 +323,8 @@ def _render_leg(
     group = np.full(u.shape, Group.FLEXOR, dtype=np.uint8)
     group[wrapped < np.mod(anteromedial - lateral, 2 * np.pi)] = Group.EXTENSOR
     in_adductor = (wrapped >= np.mod(anteromedial - lateral, 2 * np.pi)) & (
-        wrapped < np.mod(posteromedial - lateral, 2 * np.pi))
+        wrapped < np.mod(posteromedial - lateral, 2 * np.pi)
+    )
     group[in_adductor] = Group.ADDUCTOR
 
     septum = np.zeros(u.shape, dtype=bool)
@@ -291,8 +349,13 @@ def _render_leg(
 
 
 def _fat_pocket(
-    ru: np.ndarray, rv: np.ndarray, angle: float | np.ndarray, depth: float,
-    subject: Subject, scale: float, inside: np.ndarray,
+    ru: np.ndarray,
+    rv: np.ndarray,
+    angle: float | np.ndarray,
+    depth: float,
+    subject: Subject,
+    scale: float,
+    inside: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A fat pocket on a septum around a round structure (vessels, nerve): (pocket, structure)."""
     a = float(np.mean(angle))

@@ -5,6 +5,7 @@ the server and this process per request. The slices then go to ONNX Runtime `inf
 time (0: all at once): on CPU a big batch runs no faster per slice than a small one and falls out of
 cache, so the CPU configuration runs them one by one.
 """
+
 import json
 from pathlib import Path
 
@@ -24,17 +25,23 @@ class TritonPythonModel:
         options.intra_op_num_threads = int(_parameter(config, "intra_op_threads", "0"))
         self.inference_batch = int(_parameter(config, "inference_batch", "0"))
         model_file = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
-        self.session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            str(model_file), options, providers=["CPUExecutionProvider"]
+        )
 
     def execute(self, requests):
         images = [pb_utils.get_input_tensor_by_name(r, "image").as_numpy() for r in requests]
         batch = np.concatenate(images).astype(np.float32, copy=False)
         step = self.inference_batch or len(batch)
-        logits = np.concatenate([self.session.run(["logits"], {"image": batch[start:start + step]})[0]
-                                 for start in range(0, len(batch), step)])
+        logits = np.concatenate(
+            [
+                self.session.run(["logits"], {"image": batch[start : start + step]})[0]
+                for start in range(0, len(batch), step)
+            ]
+        )
         responses, start = [], 0
         for image in images:
-            part = logits[start:start + len(image)]
+            part = logits[start : start + len(image)]
             start += len(image)
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("logits", part)]))
         return responses
