@@ -19,6 +19,8 @@ from google.protobuf import text_format
 
 @dataclass(frozen=True)
 class PerfPoint:
+    """One perf_analyzer measurement: throughput and latency at one concurrency."""
+
     model: str
     protocol: str
     concurrency: int
@@ -28,10 +30,12 @@ class PerfPoint:
     p99_ms: float
 
     def as_dict(self) -> dict:
+        """Plain data for the benchmark's JSON."""
         return asdict(self)
 
 
 def perf_analyzer_binary() -> str:
+    """The perf_analyzer that tritonclient installed beside this interpreter."""
     local = Path(sys.executable).parent / "perf_analyzer"
     found = str(local) if local.exists() else shutil.which("perf_analyzer")
     if found is None:
@@ -79,6 +83,8 @@ def measure(
 
 
 class UnstableMeasurement(RuntimeError):
+    """perf_analyzer could not reach a stable measurement window."""
+
     pass
 
 

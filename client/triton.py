@@ -61,6 +61,7 @@ class TritonSegmenter:
         return client
 
     def is_ready(self) -> bool:
+        """Is the server up and the model loaded (for /readyz)?"""
         try:
             return bool(self._client().is_model_ready(self.model))
         except Exception:  # connection refused, DNS, ...

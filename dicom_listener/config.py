@@ -13,6 +13,8 @@ from thighseg.dicom_listener.validation import Limits
 
 @dataclass
 class ListenerConfig:
+    """Everything the listener can be told; the defaults are the product's defaults."""
+
     spool_dir: Path
     output_dir: Path
     ae_title: str = AE_TITLE

@@ -15,6 +15,13 @@ from pathlib import Path
 
 import pydicom
 from pynetdicom import AE
+from pynetdicom.status import (
+    STATUS_FAILURE,
+    STATUS_SUCCESS,
+    STATUS_WARNING,
+    STORAGE_SERVICE_CLASS_STATUS,
+    code_to_category,
+)
 
 from thighseg.core.constants import AE_TITLE
 
@@ -23,6 +30,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Destination:
+    """The AE that results are C-STOREd to."""
+
     ae_title: str
     host: str
     port: int
@@ -38,13 +47,24 @@ class Destination:
 
 @dataclass(frozen=True)
 class ForwardResult:
+    """Whether the destination stored every file, after how many attempts, and why not."""
+
     delivered: bool
     attempts: int
     detail: str
 
 
+def _stored(status: int) -> bool:
+    """Success, or a warning (coercion, elements discarded): the destination kept the object."""
+    return status >= 0 and code_to_category(status) in (STATUS_SUCCESS, STATUS_WARNING)
+
+
 def _permanent(status: int) -> bool:
-    return status in (0x0122, 0x0124) or 0xA900 <= status <= 0xA9FF or 0xC000 <= status <= 0xCFFF
+    """A refusal that a retry will not change: any failure but out of resources or a processing
+    failure at the destination."""
+    meaning = STORAGE_SERVICE_CLASS_STATUS.get(status, ("", ""))[1]
+    transient = meaning.startswith(("Refused: Out of Resources", "Processing Failure"))
+    return code_to_category(status) == STATUS_FAILURE and not transient
 
 
 def forward(
@@ -71,9 +91,9 @@ def forward(
                 response = association.send_c_store(ds)
                 statuses.append(int(response.Status) if "Status" in response else -1)
             association.release()
-            if all(s == 0 or 0xB000 <= s <= 0xBFFF for s in statuses):
+            if all(_stored(s) for s in statuses):
                 return ForwardResult(True, attempt, "stored")
-            failed = [s for s in statuses if s != 0 and not 0xB000 <= s <= 0xBFFF]
+            failed = [s for s in statuses if not _stored(s)]
             detail = f"C-STORE status {', '.join(f'0x{s:04X}' for s in failed)}"
             if all(s >= 0 and _permanent(s) for s in failed):
                 log.error(

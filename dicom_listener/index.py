@@ -64,6 +64,8 @@ _SERIES_COLUMNS = (
 
 
 class Arrival(enum.Enum):
+    """What a received instance changed in its series."""
+
     NEW = "new"  # a SOP Instance UID not seen before
     REPLACED = "replaced"  # a known SOP Instance UID with different content
     DUPLICATE = "duplicate"  # the same content again: nothing changes
@@ -72,6 +74,8 @@ class Arrival(enum.Enum):
 
 @dataclass(frozen=True)
 class SeriesRecord:
+    """One series as the index knows it."""
+
     series_uid: str
     study_uid: str
     state: str
@@ -117,6 +121,7 @@ class SpoolIndex:
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
 
     def close(self) -> None:
+        """Close the database (the listener is stopping)."""
         with self._lock:
             self._db.close()
 
@@ -173,6 +178,7 @@ class SpoolIndex:
             self._db.execute("UPDATE series SET released = 1 WHERE series_uid = ?", (series_uid,))
 
     def set_state(self, series_uid: str, state: str, reason: str | None = None) -> None:
+        """Set a series' state unconditionally (expiry, failures outside processing)."""
         if state not in STATES:
             raise ValueError(f"unknown state {state!r}")
         with self._transaction():
@@ -246,6 +252,7 @@ class SpoolIndex:
             ).rowcount
 
     def get(self, series_uid: str) -> SeriesRecord | None:
+        """The series' record, or None if it was never received."""
         with self._lock:
             row = self._db.execute(
                 f"SELECT {_SERIES_COLUMNS} FROM series WHERE series_uid = ?", (series_uid,)
@@ -253,6 +260,7 @@ class SpoolIndex:
         return SeriesRecord(*row) if row else None
 
     def in_state(self, *states: str) -> list[SeriesRecord]:
+        """Every series in one of `states`, oldest activity first."""
         marks = ",".join("?" * len(states))
         with self._lock:
             rows = self._db.execute(
@@ -263,6 +271,7 @@ class SpoolIndex:
         return [SeriesRecord(*row) for row in rows]
 
     def counts(self) -> dict[str, int]:
+        """How many series are in each state (every state present)."""
         with self._lock:
             rows = self._db.execute("SELECT state, COUNT(*) FROM series GROUP BY state").fetchall()
         return {state: 0 for state in STATES} | dict(rows)

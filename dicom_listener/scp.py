@@ -70,6 +70,8 @@ def _response(refusal: Refusal) -> Dataset:
 
 @dataclass
 class StoreHandler:
+    """The EVT_C_STORE handler: check, stage, record, commit, answer."""
+
     spool: Spool
     tracker: SeriesTracker
     telemetry: Telemetry
@@ -160,6 +162,7 @@ def _describe(error: BaseException) -> str:
 
 
 def make_ae(ae_title: str, max_pdu_bytes: int, network_timeout_s: float) -> AE:
+    """The listener's AE: every storage SOP class, our transfer syntaxes, limits and timeouts."""
     ae = AE(ae_title=ae_title)
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
@@ -246,6 +249,7 @@ class CountingTLSContext:
         self._context, self._timeout_s, self._telemetry = context, timeout_s, telemetry
 
     def wrap_socket(self, sock, server_side: bool = True, **options):  # noqa: ANN001 - ssl's signature
+        """Wrap an accepted socket; a failed handshake is logged, counted and re-raised."""
         sock.settimeout(self._timeout_s)
         try:
             return self._context.wrap_socket(sock, server_side=server_side, **options)
@@ -261,6 +265,8 @@ class CountingTLSContext:
 def event_handlers(
     ae: AE, store: StoreHandler, tracker: SeriesTracker, guard: ConnectionGuard
 ) -> list[tuple]:
+    """The handlers the association server binds: connection guard, rejections, echo, store,
+    completion."""
     return [
         (evt.EVT_CONN_OPEN, guard),
         (evt.EVT_REJECTED, RejectionLogger(ae, store.telemetry)),

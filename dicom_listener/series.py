@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SeriesKey:
+    """A series and the study it belongs to (their folder in the spool and the results)."""
+
     study_uid: str
     series_uid: str
 
@@ -72,11 +74,13 @@ class SeriesTracker:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop watching; waits for the watch thread."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
 
     def is_alive(self) -> bool:
+        """Is the watch loop running and making progress?"""
         return self._thread.is_alive() and self.error is None
 
     def received(self, association_id: int, key: SeriesKey, sop_uid: str, digest: str) -> Arrival:
@@ -91,6 +95,7 @@ class SeriesTracker:
         return arrival
 
     def association_closed(self, association_id: int, released: bool) -> None:
+        """An association ended: a release (not an abort) lets its series complete."""
         released_series = []
         with self._lock:
             for key, activity in self._activity.items():

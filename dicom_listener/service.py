@@ -47,6 +47,7 @@ logging.getLogger("pynetdicom").setLevel(
 
 
 def server_ssl_context(config: ListenerConfig) -> ssl.SSLContext | None:
+    """The TLS context for the SCP, or None for plain TCP."""
     if config.tls_cert is None:
         return None
     if config.tls_key is None:
@@ -62,6 +63,8 @@ def server_ssl_context(config: ListenerConfig) -> ssl.SSLContext | None:
 
 @dataclass
 class Listener:
+    """SCP, spool, index, completion, workers and endpoints, started and stopped together."""
+
     config: ListenerConfig
     inference: InferenceSettings
     results: dict[str, SeriesResult] = field(default_factory=dict)
@@ -91,6 +94,7 @@ class Listener:
 
     def start(self) -> Listener:
         # study-sized arrays leave the process when freed (thighseg.core.memory)
+        """Accept associations, resume what the index left unfinished, serve the endpoints."""
         fix_mmap_threshold()
         redact_identifiers()  # no full UID in any log line, whichever library writes it
         ae = make_ae(self.config.ae_title, self.config.max_pdu_bytes, self.config.network_timeout_s)
@@ -124,6 +128,7 @@ class Listener:
         return self
 
     def stop(self) -> None:
+        """Stop accepting, finish the series in progress, close everything."""
         self._stopping.set()
         if self._server is not None:
             self._server.shutdown()

@@ -23,6 +23,7 @@ def is_valid_uid(value: object) -> bool:
 
 
 def sha256_of(data: bytes) -> str:
+    """The hex SHA-256 of an instance's bytes (its identity in the index)."""
     return hashlib.sha256(data).hexdigest()
 
 
@@ -34,17 +35,20 @@ class Spool:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def series_dir(self, study_uid: str, series_uid: str) -> Path:
+        """The folder of one series (UIDs are checked: they become path parts)."""
         for uid in (study_uid, series_uid):
             if not is_valid_uid(uid):
                 raise ValueError(f"invalid UID {uid!r}")
         return self.root / study_uid / series_uid
 
     def path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        """Where one instance is kept."""
         if not is_valid_uid(sop_uid):
             raise ValueError(f"invalid SOP Instance UID {sop_uid!r}")
         return self.series_dir(study_uid, series_uid) / f"{sop_uid}.dcm"
 
     def free_bytes(self) -> int:
+        """Free space on the spool's file system."""
         return shutil.disk_usage(self.root).free
 
     def stage(self, encoded: bytes, study_uid: str, series_uid: str, sop_uid: str) -> Path:
@@ -72,6 +76,7 @@ class Spool:
 
     @staticmethod
     def discard(temporary: Path) -> None:
+        """Remove a staged instance that will not be committed."""
         temporary.unlink(missing_ok=True)
 
     def holds(self, study_uid: str, series_uid: str, sop_uid: str, digest: str) -> bool:
@@ -82,6 +87,7 @@ class Spool:
             return False
 
     def instances(self, study_uid: str, series_uid: str) -> list[Path]:
+        """Every committed instance file of a series."""
         return sorted(self.series_dir(study_uid, series_uid).glob("*.dcm"))
 
 

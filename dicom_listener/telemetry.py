@@ -24,6 +24,8 @@ STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 @dataclass
 class Telemetry:
+    """The listener's Prometheus metrics and its HTTP endpoints."""
+
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
@@ -121,6 +123,7 @@ class Telemetry:
         ).start()
 
     def close(self) -> None:
+        """Stop the endpoints' HTTP server."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

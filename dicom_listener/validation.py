@@ -27,6 +27,8 @@ ERROR_COMMENT_CHARS = 64  # Error Comment (0000,0902) is LO
 
 @dataclass(frozen=True)
 class Limits:
+    """What the listener accepts: matrix, sizes, spacing, rescale and free spool space."""
+
     max_matrix: int = 2048  # rows/columns
     min_matrix: int = 32
     max_instance_bytes: int = 64 << 20
@@ -37,6 +39,8 @@ class Limits:
 
 @dataclass(frozen=True)
 class Refusal:
+    """Why an instance is refused: its DICOM status, a metrics reason and a comment."""
+
     status: int
     reason: str  # short machine-readable reason (metrics label)
     detail: str

@@ -576,3 +576,23 @@ def test_expired_series_get_a_report_and_no_stale_instance_count(listener_factor
     assert report["status"] == "failed" and report["reason"].startswith("expired")
     assert report["instances_received"] == 3
     assert listener.index.get(series_uid).instances == 0
+
+
+def test_an_unexpected_worker_failure_ends_as_a_failed_series_with_a_report(
+    listener_factory, study_factory
+):
+    listener = listener_factory()
+    paths = study_factory(6950, **SMALL)
+    study_uid, series_uid = uids(paths)
+
+    def broken_finish(*args, **kwargs):
+        raise RuntimeError("index bug")
+
+    listener.index.finish = broken_finish
+    assert send_files(paths, "127.0.0.1", listener.config.port) == [0] * 6
+    assert wait_until(lambda: listener.index.get(series_uid).state == "failed", 120)
+    assert listener.index.get(series_uid).reason.startswith("internal error: RuntimeError")
+    result_dir = listener.config.output_dir / study_uid / series_uid
+    report = json.loads((result_dir / "report.json").read_text())
+    assert report["status"] == "failed" and "index bug" in report["reason"]
+    assert not list(result_dir.parent.glob(".*partial"))

@@ -155,3 +155,22 @@ def test_slices_too_far_apart_fail(series, tmp_path):
     spread = _write_variant(series, tmp_path, {k: _shift_z(-40.0 * k) for k in range(6)})
     with pytest.raises(SeriesError, match="slice spacing"):
         assemble(spread)
+
+
+def test_status_names_mean_what_pynetdicom_says():
+    from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS
+
+    from thighseg.dicom_listener.validation import (
+        CANNOT_UNDERSTAND,
+        DATASET_DOES_NOT_MATCH_SOP_CLASS,
+        OUT_OF_RESOURCES,
+        SOP_CLASS_NOT_SUPPORTED,
+    )
+
+    assert STORAGE_SERVICE_CLASS_STATUS[OUT_OF_RESOURCES][1] == "Refused: Out of Resources"
+    assert (
+        STORAGE_SERVICE_CLASS_STATUS[DATASET_DOES_NOT_MATCH_SOP_CLASS][1]
+        == "Data Set Does Not Match SOP Class"
+    )
+    assert STORAGE_SERVICE_CLASS_STATUS[CANNOT_UNDERSTAND][1] == "Cannot Understand"
+    assert GENERAL_STATUS[SOP_CLASS_NOT_SUPPORTED][1] == "Refused: SOP Class Not Supported"

@@ -62,6 +62,8 @@ class HUStack:
 
 @dataclass
 class Volume:
+    """An assembled series: HU volume, spacing and the headers of its slices, all in z order."""
+
     hu: np.ndarray | HUStack  # (z, y, x) HU, z ascending along the normal, int16 or float32
     spacing_zyx: tuple[float, float, float]
     sources: list[Dataset]  # headers in the same order as hu, without pixel data

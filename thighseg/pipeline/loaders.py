@@ -20,6 +20,8 @@ from thighseg.pipeline.assemble import assemble
 
 @dataclass
 class LabelledVolume:
+    """An image with its label map (a user's case or a phantom), in thighseg's array convention."""
+
     hu: np.ndarray  # float32 (z, y, x)
     labels: np.ndarray  # uint8 (z, y, x)
     spacing_zyx: tuple[float, float, float]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import highdicom as hd
@@ -26,6 +25,7 @@ _GROUP_DESCRIPTIONS = {
 
 
 def segment_descriptions(model: str) -> list[hd.seg.SegmentDescription]:
+    """The three muscle-group segments of every SEG, with the algorithm that made them."""
     algorithm = hd.AlgorithmIdentificationSequence(
         name=f"thighseg {model}",
         version=thighseg.__version__,
@@ -181,10 +181,3 @@ def write_overlay_png(preview: Preview, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate(tiles, axis=1)).save(path)
     return path
-
-
-def write_report(report: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".part")
-    temporary.write_text(json.dumps(report, indent=2, sort_keys=True))
-    temporary.replace(path)

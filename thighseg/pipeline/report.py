@@ -63,6 +63,7 @@ class SeriesReport:
 
     @property
     def done(self) -> bool:
+        """Did every stage run?"""
         return self.status == DONE
 
     def to_json(self) -> dict:
@@ -83,6 +84,7 @@ class SeriesReport:
 
     @classmethod
     def from_json(cls, document: dict) -> SeriesReport:
+        """The report from report.json's document (unknown keys are ignored)."""
         known = {item.name for item in fields(cls)}
         values = {k: v for k, v in document.items() if k in known}
         if values.get("indices") is not None:
@@ -101,6 +103,7 @@ class SeriesReport:
 
     @classmethod
     def read(cls, path: Path) -> SeriesReport:
+        """The report in a report.json file."""
         return cls.from_json(json.loads(path.read_text()))
 
 

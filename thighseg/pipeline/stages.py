@@ -41,6 +41,8 @@ def _always_ready() -> bool:
 
 @dataclass(frozen=True)
 class InferenceSettings:
+    """How the infer stage reaches the model: a batch function, the model's name and input size."""
+
     infer: InferFn
     model: str
     input_size: int
@@ -69,6 +71,8 @@ def is_environment_error(error: BaseException) -> bool:
 
 @dataclass(frozen=True)
 class SeriesResult:
+    """Where one input's results were written, and its report."""
+
     report_path: Path
     seg_path: Path | None  # None for a failed series or a NIfTI input
     report: SeriesReport
@@ -183,6 +187,7 @@ def read_dicom(report: SeriesReport, paths: list[Path], out_dir: Path) -> Loaded
 
 
 def read_nifti(report: SeriesReport, path: Path) -> LoadedVolume:
+    """Load a NIfTI volume as HU in thighseg's array convention."""
     hu, spacing, affine = load_nifti_image(path)
     return LoadedVolume(hu, spacing, None, affine)
 

@@ -104,6 +104,8 @@ def render(
     png: Path,
     pdf: Path | None = None,
 ) -> Path:
+    """The one-page summary (PNG and PDF): axial levels, coronal reformat, indices table, QC
+    flags."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -28,6 +28,8 @@ CPU_CONFIG_NAME = "cpu"
 
 @dataclass(frozen=True)
 class Ports:
+    """The server's HTTP, gRPC and metrics ports."""
+
     http: int = TRITON_HTTP_PORT
     grpc: int = TRITON_GRPC_PORT
     metrics: int = TRITON_METRICS_PORT
@@ -85,13 +87,16 @@ class EmbeddedTriton:
 
     @property
     def http_url(self) -> str:
+        """host:port of the HTTP endpoint."""
         return f"127.0.0.1:{self.ports.http}"
 
     @property
     def grpc_url(self) -> str:
+        """host:port of the gRPC endpoint."""
         return f"127.0.0.1:{self.ports.grpc}"
 
     def served_models(self) -> tuple[str, ...]:
+        """The repository's models that have an exported ONNX file to serve."""
         if self.models is not None:
             return self.models
         return tuple(
@@ -99,6 +104,7 @@ class EmbeddedTriton:
         )
 
     def command(self, backends: Path) -> list[str]:
+        """The tritonserver command line for this repository and these ports."""
         return [
             str(_pytriton_root() / "bin" / "tritonserver"),
             f"--model-repository={self.model_repository.resolve()}",
@@ -117,6 +123,7 @@ class EmbeddedTriton:
         ]
 
     def start(self) -> EmbeddedTriton:
+        """Start tritonserver and wait until every served model is ready."""
         if not self.model_repository.is_dir():
             raise FileNotFoundError(f"model repository {self.model_repository} does not exist")
         if not self.served_models():
