@@ -92,3 +92,18 @@ def test_the_check_catches_an_upward_import(tmp_path):
     module.write_text("def f():\n    from thighseg.apps.demo import run_demo\n")
     assert [m for _, m in _imports(module)] == ["thighseg.apps.demo"]
     assert RANK[_package_of("thighseg.apps.demo")] > RANK["thighseg.pipeline"]
+
+
+def test_the_runtime_imports_no_torch():
+    """The listener, the pipeline, batch mode and the CLI run where only the runtime is installed."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "for name in ('torch', 'segmentation_models_pytorch', 'onnx'): sys.modules[name] = None\n"
+        "import thighseg.cli, thighseg.dicom_listener.service, thighseg.pipeline.stages, "
+        "thighseg.apps.batch\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
