@@ -95,7 +95,8 @@ def test_the_check_catches_an_upward_import(tmp_path):
 
 
 def test_the_runtime_imports_no_torch():
-    """The listener, the pipeline, batch mode and the CLI run where only the runtime is installed."""
+    """The listener, the pipeline, batch mode and the CLI run where only the runtime is
+    installed."""
     import subprocess
     import sys
 
