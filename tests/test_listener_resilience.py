@@ -8,17 +8,15 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-from conftest import free_port
+from conftest import free_port, start_listen_process
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -212,45 +210,11 @@ def test_triton_outage_keeps_the_series_queued_until_it_is_back(
         server.stop()
 
 
-def _listen_process(triton, spool: Path, out: Path, port: int, idle: float) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "thighseg.cli",
-            "listen",
-            "--triton-url",
-            triton.http_url,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--metrics-port",
-            "0",
-            "--spool",
-            str(spool),
-            "--out",
-            str(out),
-            "--idle",
-            str(idle),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def _wait_listening(process: subprocess.Popen) -> None:
-    line = process.stdout.readline()
-    assert "listening" in line, line
-
-
 def test_kill_9_mid_study_then_restart_and_resend_the_rest(triton, study_factory, tmp_path):
     paths = study_factory(5600, size=128, slices=12)
     spool, out, port = tmp_path / "spool", tmp_path / "out", free_port()
-    first = _listen_process(triton, spool, out, port, idle=1.0)
+    first = start_listen_process(triton.http_url, spool, out, port, idle_s=1.0)
     try:
-        _wait_listening(first)
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(pydicom.uid.CTImageStorage)
         association = ae.associate("127.0.0.1", port, ae_title="THIGHSEG")
@@ -260,9 +224,8 @@ def test_kill_9_mid_study_then_restart_and_resend_the_rest(triton, study_factory
     finally:
         if first.poll() is None:
             first.kill()
-    second = _listen_process(triton, spool, out, port, idle=1.0)
+    second = start_listen_process(triton.http_url, spool, out, port, idle_s=1.0)
     try:
-        _wait_listening(second)
         assert send_files(paths[6:], "127.0.0.1", port) == [0] * 6
         study_uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
         report_path = out / study_uid / series_uid(paths) / "report.json"

@@ -15,7 +15,6 @@ import socket
 import sqlite3
 import struct
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import free_port
+from conftest import free_port, start_listen_process
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 from pynetdicom import AE, evt
@@ -133,44 +132,13 @@ def test_instances_arriving_while_the_series_is_processed_are_in_the_published_r
 
 
 # 2 ------------------------------------------------------------------------------------------------
-def _listen(triton, spool: Path, out: Path, port: int, idle: float) -> subprocess.Popen:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "thighseg.cli",
-            "listen",
-            "--triton-url",
-            triton.http_url,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--metrics-port",
-            "0",
-            "--spool",
-            str(spool),
-            "--out",
-            str(out),
-            "--idle",
-            str(idle),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    line = process.stdout.readline()
-    assert "listening" in line, line
-    return process
-
-
 def test_after_a_restart_a_series_still_receiving_waits_for_its_own_completion(
     triton, study_factory, tmp_path
 ):
     paths = study_factory(6200, size=128, slices=12)
     study_uid, series_uid = uids(paths)
     spool, out, port = tmp_path / "spool", tmp_path / "out", free_port()
-    first = _listen(triton, spool, out, port, idle=0.5)
+    first = start_listen_process(triton.http_url, spool, out, port, idle_s=0.5)
     try:
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(pydicom.uid.CTImageStorage)
@@ -183,7 +151,7 @@ def test_after_a_restart_a_series_still_receiving_waits_for_its_own_completion(
     finally:
         if first.poll() is None:
             first.kill()
-    second = _listen(triton, spool, out, port, idle=0.5)
+    second = start_listen_process(triton.http_url, spool, out, port, idle_s=0.5)
     report_path = out / study_uid / series_uid / "report.json"
     try:
         time.sleep(3.0)  # six idle periods: the old listener published the 5-slice result by now
