@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import ssl
+import struct
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
@@ -176,6 +178,15 @@ def make_ae(ae_title: str, max_pdu_bytes: int, network_timeout_s: float) -> AE:
     return ae
 
 
+def _receive_timeout(connection: socket.socket, seconds: float) -> None:
+    """A kernel receive timeout (SO_RCVTIMEO) on a blocking socket: a silent peer ends the read
+    with an error after `seconds`. Python's own socket timeout would do the same, but it turns the
+    socket non-blocking and polls before each of the ~128 reads of a 512 KiB instance."""
+    whole = int(seconds)
+    timeval = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+
+
 @dataclass
 class ConnectionGuard:
     """EVT_CONN_OPEN runs before the association's reader starts: bound its socket's reads."""
@@ -186,10 +197,8 @@ class ConnectionGuard:
 
     def __call__(self, event: evt.Event) -> None:
         sock: AssociationSocket = event.assoc.dul.socket
-        if (
-            sock.socket is not None
-        ):  # accepted sockets do not inherit the listening socket's timeout
-            sock.socket.settimeout(self.network_timeout_s)
+        if sock.socket is not None:
+            _receive_timeout(sock.socket, self.network_timeout_s)
         if self.max_pdu_bytes:
             read = sock.recv
             limit, telemetry = self.max_pdu_bytes, self.telemetry
