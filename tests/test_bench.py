@@ -3,6 +3,7 @@ thresholds: speed targets are read from a full `thighseg bench` run, never asser
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,7 +44,13 @@ def test_tiny_benchmark_writes_json_markdown_and_plots(model_repository, tmp_pat
     assert {"onnxruntime_fp32", "onnxruntime_fp32_batch1", "torch_eager_fp32"} <= set(
         saved["baselines_slices_per_second"]["segformer"]
     )
-    assert {r["receiver"] for r in saved["ingest"]} == {"dcmtk-storescp", "thighseg-listener"}
+    assert {r["receiver"] for r in saved["ingest"]} == {
+        "dcmtk-storescp",
+        "dcmtk-storescp-nagle-default",
+        "thighseg-listener",
+    }
+    assert "ingest_listener_vs_storescp_tcp_nodelay_1_associations" in saved["ratios"]
+    assert saved["errors"] == {}
     whole = saved["whole_study"]
     assert whole["instances"] == 8 and whole["listener_peak_rss_mb"] > 0
     assert (
@@ -55,3 +62,68 @@ def test_tiny_benchmark_writes_json_markdown_and_plots(model_repository, tmp_pat
     for picture in ("perf_analyzer.png", "baselines_ingest.png"):
         image = Image.open(tmp_path / picture)
         assert image.size[0] > 600 and len(np.unique(np.asarray(image.convert("L")))) > 10
+
+
+@pytest.fixture(scope="module")
+def denseunet_repository(tmp_path_factory):
+    """A repository serving only the dense-block U-Net (not the listener's default model)."""
+    from conftest import needs_torch
+
+    needs_torch()
+    from thighseg.export.onnx_export import export_to_repository
+    from thighseg.learning import models
+
+    repository = tmp_path_factory.mktemp("denseunet_repository")
+    name = models.triton_name("denseunet")
+    source = Path(__file__).resolve().parent.parent / "model_repository" / name
+    shutil.copytree(
+        source, repository / name, ignore=shutil.ignore_patterns("*.onnx", "__pycache__")
+    )
+    export_to_repository("denseunet", repository)
+    return repository
+
+
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK storescu not installed")
+def test_every_part_uses_the_model_asked_for_and_resume_measures_only_what_is_missing(
+    denseunet_repository, tmp_path
+):
+    pytest.importorskip("matplotlib")
+    from thighseg.apps.bench import BenchConfig, run_bench
+
+    config = BenchConfig.tiny(("denseunet",))
+    first = run_bench(tmp_path, denseunet_repository, config)
+    assert first["errors"] == {} and first["whole_study"]["model"] == "denseunet"
+    assert {p["architecture"] for p in first["perf_analyzer"]} == {"denseunet"}
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    del saved["whole_study"]  # as a run killed during its last part leaves it
+    (tmp_path / "bench.json").write_text(json.dumps(saved))
+    second = run_bench(tmp_path, denseunet_repository, config, resume=True)
+    assert second["perf_analyzer"] == first["perf_analyzer"]  # kept, not measured again
+    assert second["ingest"] == first["ingest"]
+    assert second["whole_study"]["model"] == "denseunet"
+    assert second["whole_study"]["seconds_first_store_to_seg"] > 0
+    with pytest.raises(ValueError, match="another configuration"):
+        run_bench(tmp_path, denseunet_repository, BenchConfig.tiny(("segformer",)), resume=True)
+
+
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK storescu not installed")
+def test_a_listener_that_cannot_start_fails_its_parts_with_its_reason_and_the_rest_finish(
+    denseunet_repository, tmp_path
+):
+    """The listener asked to use a model the server does not serve exits at once: the C-STORE
+    parts report its stderr (no blind wait for a port), the other parts keep their figures."""
+    pytest.importorskip("matplotlib")
+    from dataclasses import replace
+
+    from thighseg.apps.bench import BenchConfig, run_bench
+
+    config = replace(BenchConfig.tiny(("denseunet",)), study_model="segformer")
+    results = run_bench(tmp_path, denseunet_repository, config)
+    assert set(results["errors"]) == {"ingest", "whole_study"}
+    assert all(
+        "exited" in reason and "segformer" in reason for reason in results["errors"].values()
+    )
+    assert {p["architecture"] for p in results["perf_analyzer"]} == {"denseunet"}
+    assert "denseunet" in results["baselines_slices_per_second"]
+    assert "Parts that failed" in (tmp_path / "bench.md").read_text()
+    assert (tmp_path / "perf_analyzer.png").exists()

@@ -221,14 +221,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from thighseg.apps.bench import BenchConfig, run_bench
     from thighseg.apps.demo import ensure_exported
 
+    models = tuple(args.models)
     config = (
-        BenchConfig.tiny()
+        BenchConfig.tiny(models)
         if args.tiny
-        else BenchConfig(models=tuple(args.models), study_slices=args.study_slices)
+        else BenchConfig.for_models(models, study_slices=args.study_slices)
     )
-    for model in {*config.models, config.study_model}:
+    for model in config.models:
         ensure_exported(model, args.repository)
-    results = run_bench(args.out, args.repository, config)
+    results = run_bench(args.out, args.repository, config, resume=args.resume)
     print(json.dumps(results["ratios"], indent=2))
     print(f"figures: {args.out}/bench.json, bench.md, perf_analyzer.png, baselines_ingest.png")
     return 0
@@ -415,6 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study-slices", type=int, default=300)
     p.add_argument(
         "--tiny", action="store_true", help="a one-minute run that proves the benchmark works"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the parts an earlier run with the same settings wrote to OUT/bench.json",
     )
     p.set_defaults(func=cmd_bench)
 

@@ -5,6 +5,11 @@ same slices (PyTorch eager FP32/bf16, ONNX Runtime at batch 1 and 8, whose best 
 ceiling any server of that model meets on this machine), C-STORE ingest against DCMTK storescp, and
 one whole study from the first C-STORE to the SEG with the listener's peak memory, in a fresh
 listener and in one that has already processed a study. Writes bench.json, bench.md and PNG plots.
+
+Each part writes bench.json as it finishes; a part that fails is recorded under "errors" with its
+reason and the others go on; `resume` skips the parts an earlier run of the same configuration
+finished. Every part uses the models asked for (the whole-study part the first of them, SegFormer
+when it is among them).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from tqdm import tqdm
 from thighseg.apps.baselines import onnxruntime_runner, slices_per_second, torch_runner
 from thighseg.apps.ingest import compare_ingest, free_port, listener_process, peak_rss_bytes, push
 from thighseg.client.perf import measure, without_dynamic_batching
-from thighseg.core.constants import AE_TITLE
+from thighseg.core.constants import AE_TITLE, DEFAULT_MODEL
 from thighseg.core.labels import normalise_hu
 from thighseg.core.resample import MODEL_INPUT_SIZE, to_model_grid
 from thighseg.learning import models
@@ -38,23 +43,29 @@ DYNAMIC_BATCHING_TARGET = 1.3  # issue 6: batching on vs off at concurrency 8
 @dataclass(frozen=True)
 class BenchConfig:
     models: tuple[str, ...] = ("denseunet", "manet", "segformer")
-    study_model: str = "segformer"  # the listener's default model
+    study_model: str = DEFAULT_MODEL  # the listener's model in the ingest and whole-study parts
     concurrencies: tuple[int, ...] = (1, 2, 4, 8, 16)
     measurement_ms: int = 3000
     baseline_slices: int = 64
     bf16_slices: int = 16
     study_slices: int = 300
     study_size: int = 512
-    warmup_slices: int = (
-        12  # the study a listener processes first for the steady-state memory figure
-    )
-    ingest_associations: tuple[int, ...] = (1, 4)
+    # the study a listener processes first, for the steady-state memory figure
+    warmup_slices: int = 12
+    ingest_associations: tuple[int, ...] = (1, 4, 10)
 
     @staticmethod
-    def tiny() -> BenchConfig:
+    def for_models(models: tuple[str, ...], **options) -> BenchConfig:
+        """Every part on `models`: the whole study with the listener's default model if it is
+        among them, otherwise the first."""
+        study_model = DEFAULT_MODEL if DEFAULT_MODEL in models else models[0]
+        return BenchConfig(models=tuple(models), study_model=study_model, **options)
+
+    @staticmethod
+    def tiny(models: tuple[str, ...] = (DEFAULT_MODEL,)) -> BenchConfig:
         """Proves the benchmark works in about a minute; its figures mean little."""
-        return BenchConfig(
-            models=("segformer",),
+        return BenchConfig.for_models(
+            models,
             concurrencies=(1, 2),
             measurement_ms=500,
             baseline_slices=8,
@@ -195,7 +206,27 @@ def run_whole_study(
     }
 
 
-def run_bench(out: Path, repository: Path, config: BenchConfig) -> dict:
+def _save(out: Path, results: dict) -> None:
+    temporary = out / "bench.json.part"
+    temporary.write_text(json.dumps(results, indent=2))
+    temporary.replace(out / "bench.json")
+
+
+def _earlier_results(out: Path, config: BenchConfig) -> dict:
+    """The parts an earlier run of the same configuration finished (for --resume)."""
+    try:
+        earlier = json.loads((out / "bench.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if earlier.get("config") != json.loads(json.dumps(asdict(config))):
+        raise ValueError(f"{out}/bench.json was measured with another configuration: no resume")
+    return {part: earlier[part] for part in PARTS if part in earlier}
+
+
+PARTS = ("perf_analyzer", "baselines_slices_per_second", "ingest", "whole_study")
+
+
+def run_bench(out: Path, repository: Path, config: BenchConfig, resume: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {
         "config": asdict(config),
@@ -205,6 +236,8 @@ def run_bench(out: Path, repository: Path, config: BenchConfig) -> dict:
             "cpus": os.cpu_count(),
         },
         "gpu": "missing: no GPU on this machine; run scripts/gpu_check.sh on a GPU host",
+        "errors": {},
+        **(_earlier_results(out, config) if resume else {}),
     }
     with tempfile.TemporaryDirectory(prefix="thighseg-bench-") as scratch:
         work = Path(scratch)
@@ -224,29 +257,41 @@ def run_bench(out: Path, repository: Path, config: BenchConfig) -> dict:
             ),
             work / "warmup",
         )
-        with EmbeddedTriton(
-            work / "repository",
-            Ports(free_port(), free_port(), free_port()),
-            log_file=work / "triton.log",
-        ) as server:
-            results["perf_analyzer"] = run_perf(server, served, config)
-            results["baselines_slices_per_second"] = {
-                model: run_baselines(
-                    model, work / "repository" / names[0] / "1" / "model.onnx", config
-                )
-                for model, names in tqdm(served.items(), desc="baselines")
+        ports = Ports(free_port(), free_port(), free_port())
+        with EmbeddedTriton(work / "repository", ports, log_file=work / "triton.log") as server:
+            parts = {
+                "perf_analyzer": lambda: run_perf(server, served, config),
+                "baselines_slices_per_second": lambda: {
+                    model: run_baselines(
+                        model, work / "repository" / names[0] / "1" / "model.onnx", config
+                    )
+                    for model, names in tqdm(served.items(), desc="baselines")
+                },
+                "ingest": lambda: [
+                    r.as_dict()
+                    for r in compare_ingest(
+                        files,
+                        server.http_url,
+                        work / "ingest",
+                        config.ingest_associations,
+                        config.study_model,
+                    )
+                ],
+                "whole_study": lambda: run_whole_study(
+                    files, warmup, server.http_url, config.study_model, work, voxel_bytes
+                ),
             }
-            results["ingest"] = [
-                r.as_dict()
-                for r in compare_ingest(
-                    files, server.http_url, work / "ingest", config.ingest_associations
-                )
-            ]
-            results["whole_study"] = run_whole_study(
-                files, warmup, server.http_url, config.study_model, work, voxel_bytes
-            )
+            for part, measure_part in parts.items():
+                if part in results:
+                    continue  # resumed
+                try:
+                    results[part] = measure_part()
+                except Exception as error:  # noqa: BLE001 - one failing part must not cost the others
+                    results["errors"][part] = f"{type(error).__name__}: {error}"[:2000]
+                    print(f"bench: {part} failed: {results['errors'][part]}", flush=True)
+                _save(out, results)
     results["ratios"] = ratios(results)
-    (out / "bench.json").write_text(json.dumps(results, indent=2))
+    _save(out, results)
     (out / "bench.md").write_text(markdown(results))
     plot(results, out)
     return results
@@ -283,38 +328,150 @@ def _compared_concurrency(points: list[dict]) -> int:
 
 
 def ratios(results: dict) -> dict:
-    points, at = results["perf_analyzer"], _compared_concurrency(results["perf_analyzer"])
+    """The figures the targets are about, from whichever parts finished."""
     out = {}
-    for model, baselines in results["baselines_slices_per_second"].items():
-        triton = _best(points, model, None, True)
-        for protocol in ("http", "grpc"):
-            out[f"{model}: dynamic_batching_on_vs_off_{protocol}_at_concurrency_{at}"] = _best(
-                points, model, protocol, True, at
-            ) / _best(points, model, protocol, False, at)
+    points = results.get("perf_analyzer") or []
+    at = _compared_concurrency(points) if points else None
+    for model, baselines in results.get("baselines_slices_per_second", {}).items():
         ceiling = _ceiling(baselines)
-        out[f"{model}: most_dynamic_batching_could_give_at_concurrency_{at}"] = ceiling / _best(
-            points, model, None, False, at
-        )
-        if "torch_eager_fp32" in baselines:
-            out[f"{model}: embedded_triton_vs_torch_eager_fp32"] = (
-                triton / baselines["torch_eager_fp32"]
-            )
-        out[f"{model}: embedded_triton_vs_onnxruntime_direct_best_batch"] = triton / ceiling
-    whole = results["whole_study"]
-    out["listener_peak_rss_over_study_voxel_bytes"] = whole["peak_rss_over_voxel_bytes"]
-    out["warm_listener_peak_rss_over_study_voxel_bytes"] = whole["warm_peak_rss_over_voxel_bytes"]
+        if points:
+            triton = _best(points, model, None, True)
+            for protocol in ("http", "grpc"):
+                out[f"{model}: dynamic_batching_on_vs_off_{protocol}_at_concurrency_{at}"] = _best(
+                    points, model, protocol, True, at
+                ) / _best(points, model, protocol, False, at)
+            off = _best(points, model, None, False, at)
+            out[f"{model}: most_dynamic_batching_could_give_at_concurrency_{at}"] = ceiling / off
+            if "torch_eager_fp32" in baselines:
+                out[f"{model}: embedded_triton_vs_torch_eager_fp32"] = (
+                    triton / baselines["torch_eager_fp32"]
+                )
+            out[f"{model}: embedded_triton_vs_onnxruntime_direct_best_batch"] = triton / ceiling
+    whole = results.get("whole_study")
+    if whole:
+        out["listener_peak_rss_over_study_voxel_bytes"] = whole["peak_rss_over_voxel_bytes"]
+        out["warm_listener_peak_rss_over_study_voxel_bytes"] = whole[
+            "warm_peak_rss_over_voxel_bytes"
+        ]
     ingest = {
-        (r["receiver"], r["associations"]): r["instances_per_second"] for r in results["ingest"]
+        (r["receiver"], r["associations"]): r["instances_per_second"]
+        for r in results.get("ingest") or []
     }
-    for count in sorted({r["associations"] for r in results["ingest"]}):
-        out[f"ingest_listener_vs_storescp_{count}_associations"] = (
-            ingest[("thighseg-listener", count)] / ingest[("dcmtk-storescp", count)]
+    for count in sorted({count for _, count in ingest}):
+        listener = ingest[("thighseg-listener", count)]
+        out[f"ingest_listener_vs_storescp_tcp_nodelay_{count}_associations"] = (
+            listener / ingest[("dcmtk-storescp", count)]
+        )
+        out[f"ingest_listener_vs_storescp_nagle_default_{count}_associations"] = (
+            listener / ingest[("dcmtk-storescp-nagle-default", count)]
         )
     return {k: round(v, 3) for k, v in out.items()}
 
 
+def _batching_section(results: dict) -> list[str]:
+    points, baselines_by_model = results["perf_analyzer"], results["baselines_slices_per_second"]
+    at = _compared_concurrency(points)
+    lines = [
+        f"## Dynamic batching against the compute ceiling (concurrency {at})",
+        "",
+        "| model | batching off, slices/s | batching on | ONNX Runtime direct, batch 1 / 8 "
+        f"| off ÷ ceiling | {DYNAMIC_BATCHING_TARGET}× off would need |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model, baselines in baselines_by_model.items():
+        off, on = _best(points, model, None, False, at), _best(points, model, None, True, at)
+        ceiling = _ceiling(baselines)
+        lines.append(
+            f"| {model} | {off:.1f} | {on:.1f} | {baselines['onnxruntime_fp32_batch1']:.1f} / "
+            f"{baselines['onnxruntime_fp32']:.1f} | {off / ceiling:.0%} | "
+            f"{DYNAMIC_BATCHING_TARGET * off:.1f} |"
+        )
+    return lines + [
+        "",
+        "Batching pays where a bigger batch runs more slices per second. On this CPU a model "
+        "runs no faster at batch 8 than at batch 1, so the CPU configuration batches without "
+        "waiting and runs the slices one at a time: batching saves only the per-request round "
+        "trip, and the server without batching already runs at the share of the ceiling shown. "
+        "GPU figures come from scripts/gpu_check.sh.",
+        "",
+    ]
+
+
+def _perf_section(points: list[dict]) -> list[str]:
+    lines = []
+    for model in dict.fromkeys(p["architecture"] for p in points):
+        lines += [
+            f"## perf_analyzer: {model} (embedded Triton, CPU; slices/s and ms)",
+            "",
+            "| protocol | dynamic batching | concurrency | slices/s | p50 | p95 | p99 |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {p['protocol']} | {'on' if p['dynamic_batching'] else 'off'} | "
+            f"{p['concurrency']} | {p['throughput']:.1f} | {p['p50_ms']:.0f} | "
+            f"{p['p95_ms']:.0f} | {p['p99_ms']:.0f} |"
+            for p in sorted(
+                (p for p in points if p["architecture"] == model),
+                key=lambda p: (p["protocol"], not p["dynamic_batching"], p["concurrency"]),
+            )
+        ]
+        lines.append("")
+    return lines
+
+
+def _baselines_section(baselines_by_model: dict) -> list[str]:
+    lines = [
+        "## Baselines on the same slices (slices/s; batch 8 unless named)",
+        "",
+        "| model | runtime | slices/s |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {model} | {runtime} | {value:.1f} |"
+        for model, baselines in baselines_by_model.items()
+        for runtime, value in baselines.items()
+    ]
+    return lines + [""]
+
+
+def _ingest_section(runs: list[dict]) -> list[str]:
+    lines = [
+        "## C-STORE ingest (DCMTK storescu as sender)",
+        "",
+        "storescp and storescu with `TCP_NODELAY=1` (the fair baseline; the listener gets the same "
+        "sender) and in DCMTK's default configuration, which leaves Nagle's algorithm on "
+        "(`-nagle-default`, labelled, for comparison with earlier figures). storescp writes "
+        "without fsync; the listener fsyncs each instance and its index entry before Success.",
+        "",
+        "| receiver | associations | instances | seconds | instances/s |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['receiver']} | {r['associations']} | {r['instances']} | {r['seconds']:.2f} | "
+        f"{r['instances_per_second']:.1f} |"
+        for r in runs
+    ]
+    return lines + [""]
+
+
+def _whole_study_section(whole: dict, warmup_slices: int) -> list[str]:
+    stages = ", ".join(f"{k} {v:.2f} s" for k, v in whole["stage_seconds"].items())
+    return [
+        "## Whole study",
+        "",
+        f"{whole['instances']} instances ({whole['model']}): first C-STORE to SEG in "
+        f"{whole['seconds_first_store_to_seg']} s (receive {whole['seconds_receive']} s); "
+        f"stages {stages}. Listener peak RSS for {whole['study_voxel_mb']} MB of voxels: "
+        f"{whole['listener_peak_rss_mb']} MB ({whole['peak_rss_over_voxel_bytes']}×) in a fresh "
+        f"listener, {whole['warm_listener_peak_rss_mb']} MB "
+        f"({whole['warm_peak_rss_over_voxel_bytes']}×) in one that processed a "
+        f"{warmup_slices}-slice study first.",
+        "",
+    ]
+
+
 def markdown(results: dict) -> str:
-    points, at = results["perf_analyzer"], _compared_concurrency(results["perf_analyzer"])
+    """bench.md: the ratios, then each part that finished; failed parts with their reason."""
     lines = [
         "# thighseg benchmark",
         "",
@@ -327,100 +484,38 @@ def markdown(results: dict) -> str:
         "|---|---|",
     ]
     lines += [f"| {k} | {v} |" for k, v in results["ratios"].items()]
-    lines += [
-        "",
-        f"## Dynamic batching against the compute ceiling (concurrency {at})",
-        "",
-        "| model | batching off, slices/s | batching on | ONNX Runtime direct, batch 1 / 8 | off "
-        "÷ ceiling | "
-        f"{DYNAMIC_BATCHING_TARGET}× off would need |",
-        "|---|---|---|---|---|---|",
-    ]
-    for model, baselines in results["baselines_slices_per_second"].items():
-        off, on = _best(points, model, None, False, at), _best(points, model, None, True, at)
-        ceiling = _ceiling(baselines)
-        lines.append(
-            f"| {model} | {off:.1f} | {on:.1f} | {baselines['onnxruntime_fp32_batch1']:.1f} / "
-            f"{baselines['onnxruntime_fp32']:.1f} | {off / ceiling:.0%} | "
-            f"{DYNAMIC_BATCHING_TARGET * off:.1f} |"
-        )
-    lines += [
-        "",
-        "Batching pays where a bigger batch runs more slices per second. On this CPU a model runs "
-        "no "
-        "faster at batch 8 than at batch 1, so the CPU configuration batches without waiting and "
-        "runs "
-        "the slices one at a time: batching saves only the per-request round trip, and the server "
-        "without batching already runs at the share of the ceiling shown. GPU figures come from "
-        "scripts/gpu_check.sh.",
-        "",
-    ]
-    for model in results["baselines_slices_per_second"]:
-        lines += [
-            f"## perf_analyzer: {model} (embedded Triton, CPU; slices/s and ms)",
-            "",
-            "| protocol | dynamic batching | concurrency | slices/s | p50 | p95 | p99 |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {p['protocol']} | {'on' if p['dynamic_batching'] else 'off'} | {p['concurrency']} "
-            "| "
-            f"{p['throughput']:.1f} | {p['p50_ms']:.0f} | {p['p95_ms']:.0f} | {p['p99_ms']:.0f} |"
-            for p in sorted(
-                (p for p in points if p["architecture"] == model),
-                key=lambda p: (p["protocol"], not p["dynamic_batching"], p["concurrency"]),
-            )
-        ]
+    lines.append("")
+    if results.get("errors"):
+        lines += ["## Parts that failed", ""]
+        lines += [f"- {part}: {reason}" for part, reason in results["errors"].items()]
         lines.append("")
-    lines += [
-        "## Baselines on the same slices (slices/s; batch 8 unless named)",
-        "",
-        "| model | runtime | slices/s |",
-        "|---|---|---|",
-    ]
-    lines += [
-        f"| {model} | {runtime} | {value:.1f} |"
-        for model, baselines in results["baselines_slices_per_second"].items()
-        for runtime, value in baselines.items()
-    ]
-    lines += [
-        "",
-        "## C-STORE ingest (DCMTK storescu as sender)",
-        "",
-        "| receiver | associations | instances | seconds | instances/s |",
-        "|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['receiver']} | {r['associations']} | {r['instances']} | {r['seconds']:.2f} | "
-        f"{r['instances_per_second']:.1f} |"
-        for r in results["ingest"]
-    ]
-    whole = results["whole_study"]
-    lines += [
-        "",
-        "## Whole study",
-        "",
-        f"{whole['instances']} instances ({whole['model']}): first C-STORE to SEG in "
-        f"{whole['seconds_first_store_to_seg']} s (receive {whole['seconds_receive']} s); stages "
-        + ", ".join(f"{k} {v:.2f} s" for k, v in whole["stage_seconds"].items())
-        + f". Listener peak RSS for {whole['study_voxel_mb']} MB of voxels: "
-        f"{whole['listener_peak_rss_mb']} MB "
-        f"({whole['peak_rss_over_voxel_bytes']}×) in a fresh listener, "
-        f"{whole['warm_listener_peak_rss_mb']} MB "
-        f"({whole['warm_peak_rss_over_voxel_bytes']}×) in one that processed a "
-        f"{results['config']['warmup_slices']}"
-        "-slice study first.",
-        "",
-    ]
+    if "perf_analyzer" in results and "baselines_slices_per_second" in results:
+        lines += _batching_section(results)
+    if "perf_analyzer" in results:
+        lines += _perf_section(results["perf_analyzer"])
+    if "baselines_slices_per_second" in results:
+        lines += _baselines_section(results["baselines_slices_per_second"])
+    if "ingest" in results:
+        lines += _ingest_section(results["ingest"])
+    if "whole_study" in results:
+        lines += _whole_study_section(results["whole_study"], results["config"]["warmup_slices"])
     return "\n".join(lines)
 
 
 def plot(results: dict, out: Path) -> None:
+    """perf_analyzer.png and baselines_ingest.png, from the parts they need that finished."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if {"perf_analyzer", "baselines_slices_per_second"} <= results.keys():
+        _plot_perf(results, out, plt)
+    if {"perf_analyzer", "baselines_slices_per_second", "ingest"} <= results.keys():
+        _plot_baselines_ingest(results, out, plt)
+
+
+def _plot_perf(results: dict, out: Path, plt) -> None:  # noqa: ANN001 - matplotlib.pyplot
     served = list(results["baselines_slices_per_second"])
     figure, axes = plt.subplots(len(served), 2, figsize=(11, 3.6 * len(served)), squeeze=False)
     for (throughput, latency), model in zip(axes, served, strict=False):
@@ -464,6 +559,8 @@ def plot(results: dict, out: Path) -> None:
     figure.savefig(out / "perf_analyzer.png", dpi=120)
     plt.close(figure)
 
+
+def _plot_baselines_ingest(results: dict, out: Path, plt) -> None:  # noqa: ANN001
     figure, (runtimes, ingest) = plt.subplots(1, 2, figsize=(12, 4.5))
     bars = {
         f"{model}: {runtime}": value
@@ -473,7 +570,7 @@ def plot(results: dict, out: Path) -> None:
     bars.update(
         {
             f"{model}: triton (best)": _best(results["perf_analyzer"], model, None, True)
-            for model in served
+            for model in results["baselines_slices_per_second"]
         }
     )
     runtimes.barh(list(bars), list(bars.values()))
