@@ -148,3 +148,22 @@ def test_cli_defaults_are_the_configs_own():
         TrainConfig().subjects,
         TrainConfig().batch_size,
     )
+
+
+def test_readme_states_the_defaults_the_code_has():
+    from pathlib import Path
+
+    from thighseg.core.constants import (
+        AE_TITLE,
+        DICOM_PORT,
+        LISTENER_METRICS_PORT,
+        TRITON_GRPC_PORT,
+        TRITON_HTTP_PORT,
+        TRITON_METRICS_PORT,
+    )
+
+    readme = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text().split())
+    ports = f"HTTP {TRITON_HTTP_PORT}, gRPC {TRITON_GRPC_PORT}, metrics {TRITON_METRICS_PORT}"
+    assert ports in readme
+    assert f"(AE `{AE_TITLE}`, port {DICOM_PORT})" in readme
+    assert f"`--metrics-port` ({LISTENER_METRICS_PORT})" in readme
