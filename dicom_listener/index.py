@@ -153,8 +153,8 @@ class SpoolIndex:
             if row is not None and row[1] == digest:
                 return Arrival.DUPLICATE
             self._db.execute(
-                "INSERT INTO series (series_uid, study_uid, state, first_received, last_received, "
-                "updated)"
+                "INSERT INTO series"
+                " (series_uid, study_uid, state, first_received, last_received, updated)"
                 " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(series_uid) DO NOTHING",
                 (series_uid, study_uid, RECEIVING, now, now, now),
             )

@@ -112,8 +112,7 @@ def markdown(report: dict) -> str:
         "",
         "DSC, sensitivity, specificity and accuracy are 3D per study, then mean ± SD over studies. "
         "ICC is ICC(2,1) (two-way random, absolute agreement, single measure) of predicted vs "
-        "true volumes "
-        "with its 95 % CI.",
+        "true volumes with its 95 % CI.",
         "",
     ]
     for cohort in report["config"]["cohorts"]:
