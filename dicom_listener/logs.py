@@ -12,8 +12,9 @@ import logging
 import re
 import traceback
 
-# A UID has at least five numeric components (IP addresses and versions have fewer).
-_UID = re.compile(r"(?<![\d.])\d+(?:\.\d+){4,}(?![\d.])")
+# A UID has at least five numeric components (IP addresses and versions have fewer); it may be
+# followed by a full stop or by the rest of a malformed value ("….498.99.abc").
+_UID = re.compile(r"(?<![\d.])\d+(?:\.\d+){4,}(?!\d)")
 _installed = False
 
 
@@ -23,10 +24,12 @@ def redact(text: str) -> str:
 
 
 def redact_identifiers() -> None:
-    """Install the redacting record factory once per process (idempotent)."""
+    """Install the redacting record factory once per process (idempotent); Python warnings
+    (pydicom warns with the offending value) are routed through logging so they are redacted too."""
     global _installed
     if _installed:
         return
+    logging.captureWarnings(True)
     make_record = logging.getLogRecordFactory()
 
     def redacted_record(*args: object, **kwargs: object) -> logging.LogRecord:

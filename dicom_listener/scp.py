@@ -16,7 +16,9 @@ import logging
 import socket
 import ssl
 import struct
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -70,6 +72,9 @@ def _response(refusal: Refusal) -> Dataset:
     return response
 
 
+SOP_LOCKS = 64  # record + commit of one SOP Instance UID never interleave across associations
+
+
 @dataclass
 class StoreHandler:
     """The EVT_C_STORE handler: check, stage, record, commit, answer."""
@@ -78,6 +83,9 @@ class StoreHandler:
     tracker: SeriesTracker
     telemetry: Telemetry
     limits: Limits = Limits()
+    _locks: list[threading.Lock] = field(
+        default_factory=lambda: [threading.Lock() for _ in range(SOP_LOCKS)], repr=False
+    )
 
     def __call__(self, event: evt.Event) -> int | Dataset:
         refusal = self._store(event)
@@ -131,24 +139,18 @@ class StoreHandler:
                 OUT_OF_RESOURCES, "spool_write", f"cannot write the spool ({_describe(error)})"
             )
         try:
-            arrival = self.tracker.received(id(event.assoc), key, sop_uid, digest)
-            if arrival is Arrival.CONFLICT:
-                self.spool.discard(staged)
-                return Refusal(
-                    DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                    "uid_conflict",
-                    "SOPInstanceUID already stored in another series",
-                )
-            if arrival is Arrival.DUPLICATE and self.spool.holds(
-                key.study_uid, key.series_uid, sop_uid, digest
-            ):
-                self.spool.discard(staged)
-            else:
-                self.spool.commit(staged)
+            with self._locks[hash(sop_uid) % SOP_LOCKS]:  # the file matches the index's digest
+                arrival = self._record_and_commit(event, key, sop_uid, digest, staged)
         except Exception as error:  # noqa: BLE001 - index or rename failed: the sender must resend
             self.spool.discard(staged)
             return Refusal(
                 OUT_OF_RESOURCES, "spool_write", f"cannot record the instance ({_describe(error)})"
+            )
+        if arrival is Arrival.CONFLICT:
+            return Refusal(
+                DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                "uid_conflict",
+                "SOPInstanceUID already stored in another series",
             )
         counter = {Arrival.NEW: self.telemetry.received, Arrival.REPLACED: self.telemetry.replaced}
         counter.get(arrival, self.telemetry.duplicates).inc()
@@ -158,12 +160,25 @@ class StoreHandler:
             )
         return None
 
+    def _record_and_commit(
+        self, event: evt.Event, key: SeriesKey, sop_uid: str, digest: str, staged: Path
+    ) -> Arrival:
+        arrival = self.tracker.received(id(event.assoc), key, sop_uid, digest)
+        if arrival is Arrival.CONFLICT or (
+            arrival is Arrival.DUPLICATE
+            and self.spool.holds(key.study_uid, key.series_uid, sop_uid, digest)
+        ):
+            self.spool.discard(staged)
+        else:
+            self.spool.commit(staged)
+        return arrival
+
 
 def _describe(error: BaseException) -> str:
     return getattr(error, "strerror", None) or type(error).__name__
 
 
-def make_ae(ae_title: str, max_pdu_bytes: int, network_timeout_s: float) -> AE:
+def make_ae(ae_title: str, max_pdu_bytes: int) -> AE:
     """The listener's AE: every storage SOP class, our transfer syntaxes, limits and timeouts."""
     ae = AE(ae_title=ae_title)
     ae.add_supported_context(Verification)
@@ -172,9 +187,6 @@ def make_ae(ae_title: str, max_pdu_bytes: int, network_timeout_s: float) -> AE:
     ae.maximum_pdu_size = max_pdu_bytes
     ae.maximum_associations = 32
     ae.require_called_aet = True  # an association addressed to another AE title is rejected
-    ae.network_timeout = network_timeout_s
-    ae.acse_timeout = network_timeout_s
-    ae.dimse_timeout = network_timeout_s
     return ae
 
 
@@ -199,24 +211,30 @@ class ConnectionGuard:
         sock: AssociationSocket = event.assoc.dul.socket
         if sock.socket is not None:
             _receive_timeout(sock.socket, self.network_timeout_s)
-        if self.max_pdu_bytes:
-            read = sock.recv
-            limit, telemetry = self.max_pdu_bytes, self.telemetry
+        read = sock.recv
+        limit, telemetry, timeout_s = self.max_pdu_bytes, self.telemetry, self.network_timeout_s
 
-            def bounded_read(nr_bytes: int) -> bytearray:
-                if nr_bytes > limit:
-                    telemetry.associations_rejected.labels("pdu_too_large").inc()
-                    log.warning(
-                        "aborting association: PDU of %d bytes exceeds the %d-byte limit",
-                        nr_bytes,
-                        limit,
-                    )
-                    with contextlib.suppress(OSError):
-                        sock.socket.sendall(A_ABORT_INVALID_PDU_PARAMETER)
-                    raise OSError(f"PDU of {nr_bytes} bytes exceeds the {limit}-byte maximum")
+        def guarded_read(nr_bytes: int) -> bytearray:
+            if limit and nr_bytes > limit:
+                telemetry.associations_rejected.labels("pdu_too_large").inc()
+                log.warning(
+                    "aborting association: PDU of %d bytes exceeds the %d-byte limit",
+                    nr_bytes,
+                    limit,
+                )
+                with contextlib.suppress(OSError):
+                    sock.socket.sendall(A_ABORT_INVALID_PDU_PARAMETER)
+                raise OSError(f"PDU of {nr_bytes} bytes exceeds the {limit}-byte maximum")
+            try:
                 return read(nr_bytes)
+            except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO: the peer stopped mid-PDU
+                telemetry.associations_rejected.labels("network_timeout").inc()
+                log.warning(
+                    "closing association: peer silent for %.0f s in the middle of a PDU", timeout_s
+                )
+                raise
 
-            sock.recv = bounded_read
+        sock.recv = guarded_read
 
 
 @dataclass

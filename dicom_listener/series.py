@@ -1,7 +1,8 @@
 """Series completion: a series is complete once an association that sent to it has been released,
 none that sent to it is still open, and nothing new arrived for `idle_s` seconds (a study may come
 over several associations). An aborted association does not complete anything. A series still
-receiving after `expiry_s` is given up with a reason.
+receiving `expiry_s` after its last instance, with no association open to it, is given up with a
+reason.
 
 The release is persisted in the index, so after a restart a series whose sender was still
 connected stays receiving until its own completion; only a released one completes after `idle_s`.
@@ -146,9 +147,14 @@ class SeriesTracker:
                 self._on_complete(key)
 
     def _expire(self, wall_now: float) -> None:
+        """Give up series nobody is sending to any more; a series an open association is still
+        sending to never expires, however long the sender pauses."""
         for record in self._index.in_state(RECEIVING):
             if wall_now - record.last_received >= self._expiry_s:
                 key = SeriesKey(record.study_uid, record.series_uid)
                 with self._lock:
+                    activity = self._activity.get(key)
+                    if activity is not None and activity.open_associations:
+                        continue
                     self._activity.pop(key, None)
                 self._on_expired(key)

@@ -24,7 +24,7 @@ from thighseg.client.triton import TritonUnavailable
 from thighseg.core.memory import fix_mmap_threshold
 from thighseg.dicom_listener.config import ListenerConfig
 from thighseg.dicom_listener.forward import forward
-from thighseg.dicom_listener.index import COMPLETE, DONE, FAILED, Snapshot, SpoolIndex
+from thighseg.dicom_listener.index import COMPLETE, DONE, FAILED, STATES, Snapshot, SpoolIndex
 from thighseg.dicom_listener.logs import redact_identifiers
 from thighseg.dicom_listener.scp import (
     ConnectionGuard,
@@ -97,7 +97,7 @@ class Listener:
         """Accept associations, resume what the index left unfinished, serve the endpoints."""
         fix_mmap_threshold()
         redact_identifiers()  # no full UID in any log line, whichever library writes it
-        ae = make_ae(self.config.ae_title, self.config.max_pdu_bytes, self.config.network_timeout_s)
+        ae = make_ae(self.config.ae_title, self.config.max_pdu_bytes)
         if self.config.allowed_calling_aets:
             ae.require_calling_aet = list(self.config.allowed_calling_aets)
         store = StoreHandler(self.spool, self.tracker, self.telemetry, self.config.limits)
@@ -113,7 +113,11 @@ class Listener:
             if tls
             else None,
         )
-        self.telemetry.queue_depth.set_function(self._queued)
+        self.telemetry.queue_depth.set_function(lambda: self._count(COMPLETE))
+        for state in STATES:  # read from the index at each scrape: always what the index says
+            self.telemetry.series_by_state.labels(state).set_function(
+                lambda state=state: self._count(state)
+            )
         self.tracker.start()
         if self.config.metrics_port is not None:
             self.telemetry.serve(
@@ -161,9 +165,9 @@ class Listener:
             return "triton unreachable"
         return None
 
-    def _queued(self) -> float:
+    def _count(self, state: str) -> float:
         try:
-            return float(self.index.counts()[COMPLETE])
+            return float(self.index.counts()[state])
         except Exception:  # noqa: BLE001 - a scrape must not fail because the index is busy or broken
             return float("nan")
 
@@ -289,7 +293,6 @@ class Listener:
         self.telemetry.series.labels(status).inc()
         for stage, seconds in result.report.stage_seconds.items():
             self.telemetry.stage_seconds.labels(stage).observe(seconds)
-        self._update_state_gauge()
         log.info("series %s %s", short_uid(key.series_uid), status)
         with self._done:
             self.results[key.series_uid] = result
@@ -334,10 +337,6 @@ class Listener:
             t for t in self._timers if t.is_alive() and t is not threading.current_thread()
         }
         self._enqueue(key)
-
-    def _update_state_gauge(self) -> None:
-        for state, count in self.index.counts().items():
-            self.telemetry.series_by_state.labels(state).set(count)
 
     def wait_for(
         self, series_uid: str, timeout_s: float, instances: int | None = None

@@ -11,9 +11,11 @@ import hashlib
 import os
 import re
 import shutil
+import uuid
 from pathlib import Path
 
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+# Components are 0 or have no leading zero (PS3.5 9.1).
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 WRITE_BUFFER_BYTES = 1 << 20
 
 
@@ -52,10 +54,11 @@ class Spool:
         return shutil.disk_usage(self.root).free
 
     def stage(self, encoded: bytes, study_uid: str, series_uid: str, sop_uid: str) -> Path:
-        """Write one encoded instance (DICOM file bytes) to a temporary file, fsynced."""
+        """Write one encoded instance (DICOM file bytes) to a temporary file of its own, fsynced
+        (the same instance may arrive on several associations at once)."""
         final = self.path(study_uid, series_uid, sop_uid)
         final.parent.mkdir(parents=True, exist_ok=True)
-        temporary = final.with_name(f".{sop_uid}.part")
+        temporary = final.with_name(f".{sop_uid}.{uuid.uuid4().hex}.part")
         try:
             with open(temporary, "wb", buffering=WRITE_BUFFER_BYTES) as handle:
                 handle.write(encoded)
@@ -69,7 +72,7 @@ class Spool:
     @staticmethod
     def commit(temporary: Path) -> Path:
         """Rename a staged instance into place, durably."""
-        final = temporary.with_name(temporary.name[1:].removesuffix(".part") + ".dcm")
+        final = temporary.with_name(temporary.name[1:].split(".part")[0].rsplit(".", 1)[0] + ".dcm")
         os.replace(temporary, final)
         _fsync_directory(final.parent)
         return final

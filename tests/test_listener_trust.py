@@ -344,6 +344,13 @@ def test_a_half_sent_pdu_does_not_hold_the_connection(listener_factory):
         while raw.recv(1 << 16):
             pass
         assert time.monotonic() - started < 10
+    assert wait_until(
+        lambda: listener.telemetry.registry.get_sample_value(
+            "thighseg_associations_rejected_total", {"reason": "network_timeout"}
+        )
+        == 1,
+        5,
+    )
 
 
 # 5 ------------------------------------------------------------------------------------------------
@@ -564,3 +571,68 @@ def test_an_unexpected_worker_failure_ends_as_a_failed_series_with_a_report(
     report = json.loads((result_dir / "report.json").read_text())
     assert report["status"] == "failed" and "index bug" in report["reason"]
     assert not list(result_dir.parent.glob(".*partial"))
+
+
+# found by the independent black-box check -------------------------------------------------------
+def test_a_sender_pausing_longer_than_expiry_on_an_open_association_loses_nothing(
+    listener_factory, study_factory
+):
+    listener = listener_factory(expiry_s=1.0)
+    paths = study_factory(7000, **SMALL)
+    series_uid = uids(paths)[1]
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(pydicom.uid.CTImageStorage)
+    association = ae.associate("127.0.0.1", listener.config.port, ae_title="THIGHSEG")
+    assert [association.send_c_store(pydicom.dcmread(p)).Status for p in paths[:3]] == [0] * 3
+    time.sleep(3.0)  # three expiry periods, association still open
+    assert listener.index.get(series_uid).state == RECEIVING
+    assert [association.send_c_store(pydicom.dcmread(p)).Status for p in paths[3:]] == [0] * 3
+    association.release()
+    result = listener.wait_for(series_uid, timeout_s=120)
+    assert result.report.status == "done" and result.report.instances == 6
+
+
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK storescu not installed")
+def test_the_same_instances_on_parallel_associations_are_all_acknowledged(
+    listener_factory, study_factory
+):
+    listener = listener_factory()
+    paths = study_factory(7100, **SMALL)
+    command = ["storescu", "-aec", "THIGHSEG", "127.0.0.1", str(listener.config.port)]
+    senders = [
+        subprocess.Popen([*command, *map(str, paths)], stderr=subprocess.PIPE) for _ in range(6)
+    ]
+    outcomes = [(sender.wait(120), sender.stderr.read().decode()[-300:]) for sender in senders]
+    assert all(code == 0 for code, _ in outcomes), outcomes
+    result = listener.wait_for(uids(paths)[1], timeout_s=120)
+    assert result.report.instances == 6
+    assert not list(listener.config.spool_dir.rglob("*.part"))
+
+
+def test_series_state_gauge_is_what_the_index_says(listener_factory, study_factory):
+    listener = listener_factory()
+    paths = study_factory(7200, **SMALL)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(pydicom.uid.CTImageStorage)
+    association = ae.associate("127.0.0.1", listener.config.port, ae_title="THIGHSEG")
+    assert association.send_c_store(pydicom.dcmread(paths[0])).Status == 0
+    registry = listener.telemetry.registry
+    assert registry.get_sample_value("thighseg_series_state", {"state": "receiving"}) == 1
+    association.abort()
+
+
+def test_uids_with_leading_zeros_are_refused_and_warnings_are_redacted(
+    listener_factory, study_factory, caplog
+):
+    import warnings
+
+    caplog.set_level(logging.DEBUG)
+    listener = listener_factory()
+    ds = pydicom.dcmread(study_factory(7300, **SMALL)[0])
+    bad = "1.2.826.0.1.3680043.8.498.0777123456789"
+    ds.SOPInstanceUID = bad
+    ds.file_meta.MediaStorageSOPInstanceUID = bad
+    response = store(listener.config.port, [ds])[0]
+    assert response.Status == 0xA900 and "SOPInstanceUID" in response.ErrorComment
+    warnings.warn(f"Invalid value for VR UI: {bad!r}", UserWarning, stacklevel=1)
+    assert bad not in caplog.text and "…23456789" in caplog.text
