@@ -276,6 +276,7 @@ class Listener:
                     key, snapshot, "results", f"results folder not writable: {self._results_error}"
                 )
                 return
+        shutil.rmtree(_previous(final), ignore_errors=True)
         if not published:
             shutil.rmtree(staging, ignore_errors=True)
             self.telemetry.superseded.inc()
@@ -358,14 +359,24 @@ class Listener:
             return self.results[series_uid]
 
 
+def _previous(final: Path) -> Path:
+    return final.with_name(f".{final.name}.previous")
+
+
 def _replace_folder(staging: Path, final: Path) -> None:
-    """Put a finished result in place of the previous one; readers never see a mixture."""
-    previous = final.with_name(f".{final.name}.previous")
-    shutil.rmtree(previous, ignore_errors=True)
+    """Put a finished result in place of the previous one (two renames; readers never see a
+    mixture). If the second rename fails the previous result is put back. The previous folder is
+    deleted by the caller, outside the index transaction."""
+    previous = _previous(final)
+    shutil.rmtree(previous, ignore_errors=True)  # left over by a crash
     if final.exists():
         os.replace(final, previous)
-    os.replace(staging, final)
-    shutil.rmtree(previous, ignore_errors=True)
+    try:
+        os.replace(staging, final)
+    except OSError:
+        if previous.exists():
+            os.replace(previous, final)
+        raise
 
 
 def _same_result(report_path: Path, report: SeriesReport) -> bool:
