@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
+import thighseg
 from thighseg.core.constants import (
     AE_TITLE,
     DEFAULT_MODEL,
@@ -106,9 +108,8 @@ def _ready_segmenter(args: argparse.Namespace, wait_s: float = 0.0):
     """The served model through Triton, or None (with a message) when it is not ready in time."""
     from thighseg.client.triton import TritonSegmenter
 
-    segmenter = TritonSegmenter(
-        args.triton_url, models.triton_name(args.model), protocol=args.protocol
-    )
+    url = re.sub(r"^(https?|grpc)://", "", args.triton_url).rstrip("/")  # host:port is expected
+    segmenter = TritonSegmenter(url, models.triton_name(args.model), protocol=args.protocol)
     deadline = time.monotonic() + wait_s
     while not segmenter.is_ready() and time.monotonic() < deadline:
         time.sleep(2)
@@ -187,6 +188,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
         return 2
     processed, failures = run(args.inputs, args.out, settings_for(segmenter, args.model))
     print(f"{len(processed)} studies processed; cohort table: {args.out / 'results.csv'}")
+    if not processed and not list(args.out.glob("*/report.json")):
+        print("error: no DICOM series or NIfTI volume found in the inputs", file=sys.stderr)
+        return 1
     for key, reason in failures:
         print(f"failed: {key}: {reason}")
     return 1 if failures else 0
@@ -238,6 +242,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thighseg", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=f"thighseg {thighseg.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("phantom", help="write a synthetic thigh CT series with ground truth")

@@ -62,9 +62,13 @@ def discover(inputs: list[Path]) -> list[Study]:
     return studies
 
 
-def _done(out_dir: Path) -> bool:
+def _done(out_dir: Path, model: str) -> bool:
+    """Done earlier with the same model (a folder made with another model is processed again)."""
     report = out_dir / "report.json"
-    return report.exists() and SeriesReport.read(report).done
+    if not report.exists():
+        return False
+    earlier = SeriesReport.read(report)
+    return earlier.done and earlier.model == model
 
 
 def process(study: Study, out_dir: Path, settings: InferenceSettings) -> SeriesReport:
@@ -130,7 +134,7 @@ def run(
     processed, failures = [], []
     for study in tqdm(studies, desc="studies", unit="study"):
         target = out / study.key
-        if _done(target):
+        if _done(target, settings.model):
             continue
         report = process(study, target, settings)
         processed.append(study.key)
