@@ -67,6 +67,13 @@ class TritonSegmenter:
         except Exception:  # connection refused, DNS, ...
             return False
 
+    def server_is_live(self) -> bool:
+        """Does a Triton server answer at the URL (whether or not it serves this model)?"""
+        try:
+            return bool(self._client().is_server_live())
+        except Exception:  # connection refused, DNS, ...
+            return False
+
     def input_shape(self) -> tuple[int, int, int]:
         """(channels, H, W) the served model expects, read from its metadata."""
         metadata = self._client().get_model_metadata(self.model)

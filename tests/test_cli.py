@@ -167,3 +167,18 @@ def test_readme_states_the_defaults_the_code_has():
     assert ports in readme
     assert f"(AE `{AE_TITLE}`, port {DICOM_PORT})" in readme
     assert f"`--metrics-port` ({LISTENER_METRICS_PORT})" in readme
+
+
+def test_a_model_the_running_server_does_not_serve_is_named_with_what_to_do(triton):
+    result = run(
+        "listen",
+        "--model",
+        "manet",
+        "--triton-url",
+        triton.http_url,
+        "--port",
+        str(free_port()),
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "does not serve it" in result.stderr and "thighseg export --model manet" in result.stderr

@@ -115,9 +115,15 @@ def _ready_segmenter(args: argparse.Namespace, wait_s: float = 0.0):
         time.sleep(2)
     if segmenter.is_ready():
         return segmenter
+    if segmenter.server_is_live():
+        advice = (
+            f"the server runs but does not serve it: `thighseg export --model {args.model}`, "
+            "then restart `thighseg serve`"
+        )
+    else:
+        advice = "no server answers there: start one with `thighseg serve`"
     print(
-        f"error: model {segmenter.model} is not ready at {args.triton_url} ({args.protocol}); "
-        "start it with `thighseg serve`",
+        f"error: model {segmenter.model} is not ready at {url} ({args.protocol}); {advice}",
         file=sys.stderr,
     )
     return None
