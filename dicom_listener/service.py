@@ -105,14 +105,20 @@ class Listener:
             self.config.max_pdu_bytes, self.config.network_timeout_s, self.telemetry
         )
         tls = server_ssl_context(self.config)
-        self._server = ae.start_server(
-            (self.config.host, self.config.port),
-            block=False,
-            evt_handlers=event_handlers(ae, store, self.tracker, guard),
-            ssl_context=CountingTLSContext(tls, self.config.network_timeout_s, self.telemetry)
-            if tls
-            else None,
-        )
+        address = f"{self.config.host}:{self.config.port}"
+        try:
+            self._server = ae.start_server(
+                (self.config.host, self.config.port),
+                block=False,
+                evt_handlers=event_handlers(ae, store, self.tracker, guard),
+                ssl_context=CountingTLSContext(tls, self.config.network_timeout_s, self.telemetry)
+                if tls
+                else None,
+            )
+        except OSError as error:  # the port in the message: "Errno 98" alone names nothing
+            self.index.close()
+            message = f"cannot listen for DICOM on {address}: {error.strerror}"
+            raise OSError(error.errno, message) from error
         self.telemetry.queue_depth.set_function(lambda: self._count(COMPLETE))
         for state in STATES:  # read from the index at each scrape: always what the index says
             self.telemetry.series_by_state.labels(state).set_function(
@@ -120,12 +126,18 @@ class Listener:
             )
         self.tracker.start()
         if self.config.metrics_port is not None:
-            self.telemetry.serve(
-                self.config.metrics_port,
-                self.config.host,
-                alive=lambda: self._server is not None,
-                blocked=self.blocked,
-            )
+            try:
+                self.telemetry.serve(
+                    self.config.metrics_port,
+                    self.config.host,
+                    alive=lambda: self._server is not None,
+                    blocked=self.blocked,
+                )
+            except OSError as error:
+                self.stop()
+                metrics = f"{self.config.host}:{self.config.metrics_port}"
+                message = f"cannot serve metrics on {metrics}: {error.strerror}"
+                raise OSError(error.errno, message) from error
         log.info(
             "listening as %s on %s:%d", self.config.ae_title, self.config.host, self.config.port
         )

@@ -182,3 +182,27 @@ def test_a_model_the_running_server_does_not_serve_is_named_with_what_to_do(trit
     )
     assert result.returncode == 2
     assert "does not serve it" in result.stderr and "thighseg export --model manet" in result.stderr
+
+
+def test_a_port_in_use_is_named_in_one_line(triton):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run(
+            "listen",
+            "--triton-url",
+            triton.http_url,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--metrics-port",
+            "0",
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert f"cannot listen for DICOM on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, RuntimeError, TimeoutError, ConnectionError) as error:
+    except (OSError, ValueError, RuntimeError, TimeoutError) as error:  # one line, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 1
 
