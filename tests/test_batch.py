@@ -148,3 +148,24 @@ def test_version():
         [sys.executable, "-m", "thighseg.cli", "--version"], capture_output=True, text=True
     )
     assert result.returncode == 0 and result.stdout.startswith("thighseg ")
+
+
+def test_segment_refuses_what_the_listener_refuses(triton, tmp_path):
+    study = phantom.generate(9300, size=64, slices=6, slice_spacing=5.0)
+    paths = write_series(study, tmp_path / "ct")
+    mr = tmp_path / "mr"
+    mr.mkdir()
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.Modality = "MR"
+        ds.save_as(mr / path.name)
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [*SEGMENT, str(mr), "--out", str(out), "--triton-url", triton.http_url],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    row = next(iter(_rows(out).values()))
+    assert row["status"] == "failed" and "is not CT" in row["reason"], row

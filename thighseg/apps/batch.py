@@ -17,6 +17,7 @@ import pydicom
 from tqdm import tqdm
 
 import thighseg
+from thighseg.dicom_listener.validation import check_instance
 from thighseg.pipeline.report import SeriesReport
 from thighseg.pipeline.stages import InferenceSettings, process_nifti, process_series
 
@@ -71,11 +72,39 @@ def _done(out_dir: Path, model: str) -> bool:
     return earlier.done and earlier.model == model
 
 
+def refusals(paths: tuple[Path, ...]) -> list[str]:
+    """What the listener would refuse at C-STORE time in these files (the same checks, so batch
+    mode accepts exactly what the listener accepts)."""
+    found = []
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path)
+            meta = ds.file_meta
+            refusal = check_instance(
+                str(meta.get("MediaStorageSOPClassUID", ds.get("SOPClassUID", ""))),
+                str(ds.get("SOPInstanceUID", "")),
+                ds,
+                str(meta.get("TransferSyntaxUID", "")),
+            )
+        except Exception as error:  # noqa: BLE001 - unreadable file: refused like undecodable data
+            found.append(f"{path.name}: cannot read ({type(error).__name__})")
+            continue
+        if refusal is not None:
+            found.append(f"{path.name}: {refusal.detail}")
+    return found
+
+
 def process(study: Study, out_dir: Path, settings: InferenceSettings) -> SeriesReport:
     """One study through the pipeline's single path (DICOM series or NIfTI volume)."""
-    if study.kind == "dicom":
-        return process_series(list(study.paths), out_dir, settings).report
-    return process_nifti(study.paths[0], out_dir, settings).report
+    if study.kind == "nifti":
+        return process_nifti(study.paths[0], out_dir, settings).report
+    refused = refusals(study.paths)
+    if refused:
+        reason = f"{len(refused)} of {len(study.paths)} instance(s) refused; first: {refused[0]}"
+        report = SeriesReport(model=settings.model, reason=reason, instances=len(study.paths))
+        report.write(out_dir / "report.json")
+        return report
+    return process_series(list(study.paths), out_dir, settings).report
 
 
 def row(key: str, report: SeriesReport) -> dict:
