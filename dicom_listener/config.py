@@ -23,9 +23,8 @@ class ListenerConfig:
     idle_s: float = 2.0
     expiry_s: float = 86400.0  # a series still receiving after this long is given up and freed
     workers: int = 1
-    metrics_port: int | None = (
-        None  # /metrics, /healthz, /readyz (LISTENER_METRICS_PORT in the CLI)
-    )
+    # /metrics, /healthz, /readyz (LISTENER_METRICS_PORT in the CLI)
+    metrics_port: int | None = None
     allowed_calling_aets: tuple[str, ...] = ()  # empty: any calling AE title may associate
     tls_cert: Path | None = None  # PEM certificate + key: DICOM over TLS
     tls_key: Path | None = None

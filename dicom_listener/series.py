@@ -58,9 +58,8 @@ class SeriesTracker:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="series-tracker", daemon=True)
-        self.error: str | None = (
-            None  # why the last poll failed; None while the loop makes progress
-        )
+        # why the last poll failed; None while the loop makes progress
+        self.error: str | None = None
 
     def start(self) -> None:
         """Resume after a restart, then watch for complete series."""

@@ -41,9 +41,8 @@ from thighseg.pipeline.report import Forwarding, SeriesReport
 from thighseg.pipeline.stages import InferenceSettings, SeriesResult, process_series, short_uid
 
 log = logging.getLogger(__name__)
-logging.getLogger("pynetdicom").setLevel(
-    logging.WARNING
-)  # its INFO/DEBUG output can carry identifiers
+# its INFO/DEBUG output can carry identifiers
+logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
 def server_ssl_context(config: ListenerConfig) -> ssl.SSLContext | None:
@@ -87,15 +86,13 @@ class Listener:
         self._publish_lock = threading.Lock()
         self._timers: set[threading.Timer] = set()
         self._stopping = threading.Event()
-        self._results_error: str | None = (
-            None  # why results cannot be written, until a series succeeds
-        )
+        # why results cannot be written, until a series succeeds
+        self._results_error: str | None = None
         self._server = None
 
     def start(self) -> Listener:
-        # study-sized arrays leave the process when freed (thighseg.core.memory)
         """Accept associations, resume what the index left unfinished, serve the endpoints."""
-        fix_mmap_threshold()
+        fix_mmap_threshold()  # study-sized arrays leave the process when freed (core.memory)
         redact_identifiers()  # no full UID in any log line, whichever library writes it
         ae = make_ae(self.config.ae_title, self.config.max_pdu_bytes)
         if self.config.allowed_calling_aets:

@@ -53,9 +53,8 @@ def test_tiny_benchmark_writes_json_markdown_and_plots(model_repository, tmp_pat
     assert saved["errors"] == {}
     whole = saved["whole_study"]
     assert whole["instances"] == 8 and whole["listener_peak_rss_mb"] > 0
-    assert (
-        whole["warm_listener_peak_rss_mb"] > 0
-    )  # measured in a second listener, after a warm-up study
+    # measured in a second listener, after a warm-up study
+    assert whole["warm_listener_peak_rss_mb"] > 0
     assert "segformer: most_dynamic_batching_could_give_at_concurrency_2" in saved["ratios"]
     text = (tmp_path / "bench.md").read_text()
     assert "| ratio | value |" in text and "compute ceiling" in text

@@ -51,9 +51,8 @@ def test_icc_matches_pingouin():
     row = "ICC2" if "ICC2" in theirs.index else "ICC(A,1)"  # pingouin 0.6 names it by McGraw & Wong
     assert ours.value == pytest.approx(theirs.loc[row, "ICC"], abs=1e-9)
     low, high = theirs.loc[row, "CI95"]
-    assert (ours.ci_low, ours.ci_high) == pytest.approx(
-        (low, high), abs=0.01
-    )  # pingouin rounds to 2 decimals
+    # pingouin rounds to 2 decimals
+    assert (ours.ci_low, ours.ci_high) == pytest.approx((low, high), abs=0.01)
 
 
 def test_icc_rejects_too_few_subjects_and_bland_altman_is_symmetric():

@@ -55,15 +55,13 @@ def test_bone_marrow_inside_the_envelope_is_not_intermuscular_fat():
     yy, xx = np.mgrid[:80, :120]
     ring = np.hypot(yy - 40, xx - 29.5) < 4
     hu[:, ring] = -40.0  # marrow (fat-dense)
-    hu[:, (np.hypot(yy - 40, xx - 29.5) >= 4) & (np.hypot(yy - 40, xx - 29.5) < 6)] = (
-        1400.0  # cortex
-    )
+    # cortex
+    hu[:, (np.hypot(yy - 40, xx - 29.5) >= 4) & (np.hypot(yy - 40, xx - 29.5) < 6)] = 1400.0
     labels[:, np.hypot(yy - 40, xx - 29.5) < 6] = 0
     before = volume_indices(*analytic_volume(), SPACING).right.intermuscular_fat_ml
     after = volume_indices(hu, labels, SPACING).right.intermuscular_fat_ml
-    assert (
-        after <= before
-    )  # the marrow is excluded; only the septum voxels the bone replaced are lost
+    # the marrow is excluded; only the septum voxels the bone replaced are lost
+    assert after <= before
 
 
 def test_legs_split_between_the_legs_even_when_they_differ():

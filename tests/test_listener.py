@@ -101,9 +101,8 @@ def test_storescu_study_becomes_an_accurate_seg(listener, study_factory):
     assert "PARTIAL_COVERAGE" in {f.code for f in result.report.qc_flags}
     assert "PARTIAL_COVERAGE" in repr(sr.to_json_dict())
     picture = np.asarray(Image.open(out_dir / "summary.png").convert("RGB")).astype(float)
-    assert (
-        picture.std() > 20 and (picture[..., 0] - picture[..., 2] > 60).mean() > 0.002
-    )  # coloured groups
+    # coloured groups
+    assert picture.std() > 20 and (picture[..., 0] - picture[..., 2] > 60).mean() > 0.002
     assert result.report.indices.total.muscle.total_ml > 0
 
 

@@ -89,9 +89,8 @@ def test_duplicates_are_idempotent_and_do_not_reprocess(listener_factory, study_
     paths = study_factory(5100, **SMALL)
     assert send_files(paths, "127.0.0.1", listener.config.port) == [0] * 6
     listener.wait_for(series_uid(paths), timeout_s=120)
-    assert (
-        send_files(paths, "127.0.0.1", listener.config.port) == [0] * 6
-    )  # Success again, stored once
+    # Success again, stored once
+    assert send_files(paths, "127.0.0.1", listener.config.port) == [0] * 6
     time.sleep(listener.config.idle_s + 1.0)
     record = listener.index.get(series_uid(paths))
     assert (record.state, record.instances, record.attempts) == (DONE, 6, 1)

@@ -93,9 +93,8 @@ def seg_sources(seg_path: Path) -> set[str]:
 def test_instances_arriving_while_the_series_is_processed_are_in_the_published_result(
     listener_factory, study_factory
 ):
-    gate = (
-        threading.Event()
-    )  # holds the first processing attempt in inference until the rest arrived
+    # holds the first processing attempt in inference until the rest arrived
+    gate = threading.Event()
 
     def gated(infer):
         def wait_then_infer(batch):
@@ -126,9 +125,8 @@ def test_instances_arriving_while_the_series_is_processed_are_in_the_published_r
     )
     sop_uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
     assert seg_sources(result.seg_path) == sop_uids
-    assert not list(
-        result.report_path.parent.parent.glob(".*partial")
-    )  # no staging folder left behind
+    # no staging folder left behind
+    assert not list(result.report_path.parent.parent.glob(".*partial"))
 
 
 # 2 ------------------------------------------------------------------------------------------------
@@ -144,9 +142,8 @@ def test_after_a_restart_a_series_still_receiving_waits_for_its_own_completion(
         ae.add_requested_context(pydicom.uid.CTImageStorage)
         association = ae.associate("127.0.0.1", port, ae_title="THIGHSEG")
         assert [association.send_c_store(pydicom.dcmread(p)).Status for p in paths[:5]] == [0] * 5
-        os.kill(
-            first.pid, signal.SIGKILL
-        )  # the sender is still connected: the series is not complete
+        # the sender is still connected: the series is not complete
+        os.kill(first.pid, signal.SIGKILL)
         first.wait(10)
     finally:
         if first.poll() is None:
@@ -274,9 +271,8 @@ def test_the_advertised_pdu_limit_holds_on_the_wire(listener_factory, study_fact
     ae.add_requested_context(pydicom.uid.CTImageStorage)
     association = ae.associate("127.0.0.1", listener.config.port, ae_title="THIGHSEG")
     assert association.acceptor.maximum_length == limit  # what the listener advertises
-    for item in (
-        association.acceptor.user_information
-    ):  # a sender that ignores it: one oversized P-DATA PDU
+    # a sender that ignores it: one oversized P-DATA PDU
+    for item in association.acceptor.user_information:
         if isinstance(item, MaximumLengthNotification):
             item.maximum_length_received = 8 << 20
     response = association.send_c_store(pydicom.dcmread(paths[0]))
@@ -322,9 +318,8 @@ def test_a_huge_pdu_header_is_refused_before_its_body_is_read(listener_factory):
         raw.recv(1 << 16)
         raw.sendall(struct.pack(">BBL", 0x04, 0, 100 << 20) + b"\0" * 1024)  # "100 MiB follow"
         started = time.monotonic()
-        while raw.recv(
-            1 << 16
-        ):  # the listener closes the connection instead of waiting for 100 MiB
+        # the listener closes the connection instead of waiting for 100 MiB
+        while raw.recv(1 << 16):
             pass
         assert time.monotonic() - started < 5
     assert (

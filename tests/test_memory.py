@@ -31,9 +31,8 @@ def test_hu_stack_reads_back_what_the_array_holds(series, tmp_path):
         and on_disk.shape == in_memory.shape
         and on_disk.dtype == in_memory.dtype
     )
-    assert (
-        list(tmp_path.iterdir()) == []
-    )  # the scratch file is unnamed: nothing to clean up after a crash
+    # the scratch file is unnamed: nothing to clean up after a crash
+    assert list(tmp_path.iterdir()) == []
     assert np.array_equal(on_disk[0 : len(on_disk)], in_memory)
     assert np.array_equal(on_disk[5:9], in_memory[5:9]) and np.array_equal(
         on_disk[-1], in_memory[-1]
@@ -92,9 +91,8 @@ def test_highdicom_tables_are_released_and_reloaded(series, tmp_path):
     release_highdicom_tables()
     release_free_heap()
     assert _standard_utils.get_module_attribute_map.cache_info().currsize == 0
-    write_seg(
-        volume.sources, np.ones(volume.hu.shape, np.uint8), tmp_path / "b.dcm", "test"
-    )  # reloads them
+    # reloads them
+    write_seg(volume.sources, np.ones(volume.hu.shape, np.uint8), tmp_path / "b.dcm", "test")
     assert pydicom.dcmread(tmp_path / "b.dcm").NumberOfFrames == 3 * len(volume.sources)
 
 

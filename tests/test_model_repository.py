@@ -53,9 +53,8 @@ def test_cpu_variant_matches_the_production_contract(model_dir):
     assert cpu.name == production.name
     assert cpu.backend == "python" and (model_dir / "1" / "model.py").exists()
     assert cpu.max_batch_size >= 16 and cpu.HasField("dynamic_batching")
-    assert (
-        int(cpu.parameters["inference_batch"].string_value) >= 0
-    )  # read by model.py; 0: whole batches
+    # read by model.py; 0: whole batches
+    assert int(cpu.parameters["inference_batch"].string_value) >= 0
     assert io_signature(cpu) == io_signature(production)
     assert [g.kind for g in cpu.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_CPU]
 

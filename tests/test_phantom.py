@@ -49,9 +49,8 @@ def test_series_is_valid_ct_with_rescale_and_positions(study_factory):
     for k, ds in enumerate(datasets):
         assert ds.SOPClassUID == CTImageStorage and ds.Modality == "CT"
         hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-        assert (
-            np.abs(hu - np.clip(study.hu[k], -1024, 3071)).max() <= 0.501
-        )  # rounding to integer HU
+        # rounding to integer HU
+        assert np.abs(hu - np.clip(study.hu[k], -1024, 3071)).max() <= 0.501
     z = [float(d.ImagePositionPatient[2]) for d in datasets]
     assert np.allclose(np.diff(z), -float(datasets[0].SliceThickness), atol=1e-3)
     assert truth.shape == (5, 128, 128)

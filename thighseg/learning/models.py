@@ -15,9 +15,8 @@ if TYPE_CHECKING:
     import torch
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-REPOSITORY = (
-    Path(__file__).resolve().parents[2] / "model_repository"
-)  # the version-controlled Triton repository
+# the version-controlled Triton repository
+REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 
 
 def _segformer() -> torch.nn.Module:

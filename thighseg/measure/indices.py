@@ -162,10 +162,11 @@ def fascia_envelope(group_mask: np.ndarray, pixel_mm: float) -> np.ndarray:
         # closing with a Euclidean disc through distance transforms: linear in the slice size,
         # whatever the radius (a structuring element of radius r costs r² per pixel)
         rows, columns = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+        # work on the leg only
         box = (
             slice(rows[0], rows[-1] + 1),
             slice(columns[0], columns[-1] + 1),
-        )  # work on the leg only
+        )
         padded = np.pad(mask[box], radius + 1)
         dilated = ndimage.distance_transform_edt(~padded) <= radius
         closed = ndimage.distance_transform_edt(dilated) > radius
@@ -175,9 +176,8 @@ def fascia_envelope(group_mask: np.ndarray, pixel_mm: float) -> np.ndarray:
     return envelope
 
 
-CHUNK_SLICES = (
-    16  # indices are accumulated over slabs: memory stays bounded whatever the study size
-)
+# indices are accumulated over slabs: memory stays bounded whatever the study size
+CHUNK_SLICES = 16
 _STATS = ("total", "lean", "imat", "low_density", "hu_sum", "hu_sq")
 
 

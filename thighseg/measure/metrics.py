@@ -27,9 +27,8 @@ def group_volumes_ml(
 ) -> dict[str, float]:
     """Volume of each muscle group and their total, in mL."""
     voxel_ml = voxel_volume_ml(spacing_zyx)
-    images = labels.reshape(
-        -1, *labels.shape[-2:]
-    )  # counted slice by slice: no volume-sized temporary
+    # counted slice by slice: no volume-sized temporary
+    images = labels.reshape(-1, *labels.shape[-2:])
     volumes = {
         g.name.lower(): float(sum(np.count_nonzero(image == g) for image in images) * voxel_ml)
         for g in MUSCLE_GROUPS

@@ -27,9 +27,8 @@ class HUStack:
 
     def __init__(self, shape: tuple[int, int, int], dtype: np.dtype, directory: Path):
         self.shape, self.dtype = shape, np.dtype(dtype)
-        self._file = tempfile.TemporaryFile(
-            dir=directory
-        )  # unlinked: gone with the process, whatever happens
+        # unlinked: gone with the process, whatever happens
+        self._file = tempfile.TemporaryFile(dir=directory)
         self._slice_bytes = shape[1] * shape[2] * self.dtype.itemsize
 
     def __len__(self) -> int:
@@ -169,9 +168,8 @@ def assemble(paths: list[Path], min_slices: int = 3, scratch: Path | None = None
         ds = pydicom.dcmread(paths[index])
         slope, intercept = _rescale(ds)
         pixels = ds.pixel_array
-        if (
-            exact
-        ):  # clip: no tissue is outside int16, and a 16-bit unsigned value plus intercept could be
+        # clip: no tissue is outside int16, and a 16-bit unsigned value plus intercept could be
+        if exact:
             hu[target] = np.clip(pixels.astype(np.int32) + int(intercept), -32768, 32767)
         else:
             hu[target] = pixels.astype(np.float32) * slope + intercept

@@ -69,9 +69,8 @@ def write_seg(sources: list[Dataset], labels: np.ndarray, path: Path, model: str
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     pixels = seg.PixelData
-    seg.PixelData = io.BytesIO(
-        pixels
-    )  # a buffered value is streamed to the file, not copied twice first
+    # a buffered value is streamed to the file, not copied twice first
+    seg.PixelData = io.BytesIO(pixels)
     try:
         seg.save_as(path)
     finally:

@@ -38,15 +38,13 @@ class SeriesReport:
     status: str = FAILED
     reason: str | None = None
     instances: int = 0
-    instances_received: int | None = (
-        None  # an expired transfer: what had arrived before it was freed
-    )
+    # an expired transfer: what had arrived before it was freed
+    instances_received: int | None = None
     source: str | None = None  # the NIfTI file, for inputs that are not DICOM series
     study_instance_uid: str | None = None
     series_instance_uid: str | None = None
-    content_sha256: str | None = (
-        None  # over each SOP Instance UID and its file's SHA-256 (listener)
-    )
+    # over each SOP Instance UID and its file's SHA-256 (listener)
+    content_sha256: str | None = None
     generation: int | None = None  # the spool index's generation of the series that was processed
     shape_zyx: list[int] | None = None
     spacing_zyx_mm: list[float] | None = None

@@ -166,9 +166,8 @@ def make_geometry(
         span = 4 * (subject.muscle_radius + subject.fat_thickness) + subject.leg_gap
         field_of_view = float(max(360.0, span + rng.uniform(*site.fov_margin_mm)))
     levels = np.linspace(coverage[0], coverage[1], slices)
-    z = (
-        -levels * subject.thigh_length + 100.0
-    )  # proximal slice has the highest z (LPS: +z superior)
+    # proximal slice has the highest z (LPS: +z superior)
+    z = -levels * subject.thigh_length + 100.0
     return Geometry(size=size, field_of_view=field_of_view, slice_positions=z, thigh_levels=levels)
 
 
