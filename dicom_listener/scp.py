@@ -18,7 +18,6 @@ import ssl
 import struct
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -36,7 +35,7 @@ from pynetdicom.transport import AssociationSocket
 
 from thighseg.dicom_listener.index import Arrival
 from thighseg.dicom_listener.series import SeriesKey, SeriesTracker
-from thighseg.dicom_listener.spool import Spool, sha256_of
+from thighseg.dicom_listener.spool import Spool, Staged, sha256_of
 from thighseg.dicom_listener.telemetry import Telemetry
 from thighseg.dicom_listener.validation import (
     DATASET_DOES_NOT_MATCH_SOP_CLASS,
@@ -44,6 +43,7 @@ from thighseg.dicom_listener.validation import (
     Limits,
     Refusal,
     check_instance,
+    undecodable,
 )
 
 log = logging.getLogger(__name__)
@@ -101,9 +101,7 @@ class StoreHandler:
             dataset = event.dataset
             transfer_syntax = str(event.context.transfer_syntax)
         except Exception as error:  # noqa: BLE001 - undecodable data set
-            return Refusal(
-                0xC000, "undecodable", f"cannot decode the data set ({type(error).__name__})"
-            )
+            return undecodable(error)
         refusal = check_instance(
             str(request.AffectedSOPClassUID),
             str(request.AffectedSOPInstanceUID),
@@ -161,7 +159,7 @@ class StoreHandler:
         return None
 
     def _record_and_commit(
-        self, event: evt.Event, key: SeriesKey, sop_uid: str, digest: str, staged: Path
+        self, event: evt.Event, key: SeriesKey, sop_uid: str, digest: str, staged: Staged
     ) -> Arrival:
         arrival = self.tracker.received(id(event.assoc), key, sop_uid, digest)
         if arrival is Arrival.CONFLICT or (

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 # Components are 0 or have no leading zero (PS3.5 9.1).
@@ -27,6 +28,14 @@ def is_valid_uid(value: object) -> bool:
 def sha256_of(data: bytes) -> str:
     """The hex SHA-256 of an instance's bytes (its identity in the index)."""
     return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Staged:
+    """An instance written and fsynced beside its final place, not yet renamed into it."""
+
+    temporary: Path
+    final: Path
 
 
 class Spool:
@@ -53,12 +62,12 @@ class Spool:
         """Free space on the spool's file system."""
         return shutil.disk_usage(self.root).free
 
-    def stage(self, encoded: bytes, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+    def stage(self, encoded: bytes, study_uid: str, series_uid: str, sop_uid: str) -> Staged:
         """Write one encoded instance (DICOM file bytes) to a temporary file of its own, fsynced
         (the same instance may arrive on several associations at once)."""
         final = self.path(study_uid, series_uid, sop_uid)
         final.parent.mkdir(parents=True, exist_ok=True)
-        temporary = final.with_name(f".{sop_uid}.{uuid.uuid4().hex}.part")
+        temporary = final.with_name(f".{final.name}.{uuid.uuid4().hex}.part")
         try:
             with open(temporary, "wb", buffering=WRITE_BUFFER_BYTES) as handle:
                 handle.write(encoded)
@@ -67,20 +76,19 @@ class Spool:
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
-        return temporary
+        return Staged(temporary, final)
 
     @staticmethod
-    def commit(temporary: Path) -> Path:
+    def commit(staged: Staged) -> Path:
         """Rename a staged instance into place, durably."""
-        final = temporary.with_name(temporary.name[1:].split(".part")[0].rsplit(".", 1)[0] + ".dcm")
-        os.replace(temporary, final)
-        _fsync_directory(final.parent)
-        return final
+        os.replace(staged.temporary, staged.final)
+        _fsync_directory(staged.final.parent)
+        return staged.final
 
     @staticmethod
-    def discard(temporary: Path) -> None:
+    def discard(staged: Staged) -> None:
         """Remove a staged instance that will not be committed."""
-        temporary.unlink(missing_ok=True)
+        staged.temporary.unlink(missing_ok=True)
 
     def holds(self, study_uid: str, series_uid: str, sop_uid: str, digest: str) -> bool:
         """Is this exact content already in place (a duplicate needs no new write)?"""
@@ -88,10 +96,6 @@ class Spool:
             return sha256_of(self.path(study_uid, series_uid, sop_uid).read_bytes()) == digest
         except FileNotFoundError:
             return False
-
-    def instances(self, study_uid: str, series_uid: str) -> list[Path]:
-        """Every committed instance file of a series."""
-        return sorted(self.series_dir(study_uid, series_uid).glob("*.dcm"))
 
 
 def _fsync_directory(folder: Path) -> None:

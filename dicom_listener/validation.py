@@ -68,9 +68,14 @@ def check_instance(
             dataset, transfer_syntax, limits
         )
     except Exception as error:  # noqa: BLE001 - any decoding failure is the sender's data, not our bug
-        return Refusal(
-            CANNOT_UNDERSTAND, "undecodable", f"cannot decode the data set ({type(error).__name__})"
-        )
+        return undecodable(error)
+
+
+def undecodable(error: Exception) -> Refusal:
+    """0xC000 for a data set that cannot be decoded, naming only the kind of failure."""
+    return Refusal(
+        CANNOT_UNDERSTAND, "undecodable", f"cannot decode the data set ({type(error).__name__})"
+    )
 
 
 def _refuse(reason: str, detail: str) -> Refusal:
