@@ -103,9 +103,8 @@ class TritonSegmenter:
                 )
                 result = self._client().infer(self.model, [tensor], outputs=[output])
                 return result.as_numpy("logits")
-            except (
-                Exception
-            ) as error:  # tritonclient raises InferenceServerException and socket errors
+            # tritonclient raises InferenceServerException and socket errors
+            except Exception as error:
                 self._local.client = None
                 if attempt == self.retries:
                     raise TritonUnavailable(

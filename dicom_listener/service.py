@@ -253,37 +253,36 @@ class Listener:
             shutil.rmtree(staging, ignore_errors=True)
             self._defer(key, snapshot, "triton", f"waiting for Triton: {str(error)[:200]}")
             return
-        except (
-            OSError
-        ) as error:  # results folder missing, unwritable or full: keep the series, retry
-            shutil.rmtree(staging, ignore_errors=True)
-            self._results_error = error.strerror or type(error).__name__
-            self._defer(
-                key, snapshot, "results", f"results folder not writable: {self._results_error}"
-            )
+        except OSError as error:
+            self._defer_unwritable(key, snapshot, staging, error)
             return
         self._publish(key, snapshot, staging, result)
+
+    def _defer_unwritable(
+        self, key: SeriesKey, snapshot: Snapshot, staging: Path, error: OSError
+    ) -> None:
+        """Results folder missing, unwritable or full: keep the series and retry (not ready)."""
+        shutil.rmtree(staging, ignore_errors=True)
+        self._results_error = error.strerror or type(error).__name__
+        reason = f"results folder not writable: {self._results_error}"
+        self._defer(key, snapshot, "results", reason)
 
     def _publish(
         self, key: SeriesKey, snapshot: Snapshot, staging: Path, result: SeriesResult
     ) -> None:
-        status = result.report.status
+        status, done = result.report.status, result.report.done
         final = self._result_dir(key)
         with self._publish_lock:
             try:
                 published = self.index.finish(
                     key.series_uid,
                     snapshot.generation,
-                    DONE if status == "done" else FAILED,
+                    DONE if done else FAILED,
                     result.report.reason,
                     publish=lambda: _replace_folder(staging, final),
                 )
             except OSError as error:
-                shutil.rmtree(staging, ignore_errors=True)
-                self._results_error = error.strerror or type(error).__name__
-                self._defer(
-                    key, snapshot, "results", f"results folder not writable: {self._results_error}"
-                )
+                self._defer_unwritable(key, snapshot, staging, error)
                 return
         shutil.rmtree(_previous(final), ignore_errors=True)
         if not published:
@@ -296,9 +295,9 @@ class Listener:
             return
         self._results_error = None
         result = SeriesResult(
-            final / "report.json", final / "seg.dcm" if status == "done" else None, result.report
+            final / "report.json", final / "seg.dcm" if done else None, result.report
         )
-        if status == "done" and self.config.destination is not None:
+        if done and self.config.destination is not None:
             self._forward(result)
         self.telemetry.series.labels(status).inc()
         for stage, seconds in result.report.stage_seconds.items():
