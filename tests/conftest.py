@@ -24,28 +24,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_listen_process(triton_url: str, spool: Path, out: Path, port: int, idle_s: float):
-    """`thighseg listen` as its own process (for kill -9 and restart), once it is listening."""
-    import subprocess
-    import sys
-
-    options = {
-        "--triton-url": triton_url,
-        "--host": "127.0.0.1",
-        "--port": port,
-        "--metrics-port": 0,
-        "--spool": spool,
-        "--out": out,
-        "--idle": idle_s,
-    }
-    argv = [sys.executable, "-m", "thighseg.cli", "listen"]
-    argv += [str(item) for option in options.items() for item in option]
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    line = process.stdout.readline()
-    assert "listening" in line, line
-    return process
-
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL = "segformer"
 TEST_SIZE = 256

@@ -16,7 +16,7 @@ import urllib.request
 import numpy as np
 import pydicom
 import pytest
-from conftest import free_port, start_listen_process
+from conftest import free_port
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -27,6 +27,7 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom.presentation import StoragePresentationContexts
 
+from thighseg.apps.ingest import listener_process
 from thighseg.dicom_listener.forward import Destination
 from thighseg.dicom_listener.index import DONE, FAILED
 from thighseg.dicom_listener.scu import send_files
@@ -212,19 +213,14 @@ def test_triton_outage_keeps_the_series_queued_until_it_is_back(
 def test_kill_9_mid_study_then_restart_and_resend_the_rest(triton, study_factory, tmp_path):
     paths = study_factory(5600, size=128, slices=12)
     spool, out, port = tmp_path / "spool", tmp_path / "out", free_port()
-    first = start_listen_process(triton.http_url, spool, out, port, idle_s=1.0)
-    try:
+    with listener_process(triton.http_url, spool, out, 1.0, port=port) as (_, first):
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(pydicom.uid.CTImageStorage)
         association = ae.associate("127.0.0.1", port, ae_title="THIGHSEG")
         assert [association.send_c_store(pydicom.dcmread(p)).Status for p in paths[:6]] == [0] * 6
         os.kill(first.pid, signal.SIGKILL)  # mid-study: the association is still open
         first.wait(10)
-    finally:
-        if first.poll() is None:
-            first.kill()
-    second = start_listen_process(triton.http_url, spool, out, port, idle_s=1.0)
-    try:
+    with listener_process(triton.http_url, spool, out, 1.0, port=port):
         assert send_files(paths[6:], "127.0.0.1", port) == [0] * 6
         study_uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
         report_path = out / study_uid / series_uid(paths) / "report.json"
@@ -239,9 +235,6 @@ def test_kill_9_mid_study_then_restart_and_resend_the_rest(triton, study_factory
                     break
             time.sleep(0.5)
         assert report.get("status") == "done" and report.get("instances") == 12, report
-    finally:
-        second.send_signal(signal.SIGTERM)
-        second.wait(60)
 
 
 class _RefusingPacs:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import free_port, start_listen_process
+from conftest import free_port
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 from pynetdicom import AE, evt
@@ -31,6 +31,7 @@ from pynetdicom.pdu_primitives import MaximumLengthNotification
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
+from thighseg.apps.ingest import listener_process
 from thighseg.dicom_listener.index import DONE, RECEIVING
 from thighseg.dicom_listener.scu import send_files
 
@@ -136,8 +137,7 @@ def test_after_a_restart_a_series_still_receiving_waits_for_its_own_completion(
     paths = study_factory(6200, size=128, slices=12)
     study_uid, series_uid = uids(paths)
     spool, out, port = tmp_path / "spool", tmp_path / "out", free_port()
-    first = start_listen_process(triton.http_url, spool, out, port, idle_s=0.5)
-    try:
+    with listener_process(triton.http_url, spool, out, 0.5, port=port) as (_, first):
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(pydicom.uid.CTImageStorage)
         association = ae.associate("127.0.0.1", port, ae_title="THIGHSEG")
@@ -145,12 +145,8 @@ def test_after_a_restart_a_series_still_receiving_waits_for_its_own_completion(
         # the sender is still connected: the series is not complete
         os.kill(first.pid, signal.SIGKILL)
         first.wait(10)
-    finally:
-        if first.poll() is None:
-            first.kill()
-    second = start_listen_process(triton.http_url, spool, out, port, idle_s=0.5)
     report_path = out / study_uid / series_uid / "report.json"
-    try:
+    with listener_process(triton.http_url, spool, out, 0.5, port=port):
         time.sleep(3.0)  # six idle periods: the old listener published the 5-slice result by now
         assert not report_path.exists()
         with sqlite3.connect(spool / "index.sqlite3") as db:
@@ -159,9 +155,6 @@ def test_after_a_restart_a_series_still_receiving_waits_for_its_own_completion(
         assert wait_until(report_path.exists, 180, poll_s=0.2)
         report = json.loads(report_path.read_text())
         assert report["status"] == "done" and report["instances"] == 12, report
-    finally:
-        second.send_signal(signal.SIGTERM)
-        second.wait(60)
 
 
 # 3 ------------------------------------------------------------------------------------------------
