@@ -12,6 +12,8 @@ import logging
 import re
 import traceback
 
+from thighseg.pipeline.stages import short_uid
+
 # A UID has at least five numeric components (IP addresses and versions have fewer); it may be
 # followed by a full stop or by the rest of a malformed value ("….498.99.abc").
 _UID = re.compile(r"(?<![\d.])\d+(?:\.\d+){4,}(?!\d)")
@@ -20,7 +22,7 @@ _installed = False
 
 def redact(text: str) -> str:
     """Each UID in `text` shortened to its last 8 characters, as in the listener's own messages."""
-    return _UID.sub(lambda match: "…" + match.group(0)[-8:], text)
+    return _UID.sub(lambda match: short_uid(match.group(0)), text)
 
 
 def redact_identifiers() -> None:

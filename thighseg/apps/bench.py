@@ -33,6 +33,7 @@ from thighseg.core.constants import AE_TITLE, DEFAULT_MODEL
 from thighseg.core.labels import normalise_hu
 from thighseg.core.resample import MODEL_INPUT_SIZE, to_model_grid
 from thighseg.learning import models
+from thighseg.pipeline.report import SeriesReport
 from thighseg.serving.embedded_triton import CPU_CONFIG_NAME, EmbeddedTriton, Ports
 from thighseg.synthetic import phantom
 from thighseg.synthetic.ct_series import write_series
@@ -156,12 +157,12 @@ def _process_study(
     return time.perf_counter() - started, send_seconds
 
 
-def _study_report(out: Path, study_uid: str) -> dict:
+def _study_report(out: Path, study_uid: str) -> SeriesReport:
     for path in out.rglob("report.json"):
-        report = json.loads(path.read_text())
-        if report.get("study_instance_uid") == study_uid:
-            if report.get("status") != "done":
-                raise RuntimeError(f"whole-study run failed: {report.get('reason')}")
+        report = SeriesReport.read(path)
+        if report.study_instance_uid == study_uid:
+            if not report.done:
+                raise RuntimeError(f"whole-study run failed: {report.reason}")
             return report
     raise RuntimeError("whole-study run wrote no report in 30 minutes")
 
@@ -197,7 +198,7 @@ def run_whole_study(
         "instances": len(files),
         "seconds_first_store_to_seg": round(total, 2),
         "seconds_receive": round(send_seconds, 2),
-        "stage_seconds": report["stage_seconds"],
+        "stage_seconds": report.stage_seconds,
         "study_voxel_mb": round(voxel_bytes / 2**20, 1),
         "listener_peak_rss_mb": round(peak / 2**20, 1),
         "peak_rss_over_voxel_bytes": round(peak / voxel_bytes, 2),
