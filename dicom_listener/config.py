@@ -1,14 +1,29 @@
 """The listener's settings in one dataclass: the CLI's options, the Helm chart's values and the
-README take their defaults from here (tests check that they agree)."""
+README take their defaults from here (tests check that they agree). Imports nothing heavy: the CLI
+reads these defaults at every start."""
 
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from thighseg.core.constants import AE_TITLE, DICOM_PORT
-from thighseg.dicom_listener.forward import Destination
-from thighseg.dicom_listener.validation import Limits
+
+if TYPE_CHECKING:
+    from thighseg.dicom_listener.forward import Destination
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the listener accepts: matrix, sizes, spacing, rescale and free spool space."""
+
+    max_matrix: int = 2048  # rows/columns
+    min_matrix: int = 32
+    max_instance_bytes: int = 64 << 20
+    pixel_spacing_mm: tuple[float, float] = (0.05, 5.0)
+    rescale_slope: tuple[float, float] = (1e-3, 1e3)  # a CT slope outside this is not HU
+    min_free_spool_bytes: int = 256 << 20  # below this, refuse with 0xA700 before the disk fills
 
 
 @dataclass
@@ -21,7 +36,7 @@ class ListenerConfig:
     host: str = "0.0.0.0"
     port: int = DICOM_PORT
     idle_s: float = 2.0
-    expiry_s: float = 86400.0  # a series still receiving after this long is given up and freed
+    expiry_s: float = 86400.0  # no instance this long and no association open: given up, freed
     workers: int = 1
     # /metrics, /healthz, /readyz (LISTENER_METRICS_PORT in the CLI)
     metrics_port: int | None = None

@@ -33,6 +33,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket
 
+from thighseg.dicom_listener.config import Limits
 from thighseg.dicom_listener.index import Arrival
 from thighseg.dicom_listener.series import SeriesKey, SeriesTracker
 from thighseg.dicom_listener.spool import Spool, Staged, sha256_of
@@ -40,7 +41,6 @@ from thighseg.dicom_listener.telemetry import Telemetry
 from thighseg.dicom_listener.validation import (
     DATASET_DOES_NOT_MATCH_SOP_CLASS,
     OUT_OF_RESOURCES,
-    Limits,
     Refusal,
     check_instance,
     undecodable,

@@ -14,6 +14,7 @@ from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage
 
+from thighseg.dicom_listener.config import Limits
 from thighseg.dicom_listener.spool import is_valid_uid
 
 SOP_CLASS_NOT_SUPPORTED = 0x0122
@@ -23,18 +24,6 @@ CANNOT_UNDERSTAND = 0xC000
 
 UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99"}
 ERROR_COMMENT_CHARS = 64  # Error Comment (0000,0902) is LO
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What the listener accepts: matrix, sizes, spacing, rescale and free spool space."""
-
-    max_matrix: int = 2048  # rows/columns
-    min_matrix: int = 32
-    max_instance_bytes: int = 64 << 20
-    pixel_spacing_mm: tuple[float, float] = (0.05, 5.0)
-    rescale_slope: tuple[float, float] = (1e-3, 1e3)  # a CT slope outside this is not HU
-    min_free_spool_bytes: int = 256 << 20  # below this, refuse with 0xA700 before the disk fills
 
 
 @dataclass(frozen=True)

@@ -224,7 +224,7 @@ def test_a_full_spool_disk_refuses_instances_then_recovers_without_a_partial_res
 def _limits(**changes):
     from dataclasses import replace
 
-    from thighseg.dicom_listener.validation import Limits
+    from thighseg.dicom_listener.config import Limits
 
     return replace(Limits(), **changes)
 

@@ -8,7 +8,8 @@ import pydicom
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, RLELossless
 
-from thighseg.dicom_listener.validation import Limits, check_instance
+from thighseg.dicom_listener.config import Limits
+from thighseg.dicom_listener.validation import check_instance
 from thighseg.pipeline.assemble import SeriesError, assemble
 
 A900, X0122 = 0xA900, 0x0122

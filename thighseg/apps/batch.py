@@ -16,7 +16,6 @@ from pathlib import Path
 import pydicom
 from tqdm import tqdm
 
-import thighseg
 from thighseg.dicom_listener.validation import check_instance
 from thighseg.pipeline.report import SeriesReport
 from thighseg.pipeline.stages import InferenceSettings, process_nifti, process_series
@@ -114,7 +113,7 @@ def row(key: str, report: SeriesReport) -> dict:
         "status": report.status,
         "reason": report.reason or "",
         "model": report.model,
-        "thighseg_version": thighseg.__version__,
+        "thighseg_version": report.thighseg_version,
         "qc_flags": ";".join(f.code for f in report.qc_flags),
     }
     indices = report.indices
