@@ -14,11 +14,13 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import IO
 
 from thighseg.core.constants import AE_TITLE, DEFAULT_MODEL
 
@@ -47,14 +49,20 @@ def free_port() -> int:
 
 
 def wait_for_port(
-    port: int, timeout_s: float = 60, process: subprocess.Popen | None = None
+    port: int,
+    timeout_s: float = 60,
+    process: subprocess.Popen | None = None,
+    stderr: IO[bytes] | None = None,
 ) -> None:
     """Until something listens on `port`; a `process` that exits meanwhile fails at once with its
-    stderr (a listener that cannot start says why instead of a blind wait)."""
+    `stderr` file (a listener that cannot start says why instead of a blind wait)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            error = process.stderr.read().decode(errors="replace")[-1500:] if process.stderr else ""
+            error = ""
+            if stderr is not None:
+                stderr.seek(0)
+                error = stderr.read().decode(errors="replace")[-1500:]
             raise RuntimeError(
                 f"{Path(process.args[0]).name} exited ({process.returncode}): {error}"
             )
@@ -103,15 +111,17 @@ def storescp(folder: Path, fork: bool, nodelay: bool = True) -> Iterator[int]:
     command = ["storescp", "-aet", "STORESCP", "-od", str(folder), "--max-pdu", "131072", str(port)]
     if fork:
         command.insert(1, "--fork")
+    stderr = tempfile.TemporaryFile()  # a file, not a pipe nobody drains: it never blocks the child
     process = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_environment(nodelay)
+        command, stdout=subprocess.DEVNULL, stderr=stderr, env=_environment(nodelay)
     )
     try:
-        wait_for_port(port, process=process)
+        wait_for_port(port, process=process, stderr=stderr)
         yield port
     finally:
         process.terminate()
         process.wait(30)
+        stderr.close()
 
 
 @contextmanager
@@ -137,13 +147,15 @@ def listener_process(
     }
     argv = [sys.executable, "-m", "thighseg.cli", "listen"]
     argv += [str(item) for option in options.items() for item in option]
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr = tempfile.TemporaryFile()  # a file, not a pipe nobody drains: it never blocks the child
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
-        wait_for_port(port, process=process)
+        wait_for_port(port, process=process, stderr=stderr)
         yield port, process
     finally:
         process.terminate()
         process.wait(60)
+        stderr.close()
 
 
 def peak_rss_bytes(pid: int) -> int:

@@ -186,7 +186,7 @@ def read_dicom(report: SeriesReport, paths: list[Path], out_dir: Path) -> Loaded
     return LoadedVolume(volume.hu, volume.spacing_zyx, float(height) if height else None, volume)
 
 
-def read_nifti(report: SeriesReport, path: Path) -> LoadedVolume:
+def read_nifti(path: Path) -> LoadedVolume:
     """Load a NIfTI volume as HU in thighseg's array convention."""
     hu, spacing, affine = load_nifti_image(path)
     return LoadedVolume(hu, spacing, None, affine)
@@ -254,4 +254,4 @@ def process_series(
 def process_nifti(path: Path, out_dir: Path, settings: InferenceSettings) -> SeriesResult:
     """A NIfTI volume -> labels (NIfTI), summary, report."""
     report = SeriesReport(model=settings.model, source=str(path))
-    return run_stages(report, lambda r: read_nifti(r, path), emit_nifti, out_dir, settings)
+    return run_stages(report, lambda _: read_nifti(path), emit_nifti, out_dir, settings)
