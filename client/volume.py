@@ -34,3 +34,14 @@ def segment_volume(
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         list(pool.map(run, range(0, hu.shape[0], batch_size)))  # list() re-raises worker errors
     return labels
+
+
+def flip_averaged(infer: InferFn) -> InferFn:
+    """Test-time augmentation: the mean of the logits of each slice and of its left-right mirror
+    (the groups have no side, so the mirror's labels map back by flipping)."""
+
+    def run(images: np.ndarray) -> np.ndarray:
+        mirrored = infer(np.ascontiguousarray(images[..., ::-1]))[..., ::-1]
+        return (infer(images) + mirrored) / 2
+
+    return run

@@ -115,11 +115,28 @@ def test_evaluation_writes_report_figures_and_sane_numbers(model_repository, tmp
     assert internal["overlap"]["mean"]["specificity"]["mean"] > 0.99
     assert -1 <= internal["volumes"]["total_muscle_ml"]["icc_2_1"]["value"] <= 1
     assert report["models"].keys() == {"segformer"}
+    stress = saved["models"]["segformer"]["stress"]["summary"]["overlap"]["mean"]["dsc"]["mean"]
+    assert 0.3 < stress <= 1.0  # the test-only generator is in every default evaluation
     for name in (
         "evaluation.md",
         "dsc_boxplot_external.png",
         "bland_altman_segformer_internal_test.png",
         "overlay_segformer_external_worst.png",
         "overlay_segformer_internal_test_median.png",
+        "overlay_segformer_stress_worst.png",
     ):
         assert (tmp_path / name).stat().st_size > 1000, name
+
+
+def test_flip_averaged_inference_is_the_mean_of_a_slice_and_its_mirror():
+    from thighseg.client.volume import flip_averaged
+
+    ramp = np.linspace(0, 1, 8, dtype=np.float32)
+
+    def lopsided(images: np.ndarray) -> np.ndarray:  # favours class 1 on the image's left
+        return np.stack([images[:, 0], images[:, 0] + ramp[::-1]], axis=1)
+
+    images = np.zeros((2, 1, 8, 8), np.float32)
+    averaged = flip_averaged(lopsided)(images)
+    assert np.allclose(averaged[:, 1], 0.5)  # the left-right bias cancels
+    assert averaged.shape == (2, 2, 8, 8)

@@ -17,6 +17,7 @@ from thighseg.core.constants import (
     AE_TITLE,
     DEFAULT_MODEL,
     DICOM_PORT,
+    EVALUATION_COHORTS,
     LISTENER_METRICS_PORT,
     TRITON_GRPC_PORT,
     TRITON_HTTP_PORT,
@@ -62,13 +63,22 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from thighseg.learning.training import TrainConfig, train
 
+    init = {"scratch": None, "shipped": str(models.weights_path(args.model))}.get(
+        args.init, args.init
+    )
+    if init and not Path(init).is_file():
+        raise SystemExit(f"error: --init {args.init}: no weights file at {init}")
     config = TrainConfig(
         model=args.model,
         subjects=args.subjects,
         slices_per_subject=args.slices,
+        randomised_subjects=args.randomised_subjects,
+        randomised_slices=args.randomised_slices,
         steps=args.steps,
         batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
         seed=args.seed,
+        init=init,
     )
     summary = train(config, out=args.out)
     print(json.dumps(summary, indent=2))
@@ -218,8 +228,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             from thighseg.export.validation import onnx_backend
 
             backends[model] = onnx_backend(ensure_exported(model, args.repository))
+        if args.tta == "flip":
+            from thighseg.client.volume import flip_averaged
+
+            backends[model] = flip_averaged(backends[model])
     config = EvaluationConfig(
-        cohorts=tuple(args.cohorts), studies=args.studies, slices=args.slices, size=args.size
+        cohorts=tuple(args.cohorts),
+        studies=args.studies,
+        slices=args.slices,
+        size=args.size,
+        field_of_view=args.fov,
     )
     report = run_evaluation(backends, args.out, config)
     print((args.out / "evaluation.md").read_text())
@@ -264,17 +282,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_phantom)
 
-    p = sub.add_parser("train", help="train a model on phantoms")
+    p = sub.add_parser("train", help="train a model on phantoms and randomised synthetic thighs")
     _add_model(p)
     p.add_argument(
-        "--subjects", type=int, default=TRAIN_DEFAULTS.subjects, help="training phantoms"
+        "--subjects",
+        type=int,
+        default=TRAIN_DEFAULTS.subjects,
+        help="fixed-phantom training subjects (default: %(default)s)",
     )
     p.add_argument(
-        "--slices", type=int, default=TRAIN_DEFAULTS.slices_per_subject, help="slices per subject"
+        "--slices",
+        type=int,
+        default=TRAIN_DEFAULTS.slices_per_subject,
+        help="slices per fixed-phantom subject (default: %(default)s)",
     )
-    p.add_argument("--steps", type=int, default=TRAIN_DEFAULTS.steps, help="optimiser steps")
+    p.add_argument(
+        "--randomised-subjects",
+        type=int,
+        default=TRAIN_DEFAULTS.randomised_subjects,
+        help="subjects from the randomised generator (default: %(default)s)",
+    )
+    p.add_argument(
+        "--randomised-slices",
+        type=int,
+        default=TRAIN_DEFAULTS.randomised_slices,
+        help="slices per randomised subject (default: %(default)s)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=TRAIN_DEFAULTS.steps,
+        help="optimiser steps (default: %(default)s)",
+    )
     p.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS.batch_size)
+    p.add_argument("--learning-rate", type=float, default=TRAIN_DEFAULTS.learning_rate)
     p.add_argument("--seed", type=int, default=TRAIN_DEFAULTS.seed)
+    p.add_argument(
+        "--init",
+        default="scratch",
+        help="'scratch', 'shipped' (fine-tune the shipped weights) or a weights file "
+        "(default: %(default)s)",
+    )
     p.add_argument(
         "--out", type=Path, default=None, help="weights file (default: the shipped weights)"
     )
@@ -400,8 +448,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cohorts",
         nargs="+",
-        default=["internal_test", "external"],
-        choices=["internal_test", "external", "validation"],
+        default=list(EVALUATION_COHORTS),
+        choices=["internal_test", "external", "stress", "validation"],
+        help="phantom cohorts; 'stress' comes from a generator never used in training (default: "
+        "%(default)s)",
+    )
+    p.add_argument(
+        "--fov",
+        type=float,
+        default=None,
+        help="field of view in mm for every study (default: each generator's own)",
+    )
+    p.add_argument(
+        "--tta",
+        choices=["none", "flip"],
+        default="none",
+        help="test-time augmentation: 'flip' averages each slice with its mirror (default: none)",
     )
     p.add_argument("--studies", type=int, default=10, help="studies per cohort")
     p.add_argument("--slices", type=int, default=24, help="slices per study")

@@ -17,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from thighseg.client.volume import segment_volume
+from thighseg.core.constants import EVALUATION_COHORTS
 from thighseg.core.labels import MUSCLE_GROUPS
 from thighseg.core.resample import MODEL_INPUT_SIZE
 from thighseg.measure.agreement import bland_altman, icc_2_1, mean_sd
@@ -31,10 +32,11 @@ METRICS = ("dsc", "sensitivity", "specificity", "accuracy")
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    cohorts: tuple[str, ...] = ("internal_test", "external")
+    cohorts: tuple[str, ...] = EVALUATION_COHORTS
     studies: int = 10
     slices: int = 24
     size: int = 512
+    field_of_view: float | None = None  # mm; None: each generator draws its own
 
 
 def evaluate_study(study: Phantom, infer: InferFn) -> dict:
@@ -84,7 +86,9 @@ def run_evaluation(backends: dict[str, InferFn], out: Path, config: EvaluationCo
     for cohort in config.cohorts:
         studies = list(
             tqdm(
-                cohorts.studies(cohort, config.slices, config.size, config.studies),
+                cohorts.studies(
+                    cohort, config.slices, config.size, config.studies, config.field_of_view
+                ),
                 total=config.studies,
                 desc=f"phantoms {cohort}",
             )
@@ -109,6 +113,10 @@ def _fmt(stat: dict, digits: int = 3) -> str:
 def markdown(report: dict) -> str:
     lines = [
         "# thighseg evaluation (synthetic phantom cohorts)",
+        "",
+        "internal_test and external come from the generator family the models were trained on; "
+        "stress comes from `thighseg.synthetic.stress`, built differently and never used in "
+        "training or tuning.",
         "",
         "DSC, sensitivity, specificity and accuracy are 3D per study, then mean ± SD over studies. "
         "ICC is ICC(2,1) (two-way random, absolute agreement, single measure) of predicted vs "

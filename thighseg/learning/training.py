@@ -1,4 +1,9 @@
-"""Training on synthetic phantoms (torch; only needed for training and export)."""
+"""Training on synthetic thighs (torch; only needed for training and export).
+
+The data mixes the fixed phantom (the "internal" site) with many more subjects from the
+randomised generator (`thighseg.synthetic.randomised`, SynthSeg-style), so the network has to
+find the fat planes between the groups instead of remembering where the phantom puts them.
+"""
 
 from __future__ import annotations
 
@@ -14,20 +19,25 @@ from thighseg.core.labels import NUM_CLASSES, normalise_hu
 from thighseg.core.resample import MODEL_INPUT_SIZE, labels_to_model_grid, to_model_grid
 from thighseg.learning import models
 from thighseg.measure.metrics import dice_per_group
-from thighseg.synthetic import phantom
+from thighseg.synthetic import phantom, randomised
+
+RANDOMISED_FIRST_SEED = 100_000  # randomised training subjects; validation starts at +90,000
 
 
 @dataclass
 class TrainConfig:
     model: str = "segformer"
-    subjects: int = 36
+    subjects: int = 36  # fixed-phantom subjects
     slices_per_subject: int = 24
-    validation_subjects: int = 4
-    steps: int = 1500  # the shipped SegFormer weights; the model cards record each model's own
+    randomised_subjects: int = 300
+    randomised_slices: int = 6  # random levels per randomised subject
+    validation_subjects: int = 4  # of each generator
+    steps: int = 1500  # the model cards record each model's own
     batch_size: int = 8
     learning_rate: float = 6e-4
     seed: int = 0
     first_seed: int = 1000  # training subjects are seeds first_seed.. (tests/demo use others)
+    init: str | None = None  # weights to fine-tune from; None trains from scratch
 
 
 def cohort_slices(
@@ -40,6 +50,23 @@ def cohort_slices(
         ph = phantom.generate(seed, size=size, slices=slices_per_subject)
         images.append(normalise_hu(to_model_grid(ph.hu)).astype(np.float16))
         targets.append(labels_to_model_grid(ph.labels))
+    return np.concatenate(images), np.concatenate(targets)
+
+
+def randomised_slices(
+    seeds: list[int], slices_per_subject: int, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Model-grid slices and labels from the randomised generator (rendered on the grid)."""
+    images, targets = [], []
+    for seed in tqdm(seeds, desc="randomised thighs", disable=not progress):
+        ph = randomised.generate(seed, size=MODEL_INPUT_SIZE, slices=slices_per_subject)
+        images.append(normalise_hu(ph.hu).astype(np.float16))
+        targets.append(ph.labels)
+    if not images:
+        return (
+            np.zeros((0, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE), np.float16),
+            np.zeros((0, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE), np.uint8),
+        )
     return np.concatenate(images), np.concatenate(targets)
 
 
@@ -107,7 +134,18 @@ def train(config: TrainConfig, out: Path | None = None, checkpoint: Path | None 
         )
     )
     images, targets = cohort_slices(train_seeds, config.slices_per_subject, rng)
-    network = models.build(config.model).to(device)
+    first_random = RANDOMISED_FIRST_SEED
+    extra_images, extra_targets = randomised_slices(
+        list(range(first_random, first_random + config.randomised_subjects)),
+        config.randomised_slices,
+    )
+    images = np.concatenate([images, extra_images])
+    targets = np.concatenate([targets, extra_targets])
+    network = (
+        models.load_trained(config.model, Path(config.init)).train()
+        if config.init
+        else models.build(config.model)
+    ).to(device)
     optimiser = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimiser, config.learning_rate, total_steps=config.steps, pct_start=0.05
@@ -155,6 +193,8 @@ def train(config: TrainConfig, out: Path | None = None, checkpoint: Path | None 
             )
     network = network.cpu().eval()
     validation = validate(network, val_seeds, config.slices_per_subject)
+    random_seeds = range(first_random + 90_000, first_random + 90_000 + config.validation_subjects)
+    validation_randomised = validate_randomised(network, list(random_seeds))
     torch.save(
         {
             "state_dict": _compact(network.state_dict()),
@@ -167,6 +207,7 @@ def train(config: TrainConfig, out: Path | None = None, checkpoint: Path | None 
     summary = {
         "config": asdict(config),
         "validation": validation,
+        "validation_randomised": validation_randomised,
         "seconds": round(time.time() - started, 1),
         "weights": out.name,
     }
@@ -187,10 +228,21 @@ def _compact(state_dict: dict) -> dict:
 
 def validate(network, seeds: list[int], slices: int) -> dict[str, float]:
     """Mean DSC per group over held-out phantoms, on the model grid."""
-    import torch
 
     rng = np.random.default_rng(12345)
     images, targets = cohort_slices(seeds, slices, rng, progress=False)
+    return _dice_on(network, images, targets)
+
+
+def validate_randomised(network, seeds: list[int]) -> dict[str, float]:
+    """Mean DSC per group over held-out randomised subjects (8 slices each)."""
+    images, targets = randomised_slices(seeds, 8, progress=False)
+    return _dice_on(network, images, targets)
+
+
+def _dice_on(network, images: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    import torch
+
     with torch.no_grad():
         logits = torch.cat(
             [
