@@ -14,6 +14,8 @@ def test_training_saves_weights_and_resumes_from_the_checkpoint(tmp_path):
         model="denseunet",
         subjects=1,
         slices_per_subject=2,
+        randomised_subjects=2,
+        randomised_slices=2,
         validation_subjects=1,
         steps=3,
         batch_size=2,
@@ -21,6 +23,10 @@ def test_training_saves_weights_and_resumes_from_the_checkpoint(tmp_path):
     out = tmp_path / "denseunet.pt"
     first = train(config, out=out)
     assert set(first["validation"]) == {"extensor", "flexor", "adductor"}
+    assert set(first["validation_randomised"]) == {"extensor", "flexor", "adductor"}
+    card = out.with_suffix(".md").read_text()
+    assert first["sha256"][:16] in card and "--randomised-subjects 2" in card
+    assert "torch" in first["versions"]
     checkpoint = torch.load(out.with_suffix(".ckpt"), weights_only=False)
     assert checkpoint["step"] == 3
     weights = torch.load(out, weights_only=True)["state_dict"]
@@ -29,6 +35,10 @@ def test_training_saves_weights_and_resumes_from_the_checkpoint(tmp_path):
     assert all(torch.equal(weights[k], resumed[k]) for k in weights)
     assert again["validation"] == first["validation"]
     network = models.load_trained("denseunet", out)
+    tuned = train(TrainConfig(**{**config.__dict__, "init": str(out)}), out=tmp_path / "tuned.pt")
+    changed = torch.load(tmp_path / "tuned.pt", weights_only=True)["state_dict"]
+    assert tuned["config"]["init"] == str(out)
+    assert any(not torch.equal(weights[k], changed[k]) for k in weights), "fine-tuning moved"
     assert network(torch.zeros(1, 1, 64, 64)).shape == (1, 4, 64, 64)
 
 

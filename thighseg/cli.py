@@ -85,6 +85,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_card(args: argparse.Namespace) -> int:
+    from thighseg.learning.card import refresh_cards
+
+    written = refresh_cards(args.evaluation)
+    if not written:
+        raise SystemExit(f"error: no model in {args.evaluation} has weights with a training JSON")
+    print("\n".join(str(path) for path in written))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from thighseg.export.build import export_model
 
@@ -438,6 +448,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--triton-url", default=TRITON_URL, help="Triton HTTP (or gRPC) address")
     p.add_argument("--protocol", choices=["http", "grpc"], default="http")
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("card", help="rewrite the shipped model cards with evaluation figures")
+    p.add_argument(
+        "--evaluation",
+        type=Path,
+        required=True,
+        help="evaluation.json written by `thighseg evaluate`",
+    )
+    p.set_defaults(func=cmd_card)
 
     p = sub.add_parser(
         "evaluate", help="DSC/sensitivity/specificity/accuracy and volume ICC on phantom cohorts"

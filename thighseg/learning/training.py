@@ -7,6 +7,7 @@ find the fat planes between the groups instead of remembering where the phantom 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -210,9 +211,35 @@ def train(config: TrainConfig, out: Path | None = None, checkpoint: Path | None 
         "validation_randomised": validation_randomised,
         "seconds": round(time.time() - started, 1),
         "weights": out.name,
+        "device": _describe(device),
+    }
+    return record(summary, out)
+
+
+def record(summary: dict, out: Path) -> dict:
+    """Add the weights' hash and the package versions, write `<out>.json` and the model card."""
+    from importlib.metadata import version
+
+    from thighseg.learning.card import write_card
+
+    summary["sha256"] = hashlib.sha256(out.read_bytes()).hexdigest()
+    summary["versions"] = {
+        name: version(name)
+        for name in ("thighseg", "torch", "segmentation-models-pytorch", "numpy")
     }
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    write_card(summary, out.with_suffix(".md"))
     return summary
+
+
+def _describe(device) -> str:
+    import os
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
 SHIPPED_WEIGHTS_LIMIT_BYTES = 20 << 20

@@ -96,6 +96,9 @@ class RandomSubject:
     oedema_group: int
     metal: str  # "none", "nail", "prosthesis"
     table: bool
+    table_gap: float  # mm between the lowest skin and the couch
+    taper: float  # relative narrowing of the thigh from hip to knee
+    single_leg_offset: float  # x of a lone leg, as a fraction of half the field of view
     thigh_length: float
     appearance: Appearance
 
@@ -177,17 +180,24 @@ def sample_subject(seed: int) -> RandomSubject:
         oedema_group=int(rng.choice(group_choice, p=[0.85, 0.05, 0.05, 0.05])),
         metal=str(rng.choice(["none", "nail", "prosthesis"], p=[0.85, 0.1, 0.05])),
         table=bool(rng.random() < 0.8),
+        table_gap=float(rng.uniform(2, 20)),
+        taper=float(rng.uniform(0.15, 0.35)),
+        single_leg_offset=float(rng.uniform(-0.4, 0.4)),
         thigh_length=float(rng.uniform(330, 480)),
         appearance=_appearance(rng),
     )
 
 
-def generate(seed: int, size: int = 256, slices: int = 6) -> Phantom:
+def generate(
+    seed: int, size: int = 256, slices: int = 6, levels: np.ndarray | None = None
+) -> Phantom:
     """`slices` axial slices of one randomised subject at random thigh levels (independent 2D
-    training samples; the field of view is random, sometimes cropping the thighs)."""
+    training samples; the field of view is random, sometimes cropping the thighs), or at the
+    given `levels` (0 hip ... 1 knee)."""
     subject = sample_subject(seed)
     rng = np.random.default_rng([seed, 72, size, slices])
-    levels = np.sort(rng.uniform(0.03, 0.97, slices))
+    levels = np.sort(rng.uniform(0.03, 0.97, slices)) if levels is None else np.asarray(levels)
+    slices = len(levels)
     legs_span = len(subject.sides) * 2 * (subject.muscle_radius + subject.fat_thickness)
     span = legs_span + max(0.0, subject.leg_gap)
     field_of_view = float(np.clip(span * rng.uniform(0.8, 1.7), 220.0, 520.0))
@@ -211,13 +221,13 @@ def render_slice(
     x0, _ = geometry.origin_xy
     coords = x0 + geometry.pixel_spacing * np.arange(geometry.size, dtype=np.float32)
     yy, xx = np.meshgrid(coords, coords, indexing="ij")
-    tissue, labels, fat_fraction = _anatomy(subject, level, xx, yy, geometry, rng)
+    tissue, labels, fat_fraction = _anatomy(subject, level, xx, yy, geometry)
     hu = _intensities(subject, tissue, fat_fraction, rng, geometry)
     thickness = subject.appearance.slice_thickness_mm
     if thickness > 0:  # partial volume across a thick slice: average the anatomy above and below
         dz = thickness / 2 / subject.thigh_length
         for offset in (-dz, dz):
-            t, _, f = _anatomy(subject, level + offset, xx, yy, geometry, rng)
+            t, _, f = _anatomy(subject, level + offset, xx, yy, geometry)
             hu += _intensities(subject, t, f, rng, geometry)
         hu /= 3
     return _scanner(subject, hu, tissue, geometry, rng), labels
@@ -229,24 +239,23 @@ def _anatomy(
     xx: np.ndarray,
     yy: np.ndarray,
     geometry: Geometry,
-    rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tissue map, labels, fat fraction of the muscle) at one thigh level."""
     tissue = np.full(xx.shape, Tissue.AIR, dtype=np.uint8)
     labels = np.zeros(xx.shape, dtype=np.uint8)
     fat_fraction = np.zeros(xx.shape, dtype=np.float32)
-    taper = 1.0 - rng.uniform(0.15, 0.35) * level
+    taper = 1.0 - subject.taper * level
     fat = subject.fat_thickness * (1 - 0.3 * level)
     outer = subject.muscle_radius * taper + fat + 2.0
     if subject.table:
-        top = outer * subject.table_flattening + rng.uniform(2, 20)
+        top = outer * subject.table_flattening + subject.table_gap
         slab = (yy > top) & (yy < top + 25.0)
         tissue[slab] = Tissue.TABLE_FOAM
         tissue[slab & ((yy < top + 1.5) | (yy > top + 23.5))] = Tissue.TABLE_SHELL
     centres = {
         side: side * (outer * subject.ellipticity + subject.leg_gap / 2)
         if len(subject.sides) == 2
-        else rng.uniform(-0.4, 0.4) * geometry.field_of_view / 2
+        else subject.single_leg_offset * geometry.field_of_view / 2
         for side in subject.sides
     }
     # each pixel belongs to the leg whose outline it is deepest inside (legs may touch)

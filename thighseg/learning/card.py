@@ -1,0 +1,148 @@
+"""Model cards written from what training recorded, so a card never drifts from its weights.
+
+`thighseg train` calls `write_card` with its summary; `thighseg evaluate` figures are added when an
+evaluation JSON is given (`thighseg card --evaluation docs/evaluation/evaluation.json`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from thighseg.learning import models
+
+ARCHITECTURES = {
+    "denseunet": "dense-block U-Net (`thighseg/learning/dense_unet.py`, FC-DenseNet style, "
+    "0.72 M parameters)",
+    "manet": "MANet with an EfficientNet-B0 encoder and a slim decoder "
+    "(segmentation-models-pytorch, 7.6 M parameters)",
+    "segformer": "SegFormer with a MiT-b0 encoder (segmentation-models-pytorch, 3.7 M parameters)",
+}
+GROUPS = ("extensor", "flexor", "adductor")
+COHORT_NOTES = {
+    "internal_test": "fixed phantom, training site (training generator family)",
+    "external": "fixed phantom, second site (training generator family)",
+    "stress": "independent generator, never used in training or tuning",
+}
+
+
+def command(config: dict) -> str:
+    """The `thighseg train` command line that reproduces a run."""
+    parts = [
+        f"thighseg train --model {config['model']}",
+        f"--subjects {config['subjects']} --slices {config['slices_per_subject']}",
+        f"--randomised-subjects {config.get('randomised_subjects', 0)}",
+        f"--randomised-slices {config.get('randomised_slices', 0)}",
+        f"--steps {config['steps']} --batch-size {config['batch_size']}",
+        f"--learning-rate {config['learning_rate']:g} --seed {config['seed']}",
+    ]
+    if config.get("init"):
+        parts.append(f"--init {Path(config['init']).name}")
+    return " ".join(parts)
+
+
+def _dice_rows(figures: dict[str, float]) -> list[str]:
+    rows = [f"| {g} | {figures[g]:.3f} |" for g in GROUPS]
+    rows.append(f"| mean | {sum(figures[g] for g in GROUPS) / 3:.3f} |")
+    return rows
+
+
+def render(summary: dict, evaluation: dict | None = None) -> str:
+    """The card as Markdown."""
+    config = summary["config"]
+    model = config["model"]
+    last_seed = config["first_seed"] + config["subjects"] - 1
+    lines = [
+        f"# Model card: thighseg {model}",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| architecture | {ARCHITECTURES[model]} |",
+        "| input / output | 1 × 256 × 256 HU clipped to [-250, 250] and scaled to [-1, 1] "
+        "(`thighseg.core.labels.normalise_hu`), any matrix resampled to 256² over the field of "
+        "view → 4-class logits (background, extensor, flexor, adductor) |",
+        f"| file | `{summary['weights']}` (sha256 `{summary.get('sha256', 'n/a')[:16]}…`) |",
+        f"| served as | `{models.triton_name(model)}` |",
+        "",
+        "## Data",
+        f"Synthetic only. {config['subjects']} fixed-phantom subjects "
+        f"(`thighseg.synthetic.phantom`, seeds {config['first_seed']}–{last_seed}, "
+        f"{config['slices_per_subject']} slices each) and {config.get('randomised_subjects', 0)} "
+        "subjects of the randomised generator (`thighseg.synthetic.randomised`: septa direction, "
+        "curvature and waviness, group proportions, femur position, outline, atrophy, fatty "
+        "infiltration, oedema, metal, tissue HU, kernels, noise, slice thickness, field of view; "
+        f"{config.get('randomised_slices', 0)} random levels each). Augmentation: mirror, "
+        "rotation, scale, shift, intensity offset, noise. The stress generator "
+        "(`thighseg.synthetic.stress`) was never used.",
+        "",
+        "## Command",
+        "```bash",
+        command(config),
+        "```",
+        f"AdamW, one-cycle schedule, cross-entropy + Dice; {summary['seconds']:,.0f} s on "
+        f"{summary.get('device', 'cpu')}"
+        + (f", fine-tuned from `{Path(config['init']).name}`" if config.get("init") else "")
+        + ". Versions: "
+        + ", ".join(f"{k} {v}" for k, v in summary.get("versions", {}).items())
+        + ".",
+        "",
+        "## Validation (model grid, held-out subjects of the training generators)",
+        "| group | fixed phantom DSC |",
+        "|---|---|",
+        *_dice_rows(summary["validation"]),
+    ]
+    if "validation_randomised" in summary:
+        lines += [
+            "",
+            "| group | randomised generator DSC |",
+            "|---|---|",
+            *_dice_rows(summary["validation_randomised"]),
+        ]
+    if evaluation and model in evaluation.get("models", {}):
+        lines += ["", *_evaluation_rows(evaluation, model)]
+    lines += [
+        "",
+        "## Limits",
+        "Trained on synthetic thighs only; real CT needs fine-tuning on labelled cases before "
+        "clinical use. Not a medical device.",
+        "",
+        "## Licence",
+        "Apache License 2.0, like the code (`LICENSE`). No patient data went into these weights.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _evaluation_rows(evaluation: dict, model: str) -> list[str]:
+    config = evaluation["config"]
+    lines = [
+        f"## Evaluation (`thighseg evaluate`, {config['studies']} studies of {config['slices']} "
+        f"slices {config['size']}² per cohort, 3D DSC mean ± SD)",
+        "| cohort | what it is | extensor | flexor | adductor | mean |",
+        "|---|---|---|---|---|---|",
+    ]
+    for cohort, figures in evaluation["models"][model].items():
+        overlap = figures["summary"]["overlap"]
+        cells = " | ".join(
+            f"{overlap[g]['dsc']['mean']:.3f} ± {overlap[g]['dsc']['sd']:.3f}"
+            for g in (*GROUPS, "mean")
+        )
+        lines.append(f"| {cohort} | {COHORT_NOTES.get(cohort, '')} | {cells} |")
+    return lines
+
+
+def write_card(summary: dict, path: Path, evaluation: dict | None = None) -> Path:
+    path.write_text(render(summary, evaluation))
+    return path
+
+
+def refresh_cards(evaluation_json: Path, weights_dir: Path = models.WEIGHTS_DIR) -> list[Path]:
+    """Rewrite every card beside its weights with the figures of an evaluation run."""
+    evaluation = json.loads(evaluation_json.read_text())
+    written = []
+    for model in evaluation["models"]:
+        summary_path = weights_dir / f"{model}.json"
+        if summary_path.exists():
+            summary = json.loads(summary_path.read_text())
+            written.append(write_card(summary, weights_dir / f"{model}.md", evaluation))
+    return written
