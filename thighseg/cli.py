@@ -85,6 +85,45 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dataset_import(args: argparse.Namespace) -> int:
+    from thighseg.apps.dataset_import import LabelMap, import_sources
+
+    missing = [str(s) for s in args.sources if not s.exists()]
+    if missing:
+        raise SystemExit(f"error: no such source: {', '.join(missing)}")
+    try:
+        label_map = LabelMap.load(args.labels)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: label map: {error}") from None
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = import_sources(
+        args.sources, label_map, args.out, fmt=args.format, subject_regex=args.subject_regex
+    )
+    print(report.table())
+    print(f"dataset in {args.out}; next: thighseg dataset split {args.out}")
+    return 0 if report.written else 1
+
+
+def cmd_dataset_split(args: argparse.Namespace) -> int:
+    from thighseg.learning.dataset import make_splits, read_manifest, write_splits
+
+    try:
+        subjects = read_manifest(args.dataset).subjects()
+        if args.split_file:
+            splits = json.loads(args.split_file.read_text())
+        else:
+            splits = make_splits(subjects, args.folds, args.seed, args.test)
+        path = write_splits(args.dataset, splits)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
+    for k, fold in enumerate(splits["folds"]):
+        print(
+            f"fold {k}: {len(fold['train'])} train, {len(fold['validation'])} validation subjects"
+        )
+    print(f"test: {len(splits.get('test', []))} subjects (never used in training); {path}")
+    return 0
+
+
 def cmd_card(args: argparse.Namespace) -> int:
     from thighseg.learning.card import refresh_cards
 
@@ -448,6 +487,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--triton-url", default=TRITON_URL, help="Triton HTTP (or gRPC) address")
     p.add_argument("--protocol", choices=["http", "grpc"], default="http")
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("dataset", help="import labelled CT and split it by subject")
+    dataset = p.add_subparsers(dest="dataset_command", required=True)
+    p = dataset.add_parser(
+        "import",
+        help="nnU-Net raw, NIfTI pairs or DICOM CT + SEG into a thighseg dataset",
+    )
+    p.add_argument("sources", nargs="+", type=Path, help="source folders")
+    p.add_argument(
+        "--labels", type=Path, required=True, help="label map (YAML or JSON): group -> labels"
+    )
+    p.add_argument("--out", type=Path, required=True, help="dataset folder (new or existing)")
+    p.add_argument(
+        "--format",
+        choices=["auto", "nnunet", "nifti", "dicom"],
+        default="auto",
+        help="source layout (default: %(default)s, detected per source)",
+    )
+    p.add_argument(
+        "--subject-regex",
+        default=None,
+        help="regex on the case id whose first group is the subject id (default: case = subject)",
+    )
+    p.set_defaults(func=cmd_dataset_import)
+    p = dataset.add_parser("split", help="folds by subject (never by slice), optional test set")
+    p.add_argument("dataset", type=Path)
+    p.add_argument("--folds", type=int, default=5, help="k folds (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="shuffle seed (default: %(default)s)")
+    p.add_argument(
+        "--test", type=int, default=0, help="subjects held out for testing (default: %(default)s)"
+    )
+    p.add_argument("--split-file", type=Path, default=None, help="use this splits JSON instead")
+    p.set_defaults(func=cmd_dataset_split)
 
     p = sub.add_parser("card", help="rewrite the shipped model cards with evaluation figures")
     p.add_argument(

@@ -68,15 +68,27 @@ def save_nifti_labels(labels: np.ndarray, affine: np.ndarray, path: Path) -> Pat
     return path
 
 
-def load_nifti_pair(image_path: Path, label_path: Path) -> LabelledVolume:
-    """A CT volume in HU and its label map (0 background, 1 extensor, 2 flexor, 3 adductor)."""
+def load_nifti_raw_pair(
+    image_path: Path, label_path: Path
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """A CT volume in HU, its label map with the source's own values (int32), and the spacing;
+    the two must share shape and geometry."""
     image, label = _load_canonical(image_path), _load_canonical(label_path)
     if image.shape != label.shape or not np.allclose(image.affine, label.affine, atol=1e-3):
-        raise ValueError(f"{image_path.name} and {label_path.name} differ in shape or geometry")
-    labels = _canonical_to_zyx(np.asanyarray(label.dataobj)).astype(np.int16)
+        raise ValueError(
+            f"{image_path.name} and {label_path.name} differ in shape or geometry "
+            f"({image.shape} vs {label.shape})"
+        )
+    labels = _canonical_to_zyx(np.asanyarray(label.dataobj)).astype(np.int32)
+    hu, spacing = _hu_and_spacing(image)
+    return hu, labels, spacing
+
+
+def load_nifti_pair(image_path: Path, label_path: Path) -> LabelledVolume:
+    """A CT volume in HU and its label map (0 background, 1 extensor, 2 flexor, 3 adductor)."""
+    hu, labels, spacing = load_nifti_raw_pair(image_path, label_path)
     if labels.min() < 0 or labels.max() > max(MUSCLE_GROUPS):
         raise ValueError(f"{label_path.name} has labels outside 0..{int(max(MUSCLE_GROUPS))}")
-    hu, spacing = _hu_and_spacing(image)
     return LabelledVolume(hu, labels.astype(np.uint8), spacing, str(image_path))
 
 

@@ -1,0 +1,206 @@
+"""Users' labelled CT: import from nnU-Net, NIfTI pairs and DICOM CT + SEG, checked case by case,
+split by subject, read back for training."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from thighseg.apps.dataset_import import LabelMap, import_sources
+from thighseg.learning import dataset
+from thighseg.synthetic import phantom
+
+nib = pytest.importorskip("nibabel")
+
+# source label values: individual structures, several per group
+SOURCE_VALUES = {1: 11, 2: 12, 3: 13}  # extensor, flexor, adductor -> source values
+MAP_YAML = """
+extensor: [quadriceps]
+flexor: [12]
+adductor: [adductors]
+ignore: [9]
+"""
+
+
+def _ras(array: np.ndarray) -> np.ndarray:
+    """thighseg (z, posterior rows, leftward columns) -> RAS voxel order."""
+    return np.ascontiguousarray(array.transpose(2, 1, 0)[::-1, ::-1, :])
+
+
+def _save(array: np.ndarray, spacing: tuple[float, float, float], path: Path) -> None:
+    dz, dy, dx = spacing
+    nib.save(nib.Nifti1Image(_ras(array), np.diag([dx, dy, dz, 1.0])), path)
+
+
+def _case(seed: int) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    study = phantom.generate(seed, size=64, slices=4, slice_spacing=7.0)
+    g = study.geometry
+    raw = np.zeros(study.labels.shape, np.int16)
+    for group, value in SOURCE_VALUES.items():
+        raw[study.labels == group] = value
+    raw[0, :4, :4] = 9  # an "ignore" marker
+    return study.hu, raw, (g.slice_spacing, g.pixel_spacing, g.pixel_spacing)
+
+
+@pytest.fixture()
+def nnunet_source(tmp_path) -> Path:
+    root = tmp_path / "Dataset501_Thigh"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for k, seed in enumerate((71, 72, 73, 74)):
+        hu, raw, spacing = _case(seed)
+        case = f"thigh_{k:03d}"
+        _save(hu.astype(np.float32), spacing, root / "imagesTr" / f"{case}_0000.nii.gz")
+        _save(raw, spacing, root / "labelsTr" / f"{case}.nii.gz")
+    # broken cases: geometry mismatch, unmapped label value, missing label file
+    hu, raw, spacing = _case(75)
+    _save(hu.astype(np.float32), spacing, root / "imagesTr" / "bad_geometry_0000.nii.gz")
+    _save(raw[:, :32], spacing, root / "labelsTr" / "bad_geometry.nii.gz")
+    raw_unmapped = raw.copy()
+    raw_unmapped[1, :3, :3] = 7
+    _save(hu.astype(np.float32), spacing, root / "imagesTr" / "bad_value_0000.nii.gz")
+    _save(raw_unmapped, spacing, root / "labelsTr" / "bad_value.nii.gz")
+    _save(hu.astype(np.float32), spacing, root / "imagesTr" / "no_label_0000.nii.gz")
+    (root / "dataset.json").write_text(
+        json.dumps(
+            {
+                "channel_names": {"0": "CT"},
+                "labels": {"background": 0, "quadriceps": 11, "hamstrings": 12, "adductors": 13},
+                "numTraining": 7,
+                "file_ending": ".nii.gz",
+            }
+        )
+    )
+    return root
+
+
+def _label_map(tmp_path: Path) -> LabelMap:
+    path = tmp_path / "map.yaml"
+    path.write_text(MAP_YAML)
+    return LabelMap.load(path)
+
+
+def test_nnunet_import_maps_labels_reports_bad_cases_and_goes_on(nnunet_source, tmp_path):
+    out = tmp_path / "dataset"
+    report = import_sources([nnunet_source], _label_map(tmp_path), out, progress=False)
+    assert [r.case_id for r in report.written] == [f"thigh_{k:03d}" for k in range(4)]
+    reasons = dict(report.failed)
+    assert "differ in shape or geometry" in reasons["bad_geometry"]
+    assert "label value(s) 7 not in the label map" in reasons["bad_value"]
+    assert "label file missing: labelsTr/no_label.nii.gz" in reasons["no_label"]
+    manifest = dataset.read_manifest(out)
+    assert len(manifest.cases) == 4 and not list((out / "cases").glob("bad_*"))
+    case = dataset.load_case(out, manifest.cases[0])
+    study = phantom.generate(71, size=64, slices=4, slice_spacing=7.0)
+    expected = study.labels.copy()
+    expected[0, :4, :4] = dataset.IGNORE
+    assert np.array_equal(case.labels, expected), "orientation and mapping round trip"
+    assert np.abs(case.hu - study.hu).max() <= 0.5  # stored as integer HU
+    assert manifest.cases[0].voxels_per_label["ignore"] == 16
+    assert "4 case(s) imported, 3 failed" in report.table()
+    assert manifest.digest() in (out / "card.md").read_text()
+
+
+def test_a_changed_case_file_is_caught_by_its_hash(nnunet_source, tmp_path):
+    out = tmp_path / "dataset"
+    import_sources([nnunet_source], _label_map(tmp_path), out, progress=False)
+    record = dataset.read_manifest(out).cases[0]
+    path = out / "cases" / f"{record.case_id}.npz"
+    path.write_bytes(path.read_bytes() + b"x")
+    with pytest.raises(ValueError, match="changed since import"):
+        dataset.load_case(out, record)
+
+
+def test_nifti_pairs_with_anisotropic_spacing(tmp_path):
+    root = tmp_path / "pairs"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    hu, raw, spacing = _case(76)
+    _save(hu.astype(np.float32), spacing, root / "images" / "p1.nii.gz")
+    _save(raw, spacing, root / "labels" / "p1.nii.gz")
+    out = tmp_path / "dataset"
+    report = import_sources([root], _label_map_values(tmp_path), out, progress=False)
+    assert [r.case_id for r in report.written] == ["p1"]
+    assert report.written[0].spacing_zyx == pytest.approx(spacing)
+
+
+def _label_map_values(tmp_path: Path) -> LabelMap:
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps({"extensor": [11], "flexor": [12], "adductor": [13], "ignore": 9}))
+    return LabelMap.load(path)
+
+
+def test_dicom_ct_with_seg_and_a_seg_of_another_series(study_factory, tmp_path):
+    from thighseg.pipeline.assemble import assemble
+    from thighseg.pipeline.outputs import write_seg
+    from thighseg.synthetic.ct_series import read_truth
+
+    root = tmp_path / "dicom"
+    root.mkdir()
+    paths = study_factory(81, size=64, slices=4)
+    for p in paths:
+        shutil.copy(p, root / f"a-{p.name}")
+    volume = assemble(list(paths))
+    truth, uids = read_truth(paths[0].parent)
+    ordered = truth[[uids.index(s.SOPInstanceUID) for s in volume.sources]]
+    write_seg(volume.sources, ordered, root / "seg.dcm", "manual")
+    other = study_factory(82, size=64, slices=4)  # its SEG is here, its CT is not
+    other_volume = assemble(list(other))
+    write_seg(other_volume.sources, ordered, root / "orphan-seg.dcm", "manual")
+    path = tmp_path / "map.yaml"
+    path.write_text("extensor: [Extensor]\nflexor: [Flexor]\nadductor: [Adductor]\n")
+    out = tmp_path / "dataset"
+    report = import_sources([root], LabelMap.load(path), out, progress=False)
+    assert len(report.written) == 1
+    case = dataset.load_case(out, report.written[0])
+    assert np.array_equal(case.labels, ordered)
+    (failed_case, reason), *_ = report.failed
+    assert "orphan-seg" in failed_case and "not among the CT series found" in reason
+
+
+def test_splits_are_by_subject_and_a_split_file_is_checked(nnunet_source, tmp_path):
+    out = tmp_path / "dataset"
+    import_sources(
+        [nnunet_source],
+        _label_map(tmp_path),
+        out,
+        subject_regex=r"thigh_00([0-3])",
+        progress=False,
+    )
+    splits = dataset.make_splits(dataset.read_manifest(out).subjects(), folds=2, seed=1, test=1)
+    dataset.write_splits(out, splits)
+    assert len(splits["test"]) == 1
+    for fold in splits["folds"]:
+        assert not set(fold["train"]) & set(fold["validation"])
+        assert not (set(fold["train"]) | set(fold["validation"])) & set(splits["test"])
+    bad = {"folds": [{"train": ["0", "1"], "validation": ["1"]}], "test": []}
+    with pytest.raises(ValueError, match="on two sides: 1"):
+        dataset.write_splits(out, bad)
+
+
+def test_cli_import_prints_a_summary_and_a_bad_map_is_one_line(nnunet_source, tmp_path):
+    (tmp_path / "map.yaml").write_text(MAP_YAML)
+    cli = [sys.executable, "-m", "thighseg.cli", "dataset", "import", str(nnunet_source)]
+    done = subprocess.run(
+        [*cli, "--labels", str(tmp_path / "map.yaml"), "--out", str(tmp_path / "d")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "4 case(s) imported, 3 failed" in done.stdout
+    (tmp_path / "bad.yaml").write_text("quads: [1]\n")
+    done = subprocess.run(
+        [*cli, "--labels", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "e")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0 and "unknown target(s) quads" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -1,0 +1,371 @@
+"""`thighseg dataset import`: users' labelled CT into a thighseg dataset, every case checked.
+
+Sources: an nnU-Net v2 raw dataset (dataset.json, imagesTr/*_0000.nii.gz, labelsTr/), a folder of
+NIfTI pairs (images/<case>.nii.gz + labels/<case>.nii.gz), or DICOM CT series with DICOM SEG
+objects that reference them (any folder tree). A label map (YAML or JSON) says which source labels
+(values, or names from dataset.json / SEG segment labels) make up each group:
+
+    extensor: [1, 2, vastus_lateralis]
+    flexor: [3]
+    adductor: [4, 5]
+    ignore: [9]          # excluded from the loss and the metrics
+    background: [6]      # value 0 is always background
+    unmapped: error      # or "background" / "ignore": what happens to labels listed nowhere
+
+A case that fails a check gets one line in the import report and the import goes on; a case is
+written completely (temporary file, then rename) or not at all, and the manifest lists only
+written cases.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from thighseg.core.labels import Group
+from thighseg.learning.dataset import (
+    IGNORE,
+    CaseRecord,
+    Manifest,
+    read_manifest,
+    write_case,
+    write_manifest,
+)
+
+TARGETS = {
+    "extensor": int(Group.EXTENSOR),
+    "flexor": int(Group.FLEXOR),
+    "adductor": int(Group.ADDUCTOR),
+    "background": 0,
+    "ignore": IGNORE,
+}
+SPACING_RANGE_MM = (0.2, 10.0)  # in-plane; z may be up to 20 mm
+SLICE_SPACING_MAX_MM = 20.0
+
+
+class CaseError(ValueError):
+    """A case that cannot be imported, with the reason a user can act on."""
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    by_value: dict[int, int]
+    by_name: dict[str, int]
+    unmapped: str = "error"
+
+    @staticmethod
+    def load(path: Path) -> LabelMap:
+        text = path.read_text()
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            spec = yaml.safe_load(text)
+        else:
+            spec = json.loads(text)
+        if not isinstance(spec, dict):
+            raise ValueError(f"{path}: expected a mapping of group -> source labels")
+        unmapped = str(spec.pop("unmapped", "error"))
+        if unmapped not in ("error", "background", "ignore"):
+            raise ValueError(f"{path}: unmapped must be error, background or ignore")
+        unknown = set(spec) - set(TARGETS)
+        if unknown:
+            raise ValueError(
+                f"{path}: unknown target(s) {', '.join(sorted(unknown))}; use {', '.join(TARGETS)}"
+            )
+        by_value: dict[int, int] = {0: 0}
+        by_name: dict[str, int] = {}
+        for target, sources in spec.items():
+            for source in sources if isinstance(sources, list) else [sources]:
+                if isinstance(source, int) or (isinstance(source, str) and source.isdigit()):
+                    by_value[int(source)] = TARGETS[target]
+                else:
+                    by_name[str(source).lower()] = TARGETS[target]
+        return LabelMap(by_value, by_name, unmapped)
+
+    def as_dict(self) -> dict:
+        return {"by_value": self.by_value, "by_name": self.by_name, "unmapped": self.unmapped}
+
+    def resolve(self, names: dict[str, int]) -> dict[int, int]:
+        """Value -> target, with source names (e.g. dataset.json labels) turned into values."""
+        table = dict(self.by_value)
+        for name, value in names.items():
+            if name.lower() in self.by_name:
+                table[int(value)] = self.by_name[name.lower()]
+        return table
+
+    def apply(self, raw: np.ndarray, table: dict[int, int]) -> np.ndarray:
+        present = [int(v) for v in np.unique(raw)]
+        missing = [v for v in present if v not in table]
+        if missing and self.unmapped == "error":
+            raise CaseError(
+                f"label value(s) {', '.join(map(str, missing))} not in the label map "
+                "(map them to a group, background or ignore, or set unmapped)"
+            )
+        fallback = 0 if self.unmapped != "ignore" else IGNORE
+        lookup = np.full(max(present) + 1, fallback, dtype=np.uint8) if present else None
+        if lookup is None:
+            return np.zeros(raw.shape, np.uint8)
+        for value, target in table.items():
+            if 0 <= value < len(lookup):
+                lookup[value] = target
+        if raw.min() < 0:
+            raise CaseError(f"negative label value {int(raw.min())}")
+        return lookup[raw]
+
+
+@dataclass
+class SourceCase:
+    """One case found in a source, loaded lazily (so a bad file fails only its own case)."""
+
+    case_id: str
+    source: str
+    load: object  # () -> (hu, raw labels, spacing, names)
+
+
+@dataclass
+class ImportReport:
+    written: list[CaseRecord] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (case id, reason)
+
+    def table(self) -> str:
+        lines = [
+            f"{'case':<28} {'status':<8} detail",
+            *(
+                f"{r.case_id:<28} {'ok':<8} {r.shape[0]} slices, "
+                f"{r.spacing_zyx[1]:.2f}×{r.spacing_zyx[2]:.2f}×{r.spacing_zyx[0]:.2f} mm, "
+                + ", ".join(f"{k} {v}" for k, v in r.voxels_per_label.items() if v)
+                for r in self.written
+            ),
+            *(f"{case:<28} {'failed':<8} {reason}" for case, reason in self.failed),
+            f"{len(self.written)} case(s) imported, {len(self.failed)} failed",
+        ]
+        return "\n".join(lines)
+
+
+# --- sources -----------------------------------------------------------------------------------
+
+
+def nnunet_cases(root: Path) -> Iterator[SourceCase]:
+    """nnU-Net v2 raw: dataset.json names the labels, imagesTr/<case>_0000<ending>."""
+    from thighseg.pipeline.loaders import load_nifti_raw_pair
+
+    spec = json.loads((root / "dataset.json").read_text())
+    ending = spec.get("file_ending", ".nii.gz")
+    names = {str(k): int(v) for k, v in spec.get("labels", {}).items() if not isinstance(v, list)}
+    channels = spec.get("channel_names") or spec.get("modality") or {"0": "CT"}
+    if len(channels) != 1:
+        raise ValueError(f"{root}: {len(channels)} input channels; thighseg takes one CT channel")
+    for image in sorted((root / "imagesTr").glob(f"*_0000{ending}")):
+        case_id = image.name[: -len(f"_0000{ending}")]
+        label = root / "labelsTr" / f"{case_id}{ending}"
+
+        def load(image=image, label=label):
+            if not label.is_file():
+                raise CaseError(f"label file missing: labelsTr/{label.name}")
+            hu, raw, spacing = _read_pair(load_nifti_raw_pair, image, label)
+            return hu, raw, spacing, names
+
+        yield SourceCase(case_id, str(image), load)
+
+
+def nifti_pair_cases(root: Path) -> Iterator[SourceCase]:
+    """images/<case>.nii(.gz) with labels/<case>.nii(.gz)."""
+    from thighseg.pipeline.loaders import load_nifti_raw_pair
+
+    for image in sorted((root / "images").glob("*.nii*")):
+        case_id = image.name.split(".nii")[0]
+        candidates = list((root / "labels").glob(f"{case_id}.nii*"))
+
+        def load(image=image, candidates=candidates):
+            if not candidates:
+                raise CaseError(f"label file missing: labels/{image.name}")
+            hu, raw, spacing = _read_pair(load_nifti_raw_pair, image, candidates[0])
+            return hu, raw, spacing, {}
+
+        yield SourceCase(case_id, str(image), load)
+
+
+def _read_pair(reader, image: Path, label: Path):
+    try:
+        return reader(image, label)
+    except ValueError as error:
+        raise CaseError(str(error)) from error
+
+
+def dicom_seg_cases(root: Path) -> Iterator[SourceCase]:
+    """DICOM SEG objects and the CT series they reference, anywhere under `root`."""
+    import pydicom
+
+    series: dict[str, list[Path]] = {}
+    segs: list[tuple[Path, pydicom.Dataset]] = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - not DICOM: not ours to import
+            continue
+        if header.get("Modality") == "SEG":
+            segs.append((path, header))
+        elif header.get("Modality") == "CT":
+            series.setdefault(str(header.SeriesInstanceUID), []).append(path)
+    for seg_path, header in segs:
+        referenced = _referenced_series(header)
+
+        def load(seg_path=seg_path, referenced=referenced):
+            if referenced not in series:
+                raise CaseError(
+                    f"{seg_path.name} references series …{referenced[-12:]}, "
+                    "which is not among the CT series found"
+                )
+            return _load_dicom_seg(series[referenced], seg_path)
+
+        yield SourceCase(f"{header.get('PatientID', 'case')}_{seg_path.stem}", str(seg_path), load)
+
+
+def _referenced_series(header) -> str:
+    for item in header.get("ReferencedSeriesSequence", []):
+        return str(item.SeriesInstanceUID)
+    return ""
+
+
+def _load_dicom_seg(files: list[Path], seg_path: Path):
+    import highdicom as hd
+
+    from thighseg.pipeline.assemble import assemble
+
+    volume = assemble(files)
+    seg = hd.seg.segread(seg_path)
+    uids = [s.SOPInstanceUID for s in volume.sources]
+    raw = np.zeros(volume.hu.shape, np.int32)
+    names: dict[str, int] = {}
+    for number in seg.segment_numbers:
+        names[str(seg.get_segment_description(number).SegmentLabel)] = int(number)
+        mask = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=uids, segment_numbers=[number], combine_segments=True
+        )
+        raw[np.asarray(mask) > 0] = number
+    return volume.hu, raw, volume.spacing_zyx, names
+
+
+SOURCES = {"nnunet": nnunet_cases, "nifti": nifti_pair_cases, "dicom": dicom_seg_cases}
+
+
+def detect_format(root: Path) -> str:
+    if (root / "dataset.json").is_file() and (root / "imagesTr").is_dir():
+        return "nnunet"
+    if (root / "images").is_dir() and (root / "labels").is_dir():
+        return "nifti"
+    if root.is_dir():
+        return "dicom"
+    raise ValueError(f"{root} is not a folder")
+
+
+# --- checks and import -------------------------------------------------------------------------
+
+
+def check_case(hu: np.ndarray, labels: np.ndarray, spacing: tuple[float, float, float]) -> None:
+    """Refuse what would poison training: odd spacing, non-HU intensities, no groups."""
+    dz, dy, dx = spacing
+    low, high = SPACING_RANGE_MM
+    if not (low <= dy <= high and low <= dx <= high and 0 < dz <= SLICE_SPACING_MAX_MM):
+        raise CaseError(f"implausible spacing {dx:.3g}×{dy:.3g}×{dz:.3g} mm")
+    if hu.ndim != 3 or min(hu.shape[1:]) < 32:
+        raise CaseError(f"image of shape {hu.shape} is too small")
+    if float(np.percentile(hu, 1)) > -500:
+        raise CaseError(
+            f"no air in the image (1st percentile {np.percentile(hu, 1):.0f}): "
+            "not a CT in Hounsfield units?"
+        )
+    muscle = labels[(labels > 0) & (labels != IGNORE)]
+    if muscle.size == 0:
+        raise CaseError("no extensor, flexor or adductor voxels after the label map")
+    median = float(np.median(hu[(labels > 0) & (labels != IGNORE)]))
+    if not -200 <= median <= 200:
+        raise CaseError(f"labelled muscle has median {median:.0f} HU, expected -200..200")
+
+
+def import_sources(
+    sources: list[Path],
+    label_map: LabelMap,
+    out: Path,
+    name: str | None = None,
+    fmt: str = "auto",
+    subject_regex: str | None = None,
+    progress: bool = True,
+) -> ImportReport:
+    """Import every case of every source into `out` (a new or an existing dataset folder)."""
+    cases = []
+    for root in sources:
+        kind = detect_format(root) if fmt == "auto" else fmt
+        cases += list(SOURCES[kind](root))
+    report = ImportReport()
+    manifest = Manifest(name=name or out.name, label_map=label_map.as_dict())
+    if (out / "manifest.json").is_file():  # adding to a dataset: keep what is there
+        manifest.cases = read_manifest(out).cases
+    seen: set[str] = set()
+    for case in tqdm(cases, desc="import", disable=not progress):
+        if case.case_id in seen:
+            report.failed.append((case.case_id, "duplicate case id (already imported)"))
+            continue
+        seen.add(case.case_id)
+        try:
+            hu, raw, spacing, names = case.load()  # type: ignore[operator]
+            labels = label_map.apply(raw, label_map.resolve(names))
+            check_case(hu, labels, spacing)
+        except CaseError as error:
+            report.failed.append((case.case_id, str(error)))
+            continue
+        subject = _subject(case.case_id, subject_regex)
+        record = write_case(out, case.case_id, subject, case.source, hu, labels, spacing)
+        report.written.append(record)
+        manifest.cases = [c for c in manifest.cases if c.case_id != record.case_id] + [record]
+        write_manifest(out, manifest)  # after every case: an interrupted import stays usable
+    write_manifest(out, manifest)
+    (out / "import_report.json").write_text(
+        json.dumps(
+            {
+                "written": [r.case_id for r in report.written],
+                "failed": [{"case": c, "reason": r} for c, r in report.failed],
+            },
+            indent=2,
+        )
+    )
+    (out / "card.md").write_text(_card(manifest, report, sources))
+    return report
+
+
+def _subject(case_id: str, pattern: str | None) -> str:
+    if not pattern:
+        return case_id
+    match = re.search(pattern, case_id)
+    if not match:
+        return case_id
+    return match.group(1) if match.groups() else match.group(0)
+
+
+def _card(manifest: Manifest, report: ImportReport, sources: list[Path]) -> str:
+    totals = {
+        key: sum(c.voxels_per_label[key] for c in manifest.cases)
+        for key in ("extensor", "flexor", "adductor", "ignore")
+    }
+    return "\n".join(
+        [
+            f"# Dataset card: {manifest.name}",
+            "",
+            f"- cases: {len(manifest.cases)} from {len(manifest.subjects())} subject(s); "
+            f"{len(report.failed)} refused (see import_report.json)",
+            f"- sources: {', '.join(str(s) for s in sources)}",
+            f"- content digest: `{manifest.digest()}`",
+            "- label map: " + json.dumps(manifest.label_map),
+            "- voxels per label: " + ", ".join(f"{k} {v:,}" for k, v in totals.items()),
+            "- orientation: (z, row, column) = (towards the head, posterior, patient's left)",
+            "- checks: geometry of image and labels, spacing, HU (air present, muscle HU), "
+            "labels present after the map",
+            "",
+        ]
+    )
