@@ -204,3 +204,60 @@ def test_cli_import_prints_a_summary_and_a_bad_map_is_one_line(nnunet_source, tm
     )
     assert done.returncode != 0 and "unknown target(s) quads" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_fine_tune_on_a_fold_logs_validation_and_evaluate_scores_folds_and_pooled(
+    nnunet_source, tmp_path
+):
+    pytest.importorskip("torch")
+    import torch
+
+    from thighseg.apps.evaluation import EvaluationConfig, dataset_cohorts, run_evaluation
+    from thighseg.export.validation import torch_backend
+    from thighseg.learning import models
+    from thighseg.learning.training import TrainConfig, train
+
+    out = tmp_path / "dataset"
+    import_sources([nnunet_source], _label_map(tmp_path), out, progress=False)
+    dataset.write_splits(out, dataset.make_splits(dataset.read_manifest(out).subjects(), 2))
+    weights = []
+    for fold in ("0", "1"):
+        config = TrainConfig(
+            model="denseunet",
+            subjects=0,
+            randomised_subjects=0,
+            steps=4,
+            batch_size=2,
+            data=str(out),
+            fold=fold,
+            validate_every=2,
+            patience=5,
+            init=str(models.weights_path("denseunet")),
+        )
+        path = tmp_path / f"fold{fold}.pt"
+        summary = train(config, out=path)
+        weights.append(path)
+        rows = path.with_suffix(".csv").read_text().splitlines()
+        assert rows[0] == "step,loss,extensor,flexor,adductor,mean" and len(rows) == 3
+        assert summary["dataset_digest"] == dataset.read_manifest(out).digest()
+        assert set(summary["train_subjects"]).isdisjoint(summary["validation_subjects"])
+        card = path.with_suffix(".md").read_text()
+        assert summary["dataset_digest"][:16] in card and f"--fold {fold}" in card
+    shipped = torch.load(models.weights_path("denseunet"), weights_only=True)["state_dict"]
+    tuned = torch.load(weights[0], weights_only=True)["state_dict"]
+    assert any(not torch.equal(shipped[k].float(), tuned[k].float()) for k in shipped)
+
+    cohorts = dataset_cohorts(out)
+    backends = [torch_backend(models.load_trained("denseunet", w)) for w in weights]
+    report = run_evaluation(
+        {"denseunet": backends[0]},
+        tmp_path / "evaluation",
+        EvaluationConfig(cohorts=tuple(cohorts), studies=0, slices=0, size=0),
+        studies_by_cohort=cohorts,
+        cohort_backends={"fold0": {"denseunet": backends[0]}, "fold1": {"denseunet": backends[1]}},
+        pooled=("fold0", "fold1"),
+    )
+    scored = report["models"]["denseunet"]
+    assert set(scored) == {"fold0", "fold1", "pooled"}
+    assert len(scored["pooled"]["studies"]) == 4
+    assert 0 <= scored["pooled"]["summary"]["overlap"]["mean"]["dsc"]["mean"] <= 1

@@ -63,24 +63,36 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from thighseg.learning.training import TrainConfig, train
 
+    init_choice = args.init or ("shipped" if args.data else "scratch")
     init = {"scratch": None, "shipped": str(models.weights_path(args.model))}.get(
-        args.init, args.init
+        init_choice, init_choice
     )
     if init and not Path(init).is_file():
-        raise SystemExit(f"error: --init {args.init}: no weights file at {init}")
+        raise SystemExit(f"error: --init {init_choice}: no weights file at {init}")
+    synthetic = not args.data  # a user's dataset trains on its own cases only
     config = TrainConfig(
         model=args.model,
-        subjects=args.subjects,
+        subjects=args.subjects if synthetic else 0,
         slices_per_subject=args.slices,
-        randomised_subjects=args.randomised_subjects,
+        randomised_subjects=args.randomised_subjects if synthetic else 0,
         randomised_slices=args.randomised_slices,
         steps=args.steps,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         seed=args.seed,
         init=init,
+        data=str(args.data) if args.data else None,
+        fold=args.fold,
+        validate_every=args.validate_every,
+        patience=args.patience,
     )
-    summary = train(config, out=args.out)
+    out = args.out
+    if args.data and out is None:  # never overwrite the shipped weights with a site's model
+        out = args.data / "models" / f"{args.model}_fold{args.fold}.pt"
+    try:
+        summary = train(config, out=out)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -261,9 +273,66 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def cmd_evaluate_dataset(args: argparse.Namespace) -> int:
+    """`evaluate --data`: each fold's validation subjects with that fold's weights, pooled, and
+    the test subjects with the fold models' ensemble (or the one model given)."""
+    from thighseg.apps.evaluation import (
+        EvaluationConfig,
+        dataset_cohorts,
+        ensemble,
+        run_evaluation,
+    )
+    from thighseg.export.validation import torch_backend
+
+    model = args.models[0]
+    try:
+        cohorts = dataset_cohorts(args.data)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
+    folds = [c for c in cohorts if c.startswith("fold")]
+    if args.triton_url:
+        from thighseg.client.triton import TritonSegmenter
+
+        served = TritonSegmenter(args.triton_url, models.triton_name(model), args.protocol).infer
+        per_fold = [served]
+    else:
+        weights = args.weights or [models.weights_path(model)]
+        per_fold = [torch_backend(models.load_trained(model, w)) for w in weights]
+    if len(per_fold) == len(folds):
+        chosen = folds
+        cohort_backends = {f: {model: b} for f, b in zip(folds, per_fold, strict=True)}
+        test_backend = ensemble(per_fold)
+    else:  # one model: only the fold it was validated on (--fold) and the test set
+        if len(per_fold) != 1:
+            raise SystemExit(
+                f"error: {len(per_fold)} weights for {len(folds)} folds; give one per fold or one"
+            )
+        chosen = [f"fold{args.fold}"] if args.fold != "all" else []
+        cohort_backends = {f: {model: per_fold[0]} for f in chosen}
+        test_backend = per_fold[0]
+    selected = {c: cohorts[c] for c in [*chosen, "test"] if c in cohorts}
+    if not selected:
+        raise SystemExit("error: nothing to evaluate: no fold chosen and no test subjects")
+    report = run_evaluation(
+        {model: test_backend},
+        args.out,
+        EvaluationConfig(cohorts=tuple(selected), studies=0, slices=0, size=0),
+        studies_by_cohort=selected,
+        cohort_backends=cohort_backends,
+        pooled=tuple(chosen) if len(chosen) > 1 else (),
+    )
+    print((args.out / "evaluation.md").read_text())
+    print(f"figures and JSON in {args.out}; cohorts: {', '.join(report['config']['cohorts'])}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from thighseg.apps.evaluation import EvaluationConfig, run_evaluation
 
+    if args.data:
+        args.models = args.models or [DEFAULT_MODEL]
+        return cmd_evaluate_dataset(args)
+    args.models = args.models or sorted(models.BUILDERS)
     backends = {}
     for model in args.models:
         if args.triton_url:
@@ -368,9 +437,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=TRAIN_DEFAULTS.seed)
     p.add_argument(
         "--init",
-        default="scratch",
+        default=None,
         help="'scratch', 'shipped' (fine-tune the shipped weights) or a weights file "
-        "(default: %(default)s)",
+        "(default: shipped with --data, else scratch)",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="a dataset from `thighseg dataset import` instead of phantoms",
+    )
+    p.add_argument(
+        "--fold",
+        default="0",
+        help="with --data: fold number of splits.json, or 'all' (default: %(default)s)",
+    )
+    p.add_argument(
+        "--validate-every",
+        type=int,
+        default=0,
+        help="steps between validation checks written to <weights>.csv; the best weights are "
+        "kept (default: 0, only at the end)",
+    )
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=0,
+        help="checks without improvement before stopping early (default: 0, never)",
     )
     p.add_argument(
         "--out", type=Path, default=None, help="weights file (default: the shipped weights)"
@@ -534,7 +627,11 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="DSC/sensitivity/specificity/accuracy and volume ICC on phantom cohorts"
     )
     p.add_argument(
-        "--models", nargs="+", default=sorted(models.BUILDERS), choices=sorted(models.BUILDERS)
+        "--models",
+        nargs="+",
+        default=None,
+        choices=sorted(models.BUILDERS),
+        help=f"default: all three on phantoms, {DEFAULT_MODEL} with --data",
     )
     p.add_argument(
         "--cohorts",
@@ -549,6 +646,25 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="field of view in mm for every study (default: each generator's own)",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="evaluate on a dataset from `thighseg dataset import` (its folds and test set) "
+        "instead of phantoms",
+    )
+    p.add_argument(
+        "--weights",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="with --data: weights to evaluate, one per fold or one (default: shipped)",
+    )
+    p.add_argument(
+        "--fold",
+        default="all",
+        help="with --data and one weights file: the fold whose validation subjects to score",
     )
     p.add_argument(
         "--tta",

@@ -20,6 +20,7 @@ from thighseg.client.volume import segment_volume
 from thighseg.core.constants import EVALUATION_COHORTS
 from thighseg.core.labels import MUSCLE_GROUPS
 from thighseg.core.resample import MODEL_INPUT_SIZE
+from thighseg.learning.dataset import IGNORE, Case, cases_of, read_splits
 from thighseg.measure.agreement import bland_altman, icc_2_1, mean_sd
 from thighseg.measure.indices import volume_indices
 from thighseg.measure.metrics import overlap_metrics
@@ -39,15 +40,35 @@ class EvaluationConfig:
     field_of_view: float | None = None  # mm; None: each generator draws its own
 
 
-def evaluate_study(study: Phantom, infer: InferFn) -> dict:
-    g = study.geometry
-    spacing = (g.slice_spacing, g.pixel_spacing, g.pixel_spacing)
+@dataclass(frozen=True)
+class Study:
+    """One labelled volume to score: a phantom or a case of a user's dataset."""
+
+    case: str
+    hu: np.ndarray
+    labels: np.ndarray
+    spacing_zyx: tuple[float, float, float]
+
+    @staticmethod
+    def of_phantom(study: Phantom) -> Study:
+        g = study.geometry
+        spacing = (g.slice_spacing, g.pixel_spacing, g.pixel_spacing)
+        return Study(str(study.subject.seed), study.hu, study.labels, spacing)
+
+    @staticmethod
+    def of_case(case: Case) -> Study:
+        # voxels labelled "ignore" are scored as background, whatever the model says there
+        labels = np.where(case.labels == IGNORE, 0, case.labels).astype(np.uint8)
+        return Study(case.case_id, case.hu, labels, case.spacing_zyx)
+
+
+def evaluate_study(study: Study, infer: InferFn) -> dict:
     predicted = segment_volume(study.hu, infer, MODEL_INPUT_SIZE)
     return {
-        "seed": study.subject.seed,
+        "case": study.case,
         "overlap": overlap_metrics(predicted, study.labels),
-        "volumes_predicted": volume_indices(study.hu, predicted, spacing).headline(),
-        "volumes_truth": volume_indices(study.hu, study.labels, spacing).headline(),
+        "volumes_predicted": volume_indices(study.hu, predicted, study.spacing_zyx).headline(),
+        "volumes_truth": volume_indices(study.hu, study.labels, study.spacing_zyx).headline(),
         "_labels": predicted,
     }
 
@@ -79,27 +100,79 @@ def summarise(per_study: list[dict]) -> dict:
     return summary
 
 
-def run_evaluation(backends: dict[str, InferFn], out: Path, config: EvaluationConfig) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    report: dict = {"config": config.__dict__, "models": {}}
-    cases: dict = {}
-    for cohort in config.cohorts:
-        studies = list(
-            tqdm(
+def phantom_cohorts(config: EvaluationConfig) -> dict[str, list[Study]]:
+    return {
+        cohort: [
+            Study.of_phantom(s)
+            for s in tqdm(
                 cohorts.studies(
                     cohort, config.slices, config.size, config.studies, config.field_of_view
                 ),
                 total=config.studies,
                 desc=f"phantoms {cohort}",
             )
-        )
-        for model, infer in backends.items():
+        ]
+        for cohort in config.cohorts
+    }
+
+
+def dataset_cohorts(root: Path) -> dict[str, list[Study]]:
+    """A user's dataset as cohorts: each fold's validation subjects ("fold<k>") and the test
+    subjects ("test") of its splits.json."""
+    splits = read_splits(root)
+    found = {
+        f"fold{k}": [Study.of_case(c) for c in cases_of(root, fold["validation"])]
+        for k, fold in enumerate(splits["folds"])
+    }
+    if splits.get("test"):
+        found["test"] = [Study.of_case(c) for c in cases_of(root, splits["test"])]
+    return found
+
+
+def ensemble(backends: list[InferFn]) -> InferFn:
+    """Mean logits of several models (the fold models on the test set, as nnU-Net does)."""
+
+    def run(images: np.ndarray) -> np.ndarray:
+        return np.mean([infer(images) for infer in backends], axis=0)
+
+    return run
+
+
+def run_evaluation(
+    backends: dict[str, InferFn],
+    out: Path,
+    config: EvaluationConfig,
+    studies_by_cohort: dict[str, list[Study]] | None = None,
+    cohort_backends: dict[str, dict[str, InferFn]] | None = None,
+    pooled: tuple[str, ...] = (),
+) -> dict:
+    """Score every model on every cohort (phantom cohorts of `config` unless studies are given;
+    `cohort_backends` overrides the models for a cohort, e.g. each fold's own) and write JSON,
+    Markdown and figures. `pooled` cohorts are also summarised together as "pooled"."""
+    out.mkdir(parents=True, exist_ok=True)
+    studies_by_cohort = studies_by_cohort or phantom_cohorts(config)
+    report: dict = {
+        "config": {**config.__dict__, "cohorts": list(studies_by_cohort)},
+        "models": {},
+    }
+    cases: dict = {}
+    for cohort, studies in studies_by_cohort.items():
+        for model, infer in (cohort_backends or {}).get(cohort, backends).items():
             results = [evaluate_study(s, infer) for s in tqdm(studies, desc=f"{model} {cohort}")]
             cases[(model, cohort)] = (studies, results)
-            report["models"].setdefault(model, {})[cohort] = {
-                "summary": summarise(results),
-                "studies": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results],
-            }
+    for model in {m for m, _ in cases}:
+        if pooled:
+            parts = [cases[(model, c)] for c in pooled if (model, c) in cases]
+            cases[(model, "pooled")] = (
+                [s for studies, _ in parts for s in studies],
+                [r for _, results in parts for r in results],
+            )
+    for (model, cohort), (_, results) in cases.items():
+        report["models"].setdefault(model, {})[cohort] = {
+            "summary": summarise(results),
+            "studies": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results],
+        }
+    report["config"]["cohorts"] = list(dict.fromkeys(c for _, c in cases))
     (out / "evaluation.json").write_text(json.dumps(report, indent=2))
     (out / "evaluation.md").write_text(markdown(report))
     write_figures(report, cases, out)
@@ -132,6 +205,8 @@ def markdown(report: dict) -> str:
             "|---|---|---|---|---|---|---|---|",
         ]
         for model, by_cohort in report["models"].items():
+            if cohort not in by_cohort:
+                continue
             o = by_cohort[cohort]["summary"]["overlap"]
             lines.append(
                 f"| {model} | {_fmt(o['extensor']['dsc'])} | {_fmt(o['flexor']['dsc'])} | "
@@ -145,7 +220,9 @@ def markdown(report: dict) -> str:
             "|---|---|---|---|---|---|",
         ]
         for model, by_cohort in report["models"].items():
-            for volume, v in by_cohort[cohort]["summary"]["volumes"].items():
+            for volume, v in by_cohort.get(cohort, {"summary": {"volumes": {}}})["summary"][
+                "volumes"
+            ].items():
                 icc = v.get("icc_2_1")
                 icc_text = (
                     f"{icc['value']:.4f} [{icc['ci_low']:.4f}, {icc['ci_high']:.4f}]"
@@ -177,7 +254,8 @@ def write_figures(report: dict, cases: dict, out: Path) -> None:
     for cohort in report["config"]["cohorts"]:
         figure, axis = plt.subplots(figsize=(8, 4))
         data, labels = [], []
-        for model in models:
+        present = [m for m in models if cohort in report["models"][m]]
+        for model in present:
             for group in groups:
                 data.append(
                     [s["overlap"][group]["dsc"] for s in report["models"][model][cohort]["studies"]]
@@ -190,7 +268,7 @@ def write_figures(report: dict, cases: dict, out: Path) -> None:
         figure.tight_layout()
         figure.savefig(out / f"dsc_boxplot_{cohort}.png", dpi=110)
         plt.close(figure)
-        for model in models:
+        for model in present:
             studies = report["models"][model][cohort]["studies"]
             volumes = list(studies[0]["volumes_truth"])
             figure, axes = plt.subplots(1, len(volumes), figsize=(4 * len(volumes), 3.5))

@@ -28,6 +28,14 @@ COHORT_NOTES = {
 
 def command(config: dict) -> str:
     """The `thighseg train` command line that reproduces a run."""
+    if config.get("data"):
+        return (
+            f"thighseg train --model {config['model']} --data {config['data']} "
+            f"--fold {config['fold']} --steps {config['steps']} --batch-size "
+            f"{config['batch_size']} --learning-rate {config['learning_rate']:g} "
+            f"--validate-every {config['validate_every']} --patience {config['patience']} "
+            f"--seed {config['seed']}" + (f" --init {config['init']}" if config.get("init") else "")
+        )
     parts = [
         f"thighseg train --model {config['model']}",
         f"--subjects {config['subjects']} --slices {config['slices_per_subject']}",
@@ -41,6 +49,39 @@ def command(config: dict) -> str:
     return " ".join(parts)
 
 
+def _dataset_lines(summary: dict) -> list[str]:
+    fold = summary["fold"]
+    return [
+        f"Fine-tuned on the dataset `{summary['dataset']}` (content digest "
+        f"`{summary['dataset_digest'][:16]}…`), fold {fold}: "
+        f"{len(summary['train_subjects'])} training subject(s), "
+        f"{len(summary['validation_subjects'])} validation subject(s), "
+        f"{len(summary['test_subjects'])} test subject(s) never used. Best validation at step "
+        f"{summary.get('best_step')}. Started from "
+        + (
+            f"`{Path(summary['config']['init']).name}`"
+            if summary["config"].get("init")
+            else "scratch"
+        )
+        + " (the shipped weights' cards describe their synthetic training).",
+    ]
+
+
+def _synthetic_lines(config: dict) -> list[str]:
+    last_seed = config["first_seed"] + config["subjects"] - 1
+    return [
+        f"Synthetic only. {config['subjects']} fixed-phantom subjects "
+        f"(`thighseg.synthetic.phantom`, seeds {config['first_seed']}–{last_seed}, "
+        f"{config['slices_per_subject']} slices each) and {config.get('randomised_subjects', 0)} "
+        "subjects of the randomised generator (`thighseg.synthetic.randomised`: septa direction, "
+        "curvature and waviness, group proportions, femur position, outline, atrophy, fatty "
+        "infiltration, oedema, metal, tissue HU, kernels, noise, slice thickness, field of view; "
+        f"{config.get('randomised_slices', 0)} random levels each). Augmentation: mirror, "
+        "rotation, scale, shift, intensity offset, noise. The stress generator "
+        "(`thighseg.synthetic.stress`) was never used."
+    ]
+
+
 def _dice_rows(figures: dict[str, float]) -> list[str]:
     rows = [f"| {g} | {figures[g]:.3f} |" for g in GROUPS]
     rows.append(f"| mean | {sum(figures[g] for g in GROUPS) / 3:.3f} |")
@@ -51,7 +92,6 @@ def render(summary: dict, evaluation: dict | None = None) -> str:
     """The card as Markdown."""
     config = summary["config"]
     model = config["model"]
-    last_seed = config["first_seed"] + config["subjects"] - 1
     lines = [
         f"# Model card: thighseg {model}",
         "",
@@ -65,15 +105,7 @@ def render(summary: dict, evaluation: dict | None = None) -> str:
         f"| served as | `{models.triton_name(model)}` |",
         "",
         "## Data",
-        f"Synthetic only. {config['subjects']} fixed-phantom subjects "
-        f"(`thighseg.synthetic.phantom`, seeds {config['first_seed']}–{last_seed}, "
-        f"{config['slices_per_subject']} slices each) and {config.get('randomised_subjects', 0)} "
-        "subjects of the randomised generator (`thighseg.synthetic.randomised`: septa direction, "
-        "curvature and waviness, group proportions, femur position, outline, atrophy, fatty "
-        "infiltration, oedema, metal, tissue HU, kernels, noise, slice thickness, field of view; "
-        f"{config.get('randomised_slices', 0)} random levels each). Augmentation: mirror, "
-        "rotation, scale, shift, intensity offset, noise. The stress generator "
-        "(`thighseg.synthetic.stress`) was never used.",
+        *(_dataset_lines(summary) if "dataset_digest" in summary else _synthetic_lines(config)),
         "",
         "## Command",
         "```bash",
@@ -86,11 +118,11 @@ def render(summary: dict, evaluation: dict | None = None) -> str:
         + ", ".join(f"{k} {v}" for k, v in summary.get("versions", {}).items())
         + ".",
         "",
-        "## Validation (model grid, held-out subjects of the training generators)",
-        "| group | fixed phantom DSC |",
-        "|---|---|",
-        *_dice_rows(summary["validation"]),
+        "## Validation (model grid, held-out subjects)",
     ]
+    if summary.get("validation"):
+        label = "validation subjects DSC" if "dataset_digest" in summary else "fixed phantom DSC"
+        lines += [f"| group | {label} |", "|---|---|", *_dice_rows(summary["validation"])]
     if "validation_randomised" in summary:
         lines += [
             "",
@@ -103,8 +135,8 @@ def render(summary: dict, evaluation: dict | None = None) -> str:
     lines += [
         "",
         "## Limits",
-        "Trained on synthetic thighs only; real CT needs fine-tuning on labelled cases before "
-        "clinical use. Not a medical device.",
+        "Validated on the data named above only; check it on your own cases before clinical "
+        "use. Not a medical device.",
         "",
         "## Licence",
         "Apache License 2.0, like the code (`LICENSE`). No patient data went into these weights.",

@@ -18,11 +18,13 @@ from tqdm import tqdm
 
 from thighseg.core.labels import NUM_CLASSES, normalise_hu
 from thighseg.core.resample import MODEL_INPUT_SIZE, labels_to_model_grid, to_model_grid
-from thighseg.learning import models
+from thighseg.learning import dataset, models
 from thighseg.measure.metrics import dice_per_group
 from thighseg.synthetic import phantom, randomised
 
 RANDOMISED_FIRST_SEED = 100_000  # randomised training subjects; validation starts at +90,000
+_EMPTY_IMAGES = np.zeros((0, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE), np.float16)
+_EMPTY_TARGETS = np.zeros((0, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE), np.uint8)
 
 
 @dataclass
@@ -39,13 +41,17 @@ class TrainConfig:
     seed: int = 0
     first_seed: int = 1000  # training subjects are seeds first_seed.. (tests/demo use others)
     init: str | None = None  # weights to fine-tune from; None trains from scratch
+    data: str | None = None  # a dataset folder (`thighseg dataset import`) instead of phantoms
+    fold: str = "0"  # with data: a fold number of splits.json, or "all"
+    validate_every: int = 0  # steps between held-out checks (0: only at the end)
+    patience: int = 0  # checks without improvement before stopping (0: never stop early)
 
 
 def cohort_slices(
     seeds: list[int], slices_per_subject: int, rng: np.random.Generator, progress: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """Normalised model-grid slices and labels from phantoms of mixed matrix sizes."""
-    images, targets = [], []
+    images, targets = [_EMPTY_IMAGES], [_EMPTY_TARGETS]
     for seed in tqdm(seeds, desc="phantoms", disable=not progress):
         size = int(rng.choice([256, 384, 512]))
         ph = phantom.generate(seed, size=size, slices=slices_per_subject)
@@ -58,21 +64,104 @@ def randomised_slices(
     seeds: list[int], slices_per_subject: int, progress: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """Model-grid slices and labels from the randomised generator (rendered on the grid)."""
-    images, targets = [], []
+    images, targets = [_EMPTY_IMAGES], [_EMPTY_TARGETS]
     for seed in tqdm(seeds, desc="randomised thighs", disable=not progress):
         ph = randomised.generate(seed, size=MODEL_INPUT_SIZE, slices=slices_per_subject)
         images.append(normalise_hu(ph.hu).astype(np.float16))
         targets.append(ph.labels)
-    if not images:
-        return (
-            np.zeros((0, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE), np.float16),
-            np.zeros((0, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE), np.uint8),
-        )
     return np.concatenate(images), np.concatenate(targets)
 
 
+def dataset_slices(root: Path, subjects: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Model-grid slices of a user's dataset (`thighseg dataset import`); "ignore" voxels get
+    the loss's ignore index."""
+    images, targets = [], []
+    for case in dataset.cases_of(root, subjects):
+        images.append(normalise_hu(to_model_grid(case.hu)).astype(np.float16))
+        labels = labels_to_model_grid(case.labels)
+        targets.append(np.where(labels == dataset.IGNORE, NUM_CLASSES, labels).astype(np.uint8))
+    if not images:
+        raise ValueError(f"no cases of subjects {', '.join(subjects) or '(none)'} in {root}")
+    return np.concatenate(images), np.concatenate(targets)
+
+
+@dataclass
+class TrainingData:
+    """Slices to learn from, and the held-out sets scored at the end (and during training when
+    early stopping is on)."""
+
+    images: np.ndarray
+    targets: np.ndarray
+    validation: dict[str, tuple[np.ndarray, np.ndarray]]
+    description: dict
+
+
+def synthetic_data(config: TrainConfig) -> TrainingData:
+    rng = np.random.default_rng(config.seed)
+    first, count = config.first_seed, config.subjects
+    images, targets = cohort_slices(
+        list(range(first, first + count)), config.slices_per_subject, rng
+    )
+    extra = randomised_slices(
+        list(range(RANDOMISED_FIRST_SEED, RANDOMISED_FIRST_SEED + config.randomised_subjects)),
+        config.randomised_slices,
+    )
+    validation_seeds = list(range(first + count, first + count + config.validation_subjects))
+    first_random = RANDOMISED_FIRST_SEED + 90_000
+    return TrainingData(
+        images=np.concatenate([images, extra[0]]),
+        targets=np.concatenate([targets, extra[1]]),
+        validation={
+            "validation": cohort_slices(
+                validation_seeds,
+                config.slices_per_subject,
+                np.random.default_rng(12345),
+                progress=False,
+            ),
+            "validation_randomised": randomised_slices(
+                list(range(first_random, first_random + config.validation_subjects)),
+                8,
+                progress=False,
+            ),
+        },
+        description={},
+    )
+
+
+def user_data(config: TrainConfig) -> TrainingData:
+    """A fold of a user's dataset: its training subjects, its validation subjects held out
+    ("all": every subject but the test set, nothing held out)."""
+    root = Path(config.data or "")
+    manifest = dataset.read_manifest(root)
+    splits = dataset.read_splits(root)
+    if config.fold == "all":
+        train_subjects = sorted(set(manifest.subjects()) - set(splits.get("test", [])))
+        validation_subjects: list[str] = []
+    else:
+        fold = splits["folds"][int(config.fold)]
+        train_subjects, validation_subjects = fold["train"], fold["validation"]
+    images, targets = dataset_slices(root, train_subjects)
+    validation = (
+        {"validation": dataset_slices(root, validation_subjects)} if validation_subjects else {}
+    )
+    return TrainingData(
+        images=images,
+        targets=targets,
+        validation=validation,
+        description={
+            "dataset": manifest.name,
+            "dataset_digest": manifest.digest(),
+            "fold": config.fold,
+            "train_subjects": train_subjects,
+            "validation_subjects": validation_subjects,
+            "test_subjects": splits.get("test", []),
+        },
+    )
+
+
 def _augment(torch, images, targets, generator):
-    """CT-plausible augmentation: mirror, small affine, intensity offset and noise."""
+    """CT-plausible augmentation: mirror, small affine, intensity offset and noise. Targets may
+    hold the ignore index NUM_CLASSES."""
     import torch.nn.functional as F
 
     n = images.shape[0]
@@ -90,7 +179,7 @@ def _augment(torch, images, targets, generator):
     images = F.grid_sample(
         images, grid, mode="bilinear", padding_mode="border", align_corners=False
     )
-    onehot = F.one_hot(targets.long(), NUM_CLASSES).permute(0, 3, 1, 2).float()
+    onehot = F.one_hot(targets.long(), NUM_CLASSES + 1).permute(0, 3, 1, 2).float()
     targets = F.grid_sample(
         onehot, grid, mode="nearest", padding_mode="border", align_corners=False
     ).argmax(1)
@@ -105,43 +194,47 @@ def _augment(torch, images, targets, generator):
 
 
 def _loss(torch, logits, targets):
+    """Cross-entropy + Dice over the groups; pixels with the ignore index count in neither."""
     import torch.nn.functional as F
 
-    ce = F.cross_entropy(logits, targets)
-    probs = logits.softmax(1)
-    onehot = F.one_hot(targets, NUM_CLASSES).permute(0, 3, 1, 2).float()
+    ce = F.cross_entropy(logits, targets, ignore_index=NUM_CLASSES)
+    valid = (targets != NUM_CLASSES)[:, None].float()
+    probs = logits.softmax(1) * valid
+    onehot = F.one_hot(targets, NUM_CLASSES + 1)[..., :NUM_CLASSES].permute(0, 3, 1, 2).float()
     intersection = (probs * onehot).sum((0, 2, 3))
     dice = (2 * intersection + 1) / (probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3)) + 1)
     return ce + (1 - dice[1:].mean())
 
 
+def _checkpoint(torch, path: Path, network, optimiser, schedule, step: int, best: dict) -> None:
+    torch.save(
+        {
+            "state_dict": network.state_dict(),
+            "optimiser": optimiser.state_dict(),
+            "schedule": schedule.state_dict(),
+            "step": step,
+            "best": best,
+        },
+        path,
+    )
+
+
 def train(config: TrainConfig, out: Path | None = None, checkpoint: Path | None = None) -> dict:
-    """Train, validate on held-out subjects, save weights; resumes from `checkpoint` if present."""
+    """Train, validate on held-out subjects, save weights; resumes from `checkpoint` if present.
+
+    With `validate_every`, the held-out DSC is written to `<out>.csv` as training goes, the best
+    weights so far are kept, and training stops after `patience` checks without improvement.
+    """
     import torch
 
     torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # Mixed precision on GPU only: CPUs here have no native bf16 and autocast slows them down.
     amp = device.type == "cuda"
     out = out or models.weights_path(config.model)
     checkpoint = checkpoint or out.with_suffix(".ckpt")
     out.parent.mkdir(parents=True, exist_ok=True)
-    train_seeds = list(range(config.first_seed, config.first_seed + config.subjects))
-    val_seeds = list(
-        range(
-            config.first_seed + config.subjects,
-            config.first_seed + config.subjects + config.validation_subjects,
-        )
-    )
-    images, targets = cohort_slices(train_seeds, config.slices_per_subject, rng)
-    first_random = RANDOMISED_FIRST_SEED
-    extra_images, extra_targets = randomised_slices(
-        list(range(first_random, first_random + config.randomised_subjects)),
-        config.randomised_slices,
-    )
-    images = np.concatenate([images, extra_images])
-    targets = np.concatenate([targets, extra_targets])
+    data = user_data(config) if config.data else synthetic_data(config)
     network = (
         models.load_trained(config.model, Path(config.init)).train()
         if config.init
@@ -151,13 +244,16 @@ def train(config: TrainConfig, out: Path | None = None, checkpoint: Path | None 
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimiser, config.learning_rate, total_steps=config.steps, pct_start=0.05
     )
-    start_step = 0
+    start_step, best = 0, {"dsc": -1.0, "step": 0, "checks_without_gain": 0}
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
         network.load_state_dict(state["state_dict"])
         optimiser.load_state_dict(state["optimiser"])
         schedule.load_state_dict(state["schedule"])
-        start_step = state["step"]
+        start_step, best = state["step"], state.get("best", best)
+    best_path = out.with_suffix(".best.pt")
+    log = out.with_suffix(".csv")
+    monitor = config.validate_every and "validation" in data.validation
     generator = torch.Generator().manual_seed(config.seed + start_step)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     network.train()
@@ -169,9 +265,9 @@ def train(config: TrainConfig, out: Path | None = None, checkpoint: Path | None 
         total=config.steps,
     )
     for step in bar:
-        index = torch.randint(0, len(images), (config.batch_size,), generator=generator)
-        x = torch.from_numpy(images[index.numpy()].astype(np.float32))[:, None]
-        y = torch.from_numpy(targets[index.numpy()].astype(np.int64))
+        index = torch.randint(0, len(data.images), (config.batch_size,), generator=generator)
+        x = torch.from_numpy(data.images[index.numpy()].astype(np.float32))[:, None]
+        y = torch.from_numpy(data.targets[index.numpy()].astype(np.int64))
         x, y = _augment(torch, x, y, generator)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
@@ -181,39 +277,87 @@ def train(config: TrainConfig, out: Path | None = None, checkpoint: Path | None 
         scaler.step(optimiser)
         scaler.update()
         schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if (step + 1) % 100 == 0 or step + 1 == config.steps:
-            torch.save(
-                {
-                    "state_dict": network.state_dict(),
-                    "optimiser": optimiser.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "step": step + 1,
-                },
-                checkpoint,
+        bar.set_postfix(loss=f"{loss.item():.3f}", best=f"{best['dsc']:.3f}")
+        done = step + 1
+        if monitor and (done % config.validate_every == 0 or done == config.steps):
+            stop = _check(torch, network, data, done, loss.item(), best, best_path, log, config)
+            network.train()
+        else:
+            stop = False
+        if done % 100 == 0 or done == config.steps or stop:
+            _checkpoint(torch, checkpoint, network, optimiser, schedule, done, best)
+        if stop:
+            bar.write(
+                f"early stop at step {done}: best mean DSC {best['dsc']:.4f} at {best['step']}"
             )
+            break
+    if monitor and best_path.exists():
+        network.load_state_dict(torch.load(best_path, map_location=device, weights_only=True))
     network = network.cpu().eval()
-    validation = validate(network, val_seeds, config.slices_per_subject)
-    random_seeds = range(first_random + 90_000, first_random + 90_000 + config.validation_subjects)
-    validation_randomised = validate_randomised(network, list(random_seeds))
+    validation = {name: _dice_on(network, *arrays) for name, arrays in data.validation.items()}
     torch.save(
         {
             "state_dict": _compact(network.state_dict()),
             "config": asdict(config),
-            "validation": validation,
+            "validation": validation.get("validation", {}),
             "input_size": MODEL_INPUT_SIZE,
         },
         out,
     )
     summary = {
         "config": asdict(config),
-        "validation": validation,
-        "validation_randomised": validation_randomised,
+        **validation,
+        **data.description,
+        "best_step": best["step"] if monitor else config.steps,
         "seconds": round(time.time() - started, 1),
         "weights": out.name,
         "device": _describe(device),
     }
     return record(summary, out)
+
+
+def _check(torch, network, data, step, loss, best, best_path, log, config) -> bool:
+    """Score the held-out slices, log a CSV row, keep the best weights; True: stop early."""
+    network.eval()
+    figures = _dice_on(network, *data.validation["validation"])
+    mean = float(np.mean(list(figures.values())))
+    if not log.exists():
+        log.write_text("step,loss," + ",".join(figures) + ",mean\n")
+    with log.open("a") as handle:
+        handle.write(f"{step},{loss:.5f}," + ",".join(f"{v:.5f}" for v in figures.values()))
+        handle.write(f",{mean:.5f}\n")
+    if mean > best["dsc"]:
+        best.update(dsc=mean, step=step, checks_without_gain=0)
+        torch.save(network.state_dict(), best_path)
+        return False
+    best["checks_without_gain"] += 1
+    return bool(config.patience) and best["checks_without_gain"] >= config.patience
+
+
+SHIPPED_WEIGHTS_LIMIT_BYTES = 20 << 20
+
+
+def _compact(state_dict: dict) -> dict:
+    """FP16 storage when FP32 would exceed what we ship in git (weights load back as FP32)."""
+    size = sum(t.numel() * t.element_size() for t in state_dict.values())
+    if size <= SHIPPED_WEIGHTS_LIMIT_BYTES:
+        return state_dict
+    return {k: v.half() if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+def _dice_on(network, images: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    import torch
+
+    with torch.no_grad():
+        logits = torch.cat(
+            [
+                network(torch.from_numpy(images[i : i + 16].astype(np.float32))[:, None])
+                for i in range(0, len(images), 16)
+            ]
+        )
+    predicted = logits.argmax(1).numpy().astype(np.uint8)
+    predicted[targets == NUM_CLASSES] = NUM_CLASSES  # ignored pixels score for no group
+    return dice_per_group(predicted, targets)
 
 
 def record(summary: dict, out: Path) -> dict:
@@ -240,41 +384,3 @@ def _describe(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-
-
-SHIPPED_WEIGHTS_LIMIT_BYTES = 20 << 20
-
-
-def _compact(state_dict: dict) -> dict:
-    """FP16 storage when FP32 would exceed what we ship in git (weights load back as FP32)."""
-    size = sum(t.numel() * t.element_size() for t in state_dict.values())
-    if size <= SHIPPED_WEIGHTS_LIMIT_BYTES:
-        return state_dict
-    return {k: v.half() if v.is_floating_point() else v for k, v in state_dict.items()}
-
-
-def validate(network, seeds: list[int], slices: int) -> dict[str, float]:
-    """Mean DSC per group over held-out phantoms, on the model grid."""
-
-    rng = np.random.default_rng(12345)
-    images, targets = cohort_slices(seeds, slices, rng, progress=False)
-    return _dice_on(network, images, targets)
-
-
-def validate_randomised(network, seeds: list[int]) -> dict[str, float]:
-    """Mean DSC per group over held-out randomised subjects (8 slices each)."""
-    images, targets = randomised_slices(seeds, 8, progress=False)
-    return _dice_on(network, images, targets)
-
-
-def _dice_on(network, images: np.ndarray, targets: np.ndarray) -> dict[str, float]:
-    import torch
-
-    with torch.no_grad():
-        logits = torch.cat(
-            [
-                network(torch.from_numpy(images[i : i + 16].astype(np.float32))[:, None])
-                for i in range(0, len(images), 16)
-            ]
-        )
-    return dice_per_group(logits.argmax(1).numpy().astype(np.uint8), targets)
