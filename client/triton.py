@@ -31,6 +31,7 @@ class TritonSegmenter:
     url: str = TRITON_URL
     model: str = "thighseg_segformer"
     protocol: str = "http"
+    version: str = ""  # "" or "latest": the newest version Triton serves; else a number
     retries: int = 3
     backoff_s: float = 0.5
     timeout_s: float = 120.0
@@ -39,6 +40,7 @@ class TritonSegmenter:
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        self.version = "" if self.version in ("", "latest") else str(int(self.version))
 
     def _module(self):
         if self.protocol == "grpc":
@@ -63,7 +65,7 @@ class TritonSegmenter:
     def is_ready(self) -> bool:
         """Is the server up and the model loaded (for /readyz)?"""
         try:
-            return bool(self._client().is_model_ready(self.model))
+            return bool(self._client().is_model_ready(self.model, self.version))
         except Exception:  # connection refused, DNS, ...
             return False
 
@@ -73,6 +75,25 @@ class TritonSegmenter:
             return bool(self._client().is_server_live())
         except Exception:  # connection refused, DNS, ...
             return False
+
+    def served_version(self) -> str:
+        """The version that answers: the pinned one, or the newest Triton has loaded."""
+        if self.version:
+            return self.version
+        metadata = self._client().get_model_metadata(self.model)
+        versions = metadata["versions"] if isinstance(metadata, dict) else metadata.versions
+        return str(max(int(v) for v in versions))
+
+    def weights_sha256(self, version: str) -> str | None:
+        """The hash `thighseg export` published for a version in the model's config."""
+        config = self._client().get_model_config(self.model)
+        if not isinstance(config, dict):  # gRPC: a protobuf response
+            from google.protobuf.json_format import MessageToDict
+
+            config = MessageToDict(config, preserving_proto_field_name=True)
+        config = config.get("config", config)
+        entry = config.get("parameters", {}).get(f"weights_sha256_v{version}", {})
+        return entry.get("string_value") or None
 
     def input_shape(self) -> tuple[int, int, int]:
         """(channels, H, W) the served model expects, read from its metadata."""
@@ -101,7 +122,9 @@ class TritonSegmenter:
                 output = module.InferRequestedOutput(
                     "logits", **({"binary_data": True} if self.protocol == "http" else {})
                 )
-                result = self._client().infer(self.model, [tensor], outputs=[output])
+                result = self._client().infer(
+                    self.model, [tensor], model_version=self.version, outputs=[output]
+                )
                 return result.as_numpy("logits")
             # tritonclient raises InferenceServerException and socket errors
             except Exception as error:

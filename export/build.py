@@ -38,9 +38,10 @@ def export_model(
     weights: Path | None = None,
     timing_cache: Path | None = None,
     slices_per_subject: int = 8,
+    version: int = 1,
 ) -> dict:
-    """Write the requested format (and the ones it is built from) into the repository; report
-    parity."""
+    """Write the requested format (and the ones it is built from) into version `version` of the
+    repository entry; report parity."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     if fmt == "tensorrt":
@@ -48,9 +49,10 @@ def export_model(
 
         require_gpu_tensorrt()
     images, truth = validation_slices(slices_per_subject)
-    onnx_fp32 = export_to_repository(model, repository, weights)
+    onnx_fp32 = export_to_repository(model, repository, weights, version)
     report: dict = {
         "model": model,
+        "version": version,
         "onnx": str(onnx_fp32),
         "torch_vs_onnx": measure_parity(
             models.load_trained(model, weights), onnx_fp32, images, truth

@@ -40,22 +40,26 @@ def tensorrt_models(repository: Path) -> list[Path]:
 
 
 def ensure_engines(repository: Path) -> list[str]:
+    """A current TensorRT plan in every exported version folder of every TensorRT model."""
     actions = []
     for model_dir in tensorrt_models(repository):
-        onnx_fp16 = model_dir / "1" / "model_fp16.onnx"
-        plan = model_dir / "1" / "model.plan"
-        if not onnx_fp16.exists():
-            raise FileNotFoundError(
-                f"{onnx_fp16} is missing: build the image with `thighseg export --format fp16`"
+        versions = sorted(p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+        for folder in versions or [model_dir / "1"]:
+            onnx_fp16 = folder / "model_fp16.onnx"
+            plan = folder / "model.plan"
+            if not onnx_fp16.exists():
+                raise FileNotFoundError(
+                    f"{onnx_fp16} is missing: build the image with `thighseg export --format fp16`"
+                )
+            reason = needs_rebuild(
+                read_build_info(plan), current_build_info(onnx_fp16, strongly_typed=True)
             )
-        reason = needs_rebuild(
-            read_build_info(plan), current_build_info(onnx_fp16, strongly_typed=True)
-        )
-        if reason is None:
-            actions.append(f"{model_dir.name}: engine up to date")
-            continue
-        build_engine(onnx_fp16, plan, repository / ".tensorrt_timing.cache")
-        actions.append(f"{model_dir.name}: built ({reason})")
+            name = f"{model_dir.name}/{folder.name}"
+            if reason is None:
+                actions.append(f"{name}: engine up to date")
+                continue
+            build_engine(onnx_fp16, plan, repository / ".tensorrt_timing.cache")
+            actions.append(f"{name}: built ({reason})")
     return actions
 
 

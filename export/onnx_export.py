@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -49,11 +53,58 @@ def measure_parity(
     return compare(torch_backend(network), onnx_backend(onnx_path), images, truth)
 
 
-def export_to_repository(model: str, repository: Path, weights: Path | None = None) -> Path:
-    """Write <repository>/thighseg_<model>/1/model.onnx next to its version-controlled config."""
+def exported_versions(model_dir: Path) -> list[int]:
+    """Version folders of a repository entry that hold an exported model, ascending."""
+    return sorted(
+        int(p.parent.name) for p in model_dir.glob("*/model.onnx") if p.parent.name.isdigit()
+    )
+
+
+def next_version(model_dir: Path) -> int:
+    return max(exported_versions(model_dir), default=0) + 1
+
+
+def export_to_repository(
+    model: str, repository: Path, weights: Path | None = None, version: int = 1
+) -> Path:
+    """Write <repository>/thighseg_<model>/<version>/model.onnx next to its version-controlled
+    config, with the python-backend runner and a record of the weights it came from; the
+    weights' hash is also published in the configs, where clients read it from Triton."""
     model_dir = repository / models.triton_name(model)
     if not (model_dir / "configs" / "cpu.pbtxt").exists():
         raise FileNotFoundError(
             f"{model_dir}/configs/cpu.pbtxt is missing; the repository has no entry for {model!r}"
         )
-    return export_onnx(models.load_trained(model, weights), model_dir / "1" / "model.onnx")
+    weights = weights or models.weights_path(model)
+    folder = model_dir / str(version)
+    folder.mkdir(parents=True, exist_ok=True)
+    runner = model_dir / "1" / "model.py"
+    if version != 1 and runner.exists():
+        shutil.copy2(runner, folder / "model.py")
+    onnx_path = export_onnx(models.load_trained(model, weights), folder / "model.onnx")
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    (folder / "weights.json").write_text(
+        json.dumps({"model": model, "version": version, "weights": weights.name, "sha256": digest})
+    )
+    for config in (model_dir / "config.pbtxt", model_dir / "configs" / "cpu.pbtxt"):
+        if config.exists():
+            config.write_text(set_parameter(config.read_text(), weights_key(version), digest))
+    return onnx_path
+
+
+def weights_key(version: int) -> str:
+    """The config parameter that names a version's weights hash."""
+    return f"weights_sha256_v{version}"
+
+
+def set_parameter(config_text: str, key: str, value: str) -> str:
+    """A Triton config (pbtxt) with `parameters` entry `key` set to `value` (added or replaced)."""
+    entry = f'parameters: {{\n  key: "{key}"\n  value: {{ string_value: "{value}" }}\n}}\n'
+    pattern = re.compile(
+        r'parameters: \{\n  key: "'
+        + re.escape(key)
+        + r'"\n  value: \{ string_value: "[^"]*" \}\n\}\n'
+    )
+    if pattern.search(config_text):
+        return pattern.sub(lambda _: entry, config_text)
+    return config_text.rstrip("\n") + "\n" + entry

@@ -36,6 +36,22 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(models.BUILDERS))
 
 
+def _model_version(text: str) -> str:
+    if text != "latest" and not (text.isdigit() and int(text) > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a version number or 'latest'")
+    return text
+
+
+def _add_model_version(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model-version",
+        default="latest",
+        type=_model_version,
+        help="Triton model version to use, a number or 'latest' (resolved once at start; every "
+        "report names it). Rollback: pass the previous number (default: %(default)s)",
+    )
+
+
 def _add_triton_ports(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-port", type=int, default=TRITON_HTTP_PORT, help="Triton HTTP port")
     parser.add_argument("--grpc-port", type=int, default=TRITON_GRPC_PORT, help="Triton gRPC port")
@@ -148,9 +164,21 @@ def cmd_card(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from thighseg.export.build import export_model
+    from thighseg.export.onnx_export import next_version
 
-    report = export_model(args.model, args.repository, args.format, args.weights, args.timing_cache)
+    model_dir = args.repository / models.triton_name(args.model)
+    version = args.version or (next_version(model_dir) if args.weights else 1)
+    if args.weights and not args.weights.is_file():
+        raise SystemExit(f"error: --weights {args.weights}: no such file")
+    report = export_model(
+        args.model, args.repository, args.format, args.weights, args.timing_cache, version=version
+    )
     print(json.dumps(report, indent=2))
+    print(
+        f"exported {models.triton_name(args.model)} version {version}; restart `thighseg serve` "
+        f"to load it; `thighseg listen --model-version {version}` pins it (default: latest)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -180,7 +208,12 @@ def _ready_segmenter(args: argparse.Namespace, wait_s: float = 0.0):
     from thighseg.client.triton import TritonSegmenter
 
     url = re.sub(r"^(https?|grpc)://", "", args.triton_url).rstrip("/")  # host:port is expected
-    segmenter = TritonSegmenter(url, models.triton_name(args.model), protocol=args.protocol)
+    segmenter = TritonSegmenter(
+        url,
+        models.triton_name(args.model),
+        protocol=args.protocol,
+        version=getattr(args, "model_version", "latest"),
+    )
     deadline = time.monotonic() + wait_s
     while not segmenter.is_ready() and time.monotonic() < deadline:
         time.sleep(2)
@@ -475,7 +508,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model(p)
     p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
-    p.add_argument("--weights", type=Path, default=None)
+    p.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="weights to export as the next version (default: the shipped weights as version 1)",
+    )
+    p.add_argument(
+        "--version",
+        type=int,
+        default=None,
+        help="version folder to write (default: next with --weights, else 1)",
+    )
     p.add_argument(
         "--format",
         choices=["onnx", "fp16", "tensorrt"],
@@ -499,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("listen", help="run the DICOM C-STORE listener")
     _add_model(p)
+    _add_model_version(p)
     p.add_argument("--triton-url", default=TRITON_URL, help="Triton HTTP (or gRPC) address")
     p.add_argument("--protocol", choices=["http", "grpc"], default="http")
     p.add_argument(
@@ -575,6 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
         "segment", help="batch: many DICOM folders / NIfTI files through Triton, one CSV row each"
     )
     _add_model(p)
+    _add_model_version(p)
     p.add_argument("inputs", nargs="+", type=Path, help="DICOM folders and/or NIfTI files")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--triton-url", default=TRITON_URL, help="Triton HTTP (or gRPC) address")

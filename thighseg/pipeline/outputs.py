@@ -24,11 +24,14 @@ _GROUP_DESCRIPTIONS = {
 }
 
 
-def segment_descriptions(model: str) -> list[hd.seg.SegmentDescription]:
-    """The three muscle-group segments of every SEG, with the algorithm that made them."""
+def segment_descriptions(
+    model: str, algorithm_version: str | None = None
+) -> list[hd.seg.SegmentDescription]:
+    """The three muscle-group segments of every SEG, with the algorithm that made them (its
+    version names the package and, when known, the served model version and weights hash)."""
     algorithm = hd.AlgorithmIdentificationSequence(
         name=f"thighseg {model}",
-        version=thighseg.__version__,
+        version=algorithm_version or thighseg.__version__,
         family=codes.cid7162.ArtificialIntelligence,
     )
     return [
@@ -46,7 +49,13 @@ def segment_descriptions(model: str) -> list[hd.seg.SegmentDescription]:
     ]
 
 
-def write_seg(sources: list[Dataset], labels: np.ndarray, path: Path, model: str) -> Dataset:
+def write_seg(
+    sources: list[Dataset],
+    labels: np.ndarray,
+    path: Path,
+    model: str,
+    algorithm_version: str | None = None,
+) -> Dataset:
     """A binary SEG with one frame per source slice and segment, referencing every source
     instance."""
     if labels.shape[0] != len(sources):
@@ -55,7 +64,7 @@ def write_seg(sources: list[Dataset], labels: np.ndarray, path: Path, model: str
         source_images=sources,
         pixel_array=labels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=segment_descriptions(model),
+        segment_descriptions=segment_descriptions(model, algorithm_version),
         series_instance_uid=hd.UID(),
         series_number=int(sources[0].get("SeriesNumber", 1) or 1) + 1000,
         sop_instance_uid=hd.UID(),

@@ -35,6 +35,8 @@ class SeriesReport:
     """Filled stage by stage; `status` is failed until the last stage has run."""
 
     model: str
+    model_version: str | None = None  # the Triton model version that answered
+    weights_sha256: str | None = None  # of the weights that version was exported from
     status: str = FAILED
     reason: str | None = None
     instances: int = 0

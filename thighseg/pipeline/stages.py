@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+import thighseg
 from thighseg.client.triton import TritonUnavailable
 from thighseg.client.volume import segment_volume
 from thighseg.core.memory import release_free_heap, release_highdicom_tables
@@ -48,13 +49,23 @@ class InferenceSettings:
     input_size: int
     batch_size: int = 8
     concurrency: int = 4
+    model_version: str | None = None  # the served version, recorded in reports and SEG
+    weights_sha256: str | None = None
     ready: Callable[[], bool] = _always_ready  # is the inference server reachable (for /readyz)
 
 
 def settings_for(segmenter, model: str, **options) -> InferenceSettings:
-    """Inference through a TritonSegmenter, at the input size the served model declares."""
+    """Inference through a TritonSegmenter, at the input size the served model declares, pinned
+    to the version it serves now (so every report names the version that made it)."""
+    segmenter.version = segmenter.served_version()
     return InferenceSettings(
-        segmenter.infer, model, segmenter.input_shape()[1], ready=segmenter.is_ready, **options
+        segmenter.infer,
+        model,
+        segmenter.input_shape()[1],
+        ready=segmenter.is_ready,
+        model_version=segmenter.version,
+        weights_sha256=segmenter.weights_sha256(segmenter.version),
+        **options,
     )
 
 
@@ -124,6 +135,16 @@ def _summary(
     return preview
 
 
+def algorithm_version(report: SeriesReport) -> str:
+    """What the SEG names as the algorithm's version: package, served model version, weights."""
+    parts = [thighseg.__version__]
+    if report.model_version:
+        parts.append(f"model v{report.model_version}")
+    if report.weights_sha256:
+        parts.append(f"weights sha256:{report.weights_sha256[:12]}")
+    return " ".join(parts)[:64]  # LO
+
+
 def emit_dicom(
     report: SeriesReport, loaded: LoadedVolume, labels: np.ndarray, out_dir: Path
 ) -> None:
@@ -137,7 +158,9 @@ def emit_dicom(
     write_overlay_png(preview, out_dir / "overlay.png")
     del preview
     release_free_heap()  # the SEG is the largest allocation of the study: make room for it
-    seg = write_seg(volume.sources, labels, out_dir / "seg.dcm", report.model)
+    seg = write_seg(
+        volume.sources, labels, out_dir / "seg.dcm", report.model, algorithm_version(report)
+    )
     sr = write_sr(
         seg, volume.sources, report.volumes_ml, out_dir / "sr.dcm", report.model, report.qc_flags
     )
@@ -245,7 +268,13 @@ def process_series(
 ) -> SeriesResult:
     """A DICOM CT series -> SEG, SR, summary, SC, overlay, report. `provenance` (the listener's
     content hash and generation of the inputs) is recorded in the report as given."""
-    report = SeriesReport(model=settings.model, instances=len(instance_paths), **(provenance or {}))
+    report = SeriesReport(
+        model=settings.model,
+        model_version=settings.model_version,
+        weights_sha256=settings.weights_sha256,
+        instances=len(instance_paths),
+        **(provenance or {}),
+    )
     return run_stages(
         report, lambda r: read_dicom(r, instance_paths, out_dir), emit_dicom, out_dir, settings
     )
@@ -253,5 +282,10 @@ def process_series(
 
 def process_nifti(path: Path, out_dir: Path, settings: InferenceSettings) -> SeriesResult:
     """A NIfTI volume -> labels (NIfTI), summary, report."""
-    report = SeriesReport(model=settings.model, source=str(path))
+    report = SeriesReport(
+        model=settings.model,
+        model_version=settings.model_version,
+        weights_sha256=settings.weights_sha256,
+        source=str(path),
+    )
     return run_stages(report, lambda _: read_nifti(path), emit_nifti, out_dir, settings)

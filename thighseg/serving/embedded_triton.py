@@ -100,7 +100,7 @@ class EmbeddedTriton:
         if self.models is not None:
             return self.models
         return tuple(
-            sorted(p.parent.parent.name for p in self.model_repository.glob("*/1/model.onnx"))
+            sorted({p.parent.parent.name for p in self.model_repository.glob("*/*/model.onnx")})
         )
 
     def command(self, backends: Path) -> list[str]:

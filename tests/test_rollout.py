@@ -1,0 +1,91 @@
+"""A site's model rolls out as a new Triton version beside the old one; every result names the
+version and weights that made it, and rollback is one option."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pydicom
+from conftest import MODEL, REPO_ROOT, free_port, needs_torch
+
+from thighseg.learning import models
+
+
+def _perturbed_weights(path):
+    """The shipped weights with the extensor logit raised: a model that answers differently."""
+    import torch
+
+    checkpoint = torch.load(models.weights_path(MODEL), weights_only=True)
+    state = checkpoint["state_dict"]
+    key = [k for k, v in state.items() if tuple(v.shape) == (4,)][-1]
+    state[key] = state[key] + torch.tensor([0.0, 2.0, 0.0, 0.0], dtype=state[key].dtype)
+    torch.save({**checkpoint, "state_dict": state}, path)
+    return path
+
+
+def test_two_versions_served_at_once_and_reports_name_theirs(tmp_path, study_factory):
+    needs_torch()
+    from thighseg.client.triton import TritonSegmenter
+    from thighseg.core.labels import normalise_hu
+    from thighseg.core.resample import to_model_grid
+    from thighseg.export.onnx_export import export_to_repository, next_version
+    from thighseg.export.validation import onnx_backend
+    from thighseg.pipeline.stages import process_series, settings_for
+    from thighseg.serving.embedded_triton import EmbeddedTriton, Ports
+    from thighseg.synthetic import phantom
+
+    name = models.triton_name(MODEL)
+    repository = tmp_path / "repository"
+    shutil.copytree(
+        REPO_ROOT / "model_repository" / name,
+        repository / name,
+        ignore=shutil.ignore_patterns("*.onnx", "__pycache__"),
+    )
+    export_to_repository(MODEL, repository)
+    site_weights = _perturbed_weights(tmp_path / "site.pt")
+    assert next_version(repository / name) == 2
+    export_to_repository(MODEL, repository, site_weights, version=2)
+    sha = {
+        "1": hashlib.sha256(models.weights_path(MODEL).read_bytes()).hexdigest(),
+        "2": hashlib.sha256(site_weights.read_bytes()).hexdigest(),
+    }
+    images = normalise_hu(to_model_grid(phantom.generate(5, size=128, slices=2).hu))[:, None]
+    ports = Ports(free_port(), free_port(), free_port())
+    with EmbeddedTriton(repository, ports, log_file=tmp_path / "triton.log") as server:
+        answers = {}
+        for version in ("1", "2"):
+            segmenter = TritonSegmenter(server.http_url, name, version=version)
+            assert segmenter.is_ready()
+            answers[version] = segmenter.infer(images)
+            assert segmenter.weights_sha256(version) == sha[version]
+            local = onnx_backend(repository / name / version / "model.onnx")(images)
+            assert np.allclose(answers[version], local, atol=1e-3)
+        assert not np.allclose(answers["1"], answers["2"], atol=0.5)
+        latest = TritonSegmenter(server.http_url, name, protocol="http")
+        assert latest.served_version() == "2"
+
+        paths = study_factory(41, size=96, slices=3)
+        for version in ("latest", "1"):  # the default, then the rollback
+            settings = settings_for(TritonSegmenter(server.http_url, name, version=version), MODEL)
+            result = process_series(paths, tmp_path / f"out-{version}", settings)
+            expected = "2" if version == "latest" else "1"
+            assert result.report.model_version == expected
+            assert result.report.weights_sha256 == sha[expected]
+            seg = pydicom.dcmread(result.seg_path)
+            algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+            assert f"model v{expected}" in algorithm.AlgorithmVersion
+            assert sha[expected][:12] in algorithm.AlgorithmVersion
+
+
+def test_a_model_version_that_is_not_a_number_is_a_usage_error():
+    done = subprocess.run(
+        [sys.executable, "-m", "thighseg.cli", "listen", "--model-version", "newest"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "'newest' is not a version number" in done.stderr
