@@ -109,8 +109,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = train(config, out=out)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
-    print(json.dumps(summary, indent=2))
+    print(_training_table(summary))
     return 0
+
+
+def _training_table(summary: dict) -> str:
+    """One summary table: held-out DSC per group for each validation set, and where it went."""
+    sets = [k for k in ("validation", "validation_randomised") if summary.get(k)]
+    lines = [
+        "| group | " + " | ".join(sets) + " |",
+        "|---|" + "---|" * len(sets),
+        *(
+            f"| {group} | " + " | ".join(f"{summary[k][group]:.3f}" for k in sets) + " |"
+            for group in ("extensor", "flexor", "adductor")
+        ),
+        f"weights {summary['weights']} (sha256 {summary['sha256'][:12]}…), best step "
+        f"{summary['best_step']}, {summary['seconds']:.0f} s on {summary['device']}; "
+        "card and JSON beside the weights",
+    ]
+    return "\n".join(lines)
 
 
 def cmd_dataset_import(args: argparse.Namespace) -> int:
