@@ -16,7 +16,7 @@ rm -rf "$work" && mkdir -p "$work"
 
 # 1. the site's studies as an nnU-Net v2 raw dataset (NIfTI, RAS, its own label values)
 .venv/bin/python - "$work/Dataset600_Site" <<'EOF'
-import json, sys
+import json, os, sys
 from pathlib import Path
 import nibabel as nib
 import numpy as np
@@ -26,7 +26,7 @@ from thighseg.synthetic import stress
 root = Path(sys.argv[1])
 (root / "imagesTr").mkdir(parents=True); (root / "labelsTr").mkdir()
 for seed in tqdm(range(4100, 4120), desc="site studies"):
-    study = stress.generate(seed, size=512, slices=24)
+    study = stress.generate(seed, size=int(os.environ.get("SITE_SIZE", 512)), slices=24)
     g = study.geometry
     affine = np.diag([g.pixel_spacing, g.pixel_spacing, g.slice_spacing, 1.0])
     ras = lambda a: np.ascontiguousarray(a.transpose(2, 1, 0)[::-1, ::-1, :])
@@ -51,7 +51,7 @@ seconds=$(( $(date +%s) - start ))
 $thighseg evaluate --data "$work/dataset" --models "$model" --weights "$work/site.pt" --out "$work/after"
 
 .venv/bin/python - "$work" "$seconds" "$model" <<'EOF'
-import json, sys
+import json, os, sys
 from pathlib import Path
 work, seconds, model = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 result = {"model": model, "fine_tune_cpu_minutes": round(seconds / 60, 1)}
