@@ -261,3 +261,47 @@ def test_fine_tune_on_a_fold_logs_validation_and_evaluate_scores_folds_and_poole
     assert set(scored) == {"fold0", "fold1", "pooled"}
     assert len(scored["pooled"]["studies"]) == 4
     assert 0 <= scored["pooled"]["summary"]["overlap"]["mean"]["dsc"]["mean"] <= 1
+
+
+def test_slicer_seg_nrrd_cropped_to_its_extent_lands_on_the_ct_grid(tmp_path):
+    nrrd = pytest.importorskip("nrrd")
+    study = phantom.generate(77, size=64, slices=4, slice_spacing=6.0)
+    g = study.geometry
+    spacing = np.array([g.pixel_spacing, g.pixel_spacing, g.slice_spacing])
+    origin = np.array([-160.0, -150.0, 20.0])
+    root = tmp_path / "slicer"
+    root.mkdir()
+    header = {
+        "space": "left-posterior-superior",
+        "space directions": np.diag(spacing),
+        "space origin": origin,
+    }
+    ct = np.rint(study.hu.transpose(2, 1, 0)).astype(np.int16)
+    nrrd.write(str(root / "case1.nrrd"), ct, header)
+    labels = study.labels.transpose(2, 1, 0)  # (x: left, y: posterior, z: superior)
+    i, j, k = (np.flatnonzero(labels.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
+    crop = labels[i[0] : i[-1] + 1, j[0] : j[-1] + 1, k[0] : k[-1] + 1]
+    segments = {}
+    for n, name in enumerate(("Quadriceps", "Hamstrings", "Adductors")):
+        segments |= {
+            f"Segment{n}_Name": name,
+            f"Segment{n}_LabelValue": str(n + 1),
+            f"Segment{n}_Layer": "0",
+        }
+    nrrd.write(
+        str(root / "case1.seg.nrrd"),
+        crop.astype(np.uint8),
+        {**header, "space origin": origin + spacing * [i[0], j[0], k[0]], **segments},
+        custom_field_map={key: "string" for key in segments},
+    )
+    (root / "case2.seg.nrrd").write_bytes((root / "case1.seg.nrrd").read_bytes())  # no CT
+    path = tmp_path / "map.yaml"
+    path.write_text("extensor: [Quadriceps]\nflexor: [Hamstrings]\nadductor: [Adductors]\n")
+    out = tmp_path / "dataset"
+    report = import_sources([root], LabelMap.load(path), out, progress=False)
+    assert [r.case_id for r in report.written] == ["case1"]
+    case = dataset.load_case(out, report.written[0])
+    assert np.array_equal(case.labels, study.labels)
+    assert np.abs(case.hu - study.hu).max() <= 0.5
+    assert case.spacing_zyx == pytest.approx((g.slice_spacing, g.pixel_spacing, g.pixel_spacing))
+    assert "no CT volume case2.nrrd" in dict(report.failed)["case2"]

@@ -648,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     dataset = p.add_subparsers(dest="dataset_command", required=True)
     p = dataset.add_parser(
         "import",
-        help="nnU-Net raw, NIfTI pairs or DICOM CT + SEG into a thighseg dataset",
+        help="nnU-Net raw, NIfTI pairs, DICOM CT + SEG or Slicer .seg.nrrd into a dataset",
     )
     p.add_argument("sources", nargs="+", type=Path, help="source folders")
     p.add_argument(
@@ -657,7 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="dataset folder (new or existing)")
     p.add_argument(
         "--format",
-        choices=["auto", "nnunet", "nifti", "dicom"],
+        choices=["auto", "nnunet", "nifti", "dicom", "slicer"],
         default="auto",
         help="source layout (default: %(default)s, detected per source)",
     )

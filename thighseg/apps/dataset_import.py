@@ -1,9 +1,11 @@
 """`thighseg dataset import`: users' labelled CT into a thighseg dataset, every case checked.
 
 Sources: an nnU-Net v2 raw dataset (dataset.json, imagesTr/*_0000.nii.gz, labelsTr/), a folder of
-NIfTI pairs (images/<case>.nii.gz + labels/<case>.nii.gz), or DICOM CT series with DICOM SEG
-objects that reference them (any folder tree). A label map (YAML or JSON) says which source labels
-(values, or names from dataset.json / SEG segment labels) make up each group:
+NIfTI pairs (images/<case>.nii.gz + labels/<case>.nii.gz), DICOM CT series with DICOM SEG objects
+that reference them (any folder tree), or 3D Slicer segmentations (<case>.seg.nrrd beside the CT
+<case>.nrrd, read with pynrrd; segment names from the Slicer header). A label map (YAML or JSON)
+says which source labels (values, or names from dataset.json, SEG or Slicer segments) make up each
+group:
 
     extensor: [1, 2, vastus_lateralis]
     flexor: [3]
@@ -252,7 +254,108 @@ def _load_dicom_seg(files: list[Path], seg_path: Path):
     return volume.hu, raw, volume.spacing_zyx, names
 
 
-SOURCES = {"nnunet": nnunet_cases, "nifti": nifti_pair_cases, "dicom": dicom_seg_cases}
+def slicer_cases(root: Path) -> Iterator[SourceCase]:
+    """3D Slicer segmentations: <case>.seg.nrrd beside its CT volume <case>.nrrd or .nii(.gz)."""
+    for seg_path in sorted(root.glob("*.seg.nrrd")):
+        case_id = seg_path.name[: -len(".seg.nrrd")]
+        images = [
+            p
+            for p in (root / f"{case_id}.nrrd", root / f"{case_id}.nii.gz", root / f"{case_id}.nii")
+            if p.is_file()
+        ]
+
+        def load(seg_path=seg_path, images=images, case_id=case_id):
+            if not images:
+                raise CaseError(
+                    f"no CT volume {case_id}.nrrd or {case_id}.nii.gz beside the .seg.nrrd"
+                )
+            return _load_slicer(images[0], seg_path)
+
+        yield SourceCase(case_id, str(seg_path), load)
+
+
+def _nrrd_image(path: Path):
+    """A NRRD volume as a nibabel image in RAS (NRRD geometry: space directions and origin)."""
+    import nrrd
+
+    data, header = nrrd.read(str(path))
+    directions = np.asarray(header["space directions"], dtype=float)
+    spatial = ~np.isnan(directions).any(axis=1)
+    if data.ndim == 4:  # Slicer's layered segmentation: the list axis first
+        data = np.moveaxis(data, int(np.flatnonzero(~spatial)[0]), 0)
+    affine = np.eye(4)
+    affine[:3, :3] = directions[spatial].T
+    affine[:3, 3] = np.asarray(header["space origin"], dtype=float)
+    if header.get("space", "left-posterior-superior") in ("left-posterior-superior", "LPS"):
+        affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    return data, affine, header
+
+
+def _load_slicer(image_path: Path, seg_path: Path):
+    """CT and segmentation on the CT's grid; raw labels numbered by segment, named by Slicer."""
+    import nibabel as nib
+
+    from thighseg.pipeline.loaders import _canonical_to_zyx, load_nifti_image
+
+    if image_path.suffix == ".nrrd":
+        data, affine, _ = _nrrd_image(image_path)
+        image = nib.as_closest_canonical(nib.Nifti1Image(data.astype(np.float32), affine))
+        hu = _canonical_to_zyx(image.get_fdata(dtype=np.float32))
+        dx, dy, dz = (float(v) for v in image.header.get_zooms()[:3])
+        spacing, image_affine, shape = (dz, dy, dx), image.affine, image.shape
+    else:
+        hu, spacing, image_affine = load_nifti_image(image_path)
+        shape = hu.shape[::-1]
+    data, seg_affine, header = _nrrd_image(seg_path)
+    raw_native, names = _slicer_labels(data, header)
+    seg = nib.as_closest_canonical(nib.Nifti1Image(raw_native.astype(np.int32), seg_affine))
+    placed = _on_image_grid(np.asarray(seg.dataobj), seg.affine, image_affine, shape, seg_path)
+    return hu, _canonical_to_zyx(placed), spacing, names
+
+
+def _slicer_labels(data: np.ndarray, header: dict) -> tuple[np.ndarray, dict[str, int]]:
+    """One integer per segment (its index + 1) and the segment names."""
+    segments = sorted(
+        {int(k.split("_")[0][len("Segment") :]) for k in header if re.match(r"Segment\d+_", k)}
+    )
+    if not segments:
+        raise CaseError("the .seg.nrrd describes no segments (SegmentN_Name fields)")
+    raw = np.zeros(data.shape[-3:], np.int32)
+    names = {}
+    for n in segments:
+        value = int(header.get(f"Segment{n}_LabelValue", 1))
+        layer = data[int(header.get(f"Segment{n}_Layer", 0))] if data.ndim == 4 else data
+        raw[layer == value] = n + 1
+        names[str(header.get(f"Segment{n}_Name", f"Segment_{n + 1}"))] = n + 1
+    return raw, names
+
+
+def _on_image_grid(
+    labels: np.ndarray, seg_affine: np.ndarray, image_affine: np.ndarray, shape, seg_path: Path
+) -> np.ndarray:
+    """A (possibly cropped) segmentation pasted into the image's voxel grid, which it must share
+    (same axes and spacing, an integer voxel offset)."""
+    to_image = np.linalg.inv(image_affine) @ seg_affine
+    offset = to_image[:3, 3]
+    if not np.allclose(to_image[:3, :3], np.eye(3), atol=1e-3) or not np.allclose(
+        offset, np.round(offset), atol=1e-2
+    ):
+        raise CaseError(f"{seg_path.name} is not on the CT's voxel grid (resampled or rotated)")
+    start = np.round(offset).astype(int)
+    stop = start + np.array(labels.shape)
+    if (start < 0).any() or (stop > np.array(shape)).any():
+        raise CaseError(f"{seg_path.name} extends beyond the CT volume")
+    placed = np.zeros(tuple(shape), np.int32)
+    placed[start[0] : stop[0], start[1] : stop[1], start[2] : stop[2]] = labels
+    return placed
+
+
+SOURCES = {
+    "nnunet": nnunet_cases,
+    "nifti": nifti_pair_cases,
+    "dicom": dicom_seg_cases,
+    "slicer": slicer_cases,
+}
 
 
 def detect_format(root: Path) -> str:
@@ -260,6 +363,8 @@ def detect_format(root: Path) -> str:
         return "nnunet"
     if (root / "images").is_dir() and (root / "labels").is_dir():
         return "nifti"
+    if any(root.glob("*.seg.nrrd")):
+        return "slicer"
     if root.is_dir():
         return "dicom"
     raise ValueError(f"{root} is not a folder")
