@@ -4,6 +4,7 @@ fatal, indices against truth, resume after kill -9."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -169,3 +170,31 @@ def test_segment_refuses_what_the_listener_refuses(triton, tmp_path):
     assert result.returncode == 1
     row = next(iter(_rows(out).values()))
     assert row["status"] == "failed" and "is not CT" in row["reason"], row
+
+
+def test_segment_without_a_server_predicts_in_process(model_repository, tmp_path):
+    import onnxruntime as ort
+
+    study = phantom.generate(9301, size=192, slices=6, slice_spacing=5.0)
+    write_series(study, tmp_path / "ct")
+    out = tmp_path / "out"
+    common = ["--out", str(out), "--repository", str(model_repository), "--model", "segformer"]
+    result = subprocess.run(
+        [*SEGMENT, str(tmp_path / "ct"), *common], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(next(out.glob("*/report.json")).read_text())
+    assert report["status"] == "done" and report["model_version"] == "1"
+    assert len(report["weights_sha256"]) == 64
+    assert report["volumes_ml"]["extensor"] > 0
+    if not {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(
+        ort.get_available_providers()
+    ):
+        result = subprocess.run(
+            [*SEGMENT, str(tmp_path / "ct"), *common, "--device", "gpu"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode != 0 and "no GPU execution provider" in result.stderr
+        assert "Traceback" not in result.stderr

@@ -310,10 +310,19 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from thighseg.apps.batch import run
     from thighseg.pipeline.stages import settings_for
 
-    segmenter = _ready_segmenter(args)
-    if segmenter is None:
-        return 2
-    processed, failures = run(args.inputs, args.out, settings_for(segmenter, args.model))
+    if args.triton_url:
+        segmenter = _ready_segmenter(args)
+        if segmenter is None:
+            return 2
+        settings = settings_for(segmenter, args.model)
+    else:
+        from thighseg.apps.local_inference import local_settings
+
+        try:
+            settings = local_settings(args.model, args.device, args.repository)
+        except RuntimeError as error:
+            raise SystemExit(f"error: {error}") from None
+    processed, failures = run(args.inputs, args.out, settings)
     print(f"{len(processed)} studies processed; cohort table: {args.out / 'results.csv'}")
     if not processed and not list(args.out.glob("*/report.json")):
         print("error: no DICOM series or NIfTI volume found in the inputs", file=sys.stderr)
@@ -634,13 +643,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_listen)
 
     p = sub.add_parser(
-        "segment", help="batch: many DICOM folders / NIfTI files through Triton, one CSV row each"
+        "segment",
+        help="batch: many DICOM folders / NIfTI files, in this process or through Triton, one CSV "
+        "row each",
     )
     _add_model(p)
     _add_model_version(p)
     p.add_argument("inputs", nargs="+", type=Path, help="DICOM folders and/or NIfTI files")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--triton-url", default=TRITON_URL, help="Triton HTTP (or gRPC) address")
+    p.add_argument(
+        "--triton-url",
+        default=None,
+        help="send slices to this Triton (HTTP or gRPC address); default: predict in this process",
+    )
+    p.add_argument(
+        "--device",
+        choices=["cpu", "gpu"],
+        default="cpu",
+        help="in-process inference device (ONNX Runtime; gpu needs onnxruntime-gpu) "
+        "(default: %(default)s)",
+    )
+    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
     p.add_argument("--protocol", choices=["http", "grpc"], default="http")
     p.set_defaults(func=cmd_segment)
 
