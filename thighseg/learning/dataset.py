@@ -104,13 +104,16 @@ def write_case(
     )
 
 
-def write_manifest(root: Path, manifest: Manifest) -> Path:
-    path = root / "manifest.json"
-    temporary = root / ".manifest.json.part"
-    payload = {**asdict(manifest), "digest": manifest.digest()}
+def _write_json(path: Path, payload: dict) -> Path:
+    """Whole or not at all: a temporary file renamed over the old one."""
+    temporary = path.with_name(f".{path.name}.part")
     temporary.write_text(json.dumps(payload, indent=2))
     temporary.replace(path)
     return path
+
+
+def write_manifest(root: Path, manifest: Manifest) -> Path:
+    return _write_json(root / "manifest.json", {**asdict(manifest), "digest": manifest.digest()})
 
 
 def read_manifest(root: Path) -> Manifest:
@@ -192,9 +195,7 @@ def check_splits(splits: dict, subjects: list[str]) -> None:
 
 def write_splits(root: Path, splits: dict) -> Path:
     check_splits(splits, read_manifest(root).subjects())
-    path = root / "splits.json"
-    path.write_text(json.dumps(splits, indent=2))
-    return path
+    return _write_json(root / "splits.json", splits)
 
 
 def read_splits(root: Path) -> dict:
