@@ -15,6 +15,17 @@ from conftest import MODEL, REPO_ROOT, free_port, needs_torch
 from thighseg.learning import models
 
 
+def _text_values(dataset) -> list[str]:
+    """Every TEXT content item of an SR, however deep."""
+    texts: list[str] = []
+    dataset.walk(
+        lambda _, element: texts.append(str(element.value))
+        if element.keyword == "TextValue"
+        else None
+    )
+    return texts
+
+
 def _perturbed_weights(path):
     """The shipped weights with the extensor logit raised: a model that answers differently."""
     import torch
@@ -79,6 +90,8 @@ def test_two_versions_served_at_once_and_reports_name_theirs(tmp_path, study_fac
             algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
             assert f"model v{expected}" in algorithm.AlgorithmVersion
             assert sha[expected][:12] in algorithm.AlgorithmVersion
+            texts = _text_values(pydicom.dcmread(result.seg_path.with_name("sr.dcm")))
+            assert any(f"model v{expected} weights sha256:{sha[expected][:12]}" in t for t in texts)
 
 
 def test_a_model_version_that_is_not_a_number_is_a_usage_error():

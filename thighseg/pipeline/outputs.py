@@ -110,10 +110,14 @@ def write_sr(
     path: Path,
     model: str,
     flags: list | None = None,
+    algorithm_version: str | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Comprehensive 3D SR, TID 1500 measurement report: one volumetric ROI group per muscle group,
-    each referencing its SEG segment, with the group's volume in mL; QC flags as qualitative
-    evaluations of the whole report."""
+    each referencing its SEG segment, with the group's volume in mL (and the algorithm that
+    measured it, TID 4019); QC flags as qualitative evaluations of the whole report."""
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=f"thighseg {model}", version=algorithm_version or thighseg.__version__
+    )
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -144,6 +148,7 @@ def write_sr(
                         name=codes.SCT.Volume,
                         value=round(volumes_ml[group.name.lower()], 2),
                         unit=MILLILITRE,
+                        algorithm_id=algorithm,
                     )
                 ],
             )

@@ -158,11 +158,16 @@ def emit_dicom(
     write_overlay_png(preview, out_dir / "overlay.png")
     del preview
     release_free_heap()  # the SEG is the largest allocation of the study: make room for it
-    seg = write_seg(
-        volume.sources, labels, out_dir / "seg.dcm", report.model, algorithm_version(report)
-    )
+    version = algorithm_version(report)
+    seg = write_seg(volume.sources, labels, out_dir / "seg.dcm", report.model, version)
     sr = write_sr(
-        seg, volume.sources, report.volumes_ml, out_dir / "sr.dcm", report.model, report.qc_flags
+        seg,
+        volume.sources,
+        report.volumes_ml,
+        out_dir / "sr.dcm",
+        report.model,
+        report.qc_flags,
+        version,
     )
     sc = secondary_capture(out_dir / "summary.png", volume.sources[0], out_dir / "summary_sc.dcm")
     release_highdicom_tables()
