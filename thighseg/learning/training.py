@@ -277,7 +277,9 @@ def train(config: TrainConfig, out: Path | None = None, checkpoint: Path | None 
         scaler.step(optimiser)
         scaler.update()
         schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", best=f"{best['dsc']:.3f}")
+        bar.set_postfix(
+            loss=f"{loss.item():.3f}", **({"best": f"{best['dsc']:.3f}"} if monitor else {})
+        )
         done = step + 1
         if monitor and (done % config.validate_every == 0 or done == config.steps):
             stop = _check(torch, network, data, done, loss.item(), best, best_path, log, config)
