@@ -167,6 +167,7 @@ def test_value_sets_change_what_they_should():
         ({"listener": {"tls": {"enabled": True}}}, "secretName"),
         ({"triton": {"modelRepository": {"source": "pvc"}}}, "claimName"),
         ({"model": "unet"}, "model"),
+        ({"modelVersion": "newest"}, "modelVersion"),
         ({"listener": {"port": 70000}}, "port"),
     ],
 )
@@ -218,7 +219,7 @@ def test_checkov_finds_nothing_unjustified(tmp_path):
 
 def test_chart_defaults_are_the_listeners_own():
     """One source for every default: the chart's listener values equal the code's."""
-    from thighseg.core.constants import AE_TITLE, DICOM_PORT, LISTENER_METRICS_PORT
+    from thighseg.core.constants import AE_TITLE, DEFAULT_MODEL, DICOM_PORT, LISTENER_METRICS_PORT
     from thighseg.dicom_listener.config import default
 
     listener = yaml.safe_load((CHART / "values.yaml").read_text())["listener"]
@@ -228,3 +229,7 @@ def test_chart_defaults_are_the_listeners_own():
         LISTENER_METRICS_PORT,
     )
     assert (listener["idleSeconds"], listener["workers"]) == (default("idle_s"), default("workers"))
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert (values["model"], values["modelVersion"]) == (DEFAULT_MODEL, "latest")
+    args = container(render({}), "StatefulSet")["args"]
+    assert f"--model={DEFAULT_MODEL}" in args and "--model-version=latest" in args
