@@ -117,6 +117,9 @@ def test_evaluation_writes_report_figures_and_sane_numbers(model_repository, tmp
     assert report["models"].keys() == {"segformer"}
     stress = saved["models"]["segformer"]["stress"]["summary"]["overlap"]["mean"]["dsc"]["mean"]
     assert 0.3 < stress <= 1.0  # the test-only generator is in every default evaluation
+    worst = saved["models"]["segformer"]["stress"]["summary"]["worst_study"]
+    assert worst["mean_dsc"] <= stress and worst["lowest_group_dsc"] <= worst["mean_dsc"]
+    assert f"({worst['case']})" in (tmp_path / "evaluation.md").read_text()
     for name in (
         "evaluation.md",
         "dsc_boxplot_external.png",

@@ -86,6 +86,13 @@ def summarise(per_study: list[dict]) -> dict:
         )
         for m in METRICS
     }
+    groups = [g.name.lower() for g in MUSCLE_GROUPS]
+    worst = min(per_study, key=lambda r: np.mean([r["overlap"][g]["dsc"] for g in groups]))
+    summary["worst_study"] = {
+        "case": worst["case"],
+        "mean_dsc": float(np.mean([worst["overlap"][g]["dsc"] for g in groups])),
+        "lowest_group_dsc": float(min(worst["overlap"][g]["dsc"] for g in groups)),
+    }
     for volume in per_study[0]["volumes_truth"]:
         truth = np.array([s["volumes_truth"][volume] for s in per_study])
         predicted = np.array([s["volumes_predicted"][volume] for s in per_study])
@@ -200,17 +207,19 @@ def markdown(report: dict) -> str:
         lines += [
             f"## {cohort}",
             "",
-            "| model | extensor DSC | flexor DSC | adductor DSC | mean DSC | mean sensitivity | "
-            "mean specificity | mean accuracy |",
-            "|---|---|---|---|---|---|---|---|",
+            "| model | extensor DSC | flexor DSC | adductor DSC | mean DSC | "
+            "worst study (mean DSC) | mean sensitivity | mean specificity | mean accuracy |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for model, by_cohort in report["models"].items():
             if cohort not in by_cohort:
                 continue
             o = by_cohort[cohort]["summary"]["overlap"]
+            worst = by_cohort[cohort]["summary"]["worst_study"]
             lines.append(
                 f"| {model} | {_fmt(o['extensor']['dsc'])} | {_fmt(o['flexor']['dsc'])} | "
                 f"{_fmt(o['adductor']['dsc'])} | {_fmt(o['mean']['dsc'])} | "
+                f"{worst['mean_dsc']:.3f} ({worst['case']}) | "
                 f"{_fmt(o['mean']['sensitivity'])} | "
                 f"{_fmt(o['mean']['specificity'], 4)} | {_fmt(o['mean']['accuracy'], 4)} |"
             )
