@@ -1,4 +1,5 @@
-"""C-STORE of results (SEG, SR) to a destination AE, with bounded retries.
+"""C-STORE of results (SEG, SR, the summary page as Secondary Capture) to a destination AE, with
+bounded retries.
 
 Transient problems (no association, aborted association, out of resources) are retried with
 exponential backoff; a refusal that will not change (SOP class not supported, data set does not

@@ -308,8 +308,9 @@ class Listener:
             self._done.notify_all()
 
     def _forward(self, result: SeriesResult) -> None:
+        outputs = [result.seg_path.with_name(n) for n in ("seg.dcm", "sr.dcm", "summary_sc.dcm")]
         sent = forward(
-            [result.seg_path, result.seg_path.with_name("sr.dcm")],
+            [path for path in outputs if path.exists()],
             self.config.destination,
             self.config.ae_title,
             attempts=self.config.forward_attempts,

@@ -273,13 +273,13 @@ def test_results_are_forwarded_and_refusals_are_not_retried(
         modalities = sorted(
             pydicom.dcmread(p, stop_before_pixels=True).Modality for p in received.iterdir()
         )
-        assert modalities == ["SEG", "SR"]
+        assert modalities == ["OT", "SEG", "SR"]  # the summary page too
 
         refused = listener_factory(destination=Destination("REFUSER", "127.0.0.1", refuser.port))
         send_files(paths, "127.0.0.1", refused.config.port)
         report = refused.wait_for(series_uid(paths), timeout_s=120).report
         assert report.forwarded.delivered is False and report.forwarded.detail.startswith("refused")
-        assert report.forwarded.attempts == 1 and refuser.requests == 2  # SEG and SR, once each
+        assert report.forwarded.attempts == 1 and refuser.requests == 3  # SEG, SR, SC once each
 
         down = listener_factory(
             destination=Destination("NOBODY", "127.0.0.1", free_port()), forward_attempts=2

@@ -465,7 +465,7 @@ def test_new_content_under_a_known_sop_instance_uid_replaces_and_reforwards_the_
             listener.config.spool_dir, study_uid, series_uid
         )
         assert second["seg_sop_instance_uid"] != first["seg_sop_instance_uid"]
-        assert wait_until(lambda: len(pacs.received) == 4, 30)
+        assert wait_until(lambda: len(pacs.received) == 6, 30)  # SEG, SR, summary twice
         segs = [uid for modality, uid in pacs.received if modality == "SEG"]
         assert segs == [first["seg_sop_instance_uid"], second["seg_sop_instance_uid"]]
         assert (
