@@ -102,3 +102,25 @@ def test_indices_round_trip_through_report_json():
     without_height = volume_indices(hu, labels, SPACING)
     assert "muscle_volume_index_ml_per_m2" not in without_height.to_dict()["total"]
     assert VolumeIndices.from_dict(without_height.to_dict()) == without_height
+
+
+def test_summary_page_has_a_colour_key_and_large_pictures(tmp_path):
+    from PIL import Image
+
+    from thighseg.measure.indices import volume_indices
+    from thighseg.pipeline.summary import COLOURS, Preview, render
+    from thighseg.synthetic import phantom
+
+    study = phantom.generate(5, size=128, slices=6, slice_spacing=10.0)
+    g = study.geometry
+    spacing = (g.slice_spacing, g.pixel_spacing, g.pixel_spacing)
+    indices = volume_indices(study.hu, study.labels, spacing)
+    png = render(Preview.of(study.hu, study.labels), spacing, indices, [], "t", tmp_path / "s.png")
+    page = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    height, width, _ = page.shape
+    key = page[: height // 12, width // 2 :]  # the colour key, top right
+    for colour in COLOURS.values():
+        target = np.array(colour) * 255
+        assert (np.abs(key - target).sum(axis=2) < 30).sum() > 50, colour
+    pictures = page[height // 12 :, : int(width * 0.55)]
+    assert (pictures.sum(axis=2) < 600).mean() > 0.6, "the axial panels fill the left of the page"

@@ -4,6 +4,7 @@ QC flags — what a radiologist opens from the PACS and a researcher opens as a 
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from thighseg.measure.indices import TISSUES, VolumeIndices
 from thighseg.measure.qc import Flag
 
 COLOURS = {1: (0.90, 0.24, 0.24), 2: (0.24, 0.78, 0.31), 3: (0.27, 0.43, 0.94)}
+GROUP_NAMES = {1: "extensor", 2: "flexor", 3: "adductor"}
 WINDOW = (-160.0, 240.0)
 
 
@@ -110,61 +112,92 @@ def render(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     figure = plt.figure(figsize=(11.69, 8.27), dpi=110)  # A4 landscape
-    grid = figure.add_gridspec(3, 4, height_ratios=[1.1, 1.0, 0.9])
-    figure.suptitle(title, fontsize=13, x=0.01, ha="left")
+    # left: the three axial levels, as large as the page allows; right: coronal, table, facts
+    grid = figure.add_gridspec(
+        3,
+        2,
+        width_ratios=[1.25, 1.0],
+        left=0.01,
+        right=0.99,
+        top=0.91,
+        bottom=0.02,
+        wspace=0.03,
+        hspace=0.12,
+    )
+    figure.suptitle(title, fontsize=13, x=0.02, y=0.975, ha="left")
+    figure.legend(  # the colour key, above the pictures
+        handles=[Patch(color=COLOURS[g], label=name) for g, name in GROUP_NAMES.items()],
+        loc="upper right",
+        bbox_to_anchor=(0.98, 0.975),
+        ncol=3,
+        fontsize=10,
+        frameon=False,
+    )
     crop = preview.crop
     named = len(preview.levels) == 3
-    for column, k in enumerate(reversed(range(len(preview.levels)))):  # proximal (highest z) first
-        axis = figure.add_subplot(grid[0, column])
+    for row, k in enumerate(reversed(range(len(preview.levels)))):  # proximal (highest z) first
+        axis = figure.add_subplot(grid[row, 0])
         axis.imshow(blend(preview.axial_hu[k][crop], preview.axial_labels[k][crop]))
         axis.set_title(
-            ("proximal", "middle", "distal")[column] if named else f"slice {preview.levels[k]}",
-            fontsize=9,
+            ("proximal", "middle", "distal")[row] if named else f"slice {preview.levels[k]}",
+            fontsize=10,
         )
+        for x, side in ((0.02, "R"), (0.98, "L")):  # radiological view: patient's right on the left
+            axis.text(
+                x,
+                0.03,
+                side,
+                transform=axis.transAxes,
+                color="white",
+                fontsize=9,
+                ha="left" if side == "R" else "right",
+            )
         axis.axis("off")
-    axis = figure.add_subplot(grid[0, 3])
+    axis = figure.add_subplot(grid[0, 1])
     axis.imshow(
         blend(preview.coronal_hu[::-1, crop[1]], preview.coronal_labels[::-1, crop[1]]),
         aspect=spacing_zyx[0] / spacing_zyx[2],
     )
-    axis.set_title("coronal (mask)", fontsize=9)
+    axis.set_title("coronal", fontsize=10)
     axis.axis("off")
-    table_axis = figure.add_subplot(grid[1, :])
+    table_axis = figure.add_subplot(grid[1, 1])
     table_axis.axis("off")
     table = table_axis.table(
         cellText=_table_rows(indices),
-        colLabels=["group (R / L)", "total mL", "lean mL", "IMAT mL", "mean HU", "asymmetry %"],
-        loc="center",
+        colLabels=["group (R / L)", "total mL", "lean mL", "IMAT mL", "mean HU", "asym. %"],
+        colWidths=[0.27, 0.15, 0.15, 0.13, 0.16, 0.12],
+        loc="upper center",
     )
     table.auto_set_font_size(False)
     table.set_fontsize(9)
-    table.scale(1, 1.3)
+    table.scale(1, 1.45)
     total = indices.total
     facts = [
-        f"Total muscle {total.muscle.total_ml:.0f} mL, lean {total.muscle.lean_ml:.0f} mL, "
-        f"IMAT fraction {100 * total.imat_fraction:.1f} %, intermuscular fat fraction "
-        f"{100 * total.intermuscular_fat_fraction:.1f} %, low-density muscle "
-        f"{total.muscle.low_density_ml:.0f} mL"
+        f"Total muscle {total.muscle.total_ml:.0f} mL",
+        f"lean {total.muscle.lean_ml:.0f} mL",
+        f"IMAT fraction {100 * total.imat_fraction:.1f} %",
+        f"intermuscular fat fraction {100 * total.intermuscular_fat_fraction:.1f} %",
+        f"low-density muscle {total.muscle.low_density_ml:.0f} mL",
     ]
     if total.muscle_volume_index_ml_per_m2 is not None:
-        facts.append(f"Muscle volume index {total.muscle_volume_index_ml_per_m2:.0f} mL/m²")
-    facts.append("QC: " + ("no flags" if not flags else ""))
-    facts += [f"  ⚠ {f.code}: {f.reason}" for f in flags]
-    text_axis = figure.add_subplot(grid[2, :])
+        facts.append(f"muscle volume index {total.muscle_volume_index_ml_per_m2:.0f} mL/m²")
+    text_axis = figure.add_subplot(grid[2, 1])
     text_axis.axis("off")
+    text_axis.text(0.02, 1, "\n".join(facts), va="top", fontsize=10, family="DejaVu Sans")
+    qc = ["QC: no flags"] if not flags else ["QC:", *(f"⚠ {f.code}: {f.reason}" for f in flags)]
     text_axis.text(
-        0,
+        0.5,
         1,
-        "\n".join(facts),
+        "\n".join(textwrap.fill(line, 34, subsequent_indent="   ") for line in qc),
         va="top",
         fontsize=9,
-        family="DejaVu Sans",
         color="black" if not flags else "#8a1c1c",
     )
     text_axis.text(
-        0,
+        0.02,
         0,
         "Automatic segmentation (thighseg). Research use; verify before clinical decisions.",
         fontsize=7,
