@@ -48,7 +48,7 @@ class ListenerConfig:
     network_timeout_s: float = 30.0  # a peer silent this long mid-PDU or mid-handshake is dropped
     limits: Limits = Limits()
     retry_backoff_s: tuple[float, float] = (2.0, 60.0)  # Triton down: first and longest wait
-    destination: Destination | None = None  # C-STORE SEG and SR here when set
+    destinations: tuple[Destination, ...] = ()  # C-STORE results to each, as it chooses
     forward_attempts: int = 4
 
 

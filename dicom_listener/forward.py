@@ -29,21 +29,37 @@ from thighseg.core.constants import AE_TITLE
 log = logging.getLogger(__name__)
 
 
+# what `--forward AET@host:port/seg,sr,sc` may choose, and the result file of each
+OUTPUTS = {"seg": "seg.dcm", "sr": "sr.dcm", "sc": "summary_sc.dcm"}
+
+
 @dataclass(frozen=True)
 class Destination:
-    """The AE that results are C-STOREd to."""
+    """An AE that results are C-STOREd to, and which of them it takes."""
 
     ae_title: str
     host: str
     port: int
+    outputs: tuple[str, ...] = tuple(OUTPUTS)
 
     @staticmethod
     def parse(text: str) -> Destination:
-        """AET@host:port"""
-        match = re.fullmatch(r"([^@]{1,16})@([^:]+):(\d+)", text)
+        """AET@host:port, optionally /seg,sr,sc (default: all three)."""
+        match = re.fullmatch(r"([^@]{1,16})@([^:/]+):(\d+)(?:/([a-z,]+))?", text)
         if not match:
-            raise ValueError(f"destination must look like AET@host:port, got {text!r}")
-        return Destination(match.group(1), match.group(2), int(match.group(3)))
+            raise ValueError(f"destination must look like AET@host:port[/seg,sr,sc], got {text!r}")
+        outputs = tuple(match.group(4).split(",")) if match.group(4) else tuple(OUTPUTS)
+        unknown = sorted(set(outputs) - set(OUTPUTS))
+        if unknown or not outputs:
+            raise ValueError(
+                f"unknown output(s) {', '.join(unknown)} in {text!r}; choose from seg, sr, sc"
+            )
+        return Destination(match.group(1), match.group(2), int(match.group(3)), outputs)
+
+    def files(self, folder: Path) -> list[Path]:
+        """The chosen result files of one series that exist (a NIfTI input has no DICOM)."""
+        paths = [folder / OUTPUTS[name] for name in self.outputs]
+        return [path for path in paths if path.exists()]
 
 
 @dataclass(frozen=True)

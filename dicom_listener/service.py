@@ -297,7 +297,7 @@ class Listener:
         result = SeriesResult(
             final / "report.json", final / "seg.dcm" if done else None, result.report
         )
-        if done and self.config.destination is not None:
+        if done and self.config.destinations:
             self._forward(result)
         self.telemetry.series.labels(status).inc()
         for stage, seconds in result.report.stage_seconds.items():
@@ -308,18 +308,21 @@ class Listener:
             self._done.notify_all()
 
     def _forward(self, result: SeriesResult) -> None:
-        outputs = [result.seg_path.with_name(n) for n in ("seg.dcm", "sr.dcm", "summary_sc.dcm")]
-        sent = forward(
-            [path for path in outputs if path.exists()],
-            self.config.destination,
-            self.config.ae_title,
-            attempts=self.config.forward_attempts,
-        )
-        result.report.forwarded = Forwarding(
-            self.config.destination.ae_title, sent.delivered, sent.attempts, sent.detail
-        )
-        if not sent.delivered:
-            self.telemetry.forward_failures.inc()
+        """Each destination in turn gets the outputs it chose; one's failure stops no other."""
+        records = []
+        for destination in self.config.destinations:
+            sent = forward(
+                destination.files(result.report_path.parent),
+                destination,
+                self.config.ae_title,
+                attempts=self.config.forward_attempts,
+            )
+            records.append(
+                Forwarding(destination.ae_title, sent.delivered, sent.attempts, sent.detail)
+            )
+            if not sent.delivered:
+                self.telemetry.forward_failures.labels(destination.ae_title).inc()
+        result.report.forwarded = records
         with self._publish_lock:  # only if no newer result replaced this one meanwhile
             if _same_result(result.report_path, result.report):
                 result.report.write(result.report_path)

@@ -81,7 +81,10 @@ class Telemetry:
             registry=r,
         )
         self.forward_failures = Counter(
-            "thighseg_forward_failures", "Results not delivered to the destination AE", registry=r
+            "thighseg_forward_failures",
+            "Results not delivered to a destination AE",
+            ["destination"],
+            registry=r,
         )
         self._server: ThreadingHTTPServer | None = None
 

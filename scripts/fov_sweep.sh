@@ -7,7 +7,7 @@
 set -euo pipefail
 out="${1:-docs/evaluation/fov}"
 studies="${2:-5}"
-model="$(.venv/bin/python -c 'from thighseg.core.constants import DEFAULT_MODEL; print(DEFAULT_MODEL)')"
+model="${MODEL:-$(.venv/bin/python -c "from thighseg.core.constants import DEFAULT_MODEL; print(DEFAULT_MODEL)")}"
 for fov in 300 400 500; do
     .venv/bin/thighseg evaluate --models "$model" --cohorts internal_test stress --fov "$fov" \
         --studies "$studies" --out "$out/$fov" > /dev/null

@@ -10,7 +10,7 @@
 set -euo pipefail
 work="${1:-/tmp/thighseg-site}"
 steps="${2:-300}"
-model="$(.venv/bin/python -c 'from thighseg.core.constants import DEFAULT_MODEL; print(DEFAULT_MODEL)')"
+model="${MODEL:-$(.venv/bin/python -c "from thighseg.core.constants import DEFAULT_MODEL; print(DEFAULT_MODEL)")}"
 thighseg=.venv/bin/thighseg
 rm -rf "$work" && mkdir -p "$work"
 

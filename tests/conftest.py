@@ -7,6 +7,7 @@ import dataclasses
 import json
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,16 @@ from thighseg.learning import models
 from thighseg.serving.embedded_triton import EmbeddedTriton, Ports
 from thighseg.synthetic import phantom
 from thighseg.synthetic.ct_series import write_series
+
+
+def wait_until(condition, timeout_s: float, poll_s: float = 0.1) -> bool:
+    """Poll `condition` until it holds or the time is up; its last value."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(poll_s)
+    return condition()
 
 
 def free_port() -> int:

@@ -168,6 +168,7 @@ def test_value_sets_change_what_they_should():
         ({"triton": {"modelRepository": {"source": "pvc"}}}, "claimName"),
         ({"model": "unet"}, "model"),
         ({"modelVersion": "newest"}, "modelVersion"),
+        ({"listener": {"forward": ["PACS@pacs:104/pdf"]}}, "forward"),
         ({"listener": {"port": 70000}}, "port"),
     ],
 )
@@ -233,3 +234,6 @@ def test_chart_defaults_are_the_listeners_own():
     assert (values["model"], values["modelVersion"]) == (DEFAULT_MODEL, "latest")
     args = container(render({}), "StatefulSet")["args"]
     assert f"--model={DEFAULT_MODEL}" in args and "--model-version=latest" in args
+    forwarding = {"listener": {"forward": ["PACS@pacs:104", "ARCHIVE@archive:11112/seg,sr"]}}
+    args = container(render(forwarding), "StatefulSet")["args"]
+    assert "--forward=PACS@pacs:104" in args and "--forward=ARCHIVE@archive:11112/seg,sr" in args

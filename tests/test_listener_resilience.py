@@ -16,7 +16,7 @@ import urllib.request
 import numpy as np
 import pydicom
 import pytest
-from conftest import free_port
+from conftest import free_port, wait_until
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -265,28 +265,41 @@ def test_results_are_forwarded_and_refusals_are_not_retried(
     refuser = _RefusingPacs()
     try:
         time.sleep(0.5)
-        good = listener_factory(destination=Destination("PACS", "127.0.0.1", pacs_port))
+        good = listener_factory(destinations=(Destination("PACS", "127.0.0.1", pacs_port),))
         paths = study_factory(5700, **SMALL)
         send_files(paths, "127.0.0.1", good.config.port)
-        forwarded = good.wait_for(series_uid(paths), timeout_s=120).report.forwarded
+        (forwarded,) = good.wait_for(series_uid(paths), timeout_s=120).report.forwarded
         assert forwarded.delivered is True and forwarded.attempts == 1
         modalities = sorted(
             pydicom.dcmread(p, stop_before_pixels=True).Modality for p in received.iterdir()
         )
         assert modalities == ["OT", "SEG", "SR"]  # the summary page too
 
-        refused = listener_factory(destination=Destination("REFUSER", "127.0.0.1", refuser.port))
+        # two destinations, each with its own outputs: the refusal of one stops no other
+        refused = listener_factory(
+            destinations=(
+                Destination.parse(f"REFUSER@127.0.0.1:{refuser.port}/sr"),
+                Destination.parse(f"PACS@127.0.0.1:{pacs_port}/seg"),
+            )
+        )
         send_files(paths, "127.0.0.1", refused.config.port)
         report = refused.wait_for(series_uid(paths), timeout_s=120).report
-        assert report.forwarded.delivered is False and report.forwarded.detail.startswith("refused")
-        assert report.forwarded.attempts == 1 and refuser.requests == 3  # SEG, SR, SC once each
+        to_refuser, to_pacs = report.forwarded
+        assert to_refuser.delivered is False and to_refuser.detail.startswith("refused")
+        assert to_refuser.attempts == 1 and refuser.requests == 1  # the SR, once
+        assert to_pacs.delivered is True
+        assert wait_until(lambda: len(list(received.iterdir())) == 4, 10)  # one more SEG
+        failures = refused.telemetry.registry.get_sample_value(
+            "thighseg_forward_failures_total", {"destination": "REFUSER"}
+        )
+        assert failures == 1
 
         down = listener_factory(
-            destination=Destination("NOBODY", "127.0.0.1", free_port()), forward_attempts=2
+            destinations=(Destination("NOBODY", "127.0.0.1", free_port()),), forward_attempts=2
         )
         send_files(paths, "127.0.0.1", down.config.port)
         report = down.wait_for(series_uid(paths), timeout_s=120).report
-        assert report.forwarded.delivered is False and report.forwarded.attempts == 2
+        assert report.forwarded[0].delivered is False and report.forwarded[0].attempts == 2
         assert report.status == "done"  # the result itself is kept
     finally:
         pacs.terminate()

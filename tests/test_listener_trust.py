@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import free_port
+from conftest import free_port, wait_until
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 from pynetdicom import AE, evt
@@ -49,15 +49,6 @@ def http_get(url: str) -> tuple[int, str]:
         return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()
-
-
-def wait_until(condition, timeout_s: float, poll_s: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(poll_s)
-    return condition()
 
 
 def store(
@@ -447,7 +438,7 @@ def test_new_content_under_a_known_sop_instance_uid_replaces_and_reforwards_the_
 
     pacs = _Pacs()
     try:
-        listener = listener_factory(destination=Destination("PACS", "127.0.0.1", pacs.port))
+        listener = listener_factory(destinations=(Destination("PACS", "127.0.0.1", pacs.port),))
         paths = study_factory(6700, **SMALL)
         study_uid, series_uid = uids(paths)
         assert send_files(paths, "127.0.0.1", listener.config.port) == [0] * 6

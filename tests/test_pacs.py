@@ -86,7 +86,7 @@ def test_orthanc_sends_a_study_and_gets_seg_sr_and_summary_back(
     try:
         listener_factory(
             port=listener_port,
-            destination=Destination("ORTHANC", "127.0.0.1", pacs.dicom_port),
+            destinations=(Destination("ORTHANC", "127.0.0.1", pacs.dicom_port),),
         )
         for path in study_factory(51, size=128, slices=6):
             pacs.request("/instances", path.read_bytes())

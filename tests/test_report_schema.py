@@ -22,13 +22,21 @@ def test_a_failed_report_validates_and_round_trips(validator, tmp_path):
         instances=2,
         study_instance_uid="1.2.3.4.5",
         series_instance_uid="1.2.3.4.6",
-        forwarded=Forwarding("PACS", False, 2, "gave up"),
+        forwarded=[Forwarding("PACS", False, 2, "gave up"), Forwarding("ARCHIVE", True, 1, "")],
     )
     report.write(tmp_path / "report.json")
     document = json.loads((tmp_path / "report.json").read_text())
     assert document["schema_version"] == SCHEMA_VERSION
     assert not list(validator.iter_errors(document))
     assert SeriesReport.read(tmp_path / "report.json") == report
+
+
+def test_a_schema_1_0_report_with_one_destination_still_reads():
+    old = {
+        "model": "m",
+        "forwarded": {"destination": "PACS", "delivered": True, "attempts": 1, "detail": ""},
+    }
+    assert SeriesReport.from_json(old).forwarded == [Forwarding("PACS", True, 1, "")]
 
 
 def test_the_schema_rejects_what_consumers_could_not_read(validator):

@@ -256,6 +256,10 @@ def cmd_listen(args: argparse.Namespace) -> int:
     from thighseg.dicom_listener.service import Listener
     from thighseg.pipeline.stages import settings_for
 
+    try:
+        destinations = tuple(Destination.parse(text) for text in args.forward)
+    except ValueError as error:
+        raise SystemExit(f"error: --forward: {error}") from None
     segmenter = _ready_segmenter(args, args.triton_wait)
     if segmenter is None:
         return 2
@@ -277,7 +281,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         tls_ca=args.tls_ca,
         network_timeout_s=args.network_timeout,
-        destination=Destination.parse(args.forward) if args.forward else None,
+        destinations=destinations,
     )
     with Listener(config, settings):
         print(
@@ -636,7 +640,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-ca", type=Path, default=None, help="require client certificates signed by this CA"
     )
     p.add_argument(
-        "--forward", default=None, metavar="AET@HOST:PORT", help="C-STORE SEG and SR to this AE"
+        "--forward",
+        action="append",
+        default=[],
+        metavar="AET@HOST:PORT[/seg,sr,sc]",
+        help="C-STORE results to this AE (repeat for several); /seg,sr,sc chooses which "
+        "(default: all three)",
     )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--concurrency", type=int, default=4, help="batches in flight per series")

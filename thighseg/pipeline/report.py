@@ -15,7 +15,7 @@ import thighseg
 from thighseg.measure.indices import VolumeIndices
 from thighseg.measure.qc import Flag
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: forwarded is a list (one entry per destination)
 SCHEMA_PATH = Path(__file__).with_name("report.schema.json")
 DONE, FAILED = "done", "failed"
 
@@ -58,7 +58,7 @@ class SeriesReport:
     sc_sop_instance_uid: str | None = None
     outputs: list[str] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
-    forwarded: Forwarding | None = None
+    forwarded: list[Forwarding] = field(default_factory=list)  # one entry per destination
     thighseg_version: str = thighseg.__version__
 
     @property
@@ -77,8 +77,8 @@ class SeriesReport:
                 value = value.to_dict()
             elif item.name == "qc_flags":
                 value = [flag.as_dict() for flag in value]
-            elif isinstance(value, Forwarding):
-                value = asdict(value)
+            elif item.name == "forwarded":
+                value = [asdict(record) for record in value]
             document[item.name] = value
         return document
 
@@ -90,8 +90,10 @@ class SeriesReport:
         if values.get("indices") is not None:
             values["indices"] = VolumeIndices.from_dict(values["indices"])
         values["qc_flags"] = [Flag(**flag) for flag in values.get("qc_flags", [])]
-        if values.get("forwarded") is not None:
-            values["forwarded"] = Forwarding(**values["forwarded"])
+        forwarded = values.get("forwarded") or []
+        if isinstance(forwarded, dict):  # schema 1.0: one destination
+            forwarded = [forwarded]
+        values["forwarded"] = [Forwarding(**f) for f in forwarded]
         return cls(**values)
 
     def write(self, path: Path) -> None:
