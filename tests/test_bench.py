@@ -30,7 +30,7 @@ def test_tiny_benchmark_writes_json_markdown_and_plots(model_repository, tmp_pat
     pytest.importorskip("matplotlib")
     from thighseg.apps.bench import BenchConfig, run_bench
 
-    results = run_bench(tmp_path, model_repository, BenchConfig.tiny())
+    results = run_bench(tmp_path, model_repository, BenchConfig.tiny(("segformer",)))
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["ratios"] == results["ratios"]
     assert {(p["protocol"], p["dynamic_batching"]) for p in saved["perf_analyzer"]} == {

@@ -11,6 +11,6 @@ TRITON_HTTP_PORT = 8000
 TRITON_GRPC_PORT = 8001
 TRITON_METRICS_PORT = 8002
 TRITON_URL = f"127.0.0.1:{TRITON_HTTP_PORT}"
-DEFAULT_MODEL = "segformer"
+DEFAULT_MODEL = "denseunet"  # best on the internal and external cohorts (README, Models)
 # phantom cohorts `thighseg evaluate` reports by default; "stress" is the test-only generator
 EVALUATION_COHORTS = ("internal_test", "external", "stress")
