@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from conftest import MODEL
 
 from thighseg.measure.indices import volume_indices
 from thighseg.synthetic import phantom
 from thighseg.synthetic.ct_series import write_series
 
-SEGMENT = [sys.executable, "-m", "thighseg.cli", "segment"]
+SEGMENT = [sys.executable, "-m", "thighseg.cli", "segment", "--model", MODEL]
 
 
 def _cohort(root: Path, seeds: range) -> dict[str, float]:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import tritonclient.http as http
-from conftest import free_port
+from conftest import MODEL, free_port
 
 THIGHSEG = [sys.executable, "-m", "thighseg.cli"]
 
@@ -92,6 +92,8 @@ def test_demo_runs_end_to_end(model_repository, tmp_path):
     ports = [str(free_port()) for _ in range(4)]
     result = run(
         "demo",
+        "--model",
+        MODEL,  # the model the session's repository holds
         "--size",
         "256",
         "--slices",
@@ -193,6 +195,8 @@ def test_a_port_in_use_is_named_in_one_line(triton):
         port = taken.getsockname()[1]
         result = run(
             "listen",
+            "--model",
+            MODEL,
             "--triton-url",
             triton.http_url,
             "--host",

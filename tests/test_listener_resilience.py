@@ -16,7 +16,7 @@ import urllib.request
 import numpy as np
 import pydicom
 import pytest
-from conftest import free_port, wait_until
+from conftest import MODEL, free_port, wait_until
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -213,14 +213,14 @@ def test_triton_outage_keeps_the_series_queued_until_it_is_back(
 def test_kill_9_mid_study_then_restart_and_resend_the_rest(triton, study_factory, tmp_path):
     paths = study_factory(5600, size=128, slices=12)
     spool, out, port = tmp_path / "spool", tmp_path / "out", free_port()
-    with listener_process(triton.http_url, spool, out, 1.0, port=port) as (_, first):
+    with listener_process(triton.http_url, spool, out, 1.0, port=port, model=MODEL) as (_, first):
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(pydicom.uid.CTImageStorage)
         association = ae.associate("127.0.0.1", port, ae_title="THIGHSEG")
         assert [association.send_c_store(pydicom.dcmread(p)).Status for p in paths[:6]] == [0] * 6
         os.kill(first.pid, signal.SIGKILL)  # mid-study: the association is still open
         first.wait(10)
-    with listener_process(triton.http_url, spool, out, 1.0, port=port):
+    with listener_process(triton.http_url, spool, out, 1.0, port=port, model=MODEL):
         assert send_files(paths[6:], "127.0.0.1", port) == [0] * 6
         study_uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
         report_path = out / study_uid / series_uid(paths) / "report.json"

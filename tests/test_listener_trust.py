@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import free_port, wait_until
+from conftest import MODEL, free_port, wait_until
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 from pynetdicom import AE, evt
@@ -128,7 +128,7 @@ def test_after_a_restart_a_series_still_receiving_waits_for_its_own_completion(
     paths = study_factory(6200, size=128, slices=12)
     study_uid, series_uid = uids(paths)
     spool, out, port = tmp_path / "spool", tmp_path / "out", free_port()
-    with listener_process(triton.http_url, spool, out, 0.5, port=port) as (_, first):
+    with listener_process(triton.http_url, spool, out, 0.5, port=port, model=MODEL) as (_, first):
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(pydicom.uid.CTImageStorage)
         association = ae.associate("127.0.0.1", port, ae_title="THIGHSEG")
@@ -137,7 +137,7 @@ def test_after_a_restart_a_series_still_receiving_waits_for_its_own_completion(
         os.kill(first.pid, signal.SIGKILL)
         first.wait(10)
     report_path = out / study_uid / series_uid / "report.json"
-    with listener_process(triton.http_url, spool, out, 0.5, port=port):
+    with listener_process(triton.http_url, spool, out, 0.5, port=port, model=MODEL):
         time.sleep(3.0)  # six idle periods: the old listener published the 5-slice result by now
         assert not report_path.exists()
         with sqlite3.connect(spool / "index.sqlite3") as db:
