@@ -229,7 +229,7 @@ def _ready_segmenter(args: argparse.Namespace, wait_s: float = 0.0):
         url,
         models.triton_name(args.model),
         protocol=args.protocol,
-        version=getattr(args, "model_version", "latest"),
+        version=args.model_version,
     )
     deadline = time.monotonic() + wait_s
     while not segmenter.is_ready() and time.monotonic() < deadline:

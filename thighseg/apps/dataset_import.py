@@ -295,14 +295,13 @@ def _load_slicer(image_path: Path, seg_path: Path):
     """CT and segmentation on the CT's grid; raw labels numbered by segment, named by Slicer."""
     import nibabel as nib
 
-    from thighseg.pipeline.loaders import _canonical_to_zyx, load_nifti_image
+    from thighseg.pipeline.loaders import canonical_to_zyx, hu_and_spacing, load_nifti_image
 
     if image_path.suffix == ".nrrd":
         data, affine, _ = _nrrd_image(image_path)
         image = nib.as_closest_canonical(nib.Nifti1Image(data.astype(np.float32), affine))
-        hu = _canonical_to_zyx(image.get_fdata(dtype=np.float32))
-        dx, dy, dz = (float(v) for v in image.header.get_zooms()[:3])
-        spacing, image_affine, shape = (dz, dy, dx), image.affine, image.shape
+        hu, spacing = hu_and_spacing(image)
+        image_affine, shape = image.affine, image.shape
     else:
         hu, spacing, image_affine = load_nifti_image(image_path)
         shape = hu.shape[::-1]
@@ -310,7 +309,7 @@ def _load_slicer(image_path: Path, seg_path: Path):
     raw_native, names = _slicer_labels(data, header)
     seg = nib.as_closest_canonical(nib.Nifti1Image(raw_native.astype(np.int32), seg_affine))
     placed = _on_image_grid(np.asarray(seg.dataobj), seg.affine, image_affine, shape, seg_path)
-    return hu, _canonical_to_zyx(placed), spacing, names
+    return hu, canonical_to_zyx(placed), spacing, names
 
 
 def _slicer_labels(data: np.ndarray, header: dict) -> tuple[np.ndarray, dict[str, int]]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from thighseg.core.constants import DEFAULT_MODEL
 from thighseg.core.labels import NUM_CLASSES, normalise_hu
 from thighseg.core.resample import MODEL_INPUT_SIZE, labels_to_model_grid, to_model_grid
 from thighseg.learning import dataset, models
@@ -29,7 +30,7 @@ _EMPTY_TARGETS = np.zeros((0, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE), np.uint8)
 
 @dataclass
 class TrainConfig:
-    model: str = "segformer"
+    model: str = DEFAULT_MODEL
     subjects: int = 36  # fixed-phantom subjects
     slices_per_subject: int = 24
     randomised_subjects: int = 300

@@ -28,14 +28,14 @@ class LabelledVolume:
     source: str
 
 
-def _canonical_to_zyx(array: np.ndarray) -> np.ndarray:
+def canonical_to_zyx(array: np.ndarray) -> np.ndarray:
     """Canonical RAS (+x to the patient's right, +y anterior) -> (z, posterior rows, leftward
     columns)."""
     return np.ascontiguousarray(array[::-1, ::-1, :].transpose(2, 1, 0))
 
 
 def _zyx_to_canonical(array: np.ndarray) -> np.ndarray:
-    """The inverse of _canonical_to_zyx."""
+    """The inverse of canonical_to_zyx."""
     return np.ascontiguousarray(array.transpose(2, 1, 0)[::-1, ::-1, :])
 
 
@@ -48,15 +48,16 @@ def _load_canonical(path: Path):
     return image
 
 
-def _hu_and_spacing(image) -> tuple[np.ndarray, tuple[float, float, float]]:
+def hu_and_spacing(image) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A canonical (RAS) nibabel image as HU in thighseg's (z, y, x) and its (dz, dy, dx) in mm."""
     dx, dy, dz = (float(v) for v in image.header.get_zooms()[:3])
-    return _canonical_to_zyx(image.get_fdata(dtype=np.float32)), (dz, dy, dx)
+    return canonical_to_zyx(image.get_fdata(dtype=np.float32)), (dz, dy, dx)
 
 
 def load_nifti_image(image_path: Path) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
     """A CT volume in HU (z, y, x), its spacing (dz, dy, dx) in mm and its canonical affine."""
     image = _load_canonical(image_path)
-    hu, spacing = _hu_and_spacing(image)
+    hu, spacing = hu_and_spacing(image)
     return hu, spacing, image.affine
 
 
@@ -79,8 +80,8 @@ def load_nifti_raw_pair(
             f"{image_path.name} and {label_path.name} differ in shape or geometry "
             f"({image.shape} vs {label.shape})"
         )
-    labels = _canonical_to_zyx(np.asanyarray(label.dataobj)).astype(np.int32)
-    hu, spacing = _hu_and_spacing(image)
+    labels = canonical_to_zyx(np.asanyarray(label.dataobj)).astype(np.int32)
+    hu, spacing = hu_and_spacing(image)
     return hu, labels, spacing
 
 
