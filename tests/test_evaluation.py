@@ -95,7 +95,7 @@ def test_dicom_series_with_seg_round_trip(study_factory, tmp_path):
     volume = assemble(list(paths))
     truth, uids = read_truth(paths[0].parent)
     ordered = truth[[uids.index(s.SOPInstanceUID) for s in volume.sources]]
-    write_seg(volume.sources, ordered, tmp_path / "seg.dcm", "manual")
+    write_seg(volume.sources, ordered, volume.hu, tmp_path / "seg.dcm", "manual")
     loaded = load_dicom_with_seg(list(paths), tmp_path / "seg.dcm")
     assert np.array_equal(loaded.labels, ordered) and np.array_equal(loaded.hu, volume.hu)
 

@@ -96,7 +96,7 @@ def test_storescu_study_becomes_an_accurate_seg(listener, study_factory):
             ]
             assert errors == [], name
     sr = hd.sr.srread(out_dir / "sr.dcm")
-    assert len(sr.content.get_volumetric_roi_measurement_groups()) == 3
+    assert len(sr.content.get_volumetric_roi_measurement_groups()) == 6  # group x leg
     # 12 slices 5 mm apart: the QC must say the thigh is not fully covered, in the JSON and the SR
     assert "PARTIAL_COVERAGE" in {f.code for f in result.report.qc_flags}
     assert "PARTIAL_COVERAGE" in repr(sr.to_json_dict())

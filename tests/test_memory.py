@@ -77,7 +77,7 @@ def test_seg_is_streamed_to_disk_and_the_returned_dataset_keeps_its_pixels(serie
     volume = assemble(list(series))
     labels = np.zeros(volume.hu.shape, np.uint8)
     labels[:, 10:40, 10:40], labels[:, 50:70, 20:40], labels[:, 50:70, 50:80] = 1, 2, 3
-    seg = write_seg(volume.sources, labels, tmp_path / "seg.dcm", "test")
+    seg = write_seg(volume.sources, labels, volume.hu, tmp_path / "seg.dcm", "test")
     assert isinstance(seg.PixelData, bytes)
     assert pydicom.dcmread(tmp_path / "seg.dcm").PixelData == seg.PixelData
 
@@ -86,14 +86,18 @@ def test_highdicom_tables_are_released_and_reloaded(series, tmp_path):
     from highdicom import _standard_utils
 
     volume = assemble(list(series))
-    write_seg(volume.sources, np.ones(volume.hu.shape, np.uint8), tmp_path / "a.dcm", "test")
+    write_seg(
+        volume.sources, np.ones(volume.hu.shape, np.uint8), volume.hu, tmp_path / "a.dcm", "test"
+    )
     assert _standard_utils.get_module_attribute_map.cache_info().currsize == 1
     release_highdicom_tables()
     release_free_heap()
     assert _standard_utils.get_module_attribute_map.cache_info().currsize == 0
     # reloads them
-    write_seg(volume.sources, np.ones(volume.hu.shape, np.uint8), tmp_path / "b.dcm", "test")
-    assert pydicom.dcmread(tmp_path / "b.dcm").NumberOfFrames == 3 * len(volume.sources)
+    write_seg(
+        volume.sources, np.ones(volume.hu.shape, np.uint8), volume.hu, tmp_path / "b.dcm", "test"
+    )
+    assert pydicom.dcmread(tmp_path / "b.dcm").NumberOfFrames == 6 * len(volume.sources)
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt tuning is glibc's")

@@ -96,28 +96,26 @@ def load_nifti_pair(image_path: Path, label_path: Path) -> LabelledVolume:
 def load_dicom_with_seg(series_files: list[Path], seg_path: Path) -> LabelledVolume:
     """A CT series and a SEG referencing it; segments are matched to groups by their label."""
     volume = assemble(series_files)
-    seg = hd.seg.segread(seg_path)
     uids = [s.SOPInstanceUID for s in volume.sources]
+    return LabelledVolume(
+        volume.hu, labels_from_seg(seg_path, uids), volume.spacing_zyx, str(seg_path)
+    )
+
+
+def labels_from_seg(seg_path: Path, source_uids: list[str]) -> np.ndarray:
+    """Group label map (z, y, x) from a SEG, one slice per source SOP Instance UID in the given
+    order. Segments are matched to groups by their label ("Right extensor", "Flexor", ...), so
+    per-leg segments, thighseg's own among them, merge into their group."""
+    seg = hd.seg.segread(seg_path)
     by_name = {g.name.lower(): int(g) for g in MUSCLE_GROUPS}
-    labels = np.zeros(volume.hu.shape, np.uint8)
+    labels = np.zeros((len(source_uids), seg.Rows, seg.Columns), np.uint8)
     for number in seg.segment_numbers:
         name = seg.get_segment_description(number).SegmentLabel.lower()
         group = next((value for key, value in by_name.items() if key in name), None)
         if group is None:
             raise ValueError(f"SEG segment {number} ({name!r}) is not extensor, flexor or adductor")
         mask = seg.get_pixels_by_source_instance(
-            source_sop_instance_uids=uids, segment_numbers=[number], combine_segments=True
+            source_sop_instance_uids=source_uids, segment_numbers=[number], combine_segments=True
         )
         labels[np.asarray(mask) > 0] = group
-    return LabelledVolume(volume.hu, labels, volume.spacing_zyx, str(seg_path))
-
-
-def labels_from_seg(seg_path: Path, source_uids: list[str]) -> np.ndarray:
-    """Label map (z, y, x) from a SEG, one slice per source SOP Instance UID, in the given order."""
-    seg = hd.seg.segread(seg_path)
-    return np.asarray(
-        seg.get_pixels_by_source_instance(
-            source_sop_instance_uids=source_uids, combine_segments=True
-        ),
-        dtype=np.uint8,
-    )
+    return labels

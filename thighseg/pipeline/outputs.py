@@ -1,4 +1,4 @@
-"""Results as DICOM SEG (highdicom) and a JSON report."""
+"""Results as DICOM SEG and SR (highdicom) and the overlay picture."""
 
 from __future__ import annotations
 
@@ -12,59 +12,49 @@ from pydicom.sr.codedict import codes
 
 import thighseg
 from thighseg.core.labels import MUSCLE_GROUPS, Group
+from thighseg.measure.indices import TissueVolumes, VolumeIndices, body_midline
+from thighseg.measure.qc import Flag
+from thighseg.pipeline import coding
 from thighseg.pipeline.summary import Preview, blend
 
-# The segmented property type is SNOMED CT "Muscle of lower limb" (102292000, in DICOM's anatomic
-# context groups); the functional group is named by the segment label and tracking identifier,
-# because concepts for the three groups could not be verified against DICOM's code tables here.
-_GROUP_DESCRIPTIONS = {
-    Group.EXTENSOR: "Thigh extensor group (quadriceps, sartorius)",
-    Group.FLEXOR: "Thigh flexor group (hamstrings)",
-    Group.ADDUCTOR: "Thigh adductor group (adductors, gracilis)",
-}
 
-
-def segment_descriptions(
-    model: str, algorithm_version: str | None = None
-) -> list[hd.seg.SegmentDescription]:
-    """The three muscle-group segments of every SEG, with the algorithm that made them (its
-    version names the package and, when known, the served model version and weights hash)."""
-    algorithm = hd.AlgorithmIdentificationSequence(
+def _algorithm(model: str, algorithm_version: str | None) -> hd.AlgorithmIdentificationSequence:
+    """The algorithm that made the segments: its version names the package and, when known, the
+    served model version and weights hash."""
+    return hd.AlgorithmIdentificationSequence(
         name=f"thighseg {model}",
         version=algorithm_version or thighseg.__version__,
         family=codes.cid7162.ArtificialIntelligence,
     )
-    return [
-        hd.seg.SegmentDescription(
-            segment_number=int(group),
-            segment_label=group.name.capitalize(),
-            segmented_property_category=codes.SCT.AnatomicalStructure,
-            segmented_property_type=codes.SCT.MuscleOfLowerLimb,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm,
-            tracking_uid=hd.UID(),
-            tracking_id=_GROUP_DESCRIPTIONS[group],
-        )
-        for group in MUSCLE_GROUPS
-    ]
+
+
+def sided_labels(labels: np.ndarray, hu: np.ndarray) -> np.ndarray:
+    """Group labels (1-3) as segment numbers (1-6): each group split at the body midline into the
+    patient's right and left leg, the split the indices use."""
+    midline = int(np.ceil(body_midline(hu)))
+    sided = np.where(labels > 0, labels * 2 - 1, 0).astype(np.uint8)
+    left = sided[..., midline:]
+    left[left > 0] += 1  # a view: the left columns become the even segment numbers
+    return sided
 
 
 def write_seg(
     sources: list[Dataset],
     labels: np.ndarray,
+    hu: np.ndarray,
     path: Path,
     model: str,
     algorithm_version: str | None = None,
 ) -> Dataset:
-    """A binary SEG with one frame per source slice and segment, referencing every source
-    instance."""
+    """A binary SEG with one frame per source slice and segment (six segments: each group in
+    each leg), referencing every source instance."""
     if labels.shape[0] != len(sources):
         raise ValueError(f"{labels.shape[0]} mask slices for {len(sources)} source instances")
     seg = hd.seg.Segmentation(
         source_images=sources,
-        pixel_array=labels,
+        pixel_array=sided_labels(labels, hu),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=segment_descriptions(model, algorithm_version),
+        segment_descriptions=coding.segment_descriptions(_algorithm(model, algorithm_version)),
         series_instance_uid=hd.UID(),
         series_number=int(sources[0].get("SeriesNumber", 1) or 1) + 1000,
         sop_instance_uid=hd.UID(),
@@ -74,6 +64,9 @@ def write_seg(
         software_versions=thighseg.__version__,
         device_serial_number="thighseg-embedded",
         series_description="Thigh muscle groups (thighseg)",
+        content_creator_name=coding.CONTENT_CREATOR,
+        content_label="THIGHMUSCLE",
+        content_description="Thigh muscle groups, automatic",
         omit_empty_frames=False,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,34 +80,137 @@ def write_seg(
     return seg
 
 
-MILLILITRE = hd.sr.CodedConcept("mL", "UCUM", "milliliter")
+def _measurement(
+    name: hd.sr.CodedConcept, value: float, unit: hd.sr.CodedConcept, algorithm, derivation=None
+) -> hd.sr.Measurement:
+    return hd.sr.Measurement(
+        name=name,
+        value=round(float(value), 2),
+        unit=unit,
+        derivation=derivation,
+        algorithm_id=algorithm,
+    )
 
 
-QC_FLAG = hd.sr.CodedConcept("QC", "99THIGHSEG", "Quality control flag")
-
-
-def _qc_evaluations(flags: list) -> list[hd.sr.QualitativeEvaluation]:
-    """QC flags as qualitative evaluations, coded in thighseg's private scheme (99THIGHSEG)."""
-    return [
-        hd.sr.QualitativeEvaluation(
-            QC_FLAG, hd.sr.CodedConcept(flag.code, "99THIGHSEG", flag.reason[:64])
-        )
-        for flag in flags
+def _tissue_measurements(tissue: TissueVolumes, algorithm) -> list[hd.sr.Measurement]:
+    """Volumes and lean-muscle density of one group (or all muscle) in one leg or both."""
+    items = [
+        _measurement(codes.SCT.Volume, tissue.total_ml, coding.MILLILITRE, algorithm),
+        _measurement(coding.LEAN_VOLUME, tissue.lean_ml, coding.MILLILITRE, algorithm),
+        _measurement(coding.IMAT_VOLUME, tissue.imat_ml, coding.MILLILITRE, algorithm),
+        _measurement(
+            coding.LOW_DENSITY_VOLUME, tissue.low_density_ml, coding.MILLILITRE, algorithm
+        ),
     ]
+    for statistic, value in (
+        (codes.SCT.Mean, tissue.mean_hu),
+        (codes.SCT.StandardDeviation, tissue.sd_hu),
+    ):
+        if value is not None:
+            items.append(
+                _measurement(
+                    codes.DCM.AttenuationCoefficient, value, coding.HOUNSFIELD, algorithm, statistic
+                )
+            )
+    return items
+
+
+def _site(leg: str) -> list[hd.sr.FindingSite]:
+    return [hd.sr.FindingSite(codes.SCT.Thigh, laterality=coding.LATERALITY[leg])]
+
+
+def _tracking(identifier: str) -> hd.sr.TrackingIdentifier:
+    return hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=identifier[:64])
+
+
+def _leg_summary(
+    leg: str, indices: VolumeIndices, algorithm
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """All muscle of one leg (or both) and the fat between its groups; totals add the fractions and
+    the volume index."""
+    values = indices.leg(leg)
+    measurements = _tissue_measurements(values.muscle, algorithm)
+    measurements.append(
+        _measurement(
+            coding.INTERMUSCULAR_FAT, values.intermuscular_fat_ml, coding.MILLILITRE, algorithm
+        )
+    )
+    if leg == "total":
+        total = indices.total
+        measurements += [
+            _measurement(
+                coding.IMAT_FRACTION, 100 * total.imat_fraction, coding.PERCENT, algorithm
+            ),
+            _measurement(
+                coding.INTERMUSCULAR_FRACTION,
+                100 * total.intermuscular_fat_fraction,
+                coding.PERCENT,
+                algorithm,
+            ),
+            _measurement(
+                coding.ASYMMETRY, indices.asymmetry_percent.muscle, coding.PERCENT, algorithm
+            ),
+        ]
+        if total.muscle_volume_index_ml_per_m2 is not None:
+            measurements.append(
+                _measurement(
+                    coding.VOLUME_INDEX,
+                    total.muscle_volume_index_ml_per_m2,
+                    coding.ML_PER_M2,
+                    algorithm,
+                )
+            )
+    name = "Both thighs" if leg == "total" else f"{leg.capitalize()} thigh"
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(f"{name}, all muscle groups"),
+        finding_type=codes.SCT.MuscleOfLowerLimb,
+        finding_sites=_site(leg),
+        measurements=measurements,
+    )
+
+
+def _group_total(
+    group: Group, indices: VolumeIndices, algorithm
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """One group over both legs, with its right-left asymmetry."""
+    name = group.name.lower()
+    measurements = _tissue_measurements(indices.total.tissue(name), algorithm)
+    measurements.append(
+        _measurement(
+            coding.ASYMMETRY, getattr(indices.asymmetry_percent, name), coding.PERCENT, algorithm
+        )
+    )
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(f"{coding.GROUP_DESCRIPTIONS[group]}, both thighs"),
+        finding_type=codes.SCT.MuscleOfLowerLimb,
+        finding_sites=_site("total"),
+        measurements=measurements,
+    )
+
+
+def _quality_control(flags: list[Flag]) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """Every QC flag as a coded evaluation, or one that says none was raised."""
+    values = [coding.private(flag.code, flag.reason) for flag in flags] or [coding.QC_PASSED]
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking("Quality control"),
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(coding.QC_FLAG, v) for v in values],
+    )
 
 
 def write_sr(
     seg: hd.seg.Segmentation,
     sources: list[Dataset],
-    volumes_ml: dict[str, float],
+    indices: VolumeIndices,
     path: Path,
     model: str,
-    flags: list | None = None,
+    flags: list[Flag] | None = None,
     algorithm_version: str | None = None,
 ) -> hd.sr.Comprehensive3DSR:
-    """Comprehensive 3D SR, TID 1500 measurement report: one volumetric ROI group per muscle group,
-    each referencing its SEG segment, with the group's volume in mL (and the algorithm that
-    measured it, TID 4019); QC flags as qualitative evaluations of the whole report."""
+    """Comprehensive 3D SR, TID 1500 measurement report: one volumetric ROI group per muscle group
+    and leg, each referencing its SEG segment, with every index of report.json (volumes, lean
+    muscle, intramuscular and low-density muscle, density); per leg and for both thighs all muscle
+    with intermuscular fat, fractions, asymmetry and volume index; the QC flags as coded
+    evaluations. Every measurement names the algorithm that made it (TID 4019)."""
     algorithm = hd.sr.AlgorithmIdentification(
         name=f"thighseg {model}", version=algorithm_version or thighseg.__version__
     )
@@ -128,40 +224,29 @@ def write_sr(
             serial_number="thighseg-embedded",
         ),
     )
-    groups = []
+    source_series = hd.sr.SourceSeriesForSegmentation(sources[0].SeriesInstanceUID)
+    groups: list = []
     for group in MUSCLE_GROUPS:
-        segment = hd.sr.ReferencedSegment(
-            sop_class_uid=seg.SOPClassUID,
-            sop_instance_uid=seg.SOPInstanceUID,
-            segment_number=int(group),
-            source_series=hd.sr.SourceSeriesForSegmentation(sources[0].SeriesInstanceUID),
-        )
-        groups.append(
-            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=hd.UID(), identifier=_GROUP_DESCRIPTIONS[group]
-                ),
-                referenced_segment=segment,
-                finding_type=codes.SCT.MuscleOfLowerLimb,
-                measurements=[
-                    hd.sr.Measurement(
-                        name=codes.SCT.Volume,
-                        value=round(volumes_ml[group.name.lower()], 2),
-                        unit=MILLILITRE,
-                        algorithm_id=algorithm,
-                    )
-                ],
+        for leg in coding.SIDES:
+            groups.append(
+                hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=_tracking(f"{coding.GROUP_DESCRIPTIONS[group]}, {leg}"),
+                    referenced_segment=hd.sr.ReferencedSegment(
+                        sop_class_uid=seg.SOPClassUID,
+                        sop_instance_uid=seg.SOPInstanceUID,
+                        segment_number=coding.segment_number(group, leg),
+                        source_series=source_series,
+                    ),
+                    finding_type=codes.SCT.MuscleOfLowerLimb,
+                    finding_sites=_site(leg),
+                    measurements=_tissue_measurements(
+                        indices.leg(leg).tissue(group.name.lower()), algorithm
+                    ),
+                )
             )
-        )
-    if flags:
-        groups.append(
-            hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=hd.UID(), identifier="Quality control"
-                ),
-                qualitative_evaluations=_qc_evaluations(flags),
-            )
-        )
+    groups += [_group_total(group, indices, algorithm) for group in MUSCLE_GROUPS]
+    groups += [_leg_summary(leg, indices, algorithm) for leg in (*coding.SIDES, "total")]
+    groups.append(_quality_control(flags or []))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
@@ -175,8 +260,9 @@ def write_sr(
         sop_instance_uid=hd.UID(),
         instance_number=1,
         manufacturer="thighseg",
-        series_description="Thigh muscle volumes (thighseg)",
+        series_description="Thigh muscle indices (thighseg)",
     )
+    sr.CodingSchemeIdentificationSequence = [coding.coding_scheme_identification()]
     path.parent.mkdir(parents=True, exist_ok=True)
     sr.save_as(path)
     return sr

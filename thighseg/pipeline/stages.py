@@ -159,11 +159,11 @@ def emit_dicom(
     del preview
     release_free_heap()  # the SEG is the largest allocation of the study: make room for it
     version = algorithm_version(report)
-    seg = write_seg(volume.sources, labels, out_dir / "seg.dcm", report.model, version)
+    seg = write_seg(volume.sources, labels, volume.hu, out_dir / "seg.dcm", report.model, version)
     sr = write_sr(
         seg,
         volume.sources,
-        report.volumes_ml,
+        report.indices,
         out_dir / "sr.dcm",
         report.model,
         report.qc_flags,
