@@ -330,8 +330,6 @@ class Listener:
     def _defer(self, key: SeriesKey, snapshot: Snapshot, cause: str, reason: str) -> None:
         """The series stays queued (state complete) and is tried again later with backoff."""
         self.telemetry.deferred.labels(cause).inc()
-        if cause == "triton":
-            self.telemetry.triton_errors.inc()
         if not self.index.finish(key.series_uid, snapshot.generation, COMPLETE, reason):
             return  # it changed meanwhile: the tracker queues it again
         record = self.index.get(key.series_uid)

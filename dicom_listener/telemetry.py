@@ -71,12 +71,9 @@ class Telemetry:
             "Series complete but not yet processed (waiting for a worker, Triton or disk)",
             registry=r,
         )
-        self.triton_errors = Counter(
-            "thighseg_triton_errors", "Series deferred because Triton failed", registry=r
-        )
         self.deferred = Counter(
             "thighseg_series_deferred",
-            "Processing attempts deferred, by cause",
+            "Processing attempts deferred, by cause (triton: unreachable or failed; disk; ...)",
             ["cause"],
             registry=r,
         )

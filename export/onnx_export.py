@@ -81,7 +81,8 @@ def export_to_repository(
     runner = model_dir / "1" / "model.py"
     if version != 1 and runner.exists():
         shutil.copy2(runner, folder / "model.py")
-    onnx_path = export_onnx(models.load_trained(model, weights), folder / "model.onnx")
+    # model.onnx appears last, whole: a running `thighseg serve` loads a version when it appears
+    partial = export_onnx(models.load_trained(model, weights), folder / "model.onnx.partial")
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     (folder / "weights.json").write_text(
         json.dumps({"model": model, "version": version, "weights": weights.name, "sha256": digest})
@@ -89,7 +90,7 @@ def export_to_repository(
     for config in (model_dir / "config.pbtxt", model_dir / "configs" / "cpu.pbtxt"):
         if config.exists():
             config.write_text(set_parameter(config.read_text(), weights_key(version), digest))
-    return onnx_path
+    return partial.replace(folder / "model.onnx")
 
 
 def weights_key(version: int) -> str:

@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(dcmtk dicom3tools libb64-0d orthanc)  # storescu/storescp, dciodvfy, perf_analyzer's libb64, a PACS
+# storescu/storescp, dciodvfy, perf_analyzer's libb64, a PACS, promtool (lints our /metrics)
+DEBIAN_PACKAGES=(dcmtk dicom3tools libb64-0d orthanc prometheus)
 missing=()
 for package in "${DEBIAN_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,14 +45,16 @@ def test_bad_arguments_get_a_message_not_a_traceback(tmp_path):
     assert "error: phantom needs size >= 32" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_serve_starts_triton_and_stops_it_on_sigterm(model_repository):
+def test_serve_starts_triton_loads_new_exports_and_stops_on_sigterm(model_repository, tmp_path):
+    repository = tmp_path / "repository"
+    shutil.copytree(model_repository, repository)
     http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
     process = subprocess.Popen(
         [
             *THIGHSEG,
             "serve",
             "--repository",
-            str(model_repository),
+            str(repository),
             "--http-port",
             str(http_port),
             "--grpc-port",
@@ -67,9 +70,18 @@ def test_serve_starts_triton_and_stops_it_on_sigterm(model_repository):
         line = process.stdout.readline()
         assert "triton ready" in line, process.stderr.read() if process.poll() is not None else line
         triton_pid = int(re.search(r"pid (\d+)", line).group(1))
-        assert http.InferenceServerClient(f"127.0.0.1:{http_port}").is_model_ready(
-            "thighseg_segformer"
-        )
+        client = http.InferenceServerClient(f"127.0.0.1:{http_port}")
+        assert client.is_model_ready("thighseg_segformer")
+        assert not client.is_model_ready("thighseg_segformer", "2")
+        # a new version exported while it runs is served without a restart
+        entry = repository / "thighseg_segformer"
+        shutil.copytree(entry / "1", entry / "2", ignore=shutil.ignore_patterns("model.onnx"))
+        shutil.copy2(entry / "1" / "model.onnx", entry / "2" / "model.onnx")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not client.is_model_ready("thighseg_segformer", "2"):
+            time.sleep(0.5)
+        assert client.is_model_ready("thighseg_segformer", "2")
+        assert client.is_model_ready("thighseg_segformer", "1")  # the policy keeps the latest two
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
         deadline = time.monotonic() + 10

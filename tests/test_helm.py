@@ -302,3 +302,23 @@ def test_chart_defaults_are_the_listeners_own():
     forwarding = {"listener": {"forward": ["PACS@pacs:104", "ARCHIVE@archive:11112/seg,sr"]}}
     args = container(render(forwarding), "StatefulSet")["args"]
     assert "--forward=PACS@pacs:104" in args and "--forward=ARCHIVE@archive:11112/seg,sr" in args
+
+
+def test_dashboard_queries_metrics_the_listener_exports_and_averages_without_a_floor():
+    import re
+
+    from dicom_listener.telemetry import Telemetry
+
+    dashboard = json.loads((CHART / "dashboards" / "thighseg.json").read_text())
+    expressions = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exported = {family.name for family in Telemetry().registry.collect()}
+    queried = {
+        re.sub(r"_(total|bucket|sum|count)$", "", name)
+        for expr in expressions
+        for name in re.findall(r"thighseg_\w+", expr)
+    }
+    assert queried and queried <= exported, queried - exported
+    # a per-request average must divide by the real request rate: a floor of 1 request/s would
+    # under-read the queue time whenever traffic is lighter than that
+    queue = next(e for e in expressions if "nv_inference_queue_duration_us" in e)
+    assert "clamp_min" not in queue and "> 0" in queue

@@ -80,6 +80,9 @@ def test_storescu_study_becomes_an_accurate_seg(listener, study_factory):
     ).read()
     assert f"thighseg_instances_received_total {float(len(paths))}" in metrics.decode()
     assert 'thighseg_series_total{status="done"} 1.0' in metrics.decode()
+    if shutil.which("promtool"):  # Prometheus' own linter: names, types, help, units
+        lint = subprocess.run(["promtool", "check", "metrics"], input=metrics, capture_output=True)
+        assert lint.returncode == 0 and lint.stdout + lint.stderr == b"", lint
     out_dir = result.seg_path.parent
     assert {"seg.dcm", "sr.dcm", "summary_sc.dcm", "summary.png", "summary.pdf", "overlay.png"} <= {
         p.name for p in out_dir.iterdir()

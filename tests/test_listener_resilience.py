@@ -188,7 +188,7 @@ def test_triton_outage_keeps_the_series_queued_until_it_is_back(
         assert send_files(paths, "127.0.0.1", listener.config.port) == [0] * 6
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not listener.telemetry.registry.get_sample_value(
-            "thighseg_triton_errors_total"
+            "thighseg_series_deferred_total", {"cause": "triton"}
         ):
             time.sleep(0.2)
         record = listener.index.get(series_uid(paths))

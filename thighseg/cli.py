@@ -199,11 +199,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wait_for_signal() -> None:
+def _stop_on_signal() -> threading.Event:
+    """An event set by SIGINT or SIGTERM."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    return stop
+
+
+def _wait_for_signal() -> None:
+    _stop_on_signal().wait()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -211,13 +216,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
     with EmbeddedTriton(args.repository, ports, log_file=args.log_file) as server:
+        known = server.exported()
         print(
             f"triton ready: http {ports.http}, grpc {ports.grpc}, metrics {ports.metrics} "
-            f"(pid {server.process.pid}); Ctrl-C stops it",
+            f"(pid {server.process.pid}); serving {', '.join(sorted(known))}; models exported "
+            f"from now on are loaded within {EXPORT_POLL_S:.0f} s; Ctrl-C stops it",
             flush=True,
         )
-        _wait_for_signal()
+        stop = _stop_on_signal()
+        while not stop.wait(EXPORT_POLL_S):
+            for line in server.load_new_exports(known):
+                print(line, flush=True)
     return 0
+
+
+EXPORT_POLL_S = 5.0
 
 
 def _ready_segmenter(args: argparse.Namespace, wait_s: float = 0.0):
@@ -238,8 +251,8 @@ def _ready_segmenter(args: argparse.Namespace, wait_s: float = 0.0):
         return segmenter
     if segmenter.server_is_live():
         advice = (
-            f"the server runs but does not serve it: `thighseg export --model {args.model}`, "
-            "then restart `thighseg serve`"
+            f"the server runs but does not serve it: `thighseg export --model {args.model}` "
+            f"(a running `thighseg serve` loads it within {EXPORT_POLL_S:.0f} s)"
         )
     else:
         advice = "no server answers there: start one with `thighseg serve`"

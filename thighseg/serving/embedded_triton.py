@@ -99,9 +99,37 @@ class EmbeddedTriton:
         """The repository's models that have an exported ONNX file to serve."""
         if self.models is not None:
             return self.models
-        return tuple(
-            sorted({p.parent.parent.name for p in self.model_repository.glob("*/*/model.onnx")})
-        )
+        return tuple(sorted(self.exported()))
+
+    def exported(self) -> dict[str, tuple[int, ...]]:
+        """Each model of the repository with an exported ONNX file, and its exported versions."""
+        versions: dict[str, list[int]] = {}
+        for path in self.model_repository.glob("*/*/model.onnx"):
+            if path.parent.name.isdigit():
+                versions.setdefault(path.parent.parent.name, []).append(int(path.parent.name))
+        return {name: tuple(sorted(found)) for name, found in versions.items()}
+
+    def load_new_exports(self, known: dict[str, tuple[int, ...]]) -> list[str]:
+        """Ask the running server to load every model exported, or given a new version, since
+        `known` (updated in place): exports reach clients without a restart. Returns one line per
+        model loaded, or why it could not be."""
+        import tritonclient.http as http
+        from tritonclient.utils import InferenceServerException
+
+        client = http.InferenceServerClient(self.http_url)
+        lines = []
+        for name, versions in sorted(self.exported().items()):
+            if self.models is not None and name not in self.models:
+                continue
+            if known.get(name) == versions:
+                continue
+            known[name] = versions
+            try:
+                client.load_model(name)  # explicit mode: loads, or reloads with the new versions
+                lines.append(f"loaded {name} (exported versions {', '.join(map(str, versions))})")
+            except InferenceServerException as error:
+                lines.append(f"could not load {name}: {error.message()}")
+        return lines
 
     def command(self, backends: Path) -> list[str]:
         """The tritonserver command line for this repository and these ports."""
