@@ -823,8 +823,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_triton_ports(p)
     p.set_defaults(func=cmd_demo)
     for subparser in sub.choices.values():  # every option's help says its default
-        subparser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+        subparser.formatter_class = _DefaultsHelpFormatter
     return parser
+
+
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: ...)" to an option's help unless the help already says its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def main(argv: list[str] | None = None) -> int:
