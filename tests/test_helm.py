@@ -59,6 +59,7 @@ VALUE_SETS = {
             "listener": {"repository": "r/l", "tag": "1", "digest": DIGEST},
         },
     },
+    "listener_scaled": {"listener": {"replicas": 3, "service": {"type": "LoadBalancer"}}},
     # what users of bitnami-style charts set
     "cluster_admin": {
         "global": {"imageRegistry": "mirror.hospital:5000"},
@@ -233,6 +234,7 @@ def test_value_sets_change_what_they_should():
         ({"modelVersion": "newest"}, "modelVersion"),
         ({"listener": {"forward": ["PACS@pacs:104/pdf"]}}, "forward"),
         ({"listener": {"port": 70000}}, "port"),
+        ({"listener": {"replicas": 2, "spool": {"existingClaim": "shared"}}}, "spool per pod"),
     ],
 )
 def test_invalid_values_are_refused_with_a_reason(values, message):
@@ -322,3 +324,18 @@ def test_dashboard_queries_metrics_the_listener_exports_and_averages_without_a_f
     # under-read the queue time whenever traffic is lighter than that
     queue = next(e for e in expressions if "nv_inference_queue_duration_us" in e)
     assert "clamp_min" not in queue and "> 0" in queue
+
+
+def test_listener_replicas_keep_each_sender_on_one_pod_with_its_own_spool():
+    scaled = render(VALUE_SETS["listener_scaled"])
+    statefulset = by_kind(scaled, "StatefulSet")[0]
+    assert statefulset["spec"]["replicas"] == 3
+    assert statefulset["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "spool"
+    dicom = next(s for s in by_kind(scaled, "Service") if s["metadata"]["name"].endswith("-dicom"))
+    assert dicom["spec"]["sessionAffinity"] == "ClientIP"
+    assert dicom["spec"]["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"] == 10800
+    assert dicom["spec"]["externalTrafficPolicy"] == "Local"  # the sender's own address
+    single = next(
+        s for s in by_kind(render({}), "Service") if s["metadata"]["name"].endswith("-dicom")
+    )
+    assert "sessionAffinity" not in single["spec"]
