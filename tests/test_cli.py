@@ -222,3 +222,12 @@ def test_a_port_in_use_is_named_in_one_line(triton):
     assert result.returncode == 1
     assert f"cannot listen for DICOM on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_output_path_that_is_a_file_is_named_with_what_to_do(tmp_path):
+    (tmp_path / "inputs").mkdir()
+    taken = tmp_path / "results"
+    taken.write_text("not a folder")
+    result = run("segment", str(tmp_path / "inputs"), "--out", str(taken))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{taken} is a file: name a folder" in result.stderr

@@ -845,8 +845,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (OSError, ValueError, RuntimeError, TimeoutError) as error:  # one line, no traceback
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error}{_advice(error)}", file=sys.stderr)
         return 1
+
+
+def _advice(error: BaseException) -> str:
+    """What to do about the file-system mistakes people make with --out and --work."""
+    if isinstance(error, FileExistsError | NotADirectoryError):
+        return f"; {error.filename or 'that path'} is a file: name a folder (new or existing)"
+    if isinstance(error, PermissionError):
+        return "; choose a folder you can write to, or fix its permissions"
+    return ""
 
 
 if __name__ == "__main__":
