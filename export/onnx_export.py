@@ -78,6 +78,8 @@ def export_to_repository(
     weights = weights or models.weights_path(model)
     folder = model_dir / str(version)
     folder.mkdir(parents=True, exist_ok=True)
+    for derived in DERIVED_FILES:  # made from the previous model.onnx: stale from now on
+        (folder / derived).unlink(missing_ok=True)
     runner = model_dir / "1" / "model.py"
     if version != 1 and runner.exists():
         shutil.copy2(runner, folder / "model.py")
@@ -91,6 +93,20 @@ def export_to_repository(
         if config.exists():
             config.write_text(set_parameter(config.read_text(), weights_key(version), digest))
     return partial.replace(folder / "model.onnx")
+
+
+# What later export steps derive from a version's model.onnx.
+DERIVED_FILES = (
+    "model_fp16.onnx",
+    "model.plan",
+    "model_int8.onnx",
+    "model_int8_symmetric.onnx",
+    "model_int8.plan",
+    "cpu_runtime.json",
+    "calibration.json",
+    "calibration.cache",
+    "calibration.flatbuffers",
+)
 
 
 def weights_key(version: int) -> str:

@@ -67,3 +67,31 @@ def test_fp16_onnx_keeps_the_labels_and_fp32_interface(exported, tmp_path):
     comparison = compare(onnx_backend(fp32), onnx_backend(fp16), images, truth)
     assert comparison.argmax_agreement >= 0.995
     assert comparison.max_dice_drop <= 0.005
+
+
+def test_int8_holds_accuracy_and_its_choice_follows_the_rule(exported, tmp_path):
+    import json
+    import shutil
+
+    from thighseg.export.build import validation_slices
+    from thighseg.export.int8 import MAX_DICE_DROP, MIN_AGREEMENT, choose_cpu_model, quantise
+
+    _, fp32 = exported
+    model = shutil.copy(fp32, tmp_path / "model.onnx")
+    images, truth = validation_slices(slices_per_subject=4, size=256)
+    paths = quantise(model, images[::2])  # calibrated on other slices than it is judged on
+    for name in ("cpu", "tensorrt"):
+        graph = onnx.load(str(paths[name])).graph
+        assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 10
+    symmetric = onnx.load(str(paths["tensorrt"])).graph
+    zero_points = [
+        t for t in symmetric.initializer if t.name.endswith("zero_point") and t.data_type == 3
+    ]  # INT8: what TensorRT's explicit quantisation takes
+    assert zero_points and all(not onnx.numpy_helper.to_array(t).any() for t in zero_points)
+    assert len(paths["calibration"].read_text().splitlines()) > 10
+    record = choose_cpu_model(model, paths["cpu"], images[1::2], truth[1::2], threads=2)
+    assert record["int8_vs_fp32"]["argmax_agreement"] >= MIN_AGREEMENT
+    assert record["int8_vs_fp32"]["max_dice_drop"] <= MAX_DICE_DROP
+    faster = record["slices_per_s_batch1"]["int8"] > record["slices_per_s_batch1"]["fp32"]
+    assert record["onnx"] == ("model_int8.onnx" if faster else "model.onnx")
+    assert json.loads((tmp_path / "cpu_runtime.json").read_text()) == record

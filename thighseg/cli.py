@@ -192,8 +192,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
     print(json.dumps(report, indent=2))
     print(
-        f"exported {models.triton_name(args.model)} version {version}; restart `thighseg serve` "
-        f"to load it; `thighseg listen --model-version {version}` pins it (default: latest)",
+        f"exported {models.triton_name(args.model)} version {version}; a running `thighseg "
+        f"serve` loads it within {EXPORT_POLL_S:.0f} s; `thighseg listen --model-version "
+        f"{version}` pins it (default: latest)",
         file=sys.stderr,
     )
     return 0
@@ -565,10 +566,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--format",
-        choices=["onnx", "fp16", "tensorrt"],
+        choices=["onnx", "fp16", "tensorrt", "int8", "tensorrt-int8"],
         default="onnx",
         help="onnx: FP32 for the CPU server; fp16: also FP16 ONNX; "
-        "tensorrt: also the FP16 engine (GPU)",
+        "tensorrt: also the FP16 engine (GPU); int8: also INT8 ONNX calibrated on phantom slices, "
+        "served on CPU if as accurate and faster (cpu_runtime.json says); "
+        "tensorrt-int8: also the INT8 engine (GPU)",
     )
     p.add_argument(
         "--timing-cache",

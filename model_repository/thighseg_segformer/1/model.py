@@ -24,7 +24,11 @@ class TritonPythonModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(_parameter(config, "intra_op_threads", "0"))
         self.inference_batch = int(_parameter(config, "inference_batch", "0"))
-        model_file = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
+        folder = Path(args["model_repository"]) / args["model_version"]
+        # `thighseg export --format int8` records which ONNX file is faster and accurate here
+        record = folder / "cpu_runtime.json"
+        chosen = json.loads(record.read_text())["onnx"] if record.exists() else "model.onnx"
+        model_file = folder / chosen
         self.session = ort.InferenceSession(
             str(model_file), options, providers=["CPUExecutionProvider"]
         )
