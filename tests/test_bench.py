@@ -56,8 +56,11 @@ def test_tiny_benchmark_writes_json_markdown_and_plots(model_repository, tmp_pat
     # measured in a second listener, after a warm-up study
     assert whole["warm_listener_peak_rss_mb"] > 0
     assert "segformer: most_dynamic_batching_could_give_at_concurrency_2" in saved["ratios"]
+    int8 = saved["int8"]["segformer"]
+    assert int8["slices_per_s_batch1"]["int8"] > 0 and int8["int8_vs_fp32"]["slices"] == 4
+    assert saved["ratios"]["segformer: int8_vs_fp32_onnxruntime_batch1"] == int8["int8_speedup"]
     text = (tmp_path / "bench.md").read_text()
-    assert "| ratio | value |" in text and "compute ceiling" in text
+    assert "| ratio | value |" in text and "compute ceiling" in text and "INT8 against" in text
     for picture in ("perf_analyzer.png", "baselines_ingest.png"):
         image = Image.open(tmp_path / picture)
         assert image.size[0] > 600 and len(np.unique(np.asarray(image.convert("L")))) > 10

@@ -54,6 +54,7 @@ class BenchConfig:
     # the study a listener processes first, for the steady-state memory figure
     warmup_slices: int = 12
     ingest_associations: tuple[int, ...] = (1, 4, 10)
+    int8_slices: int = 8  # per validation subject (two subjects), judged against the truth
 
     @staticmethod
     def for_models(models: tuple[str, ...], **options) -> BenchConfig:
@@ -75,6 +76,7 @@ class BenchConfig:
             study_size=128,
             warmup_slices=4,
             ingest_associations=(1, 2),
+            int8_slices=2,
         )
 
 
@@ -224,7 +226,22 @@ def _earlier_results(out: Path, config: BenchConfig) -> dict:
     return {part: earlier[part] for part in PARTS if part in earlier}
 
 
-PARTS = ("perf_analyzer", "baselines_slices_per_second", "ingest", "whole_study")
+def run_int8(model: str, onnx_path: Path, work: Path, config: BenchConfig) -> dict:
+    """The model quantised to INT8 (as `thighseg export --format int8` does) against FP32, both in
+    ONNX Runtime on this CPU: accuracy on phantom slices with truth, slices/s at batch 1."""
+    from thighseg.export.build import validation_slices
+    from thighseg.export.int8 import calibration_images, choose_cpu_model, quantise
+
+    folder = work / "int8" / model
+    folder.mkdir(parents=True, exist_ok=True)
+    fp32 = Path(shutil.copy(onnx_path, folder / "model.onnx"))
+    images, truth = validation_slices(slices_per_subject=config.int8_slices)
+    quantised = quantise(fp32, calibration_images())
+    threads = len(os.sched_getaffinity(0))
+    return choose_cpu_model(fp32, quantised["cpu"], images, truth, threads)
+
+
+PARTS = ("perf_analyzer", "baselines_slices_per_second", "int8", "ingest", "whole_study")
 
 
 def run_bench(out: Path, repository: Path, config: BenchConfig, resume: bool = False) -> dict:
@@ -267,6 +284,12 @@ def run_bench(out: Path, repository: Path, config: BenchConfig, resume: bool = F
                         model, work / "repository" / names[0] / "1" / "model.onnx", config
                     )
                     for model, names in tqdm(served.items(), desc="baselines")
+                },
+                "int8": lambda: {
+                    model: run_int8(
+                        model, work / "repository" / names[0] / "1" / "model.onnx", work, config
+                    )
+                    for model, names in tqdm(served.items(), desc="int8")
                 },
                 "ingest": lambda: [
                     r.as_dict()
@@ -348,6 +371,8 @@ def ratios(results: dict) -> dict:
                     triton / baselines["torch_eager_fp32"]
                 )
             out[f"{model}: embedded_triton_vs_onnxruntime_direct_best_batch"] = triton / ceiling
+    for model, int8 in (results.get("int8") or {}).items():
+        out[f"{model}: int8_vs_fp32_onnxruntime_batch1"] = int8["int8_speedup"]
     whole = results.get("whole_study")
     if whole:
         out["listener_peak_rss_over_study_voxel_bytes"] = whole["peak_rss_over_voxel_bytes"]
@@ -435,6 +460,27 @@ def _baselines_section(baselines_by_model: dict) -> list[str]:
     return lines + [""]
 
 
+def _int8_section(int8_by_model: dict) -> list[str]:
+    lines = [
+        "## INT8 against FP32 (ONNX Runtime on this CPU, batch 1)",
+        "",
+        "Static QDQ quantisation calibrated on phantom slices (`thighseg export --format int8`); "
+        "accuracy on other phantom slices with their truth. The CPU server runs INT8 only where "
+        "it holds accuracy and is faster.",
+        "",
+        "| model | FP32 slices/s | INT8 slices/s | speed-up | argmax agreement | max DSC drop "
+        "| served on CPU |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for model, r in int8_by_model.items():
+        speed, check = r["slices_per_s_batch1"], r["int8_vs_fp32"]
+        lines.append(
+            f"| {model} | {speed['fp32']} | {speed['int8']} | {r['int8_speedup']}× "
+            f"| {check['argmax_agreement']:.4f} | {check['max_dice_drop']:.4f} | {r['onnx']} |"
+        )
+    return [*lines, ""]
+
+
 def _ingest_section(runs: list[dict]) -> list[str]:
     lines = [
         "## C-STORE ingest (DCMTK storescu as sender)",
@@ -496,6 +542,8 @@ def markdown(results: dict) -> str:
         lines += _perf_section(results["perf_analyzer"])
     if "baselines_slices_per_second" in results:
         lines += _baselines_section(results["baselines_slices_per_second"])
+    if "int8" in results:
+        lines += _int8_section(results["int8"])
     if "ingest" in results:
         lines += _ingest_section(results["ingest"])
     if "whole_study" in results:
