@@ -50,6 +50,9 @@ class ListenerConfig:
     retry_backoff_s: tuple[float, float] = (2.0, 60.0)  # Triton down: first and longest wait
     destinations: tuple[Destination, ...] = ()  # C-STORE results to each, as it chooses
     forward_attempts: int = 4
+    # slices inferred as they arrive and held until their series completes (256 KiB a 512² slice);
+    # 0: each series is inferred whole once complete
+    stream_slices: int = 2048
 
 
 def default(name: str) -> object:

@@ -17,6 +17,7 @@ import socket
 import ssl
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
@@ -83,6 +84,8 @@ class StoreHandler:
     tracker: SeriesTracker
     telemetry: Telemetry
     limits: Limits = Limits()
+    # told of each new or changed instance once it is committed (streaming inference)
+    on_stored: Callable[[SeriesKey, str, str, Dataset], None] | None = None
     _locks: list[threading.Lock] = field(
         default_factory=lambda: [threading.Lock() for _ in range(SOP_LOCKS)], repr=False
     )
@@ -119,10 +122,10 @@ class StoreHandler:
                 f"instance of {len(encoded)} bytes exceeds {self.limits.max_instance_bytes}",
             )
         key = SeriesKey(str(dataset.StudyInstanceUID), str(dataset.SeriesInstanceUID))
-        return self._spool(event, encoded, key, str(dataset.SOPInstanceUID))
+        return self._spool(event, encoded, key, str(dataset.SOPInstanceUID), dataset)
 
     def _spool(
-        self, event: evt.Event, encoded: bytes, key: SeriesKey, sop_uid: str
+        self, event: evt.Event, encoded: bytes, key: SeriesKey, sop_uid: str, dataset: Dataset
     ) -> Refusal | None:
         """Stage, record, commit: an instance is in place only once the index knows it."""
         try:
@@ -152,6 +155,8 @@ class StoreHandler:
             )
         counter = {Arrival.NEW: self.telemetry.received, Arrival.REPLACED: self.telemetry.replaced}
         counter.get(arrival, self.telemetry.duplicates).inc()
+        if arrival in counter and self.on_stored is not None:
+            self.on_stored(key, sop_uid, digest, dataset)
         if arrival is Arrival.REPLACED:
             log.warning(
                 "an instance was received again with different content: its series is re-processed"

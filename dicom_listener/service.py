@@ -39,6 +39,7 @@ from thighseg.dicom_listener.telemetry import Telemetry
 from thighseg.pipeline.report import FAILED as REPORT_FAILED
 from thighseg.pipeline.report import Forwarding, SeriesReport
 from thighseg.pipeline.stages import InferenceSettings, SeriesResult, process_series, short_uid
+from thighseg.pipeline.streaming import SliceCache
 
 log = logging.getLogger(__name__)
 # its INFO/DEBUG output can carry identifiers
@@ -82,6 +83,11 @@ class Listener:
         self._workers = ThreadPoolExecutor(
             max_workers=self.config.workers, thread_name_prefix="pipeline"
         )
+        self.streaming = (
+            SliceCache(self.inference.infer, self.inference.input_size, self.config.stream_slices)
+            if self.config.stream_slices > 0
+            else None
+        )
         self._done = threading.Condition()
         self._publish_lock = threading.Lock()
         self._timers: set[threading.Timer] = set()
@@ -97,7 +103,13 @@ class Listener:
         ae = make_ae(self.config.ae_title, self.config.max_pdu_bytes)
         if self.config.allowed_calling_aets:
             ae.require_calling_aet = list(self.config.allowed_calling_aets)
-        store = StoreHandler(self.spool, self.tracker, self.telemetry, self.config.limits)
+        store = StoreHandler(
+            self.spool,
+            self.tracker,
+            self.telemetry,
+            self.config.limits,
+            on_stored=self._stream if self.streaming else None,
+        )
         guard = ConnectionGuard(
             self.config.max_pdu_bytes, self.config.network_timeout_s, self.telemetry
         )
@@ -150,6 +162,8 @@ class Listener:
         for timer in list(self._timers):
             timer.cancel()
         self._workers.shutdown(wait=True, cancel_futures=True)
+        if self.streaming is not None:
+            self.streaming.close()
         self.telemetry.close()
         self.index.close()
 
@@ -186,6 +200,11 @@ class Listener:
         log.info("series %s queued", short_uid(key.series_uid))
         self._workers.submit(self._process, key)
 
+    def _stream(self, key: SeriesKey, sop_uid: str, digest: str, dataset) -> None:
+        """A stored instance goes to the model now, not when its series completes."""
+        if self.streaming.submit(key.series_uid, sop_uid, digest, dataset):
+            self.telemetry.slices_streamed.inc()
+
     def _result_dir(self, key: SeriesKey) -> Path:
         return self.config.output_dir / key.study_uid / key.series_uid
 
@@ -197,6 +216,8 @@ class Listener:
         )
         shutil.rmtree(self.spool.series_dir(key.study_uid, key.series_uid), ignore_errors=True)
         self.index.forget_instances(key.series_uid)
+        if self.streaming is not None:
+            self.streaming.forget(key.series_uid)
         self.index.set_state(key.series_uid, FAILED, reason)
         self.telemetry.series.labels("expired").inc()
         log.warning("series %s %s", short_uid(key.series_uid), reason)
@@ -248,7 +269,12 @@ class Listener:
         try:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
-            result = process_series(paths, staging, self.inference, provenance)
+            streamed = (
+                self.streaming.take(key.series_uid, dict(snapshot.instances))
+                if self.streaming is not None
+                else None
+            )
+            result = process_series(paths, staging, self.inference, provenance, streamed)
         except TritonUnavailable as error:
             shutil.rmtree(staging, ignore_errors=True)
             self._defer(key, snapshot, "triton", f"waiting for Triton: {str(error)[:200]}")

@@ -77,6 +77,11 @@ class Telemetry:
             ["cause"],
             registry=r,
         )
+        self.slices_streamed = Counter(
+            "thighseg_slices_streamed",
+            "Slices sent to the model as they arrived, before their series completed",
+            registry=r,
+        )
         self.forward_failures = Counter(
             "thighseg_forward_failures",
             "Results not delivered to a destination AE",

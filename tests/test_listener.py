@@ -19,6 +19,7 @@ from pynetdicom.sop_class import Verification
 
 from thighseg.dicom_listener.scu import send_files
 from thighseg.measure.metrics import dice_per_group, group_volumes_ml
+from thighseg.pipeline.assemble import assemble
 from thighseg.pipeline.loaders import labels_from_seg
 from thighseg.synthetic.ct_series import read_truth
 
@@ -80,6 +81,8 @@ def test_storescu_study_becomes_an_accurate_seg(listener, study_factory):
     ).read()
     assert f"thighseg_instances_received_total {float(len(paths))}" in metrics.decode()
     assert 'thighseg_series_total{status="done"} 1.0' in metrics.decode()
+    # every slice went to the model as it arrived, before the series was complete
+    assert f"thighseg_slices_streamed_total {float(len(paths))}" in metrics.decode()
     if shutil.which("promtool"):  # Prometheus' own linter: names, types, help, units
         lint = subprocess.run(["promtool", "check", "metrics"], input=metrics, capture_output=True)
         assert lint.returncode == 0 and lint.stdout + lint.stderr == b"", lint
@@ -107,6 +110,22 @@ def test_storescu_study_becomes_an_accurate_seg(listener, study_factory):
     # coloured groups
     assert picture.std() > 20 and (picture[..., 0] - picture[..., 2] > 60).mean() > 0.002
     assert result.report.indices.total.muscle.total_ml > 0
+
+
+def test_streaming_gives_the_labels_of_inferring_the_completed_series(
+    listener, listener_factory, study_factory
+):
+    paths = study_factory(4545)
+    whole = listener_factory(stream_slices=0)
+    labels = []
+    for receiver in (listener, whole):
+        assert send_files(paths, "127.0.0.1", receiver.config.port) == [0] * len(paths)
+        result = receiver.wait_for(series_uid(paths), timeout_s=300)
+        assert result.report.status == "done", result.report
+        uids = [s.SOPInstanceUID for s in assemble(list(paths)).sources]
+        labels.append(labels_from_seg(result.seg_path, uids))
+    assert np.array_equal(labels[0], labels[1])
+    assert whole.telemetry.registry.get_sample_value("thighseg_slices_streamed_total") == 0
 
 
 def test_second_study_pushed_while_first_is_processing(listener, study_factory):

@@ -289,6 +289,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
         idle_s=args.idle,
         expiry_s=args.expiry,
         workers=args.workers,
+        stream_slices=args.stream_slices,
         metrics_port=args.metrics_port or None,
         allowed_calling_aets=tuple(args.allow_aet),
         tls_cert=args.tls_cert,
@@ -627,6 +628,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=listener_config.default("workers"),
         help="series processed at once",
+    )
+    p.add_argument(
+        "--stream-slices",
+        type=int,
+        default=listener_config.default("stream_slices"),
+        help="slices inferred as they arrive, before their series completes (0: infer each "
+        "series when complete)",
     )
     p.add_argument(
         "--network-timeout",

@@ -105,11 +105,31 @@ class LoadedVolume:
     origin: Any  # the assembled DICOM Volume, or the NIfTI affine
 
 
-def infer_stage(hu: np.ndarray | HUStack, settings: InferenceSettings) -> np.ndarray:
-    """Labels (z, y, x) for the volume, in batches of slices through the inference server."""
-    return segment_volume(
-        hu, settings.infer, settings.input_size, settings.batch_size, settings.concurrency
-    )
+def infer_stage(
+    hu: np.ndarray | HUStack,
+    settings: InferenceSettings,
+    streamed: dict[int, np.ndarray] | None = None,
+) -> np.ndarray:
+    """Labels (z, y, x) for the volume, in batches of slices through the inference server; slices
+    already inferred as they arrived (`streamed`, by slice index) are not inferred again."""
+    known = {k: v for k, v in (streamed or {}).items() if v.shape == hu.shape[1:]}
+    if not known:
+        return segment_volume(
+            hu, settings.infer, settings.input_size, settings.batch_size, settings.concurrency
+        )
+    labels = np.empty(hu.shape, dtype=np.uint8)
+    for index, slice_labels in known.items():
+        labels[index] = slice_labels
+    missing = [k for k in range(hu.shape[0]) if k not in known]
+    if missing:
+        labels[missing] = segment_volume(
+            np.stack([np.asarray(hu[k]) for k in missing]),
+            settings.infer,
+            settings.input_size,
+            settings.batch_size,
+            settings.concurrency,
+        )
+    return labels
 
 
 def measure_stage(report: SeriesReport, loaded: LoadedVolume, labels: np.ndarray) -> None:
@@ -224,8 +244,21 @@ Reader = Callable[[SeriesReport], LoadedVolume]
 Emitter = Callable[[SeriesReport, LoadedVolume, np.ndarray, Path], None]
 
 
+def _by_slice(loaded: LoadedVolume, streamed: dict[str, np.ndarray] | None) -> dict:
+    """Streamed labels (by SOP Instance UID) by slice index of the assembled volume."""
+    if not streamed or not isinstance(loaded.origin, Volume):
+        return {}
+    uids = [str(source.SOPInstanceUID) for source in loaded.origin.sources]
+    return {index: streamed[uid] for index, uid in enumerate(uids) if uid in streamed}
+
+
 def run_stages(
-    report: SeriesReport, read: Reader, emit: Emitter, out_dir: Path, settings: InferenceSettings
+    report: SeriesReport,
+    read: Reader,
+    emit: Emitter,
+    out_dir: Path,
+    settings: InferenceSettings,
+    streamed_labels: dict[str, np.ndarray] | None = None,
 ) -> SeriesResult:
     """Run every stage; an input that cannot be processed still gets a report with the reason.
 
@@ -246,7 +279,8 @@ def run_stages(
         out_dir.mkdir(parents=True, exist_ok=True)
         loaded = timed("assemble", read, report)
         report.shape_zyx, report.spacing_zyx_mm = list(loaded.hu.shape), list(loaded.spacing_zyx)
-        labels = timed("infer", infer_stage, loaded.hu, settings)
+        streamed = _by_slice(loaded, streamed_labels)
+        labels = timed("infer", infer_stage, loaded.hu, settings, streamed)
         timed("measure", measure_stage, report, loaded, labels)
         timed("emit", emit, report, loaded, labels, out_dir)
         report.status = DONE
@@ -270,9 +304,11 @@ def process_series(
     out_dir: Path,
     settings: InferenceSettings,
     provenance: dict | None = None,
+    streamed_labels: dict[str, np.ndarray] | None = None,
 ) -> SeriesResult:
     """A DICOM CT series -> SEG, SR, summary, SC, overlay, report. `provenance` (the listener's
-    content hash and generation of the inputs) is recorded in the report as given."""
+    content hash and generation of the inputs) is recorded in the report as given;
+    `streamed_labels` (by SOP Instance UID) are slices already inferred as they arrived."""
     report = SeriesReport(
         model=settings.model,
         model_version=settings.model_version,
@@ -281,7 +317,12 @@ def process_series(
         **(provenance or {}),
     )
     return run_stages(
-        report, lambda r: read_dicom(r, instance_paths, out_dir), emit_dicom, out_dir, settings
+        report,
+        lambda r: read_dicom(r, instance_paths, out_dir),
+        emit_dicom,
+        out_dir,
+        settings,
+        streamed_labels,
     )
 
 

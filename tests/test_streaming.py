@@ -1,0 +1,84 @@
+"""Streaming inference: slices inferred as they arrive give exactly the whole-volume labels, only
+for the very content the index names, within a memory budget."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pydicom
+
+from thighseg.client.volume import segment_volume
+from thighseg.pipeline.assemble import assemble
+from thighseg.pipeline.stages import InferenceSettings, infer_stage
+from thighseg.pipeline.streaming import SliceCache, slice_hu
+
+
+def intensity_logits(images: np.ndarray) -> np.ndarray:
+    """Deterministic stand-in for a model: class by intensity band (no server needed)."""
+    x = images[:, 0]
+    return np.stack([-np.abs(x - c) for c in (-1.0, -0.1, 0.2, 0.6)], axis=1).astype(np.float32)
+
+
+def test_streamed_slices_equal_the_whole_volume_path_and_only_the_missing_are_inferred(
+    study_factory,
+):
+    paths = study_factory(91, size=128, slices=6)
+    volume = assemble(list(paths))
+    whole = segment_volume(volume.hu, intensity_logits, 64)
+    cache = SliceCache(intensity_logits, 64)
+    datasets = {
+        str(s.SOPInstanceUID): pydicom.dcmread(p)
+        for s, p in zip(volume.sources, volume.paths, strict=True)
+    }
+    uids = list(datasets)
+    for uid in uids[:-2]:  # the last two have not arrived yet
+        assert cache.submit("series", uid, f"digest-{uid}", datasets[uid])
+    streamed = cache.take("series", {uid: f"digest-{uid}" for uid in uids})
+    assert set(streamed) == set(uids[:-2])
+    calls = []
+
+    def counting(images):
+        calls.append(len(images))
+        return intensity_logits(images)
+
+    settings = InferenceSettings(counting, "test", 64, batch_size=8, concurrency=1)
+    by_index = {uids.index(uid): labels for uid, labels in streamed.items()}
+    labels = infer_stage(volume.hu, settings, by_index)
+    assert np.array_equal(labels, whole)
+    assert sum(calls) == 2  # only the tail
+    assert np.array_equal(slice_hu(datasets[uids[0]]), volume.hu[0].astype(np.float32))
+    assert cache.slices == 0  # taken: forgotten
+
+
+def test_labels_of_other_content_are_never_used(study_factory):
+    paths = study_factory(92, size=128, slices=3)
+    cache = SliceCache(intensity_logits, 64)
+    ds = pydicom.dcmread(paths[0])
+    uid = str(ds.SOPInstanceUID)
+    cache.submit("series", uid, "old-content", ds)
+    assert cache.take("series", {uid: "new-content"}) == {}
+
+
+def test_the_budget_caps_streamed_slices_and_a_failure_is_inferred_later(study_factory):
+    paths = study_factory(93, size=128, slices=3)
+    datasets = [pydicom.dcmread(p) for p in paths]
+    gate = threading.Event()
+
+    def held(images):
+        gate.wait(10)
+        return intensity_logits(images)
+
+    cache = SliceCache(held, 64, max_slices=2, workers=1)
+    accepted = [cache.submit("s", str(d.SOPInstanceUID), "d", d) for d in datasets]
+    assert accepted == [True, True, False]
+    gate.set()
+    assert len(cache.take("s", {str(d.SOPInstanceUID): "d" for d in datasets})) == 2
+
+    def failing(images):
+        raise ConnectionError("triton went away")
+
+    broken = SliceCache(failing, 64)
+    broken.submit("s", str(datasets[0].SOPInstanceUID), "d", datasets[0])
+    assert broken.take("s", {str(datasets[0].SOPInstanceUID): "d"}) == {}
+    assert broken.slices == 0

@@ -1,0 +1,103 @@
+"""Streaming inference: slices go to the model as they arrive, so that when a series completes only
+its last slices remain to be inferred.
+
+The served models are 2D: a slice's labels depend on that slice alone, so they can be computed the
+moment it is stored, in any order, and are exactly those the whole-volume path computes
+(`client.volume.segment_volume` resamples each slice on its own). Each result is kept under the
+instance's content digest: at processing time only labels of the very bytes the index snapshot names
+are used, and any slice without one (replaced, dropped because the cache was full, failed) is
+inferred then with the rest. Streaming is an optimisation and never a source of truth.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from thighseg.client.volume import InferFn, segment_volume
+
+log = logging.getLogger(__name__)
+
+
+def slice_hu(dataset: Dataset) -> np.ndarray:
+    """One instance's pixels in HU (float32), as assemble rescales them."""
+    slope, intercept = float(dataset.RescaleSlope), float(dataset.RescaleIntercept)
+    return dataset.pixel_array.astype(np.float32) * slope + intercept
+
+
+class SliceCache:
+    """Labels of slices inferred as they arrived, by series, SOP Instance UID and content digest.
+
+    At most `max_slices` are kept (a study-sized budget of memory: 256 KiB a 512² slice); beyond
+    that, slices are not streamed and the series is inferred whole when it completes.
+    """
+
+    def __init__(
+        self, infer: InferFn, input_size: int, max_slices: int = 2048, workers: int = 2
+    ) -> None:
+        self._infer, self._input_size, self._max_slices = infer, input_size, max_slices
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stream")
+        self._lock = threading.Lock()
+        self._labels: dict[str, dict[str, tuple[str, np.ndarray]]] = {}
+        self._pending: dict[str, set[Future]] = {}
+        self._count = 0
+
+    def submit(self, series_uid: str, sop_uid: str, digest: str, dataset: Dataset) -> bool:
+        """Infer this instance in the background; False when the cache is full (not streamed)."""
+        with self._lock:
+            if self._count >= self._max_slices:
+                return False
+            self._count += 1  # reserved now, so concurrent submits respect the budget
+            future = self._pool.submit(self._run, series_uid, sop_uid, digest, dataset)
+            self._pending.setdefault(series_uid, set()).add(future)
+        future.add_done_callback(lambda done: self._settled(series_uid, done))
+        return True
+
+    def _run(self, series_uid: str, sop_uid: str, digest: str, dataset: Dataset) -> None:
+        try:
+            labels = segment_volume(slice_hu(dataset)[None], self._infer, self._input_size, 1, 1)[0]
+        except Exception as error:  # noqa: BLE001 - inferred again with the series
+            log.info("streamed slice not inferred (%s); the series infers it", type(error).__name__)
+            with self._lock:
+                self._count -= 1
+            return
+        with self._lock:
+            previous = self._labels.setdefault(series_uid, {}).get(sop_uid)
+            self._labels[series_uid][sop_uid] = (digest, labels)
+            if previous is not None:
+                self._count -= 1  # a replaced instance: one slot, newest content
+
+    def _settled(self, series_uid: str, future: Future) -> None:
+        with self._lock:
+            self._pending.get(series_uid, set()).discard(future)
+
+    def take(self, series_uid: str, digests: dict[str, str]) -> dict[str, np.ndarray]:
+        """Labels of the series' instances whose content is exactly `digests` (SOP UID -> digest),
+        after the slices still in flight finish; the series is then forgotten."""
+        with self._lock:
+            pending = list(self._pending.get(series_uid, ()))
+        wait(pending)
+        with self._lock:
+            cached = self._labels.pop(series_uid, {})
+            self._pending.pop(series_uid, None)
+            self._count -= len(cached)
+        return {
+            sop: labels for sop, (digest, labels) in cached.items() if digests.get(sop) == digest
+        }
+
+    def forget(self, series_uid: str) -> None:
+        """Drop what the series streamed (expired or abandoned)."""
+        self.take(series_uid, {})
+
+    @property
+    def slices(self) -> int:
+        """Slices held or being inferred."""
+        with self._lock:
+            return self._count
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
