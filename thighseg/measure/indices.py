@@ -146,10 +146,31 @@ def leg_masks(hu: np.ndarray) -> dict[str, np.ndarray]:
     return {"right": index < midline, "left": index >= midline}
 
 
+# 4-connected within a slice, never across slices: what binary_fill_holes uses for one slice
+_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
+_IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
+
+
+def fill_holes_per_slice(masks: np.ndarray) -> np.ndarray:
+    """`binary_fill_holes` of each (y, x) slice of a (z, y, x) stack, in one labelling pass: a
+    hole is a background component that touches no edge of its slice. (Filling by propagation
+    from the border, as scipy does, costs an iteration per pixel of the widest region.)"""
+    background, count = ndimage.label(~masks, structure=_IN_PLANE)
+    open_to_edge = np.zeros(count + 1, dtype=bool)
+    for edge in (
+        background[:, 0, :],
+        background[:, -1, :],
+        background[:, :, 0],
+        background[:, :, -1],
+    ):
+        open_to_edge[edge.ravel()] = True
+    open_to_edge[0] = True  # label 0 is the mask itself
+    return masks | ~open_to_edge[background]
+
+
 def bone_mask(hu: np.ndarray) -> np.ndarray:
     """Cortex and the marrow it encloses, slice by slice."""
-    cortex = hu > CORTEX_HU
-    return np.stack([ndimage.binary_fill_holes(s) for s in cortex])
+    return fill_holes_per_slice(hu > CORTEX_HU)
 
 
 def fascia_envelope(group_mask: np.ndarray, pixel_mm: float) -> np.ndarray:
@@ -170,9 +191,9 @@ def fascia_envelope(group_mask: np.ndarray, pixel_mm: float) -> np.ndarray:
         padded = np.pad(mask[box], radius + 1)
         dilated = ndimage.distance_transform_edt(~padded) <= radius
         closed = ndimage.distance_transform_edt(dilated) > radius
-        envelope[z][box] = ndimage.binary_fill_holes(
-            closed[radius + 1 : -radius - 1, radius + 1 : -radius - 1]
-        )
+        envelope[z][box] = fill_holes_per_slice(
+            closed[None, radius + 1 : -radius - 1, radius + 1 : -radius - 1]
+        )[0]
     return envelope
 
 
