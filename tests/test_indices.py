@@ -124,3 +124,17 @@ def test_summary_page_has_a_colour_key_and_large_pictures(tmp_path):
         assert (np.abs(key - target).sum(axis=2) < 30).sum() > 50, colour
     pictures = page[height // 12 :, : int(width * 0.55)]
     assert (pictures.sum(axis=2) < 600).mean() > 0.6, "the axial panels fill the left of the page"
+
+
+def test_fill_holes_per_slice_is_scipys_fill_of_each_slice():
+    from scipy import ndimage
+
+    from thighseg.measure.indices import fill_holes_per_slice
+
+    rng = np.random.default_rng(5)
+    masks = ndimage.binary_opening(rng.random((6, 40, 50)) > 0.45, np.ones((1, 2, 2)))
+    masks[2] = False  # an empty slice
+    masks[3, 10:30, 10:30], masks[3, 15:25, 15:25] = True, False  # a ring with a hole
+    expected = np.stack([ndimage.binary_fill_holes(m) for m in masks])
+    assert np.array_equal(fill_holes_per_slice(masks), expected)
+    assert fill_holes_per_slice(masks)[3, 20, 20]
