@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pydicom
@@ -17,8 +18,10 @@ def send_files(
     port: int,
     called_ae: str = AE_TITLE,
     calling_ae: str = "THIGHSEG_SCU",
+    rate: float | None = None,
 ) -> list[int]:
-    """Send every file in one association; returns the C-STORE status of each (in order)."""
+    """Send every file in one association, at most `rate` instances a second (a modality's pace;
+    None: as fast as the peer answers); returns the C-STORE status of each (in order)."""
     ae = AE(ae_title=calling_ae)
     ae.requested_contexts = StoragePresentationContexts[:127]
     ae.maximum_pdu_size = 0
@@ -26,9 +29,13 @@ def send_files(
     if not association.is_established:
         raise ConnectionError(f"association with {called_ae}@{host}:{port} was not established")
     statuses = []
+    started = time.monotonic()
     try:
-        for path in paths:
-            status = association.send_c_store(pydicom.dcmread(path))
+        for number, path in enumerate(paths):
+            dataset = pydicom.dcmread(path)
+            if rate:
+                time.sleep(max(0.0, started + number / rate - time.monotonic()))
+            status = association.send_c_store(dataset)
             statuses.append(int(status.Status) if "Status" in status else -1)
     finally:
         association.release()

@@ -56,11 +56,15 @@ def test_tiny_benchmark_writes_json_markdown_and_plots(model_repository, tmp_pat
     # measured in a second listener, after a warm-up study
     assert whole["warm_listener_peak_rss_mb"] > 0
     assert "segformer: most_dynamic_batching_could_give_at_concurrency_2" in saved["ratios"]
+    latency = {r["streaming"]: r for r in saved["last_store_to_seg"]}
+    assert latency[True]["seconds_last_store_to_seg"] > 0 and latency[True]["instances"] == 8
+    assert latency[True]["stage_seconds"]["infer"] < latency[False]["stage_seconds"]["infer"]
     int8 = saved["int8"]["segformer"]
     assert int8["slices_per_s_batch1"]["int8"] > 0 and int8["int8_vs_fp32"]["slices"] == 4
     assert saved["ratios"]["segformer: int8_vs_fp32_onnxruntime_batch1"] == int8["int8_speedup"]
     text = (tmp_path / "bench.md").read_text()
     assert "| ratio | value |" in text and "compute ceiling" in text and "INT8 against" in text
+    assert "Last C-STORE to SEG" in text
     for picture in ("perf_analyzer.png", "baselines_ingest.png"):
         image = Image.open(tmp_path / picture)
         assert image.size[0] > 600 and len(np.unique(np.asarray(image.convert("L")))) > 10
@@ -121,7 +125,7 @@ def test_a_listener_that_cannot_start_fails_its_parts_with_its_reason_and_the_re
 
     config = replace(BenchConfig.tiny(("denseunet",)), study_model="segformer")
     results = run_bench(tmp_path, denseunet_repository, config)
-    assert set(results["errors"]) == {"ingest", "whole_study"}
+    assert set(results["errors"]) == {"ingest", "whole_study", "last_store_to_seg"}
     assert all(
         "exited" in reason and "segformer" in reason for reason in results["errors"].values()
     )

@@ -27,7 +27,14 @@ import numpy as np
 from tqdm import tqdm
 
 from thighseg.apps.baselines import onnxruntime_runner, slices_per_second, torch_runner
-from thighseg.apps.ingest import compare_ingest, free_port, listener_process, peak_rss_bytes, push
+from thighseg.apps.ingest import (
+    compare_ingest,
+    free_port,
+    last_store_to_seg,
+    listener_process,
+    peak_rss_bytes,
+    push,
+)
 from thighseg.client.perf import measure, without_dynamic_batching
 from thighseg.core.constants import AE_TITLE, DEFAULT_MODEL
 from thighseg.core.labels import normalise_hu
@@ -55,6 +62,8 @@ class BenchConfig:
     warmup_slices: int = 12
     ingest_associations: tuple[int, ...] = (1, 4, 10)
     int8_slices: int = 8  # per validation subject (two subjects), judged against the truth
+    # senders paced like a modality (instances/s; 0: as fast as the listener answers)
+    stream_rates: tuple[float, ...] = (20.0, 100.0, 0.0)
 
     @staticmethod
     def for_models(models: tuple[str, ...], **options) -> BenchConfig:
@@ -77,6 +86,7 @@ class BenchConfig:
             warmup_slices=4,
             ingest_associations=(1, 2),
             int8_slices=2,
+            stream_rates=(0.0,),
         )
 
 
@@ -241,7 +251,14 @@ def run_int8(model: str, onnx_path: Path, work: Path, config: BenchConfig) -> di
     return choose_cpu_model(fp32, quantised["cpu"], images, truth, threads)
 
 
-PARTS = ("perf_analyzer", "baselines_slices_per_second", "int8", "ingest", "whole_study")
+PARTS = (
+    "perf_analyzer",
+    "baselines_slices_per_second",
+    "int8",
+    "ingest",
+    "whole_study",
+    "last_store_to_seg",
+)
 
 
 def run_bench(out: Path, repository: Path, config: BenchConfig, resume: bool = False) -> dict:
@@ -304,6 +321,13 @@ def run_bench(out: Path, repository: Path, config: BenchConfig, resume: bool = F
                 "whole_study": lambda: run_whole_study(
                     files, warmup, server.http_url, config.study_model, work, voxel_bytes
                 ),
+                "last_store_to_seg": lambda: [
+                    last_store_to_seg(
+                        files, server.http_url, work, config.study_model, rate or None, stream, 1.0
+                    )
+                    for rate in tqdm(config.stream_rates, desc="last store to SEG")
+                    for stream in (True, False)
+                ],
             }
             for part, measure_part in parts.items():
                 if part in results:
@@ -373,6 +397,12 @@ def ratios(results: dict) -> dict:
             out[f"{model}: embedded_triton_vs_onnxruntime_direct_best_batch"] = triton / ceiling
     for model, int8 in (results.get("int8") or {}).items():
         out[f"{model}: int8_vs_fp32_onnxruntime_batch1"] = int8["int8_speedup"]
+    runs = {(r["rate_per_s"], r["streaming"]): r for r in results.get("last_store_to_seg") or []}
+    for (rate, streaming), run in runs.items():
+        if streaming and (rate, False) in runs:
+            out[f"last_store_to_seg_streaming_vs_whole_series_at_{rate}_per_s"] = (
+                run["seconds_last_store_to_seg"] / runs[(rate, False)]["seconds_last_store_to_seg"]
+            )
     whole = results.get("whole_study")
     if whole:
         out["listener_peak_rss_over_study_voxel_bytes"] = whole["peak_rss_over_voxel_bytes"]
@@ -481,6 +511,33 @@ def _int8_section(int8_by_model: dict) -> list[str]:
     return [*lines, ""]
 
 
+def _latency_section(runs: list[dict]) -> list[str]:
+    lines = [
+        "## Last C-STORE to SEG",
+        "",
+        "One study in one association, the sender paced like a modality; a fresh listener "
+        "each run, "
+        f"completion {runs[0]['idle_s']} s after the association's release. Streaming sends each "
+        "slice to the model as it arrives; without it the series is inferred once complete.",
+        "",
+        "| sender pace | streaming | sending s | last C-STORE → SEG s | assemble | infer | measure "
+        "| emit |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        stages = r["stage_seconds"]
+        pace = "full speed" if r["rate_per_s"] == "full" else f"{r['rate_per_s']:g}/s"
+        lines.append(
+            f"| {pace} | {'on' if r['streaming'] else 'off'} | {r['seconds_sending']} "
+            f"| {r['seconds_last_store_to_seg']} | "
+            + " | ".join(
+                f"{stages.get(k, 0):.2f}" for k in ("assemble", "infer", "measure", "emit")
+            )
+            + " |"
+        )
+    return [*lines, ""]
+
+
 def _ingest_section(runs: list[dict]) -> list[str]:
     lines = [
         "## C-STORE ingest (DCMTK storescu as sender)",
@@ -546,6 +603,8 @@ def markdown(results: dict) -> str:
         lines += _int8_section(results["int8"])
     if "ingest" in results:
         lines += _ingest_section(results["ingest"])
+    if results.get("last_store_to_seg"):
+        lines += _latency_section(results["last_store_to_seg"])
     if "whole_study" in results:
         lines += _whole_study_section(results["whole_study"], results["config"]["warmup_slices"])
     return "\n".join(lines)

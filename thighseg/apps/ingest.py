@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO
 
 from thighseg.core.constants import AE_TITLE, DEFAULT_MODEL
+from thighseg.pipeline.report import SeriesReport
 
 NODELAY = {"TCP_NODELAY": "1"}  # DCMTK's documented switch
 
@@ -132,10 +133,12 @@ def listener_process(
     idle_s: float,
     port: int | None = None,
     model: str = DEFAULT_MODEL,
+    options: tuple[str, ...] = (),
 ) -> Iterator[tuple[int, subprocess.Popen]]:
-    """`thighseg listen` in its own process (so its memory can be read from /proc)."""
+    """`thighseg listen` in its own process (so its memory can be read from /proc); `options` are
+    further command-line options."""
     port = port or free_port()
-    options = {
+    defaults = {
         "--triton-url": triton_url,
         "--model": model,
         "--host": "127.0.0.1",
@@ -146,7 +149,7 @@ def listener_process(
         "--idle": idle_s,
     }
     argv = [sys.executable, "-m", "thighseg.cli", "listen"]
-    argv += [str(item) for option in options.items() for item in option]
+    argv += [str(item) for option in defaults.items() for item in option] + list(options)
     stderr = tempfile.TemporaryFile()  # a file, not a pipe nobody drains: it never blocks the child
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
@@ -193,3 +196,60 @@ def compare_ingest(
         runs.append(IngestRun("thighseg-listener", count, len(files), seconds))
         shutil.rmtree(spool, ignore_errors=True)
     return runs
+
+
+def wait_for_report(out: Path, study_uid: str, timeout_s: float = 1800) -> SeriesReport:
+    """The finished report of the study's series once it is published in `out`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for path in out.rglob("report.json"):
+            report = SeriesReport.read(path)
+            if report.study_instance_uid == study_uid:
+                if not report.done:
+                    raise RuntimeError(f"series failed: {report.reason}")
+                return report
+        time.sleep(0.05)
+    raise TimeoutError(f"no report in {timeout_s:.0f} s")
+
+
+def last_store_to_seg(
+    files: list[Path],
+    triton_url: str,
+    work: Path,
+    model: str,
+    rate: float | None,
+    streaming: bool,
+    idle_s: float,
+) -> dict:
+    """One study sent in one association at `rate` instances/s (None: full speed) to a fresh
+    listener, streaming or not: seconds from the last C-STORE's answer to the published SEG."""
+    import pydicom
+
+    from thighseg.dicom_listener.scu import send_files
+
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    label = f"{rate or 'full'}-{'stream' if streaming else 'whole'}"
+    out, spool = work / f"latency-out-{label}", work / f"latency-spool-{label}"
+    options = () if streaming else ("--stream-slices", "0")
+    with listener_process(triton_url, spool, out, idle_s, model=model, options=options) as (
+        port,
+        _,
+    ):
+        started = time.perf_counter()
+        statuses = send_files(files, "127.0.0.1", port, rate=rate)
+        last = time.perf_counter()
+        report = wait_for_report(out, study_uid)
+        finished = time.perf_counter()
+    if set(statuses) != {0}:
+        raise RuntimeError(f"C-STORE statuses {sorted(set(statuses))}")
+    shutil.rmtree(spool, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    return {
+        "rate_per_s": rate or "full",
+        "streaming": streaming,
+        "instances": len(files),
+        "idle_s": idle_s,
+        "seconds_sending": round(last - started, 2),
+        "seconds_last_store_to_seg": round(finished - last, 2),
+        "stage_seconds": report.stage_seconds,
+    }
