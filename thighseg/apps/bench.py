@@ -34,13 +34,13 @@ from thighseg.apps.ingest import (
     listener_process,
     peak_rss_bytes,
     push,
+    wait_for_report,
 )
 from thighseg.client.perf import measure, without_dynamic_batching
 from thighseg.core.constants import AE_TITLE, DEFAULT_MODEL
 from thighseg.core.labels import normalise_hu
 from thighseg.core.resample import MODEL_INPUT_SIZE, to_model_grid
 from thighseg.learning import models
-from thighseg.pipeline.report import SeriesReport
 from thighseg.serving.embedded_triton import CPU_CONFIG_NAME, EmbeddedTriton, Ports
 from thighseg.synthetic import phantom
 from thighseg.synthetic.ct_series import write_series
@@ -169,16 +169,6 @@ def _process_study(
     return time.perf_counter() - started, send_seconds
 
 
-def _study_report(out: Path, study_uid: str) -> SeriesReport:
-    for path in out.rglob("report.json"):
-        report = SeriesReport.read(path)
-        if report.study_instance_uid == study_uid:
-            if not report.done:
-                raise RuntimeError(f"whole-study run failed: {report.reason}")
-            return report
-    raise RuntimeError("whole-study run wrote no report in 30 minutes")
-
-
 def run_whole_study(
     files: list[Path], warmup: list[Path], triton_url: str, model: str, work: Path, voxel_bytes: int
 ) -> dict:
@@ -203,8 +193,8 @@ def run_whole_study(
         _process_study(warmup, port, warm_out, 0)
         _process_study(files, port, warm_out, 1)
         warm_peak = peak_rss_bytes(process.pid)
-    report = _study_report(out, study_uid)
-    _study_report(warm_out, study_uid)
+    report = wait_for_report(out, study_uid, timeout_s=5)  # both were published already
+    wait_for_report(warm_out, study_uid, timeout_s=5)
     return {
         "model": model,
         "instances": len(files),
