@@ -231,3 +231,19 @@ def test_an_output_path_that_is_a_file_is_named_with_what_to_do(tmp_path):
     result = run("segment", str(tmp_path / "inputs"), "--out", str(taken))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"{taken} is a file: name a folder" in result.stderr
+
+
+def test_every_option_of_every_command_has_help_that_names_its_default():
+    import argparse
+
+    from thighseg.cli import _all_subparsers, build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for command in _all_subparsers(commands):
+        text = command.format_help()
+        for action in command._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, (command.prog, action.option_strings)
+                if action.default not in (None, argparse.SUPPRESS):
+                    assert "default" in action.help or "(default:" in text, action.option_strings

@@ -833,9 +833,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
     _add_triton_ports(p)
     p.set_defaults(func=cmd_demo)
-    for subparser in sub.choices.values():  # every option's help says its default
+    for subparser in _all_subparsers(sub):  # every option has help that says its default
         subparser.formatter_class = _DefaultsHelpFormatter
+        for action in subparser._actions:
+            if action.help is None and action.option_strings:
+                action.help = COMMON_HELP[action.dest]
     return parser
+
+
+# Help of the options several commands share, where the command gives none of its own.
+COMMON_HELP = {
+    "model": "model architecture",
+    "models": "model architectures",
+    "seed": "random seed",
+    "slices": "slices per study",
+    "size": "matrix size in pixels",
+    "out": "output folder",
+    "repository": "Triton model repository",
+    "protocol": "protocol to reach Triton",
+    "batch_size": "slices per batch",
+    "learning_rate": "peak learning rate (one-cycle schedule)",
+    "log_file": "tritonserver's log file (default: discarded)",
+    "study_slices": "slices of the study the C-STORE and whole-study parts send",
+}
+
+
+def _all_subparsers(sub: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
+    """Every command's parser, nested ones (dataset import/split) included."""
+    found = []
+    for parser in sub.choices.values():
+        found.append(parser)
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                found += _all_subparsers(action)
+    return found
 
 
 class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
