@@ -156,6 +156,7 @@ class StoreHandler:
         counter = {Arrival.NEW: self.telemetry.received, Arrival.REPLACED: self.telemetry.replaced}
         counter.get(arrival, self.telemetry.duplicates).inc()
         if arrival in counter and self.on_stored is not None:
+            dataset.file_meta = event.file_meta  # its transfer syntax: how to decode the pixels
             self.on_stored(key, sop_uid, digest, dataset)
         if arrival is Arrival.REPLACED:
             log.warning(

@@ -113,18 +113,30 @@ def test_storescu_study_becomes_an_accurate_seg(listener, study_factory):
 
 
 def test_streaming_gives_the_labels_of_inferring_the_completed_series(
-    listener, listener_factory, study_factory
+    listener_factory, study_factory
 ):
     paths = study_factory(4545)
+    batches: list[int] = []
+
+    def counting(infer):
+        def run(images):
+            batches.append(len(images))
+            return infer(images)
+
+        return run
+
+    streaming = listener_factory(wrap_infer=counting)
     whole = listener_factory(stream_slices=0)
     labels = []
-    for receiver in (listener, whole):
+    for receiver in (streaming, whole):
         assert send_files(paths, "127.0.0.1", receiver.config.port) == [0] * len(paths)
         result = receiver.wait_for(series_uid(paths), timeout_s=300)
         assert result.report.status == "done", result.report
         uids = [s.SOPInstanceUID for s in assemble(list(paths)).sources]
         labels.append(labels_from_seg(result.seg_path, uids))
     assert np.array_equal(labels[0], labels[1])
+    # every slice was inferred on its own as it arrived: none was left for the completed series
+    assert batches == [1] * len(paths)
     assert whole.telemetry.registry.get_sample_value("thighseg_slices_streamed_total") == 0
 
 
