@@ -49,7 +49,7 @@ class ListenerConfig:
     limits: Limits = Limits()
     retry_backoff_s: tuple[float, float] = (2.0, 60.0)  # Triton down: first and longest wait
     destinations: tuple[Destination, ...] = ()  # C-STORE results to each, as it chooses
-    forward_attempts: int = 4
+    forward_attempts: int = 6  # backoff 1, 2, 4, 8, 16 s: a busy PACS gets half a minute
     # slices inferred as they arrive and held until their series completes (256 KiB a 512² slice);
     # 0: each series is inferred whole once complete
     stream_slices: int = 2048

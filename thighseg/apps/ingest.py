@@ -186,12 +186,17 @@ def compare_ingest(
                 seconds = push(files, port, count, "STORESCP", nodelay=nodelay)
             runs.append(IngestRun(label, count, len(files), seconds))
             shutil.rmtree(folder, ignore_errors=True)
-        # idle far longer than the run: measure receiving only, not the segmentation that follows
+        # idle far longer than the run and no streaming: measure receiving only, not the
+        # segmentation that follows or overlaps it (on a small machine it competes for the cores)
         spool = work / f"spool-{count}"
-        with listener_process(triton_url, spool, work / f"out-{count}", 1e6, model=model) as (
-            port,
-            _,
-        ):
+        with listener_process(
+            triton_url,
+            spool,
+            work / f"out-{count}",
+            1e6,
+            model=model,
+            options=("--stream-slices", "0"),
+        ) as (port, _):
             seconds = push(files, port, count, AE_TITLE)
         runs.append(IngestRun("thighseg-listener", count, len(files), seconds))
         shutil.rmtree(spool, ignore_errors=True)
