@@ -71,6 +71,7 @@ def segment_number(group: Group, side: str) -> int:
 
 
 def segment_label(group: Group, side: str) -> str:
+    """What viewers list: "Right extensor"; readers match the group by name in it."""
     return f"{side.capitalize()} {group.name.lower()}"
 
 

@@ -100,4 +100,5 @@ class SliceCache:
             return self._count
 
     def close(self) -> None:
+        """Stop the inference threads; slices not yet inferred are dropped."""
         self._pool.shutdown(wait=True, cancel_futures=True)
