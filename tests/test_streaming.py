@@ -9,9 +9,9 @@ import numpy as np
 import pydicom
 
 from thighseg.client.volume import segment_volume
-from thighseg.pipeline.assemble import assemble
+from thighseg.pipeline.assemble import assemble, slice_hu
 from thighseg.pipeline.stages import InferenceSettings, infer_stage
-from thighseg.pipeline.streaming import SliceCache, slice_hu
+from thighseg.pipeline.streaming import SliceCache
 
 
 def intensity_logits(images: np.ndarray) -> np.ndarray:

@@ -142,6 +142,12 @@ def _rescale(ds: Dataset) -> tuple[float, float]:
     return float(ds.RescaleSlope), float(ds.RescaleIntercept)
 
 
+def slice_hu(ds: Dataset) -> np.ndarray:
+    """One instance's pixels in HU (float32)."""
+    slope, intercept = _rescale(ds)
+    return ds.pixel_array.astype(np.float32) * slope + intercept
+
+
 def assemble(paths: list[Path], min_slices: int = 3, scratch: Path | None = None) -> Volume:
     """Sort by ImagePositionPatient along the slice normal, check spacing and orientation, rescale.
 
@@ -166,13 +172,12 @@ def assemble(paths: list[Path], min_slices: int = 3, scratch: Path | None = None
     hu = np.empty(shape, dtype) if scratch is None else HUStack(shape, dtype, scratch)
     for target, index in enumerate(order):
         ds = pydicom.dcmread(paths[index])
-        slope, intercept = _rescale(ds)
-        pixels = ds.pixel_array
         # clip: no tissue is outside int16, and a 16-bit unsigned value plus intercept could be
         if exact:
-            hu[target] = np.clip(pixels.astype(np.int32) + int(intercept), -32768, 32767)
+            intercept = int(_rescale(ds)[1])
+            hu[target] = np.clip(ds.pixel_array.astype(np.int32) + intercept, -32768, 32767)
         else:
-            hu[target] = pixels.astype(np.float32) * slope + intercept
+            hu[target] = slice_hu(ds)
     row_mm, column_mm = _floats(first.PixelSpacing)
     return Volume(
         hu=hu,

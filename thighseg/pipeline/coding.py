@@ -100,13 +100,14 @@ def segment_descriptions(
                 anatomic_regions=[codes.SCT.Thigh],
                 display_color=display_colour(group),
             )
-            modifier = Dataset()
-            modifier.CodeValue = LATERALITY[side].value
-            modifier.CodingSchemeDesignator = LATERALITY[side].scheme_designator
-            modifier.CodeMeaning = LATERALITY[side].meaning
+            laterality = LATERALITY[side]
             description.SegmentedPropertyTypeCodeSequence[
                 0
-            ].SegmentedPropertyTypeModifierCodeSequence = [modifier]
+            ].SegmentedPropertyTypeModifierCodeSequence = [
+                hd.sr.CodedConcept(
+                    laterality.value, laterality.scheme_designator, laterality.meaning
+                )
+            ]
             descriptions.append(description)
     return descriptions
 

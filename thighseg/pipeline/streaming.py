@@ -19,14 +19,9 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from thighseg.client.volume import InferFn, segment_volume
+from thighseg.pipeline.assemble import slice_hu
 
 log = logging.getLogger(__name__)
-
-
-def slice_hu(dataset: Dataset) -> np.ndarray:
-    """One instance's pixels in HU (float32), as assemble rescales them."""
-    slope, intercept = float(dataset.RescaleSlope), float(dataset.RescaleIntercept)
-    return dataset.pixel_array.astype(np.float32) * slope + intercept
 
 
 class SliceCache:
