@@ -1,7 +1,12 @@
 """A thin, explicit Triton client over HTTP or gRPC with bounded retries.
 
-One tritonclient connection per worker thread (the HTTP client is not thread-safe), so several
-batches can be in flight at once and Triton's dynamic batcher can merge them.
+Every request runs on one of the segmenter's own long-lived I/O threads, each with its own
+tritonclient connection (the HTTP client is not thread-safe), so several batches can be in
+flight at once and Triton's dynamic batcher can merge them. Callers may come from any thread,
+short-lived ones included: tritonclient.http ties a client to an event loop of the thread that
+made it, and the loop of a thread that has ended is never freed, so clients made on callers'
+threads (a pool per volume, a thread per health probe) leaked descriptors until select() failed
+past 1024 and every DICOM association of the process aborted.
 """
 
 from __future__ import annotations
@@ -9,13 +14,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
 from thighseg.core.constants import TRITON_URL
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 PROTOCOLS = ("http", "grpc")
 
@@ -35,7 +45,11 @@ class TritonSegmenter:
     retries: int = 3
     backoff_s: float = 0.5
     timeout_s: float = 120.0
+    connections: int = 8  # requests in flight at once: one I/O thread and client each
     _local: threading.local = field(default_factory=threading.local, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _io: ThreadPoolExecutor | None = field(default=None, repr=False)
+    _clients: list[object] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -50,6 +64,7 @@ class TritonSegmenter:
         return module
 
     def _client(self):
+        """This I/O thread's connection, made on first use."""
         client = getattr(self._local, "client", None)
         if client is None:
             module = self._module()
@@ -60,19 +75,51 @@ class TritonSegmenter:
                     self.url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s
                 )
             self._local.client = client
+            with self._lock:
+                self._clients.append(client)
         return client
+
+    def _drop_client(self) -> None:
+        """Close this I/O thread's connection after a failure; the next call makes a new one."""
+        client = getattr(self._local, "client", None)
+        self._local.client = None
+        if client is not None:
+            with self._lock:
+                if client in self._clients:
+                    self._clients.remove(client)
+            client.close()
+
+    def _on_io_thread(self, call: Callable[[], T]) -> T:
+        """Run `call` (which uses `_client`) on one of the segmenter's own I/O threads."""
+        with self._lock:
+            if self._io is None:
+                self._io = ThreadPoolExecutor(self.connections, thread_name_prefix="triton-io")
+            io = self._io
+        return io.submit(call).result()
+
+    def close(self) -> None:
+        """Close every connection and stop the I/O threads (a later call starts them again)."""
+        with self._lock:
+            io, self._io = self._io, None
+            clients, self._clients = self._clients, []
+        if io is not None:
+            io.shutdown(wait=True)
+        for client in clients:
+            client.close()
 
     def is_ready(self) -> bool:
         """Is the server up and the model loaded (for /readyz)?"""
         try:
-            return bool(self._client().is_model_ready(self.model, self.version))
+            return bool(
+                self._on_io_thread(lambda: self._client().is_model_ready(self.model, self.version))
+            )
         except Exception:  # connection refused, DNS, ...
             return False
 
     def server_is_live(self) -> bool:
         """Does a Triton server answer at the URL (whether or not it serves this model)?"""
         try:
-            return bool(self._client().is_server_live())
+            return bool(self._on_io_thread(lambda: self._client().is_server_live()))
         except Exception:  # connection refused, DNS, ...
             return False
 
@@ -80,13 +127,13 @@ class TritonSegmenter:
         """The version that answers: the pinned one, or the newest Triton has loaded."""
         if self.version:
             return self.version
-        metadata = self._client().get_model_metadata(self.model)
+        metadata = self._on_io_thread(lambda: self._client().get_model_metadata(self.model))
         versions = metadata["versions"] if isinstance(metadata, dict) else metadata.versions
         return str(max(int(v) for v in versions))
 
     def weights_sha256(self, version: str) -> str | None:
         """The hash `thighseg export` published for a version in the model's config."""
-        config = self._client().get_model_config(self.model)
+        config = self._on_io_thread(lambda: self._client().get_model_config(self.model))
         if not isinstance(config, dict):  # gRPC: a protobuf response
             from google.protobuf.json_format import MessageToDict
 
@@ -97,7 +144,7 @@ class TritonSegmenter:
 
     def input_shape(self) -> tuple[int, int, int]:
         """(channels, H, W) the served model expects, read from its metadata."""
-        metadata = self._client().get_model_metadata(self.model)
+        metadata = self._on_io_thread(lambda: self._client().get_model_metadata(self.model))
         inputs = (
             metadata["inputs"]
             if isinstance(metadata, dict)
@@ -110,25 +157,13 @@ class TritonSegmenter:
         """Logits for one batch; retries transient failures with exponential backoff."""
         if images.ndim != 4 or images.shape[1] != 1:
             raise ValueError(f"expected a (n, 1, H, W) batch, got shape {images.shape}")
-        module = self._module()
         batch = np.ascontiguousarray(images, dtype=np.float32)
         delay = self.backoff_s
         for attempt in range(self.retries + 1):
             try:
-                tensor = module.InferInput("image", list(batch.shape), "FP32")
-                tensor.set_data_from_numpy(
-                    batch, **({"binary_data": True} if self.protocol == "http" else {})
-                )
-                output = module.InferRequestedOutput(
-                    "logits", **({"binary_data": True} if self.protocol == "http" else {})
-                )
-                result = self._client().infer(
-                    self.model, [tensor], model_version=self.version, outputs=[output]
-                )
-                return result.as_numpy("logits")
+                return self._on_io_thread(lambda: self._infer_once(batch))
             # tritonclient raises InferenceServerException and socket errors
             except Exception as error:
-                self._local.client = None
                 if attempt == self.retries:
                     raise TritonUnavailable(
                         f"inference on {self.model} at {self.url} failed after "
@@ -140,3 +175,19 @@ class TritonSegmenter:
                 time.sleep(delay)
                 delay *= 2
         raise AssertionError("unreachable")
+
+    def _infer_once(self, batch: np.ndarray) -> np.ndarray:
+        """One request on this I/O thread's connection; a failed connection is closed."""
+        module = self._module()
+        binary = {"binary_data": True} if self.protocol == "http" else {}
+        tensor = module.InferInput("image", list(batch.shape), "FP32")
+        tensor.set_data_from_numpy(batch, **binary)
+        output = module.InferRequestedOutput("logits", **binary)
+        try:
+            result = self._client().infer(
+                self.model, [tensor], model_version=self.version, outputs=[output]
+            )
+        except Exception:
+            self._drop_client()
+            raise
+        return result.as_numpy("logits")

@@ -122,6 +122,7 @@ def listener_factory(triton, tmp_path):
     from thighseg.pipeline.stages import settings_for
 
     started = []
+    segmenters = []
 
     def make(triton_url: str | None = None, wrap_infer=None, **overrides):
         """`wrap_infer(infer) -> infer` puts a test's hook (e.g. a gate) around the real
@@ -129,6 +130,7 @@ def listener_factory(triton, tmp_path):
         segmenter = TritonSegmenter(
             triton_url or triton.http_url, models.triton_name(MODEL), retries=1, backoff_s=0.2
         )
+        segmenters.append(segmenter)
         settings = settings_for(segmenter, MODEL)
         if wrap_infer is not None:
             settings = dataclasses.replace(settings, infer=wrap_infer(settings.infer))
@@ -147,3 +149,5 @@ def listener_factory(triton, tmp_path):
     yield make
     for listener in started:
         listener.stop()
+    for segmenter in segmenters:
+        segmenter.close()

@@ -58,6 +58,9 @@ def test_seg_has_a_segment_per_group_and_leg_with_colour_laterality_and_creator(
         for d in descriptions
     ]
     assert [m.CodeValue for m in sides] == ["24028007", "7771000"] * 3  # SCT Right, Left
+    # TotalSegmentator's codes: quadriceps femoris, posterior and medial muscle of thigh
+    group_codes = [d.SegmentedPropertyTypeCodeSequence[0].CodeValue for d in descriptions]
+    assert group_codes == [c for c in ("21989003", "128511007", "1179657002") for _ in "RL"]
     assert {d.AnatomicRegionSequence[0].CodeValue for d in descriptions} == {"68367000"}  # thigh
     # each leg's segment lies in that leg's columns, and the groups read back whole
     uids = [s.SOPInstanceUID for s in volume.sources]
@@ -97,6 +100,7 @@ def test_sr_carries_every_index_per_group_and_leg_and_the_qc_flags(outputs):
         assert roi.referenced_segment.referenced_segment_numbers == [
             coding.segment_number(group_code, side)
         ]
+        assert roi.finding_type == coding.GROUP_CODES[group_code]
     document = json.dumps(sr.to_json_dict())
     for value in (
         indices.total.intermuscular_fat_ml,
@@ -130,6 +134,10 @@ def test_dcmqi_reads_seg_and_sr_without_warnings(outputs, tmp_path):
     meta = json.loads((tmp_path / "meta.json").read_text())
     colours = {tuple(s[0]["recommendedDisplayRGBValue"]) for s in meta["segmentAttributes"]}
     assert len(colours) == 3
+    types = [
+        s[0]["SegmentedPropertyTypeCodeSequence"]["CodeValue"] for s in meta["segmentAttributes"]
+    ]
+    assert sorted(set(types)) == ["1179657002", "128511007", "21989003"]
     sr = subprocess.run(
         [
             BIN / "tid1500reader",

@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -325,3 +326,31 @@ def test_logs_carry_no_patient_identifiers(listener_factory, study_factory, capl
         str(ds.StudyInstanceUID),
     ):
         assert identifier not in text
+
+
+def open_descriptors() -> int:
+    """File descriptors this process holds now (the listener runs in it)."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs Linux /proc")
+def test_descriptors_stay_flat_over_series_and_health_probes(listener_factory, study_factory):
+    """Every series and every probe used to leave a Triton client (and its event-loop
+    descriptors) behind on a thread that had ended; past 1024 descriptors select() fails and
+    every association aborts. A long-running listener must hold a bounded number."""
+    listener = listener_factory()
+    readyz = f"http://127.0.0.1:{listener.config.metrics_port}/readyz"
+
+    def process(seed: int) -> None:
+        paths = study_factory(seed, size=128, slices=4)
+        assert set(send_files(paths, "127.0.0.1", listener.config.port)) == {0}
+        assert listener.wait_for(series_uid(paths), timeout_s=120).report.status == "done"
+        for _ in range(10):
+            urllib.request.urlopen(readyz, timeout=10).close()
+
+    process(700)  # warm-up: the first series opens what the listener keeps
+    before = open_descriptors()
+    for seed in range(701, 705):
+        process(seed)
+    grown = open_descriptors() - before
+    assert grown <= 4, f"{grown} descriptors more after 4 series and 40 /readyz probes"

@@ -68,6 +68,12 @@ class Orthanc:
     def get(self, path: str) -> object:
         return self.request(path)
 
+    def log_tail(self, lines: int = 40) -> str:
+        """The end of Orthanc's own log, for a failure message."""
+        self.log.flush()
+        text = Path(self.log.name).read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
         try:
@@ -100,7 +106,7 @@ def test_orthanc_sends_a_study_and_gets_seg_sr_and_summary_back(
             if len(modalities) >= 4:
                 break
             time.sleep(1)
-        assert modalities == ["CT", "OT", "SEG", "SR"], modalities
+        assert modalities == ["CT", "OT", "SEG", "SR"], (modalities, pacs.log_tail())
         for series in pacs.get(f"/studies/{study}/series"):
             if series["MainDicomTags"]["Modality"] in ("SEG", "SR", "OT"):
                 assert len(series["Instances"]) == 1

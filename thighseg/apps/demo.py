@@ -94,6 +94,7 @@ def run_demo(options: DemoOptions) -> dict:
                 )
                 result = listener.wait_for(series_uid, timeout_s=600)
                 elapsed = time.perf_counter() - pushed
+            segmenter.close()
         if result.report.status != "done":
             raise RuntimeError(f"series failed: {result.report.reason}")
         summary = summarise(result, series_dir, elapsed)

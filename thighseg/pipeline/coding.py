@@ -1,21 +1,18 @@
 """The coded vocabulary of thighseg's SEG and SR: what each segment and measurement means to a
 viewer or a PACS that reads codes, not labels.
 
-Sources. Every standard code below is in DICOM PS3.16 (read through pydicom's code dictionary,
-generated from it): Muscle of lower limb (SCT 102292000, CID 4031 Common Anatomic Region), Thigh
-(SCT 68367000), Right / Left / Right and left (SCT 24028007 / 7771000 / 51440002, CID 244
-Laterality), Volume (SCT 118565006), Mean / Standard deviation (SCT 373098007 / 386136009),
-Attenuation Coefficient (DCM 112031). Laterality is a property-type modifier of separate right and
-left segments, as TotalSegmentator writes its per-side classes
-(wasserth/TotalSegmentator, resources/totalsegmentator_snomed_mapping.csv: "femur_left ... SCT
-7771000 Left").
-
-The three functional groups have no code here on purpose: neither PS3.16, nor TotalSegmentator's
-mapping, nor dcmqi's segmentation contexts (doc/segContexts) holds a concept for the extensor,
-flexor or adductor group as a whole, and the codes other public projects give them disagree (one
-uses SCT 71341001, which PS3.16 and TotalSegmentator give to the femur). An unverified code is worse
-than none: the group is named by the segment label and tracking identifier, and the property type
-is the verified "Muscle of lower limb" with its laterality. Indices that no standard codes (lean
+Sources. The three groups' codes and the laterality modifiers are those TotalSegmentator gives its
+thigh-muscle classes (wasserth/TotalSegmentator, totalsegmentator/resources/
+totalsegmentator_snomed_mapping.csv at commit 8a7a8b761d35bb6faabb8bc49838ce7e1d8c6b64):
+quadriceps_femoris SCT 21989003 "Quadriceps femoris muscle" (our extensor group: the quadriceps
+with sartorius, which TotalSegmentator codes apart and we do not separate), thigh_posterior_
+compartment SCT 128511007 "Posterior muscle of thigh structure" (flexor group, the hamstrings),
+thigh_medial_compartment SCT 1179657002 "Structure of medial muscle of thigh" (adductor group), each
+with a Right 24028007 / Left 7771000 property-type modifier as in its *_left/*_right rows. The
+other standard codes are in DICOM PS3.16 (read through pydicom's code dictionary, generated from
+it): Muscle of lower limb (SCT 102292000, all groups together), Thigh (SCT 68367000), Right and
+left (SCT 51440002, CID 244 Laterality), Volume (SCT 118565006), Mean / Standard deviation (SCT
+373098007 / 386136009), Attenuation Coefficient (DCM 112031). Indices that no standard codes (lean
 muscle, intramuscular fat, low-density muscle, QC flags) use thighseg's private scheme 99THIGHSEG,
 declared in the SR's Coding Scheme Identification.
 """
@@ -25,6 +22,7 @@ from __future__ import annotations
 import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 from thighseg.core.labels import MUSCLE_GROUPS, Group
 from thighseg.pipeline.summary import COLOURS
@@ -37,6 +35,15 @@ GROUP_DESCRIPTIONS = {
     Group.EXTENSOR: "Thigh extensor group (quadriceps, sartorius)",
     Group.FLEXOR: "Thigh flexor group (hamstrings)",
     Group.ADDUCTOR: "Thigh adductor group (adductors, gracilis)",
+}
+
+# SNOMED CT concept of each group, from TotalSegmentator's mapping (see the module docstring)
+# (pydicom Codes, not CodedConcepts: highdicom makes a new item of each per segment, which the
+# laterality modifier is then added to)
+GROUP_CODES = {
+    Group.EXTENSOR: Code("21989003", "SCT", "Quadriceps femoris muscle"),
+    Group.FLEXOR: Code("128511007", "SCT", "Posterior muscle of thigh structure"),
+    Group.ADDUCTOR: Code("1179657002", "SCT", "Structure of medial muscle of thigh"),
 }
 
 SIDES = ("right", "left")  # the order of thighseg.measure.indices.LEGS
@@ -92,7 +99,7 @@ def segment_descriptions(
                 segment_number=segment_number(group, side),
                 segment_label=segment_label(group, side),
                 segmented_property_category=codes.SCT.AnatomicalStructure,
-                segmented_property_type=codes.SCT.MuscleOfLowerLimb,
+                segmented_property_type=GROUP_CODES[group],
                 algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
                 algorithm_identification=algorithm,
                 tracking_uid=hd.UID(),

@@ -182,7 +182,7 @@ def _group_total(
     )
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(f"{coding.GROUP_DESCRIPTIONS[group]}, both thighs"),
-        finding_type=codes.SCT.MuscleOfLowerLimb,
+        finding_type=coding.GROUP_CODES[group],
         finding_sites=_site("total"),
         measurements=measurements,
     )
@@ -237,7 +237,7 @@ def write_sr(
                         segment_number=coding.segment_number(group, leg),
                         source_series=source_series,
                     ),
-                    finding_type=codes.SCT.MuscleOfLowerLimb,
+                    finding_type=coding.GROUP_CODES[group],
                     finding_sites=_site(leg),
                     measurements=_tissue_measurements(
                         indices.leg(leg).tissue(group.name.lower()), algorithm
