@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from thighseg.core.constants import AE_TITLE, DICOM_PORT
 
 if TYPE_CHECKING:
-    from thighseg.dicom_listener.forward import Destination
+    from thighseg.dicom_listener.forward import Destination, StowDestination
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,8 @@ class ListenerConfig:
     network_timeout_s: float = 30.0  # a peer silent this long mid-PDU or mid-handshake is dropped
     limits: Limits = Limits()
     retry_backoff_s: tuple[float, float] = (2.0, 60.0)  # Triton down: first and longest wait
-    destinations: tuple[Destination, ...] = ()  # C-STORE results to each, as it chooses
+    # results to each (C-STORE or STOW-RS), the outputs it chose
+    destinations: tuple[Destination | StowDestination, ...] = ()
     forward_attempts: int = 6  # backoff 1, 2, 4, 8, 16 s: a busy PACS gets half a minute
     # slices inferred as they arrive and held until their series completes (256 KiB a 512² slice);
     # 0: each series is inferred whole once complete

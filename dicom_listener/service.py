@@ -343,11 +343,9 @@ class Listener:
                 self.config.ae_title,
                 attempts=self.config.forward_attempts,
             )
-            records.append(
-                Forwarding(destination.ae_title, sent.delivered, sent.attempts, sent.detail)
-            )
+            records.append(Forwarding(destination.name, sent.delivered, sent.attempts, sent.detail))
             if not sent.delivered:
-                self.telemetry.forward_failures.labels(destination.ae_title).inc()
+                self.telemetry.forward_failures.labels(destination.name).inc()
         result.report.forwarded = records
         with self._publish_lock:  # only if no newer result replaced this one meanwhile
             if _same_result(result.report_path, result.report):

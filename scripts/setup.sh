@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # storescu/storescp, dciodvfy, perf_analyzer's libb64, a PACS, promtool (lints our /metrics)
-DEBIAN_PACKAGES=(dcmtk dicom3tools libb64-0d orthanc prometheus)
+DEBIAN_PACKAGES=(dcmtk dicom3tools libb64-0d orthanc orthanc-dicomweb prometheus)
 missing=()
 for package in "${DEBIAN_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

@@ -233,6 +233,7 @@ def test_value_sets_change_what_they_should():
         ({"model": "unet"}, "model"),
         ({"modelVersion": "newest"}, "modelVersion"),
         ({"listener": {"forward": ["PACS@pacs:104/pdf"]}}, "forward"),
+        ({"listener": {"forward": ["https://vna/dicom-web#pdf"]}}, "forward"),
         ({"listener": {"port": 70000}}, "port"),
         ({"listener": {"replicas": 2, "spool": {"existingClaim": "shared"}}}, "spool per pod"),
     ],
@@ -301,9 +302,9 @@ def test_chart_defaults_are_the_listeners_own():
     assert (values["model"], values["modelVersion"]) == (DEFAULT_MODEL, "latest")
     args = container(render({}), "StatefulSet")["args"]
     assert f"--model={DEFAULT_MODEL}" in args and "--model-version=latest" in args
-    forwarding = {"listener": {"forward": ["PACS@pacs:104", "ARCHIVE@archive:11112/seg,sr"]}}
-    args = container(render(forwarding), "StatefulSet")["args"]
-    assert "--forward=PACS@pacs:104" in args and "--forward=ARCHIVE@archive:11112/seg,sr" in args
+    chosen = ["PACS@pacs:104", "ARCHIVE@archive:11112/seg,sr", "https://vna/dicom-web#seg"]
+    args = container(render({"listener": {"forward": chosen}}), "StatefulSet")["args"]
+    assert all(f"--forward={text}" in args for text in chosen)
 
 
 def test_dashboard_queries_metrics_the_listener_exports_and_averages_without_a_floor():

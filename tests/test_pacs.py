@@ -4,6 +4,7 @@ receives the SEG, the SR and the summary page back under the same study."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -11,14 +12,17 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pydicom
 import pytest
 from conftest import free_port
 
-from thighseg.dicom_listener.forward import Destination
+from thighseg.dicom_listener.forward import Destination, StowDestination
+from thighseg.dicom_listener.scu import send_files
 
 ORTHANC = shutil.which("Orthanc") or (
     "/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None
 )
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 pytestmark = pytest.mark.skipif(
     ORTHANC is None, reason="Orthanc not installed (scripts/setup.sh installs the Debian package)"
 )
@@ -27,7 +31,7 @@ pytestmark = pytest.mark.skipif(
 class Orthanc:
     """An Orthanc process on free loopback ports with its own storage, stopped by PID."""
 
-    def __init__(self, folder: Path, listener_port: int) -> None:
+    def __init__(self, folder: Path, listener_port: int, dicomweb: bool = False) -> None:
         self.http_port, self.dicom_port = free_port(), free_port()
         config = {
             "Name": "thighseg-test",
@@ -40,7 +44,8 @@ class Orthanc:
             "IndexDirectory": str(folder / "storage"),
             "DicomModalities": {"thighseg": ["THIGHSEG", "127.0.0.1", listener_port]},
             "DicomAlwaysAllowStore": True,
-            "Plugins": [],
+            "Plugins": [str(DICOMWEB_PLUGIN)] if dicomweb else [],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
         }
         (folder / "orthanc.json").write_text(json.dumps(config))
         self.log = (folder / "orthanc.log").open("wb")
@@ -113,3 +118,51 @@ def test_orthanc_sends_a_study_and_gets_seg_sr_and_summary_back(
     finally:
         pacs.stop()
     assert pacs.process.poll() is not None, "Orthanc still running after stop()"
+
+
+def test_destinations_parse_ae_and_dicomweb_forms_and_name_mistakes():
+    assert Destination.parse("PACS@pacs.example:104/seg,sr") == Destination(
+        "PACS", "pacs.example", 104, ("seg", "sr")
+    )
+    assert Destination.parse("https://pacs.example/dicom-web/#sr") == StowDestination(
+        "https://pacs.example/dicom-web", ("sr",)
+    )
+    assert Destination.parse("http://127.0.0.1:8042/dicom-web").outputs == ("seg", "sr", "sc")
+    for bad, says in (
+        ("PACS@pacs:104/seg,pdf", "unknown output(s) pdf"),
+        ("pacs:104", "AET@host:port"),
+        ("http://pacs/dicom-web#seg,,sr", "choose from seg, sr, sc"),
+        ("https:///dicom-web", "http(s) URL"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(says)):
+            Destination.parse(bad)
+
+
+@pytest.mark.skipif(
+    not DICOMWEB_PLUGIN.exists(), reason="orthanc-dicomweb not installed (scripts/setup.sh)"
+)
+def test_stow_rs_stores_the_chosen_results_and_a_refusal_is_not_retried(
+    listener_factory, study_factory, tmp_path
+):
+    pacs = Orthanc(tmp_path, free_port(), dicomweb=True)
+    try:
+        base = f"http://127.0.0.1:{pacs.http_port}"
+        listener = listener_factory(
+            destinations=(
+                Destination.parse(f"{base}/dicom-web#seg,sr"),
+                Destination.parse(f"{base}/no-dicom-web-here"),
+            ),
+        )
+        paths = study_factory(52, size=128, slices=6)
+        assert set(send_files(paths, "127.0.0.1", listener.config.port)) == {0}
+        uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
+        report = listener.wait_for(uid, timeout_s=180).report
+        stored, refused = report.forwarded
+        assert (stored.delivered, stored.attempts) == (True, 1), stored
+        assert (refused.delivered, refused.attempts) == (False, 1), refused
+        assert refused.detail == "refused: HTTP 404"
+        (study,) = pacs.get("/studies")
+        series = pacs.get(f"/studies/{study}/series")
+        assert sorted(s["MainDicomTags"]["Modality"] for s in series) == ["SEG", "SR"]
+    finally:
+        pacs.stop()

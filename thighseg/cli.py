@@ -667,8 +667,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--forward",
         action="append",
         default=[],
-        metavar="AET@HOST:PORT[/seg,sr,sc]",
-        help="C-STORE results to this AE (repeat for several); /seg,sr,sc chooses which "
+        metavar="AET@HOST:PORT[/seg,sr,sc] | URL[#seg,sr,sc]",
+        help="C-STORE results to this AE, or STOW-RS them to this DICOMweb base URL "
+        "(http[s]://host/dicom-web); repeat for several; /seg,sr,sc or #seg,sr,sc chooses which "
         "(default: all three)",
     )
     p.add_argument("--batch-size", type=int, default=8)

@@ -22,7 +22,7 @@ DONE, FAILED = "done", "failed"
 
 @dataclass(frozen=True)
 class Forwarding:
-    """Delivery of the results to the destination AE (`listen --forward`)."""
+    """Delivery of the results to a destination (`listen --forward`): its AE title or URL."""
 
     destination: str
     delivered: bool
