@@ -11,9 +11,11 @@ past 1024 and every DICOM association of the process aborted.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -94,6 +96,7 @@ class TritonSegmenter:
         with self._lock:
             if self._io is None:
                 self._io = ThreadPoolExecutor(self.connections, thread_name_prefix="triton-io")
+                atexit.register(_close_at_exit, weakref.ref(self))
             io = self._io
         return io.submit(call).result()
 
@@ -191,3 +194,11 @@ class TritonSegmenter:
             self._drop_client()
             raise
         return result.as_numpy("logits")
+
+
+def _close_at_exit(segmenter: weakref.ref[TritonSegmenter]) -> None:
+    """Close a segmenter still open at exit while its modules are intact (tritonclient's own
+    finaliser fails once the interpreter is shutting down)."""
+    alive = segmenter()
+    if alive is not None:
+        alive.close()
