@@ -47,9 +47,11 @@ def test_tiny_benchmark_writes_json_markdown_and_plots(model_repository, tmp_pat
     assert {r["receiver"] for r in saved["ingest"]} == {
         "dcmtk-storescp",
         "dcmtk-storescp-nagle-default",
+        "pynetdicom-bare",
         "thighseg-listener",
     }
     assert "ingest_listener_vs_storescp_tcp_nodelay_1_associations" in saved["ratios"]
+    assert saved["ratios"]["ingest_listener_vs_bare_pynetdicom_1_associations"] > 0
     assert saved["errors"] == {}
     whole = saved["whole_study"]
     assert whole["instances"] == 8 and whole["listener_peak_rss_mb"] > 0

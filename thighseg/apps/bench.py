@@ -411,6 +411,12 @@ def ratios(results: dict) -> dict:
         out[f"ingest_listener_vs_storescp_nagle_default_{count}_associations"] = (
             listener / ingest[("dcmtk-storescp-nagle-default", count)]
         )
+        out[f"ingest_listener_vs_bare_pynetdicom_{count}_associations"] = (
+            listener / ingest[("pynetdicom-bare", count)]
+        )
+        out[f"ingest_bare_pynetdicom_vs_storescp_tcp_nodelay_{count}_associations"] = (
+            ingest[("pynetdicom-bare", count)] / ingest[("dcmtk-storescp", count)]
+        )
     return {k: round(v, 3) for k, v in out.items()}
 
 
@@ -535,7 +541,9 @@ def _ingest_section(runs: list[dict]) -> list[str]:
         "storescp and storescu with `TCP_NODELAY=1` (the fair baseline; the listener gets the same "
         "sender) and in DCMTK's default configuration, which leaves Nagle's algorithm on "
         "(`-nagle-default`, labelled, for comparison with earlier figures). storescp writes "
-        "without fsync; the listener fsyncs each instance and its index entry before Success.",
+        "without fsync; the listener fsyncs each instance and its index entry before Success. "
+        "`pynetdicom-bare` answers Success and keeps nothing: the ceiling of the library the "
+        "listener is built on.",
         "",
         "| receiver | associations | instances | seconds | instances/s |",
         "|---|---|---|---|---|",

@@ -4,7 +4,8 @@ the same sender (DCMTK storescu), both writing to disk on loopback.
 DCMTK leaves Nagle's algorithm on unless TCP_NODELAY=1 is in its environment (about 45 ms an
 instance on loopback), so the fair baseline sets it for storescp and for every storescu; the
 default configuration is measured too and labelled as such. The listener always gets the same
-sender as the fair baseline.
+sender as the fair baseline, and so does a bare pynetdicom SCP (thighseg.apps.bare_scp): the
+ceiling of the library the listener is built on.
 """
 
 from __future__ import annotations
@@ -126,6 +127,22 @@ def storescp(folder: Path, fork: bool, nodelay: bool = True) -> Iterator[int]:
 
 
 @contextmanager
+def bare_pynetdicom() -> Iterator[int]:
+    """pynetdicom acknowledging and discarding every instance, in its own process."""
+    port = free_port()
+    stderr = tempfile.TemporaryFile()
+    argv = [sys.executable, "-m", "thighseg.apps.bare_scp", str(port)]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        wait_for_port(port, process=process, stderr=stderr)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(30)
+        stderr.close()
+
+
+@contextmanager
 def listener_process(
     triton_url: str,
     spool: Path,
@@ -177,7 +194,8 @@ def compare_ingest(
     model: str = DEFAULT_MODEL,
 ) -> list[IngestRun]:
     """storescp with TCP_NODELAY=1 (the fair baseline), storescp in DCMTK's default configuration
-    (labelled), and the listener, each at every association count, back to back."""
+    (labelled), bare pynetdicom (no disk) and the listener, each at every association count, back
+    to back."""
     runs = []
     for count in associations:
         for nodelay, label in ((True, "dcmtk-storescp"), (False, "dcmtk-storescp-nagle-default")):
@@ -186,6 +204,9 @@ def compare_ingest(
                 seconds = push(files, port, count, "STORESCP", nodelay=nodelay)
             runs.append(IngestRun(label, count, len(files), seconds))
             shutil.rmtree(folder, ignore_errors=True)
+        with bare_pynetdicom() as port:
+            seconds = push(files, port, count, AE_TITLE)
+        runs.append(IngestRun("pynetdicom-bare", count, len(files), seconds))
         # idle far longer than the run and no streaming: measure receiving only, not the
         # segmentation that follows or overlaps it (on a small machine it competes for the cores)
         spool = work / f"spool-{count}"
