@@ -106,6 +106,23 @@ def push(
 
 
 @contextmanager
+def serving(
+    argv: list[str], port: int, env: dict[str, str] | None = None, stop_s: float = 30
+) -> Iterator[subprocess.Popen]:
+    """A server process listening on `port` until the block ends; if it exits first, its stderr
+    says why at once."""
+    stderr = tempfile.TemporaryFile()  # a file, not a pipe nobody drains: it never blocks the child
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+    try:
+        wait_for_port(port, process=process, stderr=stderr)
+        yield process
+    finally:
+        process.terminate()
+        process.wait(stop_s)
+        stderr.close()
+
+
+@contextmanager
 def storescp(folder: Path, fork: bool, nodelay: bool = True) -> Iterator[int]:
     port = free_port()
     folder.mkdir(parents=True, exist_ok=True)
@@ -113,33 +130,16 @@ def storescp(folder: Path, fork: bool, nodelay: bool = True) -> Iterator[int]:
     command = ["storescp", "-aet", "STORESCP", "-od", str(folder), "--max-pdu", "131072", str(port)]
     if fork:
         command.insert(1, "--fork")
-    stderr = tempfile.TemporaryFile()  # a file, not a pipe nobody drains: it never blocks the child
-    process = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=stderr, env=_environment(nodelay)
-    )
-    try:
-        wait_for_port(port, process=process, stderr=stderr)
+    with serving(command, port, env=_environment(nodelay)):
         yield port
-    finally:
-        process.terminate()
-        process.wait(30)
-        stderr.close()
 
 
 @contextmanager
 def bare_pynetdicom() -> Iterator[int]:
     """pynetdicom acknowledging and discarding every instance, in its own process."""
     port = free_port()
-    stderr = tempfile.TemporaryFile()
-    argv = [sys.executable, "-m", "thighseg.apps.bare_scp", str(port)]
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr)
-    try:
-        wait_for_port(port, process=process, stderr=stderr)
+    with serving([sys.executable, "-m", "thighseg.apps.bare_scp", str(port)], port):
         yield port
-    finally:
-        process.terminate()
-        process.wait(30)
-        stderr.close()
 
 
 @contextmanager
@@ -167,15 +167,8 @@ def listener_process(
     }
     argv = [sys.executable, "-m", "thighseg.cli", "listen"]
     argv += [str(item) for option in defaults.items() for item in option] + list(options)
-    stderr = tempfile.TemporaryFile()  # a file, not a pipe nobody drains: it never blocks the child
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr)
-    try:
-        wait_for_port(port, process=process, stderr=stderr)
+    with serving(argv, port, stop_s=60) as process:
         yield port, process
-    finally:
-        process.terminate()
-        process.wait(60)
-        stderr.close()
 
 
 def peak_rss_bytes(pid: int) -> int:
