@@ -50,6 +50,11 @@ def test_tiny_benchmark_writes_json_markdown_and_plots(model_repository, tmp_pat
         "pynetdicom-bare",
         "thighseg-listener",
     }
+    sustained = saved["sustained"]
+    assert (sustained["studies"], sustained["associations"]) == (3, 2)
+    assert sustained["studies_per_hour"] > 0
+    assert 0 < sustained["latency_s"]["p50"] <= sustained["latency_s"]["p95"]
+    assert "## Sustained load" in (tmp_path / "bench.md").read_text()
     assert "ingest_listener_vs_storescp_tcp_nodelay_1_associations" in saved["ratios"]
     assert saved["ratios"]["ingest_listener_vs_bare_pynetdicom_1_associations"] > 0
     assert saved["errors"] == {}
@@ -127,7 +132,7 @@ def test_a_listener_that_cannot_start_fails_its_parts_with_its_reason_and_the_re
 
     config = replace(BenchConfig.tiny(("denseunet",)), study_model="segformer")
     results = run_bench(tmp_path, denseunet_repository, config)
-    assert set(results["errors"]) == {"ingest", "whole_study", "last_store_to_seg"}
+    assert set(results["errors"]) == {"ingest", "whole_study", "last_store_to_seg", "sustained"}
     assert all(
         "exited" in reason and "segformer" in reason for reason in results["errors"].values()
     )

@@ -4,7 +4,8 @@ perf_analyzer sweeps for each served model (HTTP/gRPC, dynamic batching on/off),
 same slices (PyTorch eager FP32/bf16, ONNX Runtime at batch 1 and 8, whose best is the compute
 ceiling any server of that model meets on this machine), C-STORE ingest against DCMTK storescp, and
 one whole study from the first C-STORE to the SEG with the listener's peak memory, in a fresh
-listener and in one that has already processed a study. Writes bench.json, bench.md and PNG plots.
+listener and in one that has already processed a study, and sustained load (many studies over
+parallel associations: studies/hour, latency p50/p95). Writes bench.json, bench.md and PNG plots.
 
 Each part writes bench.json as it finishes; a part that fails is recorded under "errors" with its
 reason and the others go on; `resume` skips the parts an earlier run of the same configuration
@@ -36,6 +37,7 @@ from thighseg.apps.ingest import (
     push,
     wait_for_report,
 )
+from thighseg.apps.sustained import run_sustained
 from thighseg.client.perf import measure, without_dynamic_batching
 from thighseg.core.constants import AE_TITLE, DEFAULT_MODEL
 from thighseg.core.labels import normalise_hu
@@ -64,6 +66,10 @@ class BenchConfig:
     int8_slices: int = 8  # per validation subject (two subjects), judged against the truth
     # senders paced like a modality (instances/s; 0: as fast as the listener answers)
     stream_rates: tuple[float, ...] = (20.0, 100.0, 0.0)
+    # sustained load: studies of `sustained_slices` slices of study_size² over parallel associations
+    sustained_studies: int = 20
+    sustained_slices: int = 40
+    sustained_associations: int = 4
 
     @staticmethod
     def for_models(models: tuple[str, ...], **options) -> BenchConfig:
@@ -87,6 +93,9 @@ class BenchConfig:
             ingest_associations=(1, 2),
             int8_slices=2,
             stream_rates=(0.0,),
+            sustained_studies=3,
+            sustained_slices=4,
+            sustained_associations=2,
         )
 
 
@@ -155,6 +164,19 @@ def run_baselines(model: str, onnx_path: Path, config: BenchConfig) -> dict[str,
         torch_runner(network, "bf16"), images[: config.bf16_slices]
     )
     return results
+
+
+def _sustained_studies(config: BenchConfig, folder: Path) -> list[list[Path]]:
+    """The studies of the sustained part, each of its own subject."""
+    return [
+        write_series(
+            phantom.generate(
+                8200 + k, size=config.study_size, slices=config.sustained_slices, slice_spacing=5.0
+            ),
+            folder / f"study{k}",
+        )
+        for k in tqdm(range(config.sustained_studies), desc="sustained: studies")
+    ]
 
 
 def _process_study(
@@ -248,6 +270,7 @@ PARTS = (
     "ingest",
     "whole_study",
     "last_store_to_seg",
+    "sustained",
 )
 
 
@@ -318,6 +341,14 @@ def run_bench(out: Path, repository: Path, config: BenchConfig, resume: bool = F
                     for rate in tqdm(config.stream_rates, desc="last store to SEG")
                     for stream in (True, False)
                 ],
+                "sustained": lambda: run_sustained(
+                    _sustained_studies(config, work / "sustained-studies"),
+                    server.http_url,
+                    work,
+                    config.study_model,
+                    config.sustained_associations,
+                    workers=os.cpu_count() or 1,
+                ),
             }
             for part, measure_part in parts.items():
                 if part in results:
@@ -534,6 +565,23 @@ def _latency_section(runs: list[dict]) -> list[str]:
     return [*lines, ""]
 
 
+def _sustained_section(run: dict) -> list[str]:
+    latency = run["latency_s"]
+    return [
+        "## Sustained load",
+        "",
+        f"{run['studies']} studies of {run['instances_per_study']} instances ({run['model']}) "
+        f"sent back to back over {run['associations']} parallel associations (one study each, "
+        f"then the next) to one listener running {run['listener_workers']} series at once.",
+        "",
+        "| studies/hour | seconds | latency p50 s | p95 s | max s |",
+        "|---|---|---|---|---|",
+        f"| {run['studies_per_hour']} | {run['seconds']} | {latency['p50']} | {latency['p95']} "
+        f"| {latency['max']} |",
+        "",
+    ]
+
+
 def _ingest_section(runs: list[dict]) -> list[str]:
     lines = [
         "## C-STORE ingest (DCMTK storescu as sender)",
@@ -603,6 +651,8 @@ def markdown(results: dict) -> str:
         lines += _ingest_section(results["ingest"])
     if results.get("last_store_to_seg"):
         lines += _latency_section(results["last_store_to_seg"])
+    if "sustained" in results:
+        lines += _sustained_section(results["sustained"])
     if "whole_study" in results:
         lines += _whole_study_section(results["whole_study"], results["config"]["warmup_slices"])
     return "\n".join(lines)
