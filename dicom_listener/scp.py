@@ -19,6 +19,7 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -85,7 +86,7 @@ class StoreHandler:
     telemetry: Telemetry
     limits: Limits = Limits()
     # told of each new or changed instance once it is committed (streaming inference)
-    on_stored: Callable[[SeriesKey, str, str, Dataset], None] | None = None
+    on_stored: Callable[[SeriesKey, str, str, Path], None] | None = None
     _locks: list[threading.Lock] = field(
         default_factory=lambda: [threading.Lock() for _ in range(SOP_LOCKS)], repr=False
     )
@@ -122,10 +123,10 @@ class StoreHandler:
                 f"instance of {len(encoded)} bytes exceeds {self.limits.max_instance_bytes}",
             )
         key = SeriesKey(str(dataset.StudyInstanceUID), str(dataset.SeriesInstanceUID))
-        return self._spool(event, encoded, key, str(dataset.SOPInstanceUID), dataset)
+        return self._spool(event, encoded, key, str(dataset.SOPInstanceUID))
 
     def _spool(
-        self, event: evt.Event, encoded: bytes, key: SeriesKey, sop_uid: str, dataset: Dataset
+        self, event: evt.Event, encoded: bytes, key: SeriesKey, sop_uid: str
     ) -> Refusal | None:
         """Stage, record, commit: an instance is in place only once the index knows it."""
         try:
@@ -156,8 +157,7 @@ class StoreHandler:
         counter = {Arrival.NEW: self.telemetry.received, Arrival.REPLACED: self.telemetry.replaced}
         counter.get(arrival, self.telemetry.duplicates).inc()
         if arrival in counter and self.on_stored is not None:
-            dataset.file_meta = event.file_meta  # its transfer syntax: how to decode the pixels
-            self.on_stored(key, sop_uid, digest, dataset)
+            self.on_stored(key, sop_uid, digest, staged.final)
         if arrival is Arrival.REPLACED:
             log.warning(
                 "an instance was received again with different content: its series is re-processed"

@@ -200,9 +200,9 @@ class Listener:
         log.info("series %s queued", short_uid(key.series_uid))
         self._workers.submit(self._process, key)
 
-    def _stream(self, key: SeriesKey, sop_uid: str, digest: str, dataset) -> None:
+    def _stream(self, key: SeriesKey, sop_uid: str, digest: str, path: Path) -> None:
         """A stored instance goes to the model now, not when its series completes."""
-        if self.streaming.submit(key.series_uid, sop_uid, digest, dataset):
+        if self.streaming.submit(key.series_uid, sop_uid, digest, path):
             self.telemetry.slices_streamed.inc()
 
     def _result_dir(self, key: SeriesKey) -> Path:

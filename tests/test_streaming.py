@@ -3,6 +3,7 @@ for the very content the index names, within a memory budget."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 
 import numpy as np
@@ -12,6 +13,11 @@ from thighseg.client.volume import segment_volume
 from thighseg.pipeline.assemble import assemble, slice_hu
 from thighseg.pipeline.stages import InferenceSettings, infer_stage
 from thighseg.pipeline.streaming import SliceCache
+
+
+def digest_of(path) -> str:
+    """The content digest the listener's index records (SHA-256 of the stored file)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def intensity_logits(images: np.ndarray) -> np.ndarray:
@@ -27,14 +33,11 @@ def test_streamed_slices_equal_the_whole_volume_path_and_only_the_missing_are_in
     volume = assemble(list(paths))
     whole = segment_volume(volume.hu, intensity_logits, 64)
     cache = SliceCache(intensity_logits, 64)
-    datasets = {
-        str(s.SOPInstanceUID): pydicom.dcmread(p)
-        for s, p in zip(volume.sources, volume.paths, strict=True)
-    }
-    uids = list(datasets)
+    stored = {str(s.SOPInstanceUID): p for s, p in zip(volume.sources, volume.paths, strict=True)}
+    uids = list(stored)
     for uid in uids[:-2]:  # the last two have not arrived yet
-        assert cache.submit("series", uid, f"digest-{uid}", datasets[uid])
-    streamed = cache.take("series", {uid: f"digest-{uid}" for uid in uids})
+        assert cache.submit("series", uid, digest_of(stored[uid]), stored[uid])
+    streamed = cache.take("series", {uid: digest_of(stored[uid]) for uid in uids})
     assert set(streamed) == set(uids[:-2])
     calls = []
 
@@ -47,22 +50,27 @@ def test_streamed_slices_equal_the_whole_volume_path_and_only_the_missing_are_in
     labels = infer_stage(volume.hu, settings, by_index)
     assert np.array_equal(labels, whole)
     assert sum(calls) == 2  # only the tail
-    assert np.array_equal(slice_hu(datasets[uids[0]]), volume.hu[0].astype(np.float32))
+    first = pydicom.dcmread(stored[uids[0]])
+    assert np.array_equal(slice_hu(first), volume.hu[0].astype(np.float32))
     assert cache.slices == 0  # taken: forgotten
 
 
 def test_labels_of_other_content_are_never_used(study_factory):
     paths = study_factory(92, size=128, slices=3)
     cache = SliceCache(intensity_logits, 64)
-    ds = pydicom.dcmread(paths[0])
-    uid = str(ds.SOPInstanceUID)
-    cache.submit("series", uid, "old-content", ds)
-    assert cache.take("series", {uid: "new-content"}) == {}
+    uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).SOPInstanceUID)
+    cache.submit("series", uid, digest_of(paths[0]), paths[0])
+    assert cache.take("series", {uid: "newer-content"}) == {}
+    # a file replaced after it was submitted is not inferred from its new bytes either
+    cache.submit("series", uid, "content-when-stored", paths[0])
+    assert cache.take("series", {uid: "content-when-stored"}) == {}
+    assert cache.slices == 0
 
 
 def test_the_budget_caps_streamed_slices_and_a_failure_is_inferred_later(study_factory):
     paths = study_factory(93, size=128, slices=3)
-    datasets = [pydicom.dcmread(p) for p in paths]
+    uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths]
+    digests = {uid: digest_of(p) for uid, p in zip(uids, paths, strict=True)}
     gate = threading.Event()
 
     def held(images):
@@ -70,15 +78,15 @@ def test_the_budget_caps_streamed_slices_and_a_failure_is_inferred_later(study_f
         return intensity_logits(images)
 
     cache = SliceCache(held, 64, max_slices=2, workers=1)
-    accepted = [cache.submit("s", str(d.SOPInstanceUID), "d", d) for d in datasets]
+    accepted = [cache.submit("s", u, digests[u], p) for u, p in zip(uids, paths, strict=True)]
     assert accepted == [True, True, False]
     gate.set()
-    assert len(cache.take("s", {str(d.SOPInstanceUID): "d" for d in datasets})) == 2
+    assert len(cache.take("s", digests)) == 2
 
     def failing(images):
         raise ConnectionError("triton went away")
 
     broken = SliceCache(failing, 64)
-    broken.submit("s", str(datasets[0].SOPInstanceUID), "d", datasets[0])
-    assert broken.take("s", {str(datasets[0].SOPInstanceUID): "d"}) == {}
+    broken.submit("s", uids[0], digests[uids[0]], paths[0])
+    assert broken.take("s", digests) == {}
     assert broken.slices == 0

@@ -7,16 +7,22 @@ moment it is stored, in any order, and are exactly those the whole-volume path c
 instance's content digest: at processing time only labels of the very bytes the index snapshot names
 are used, and any slice without one (replaced, dropped because the cache was full, failed) is
 inferred then with the rest. Streaming is an optimisation and never a source of truth.
+
+A slice waiting for a free worker is only its spool path: the file is read when inferred, so a
+backlog (inference slower than the sender) costs no memory for pixels.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from io import BytesIO
+from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset
+import pydicom
 
 from thighseg.client.volume import InferFn, segment_volume
 from thighseg.pipeline.assemble import slice_hu
@@ -41,19 +47,24 @@ class SliceCache:
         self._pending: dict[str, set[Future]] = {}
         self._count = 0
 
-    def submit(self, series_uid: str, sop_uid: str, digest: str, dataset: Dataset) -> bool:
-        """Infer this instance in the background; False when the cache is full (not streamed)."""
+    def submit(self, series_uid: str, sop_uid: str, digest: str, path: Path) -> bool:
+        """Infer the instance stored at `path` with content `digest` in the background; False
+        when the cache is full (not streamed)."""
         with self._lock:
             if self._count >= self._max_slices:
                 return False
             self._count += 1  # reserved now, so concurrent submits respect the budget
-            future = self._pool.submit(self._run, series_uid, sop_uid, digest, dataset)
+            future = self._pool.submit(self._run, series_uid, sop_uid, digest, path)
             self._pending.setdefault(series_uid, set()).add(future)
         future.add_done_callback(lambda done: self._settled(series_uid, done))
         return True
 
-    def _run(self, series_uid: str, sop_uid: str, digest: str, dataset: Dataset) -> None:
+    def _run(self, series_uid: str, sop_uid: str, digest: str, path: Path) -> None:
         try:
+            encoded = path.read_bytes()
+            if hashlib.sha256(encoded).hexdigest() != digest:
+                raise LookupError("replaced or removed since it was stored")
+            dataset = pydicom.dcmread(BytesIO(encoded))
             labels = segment_volume(slice_hu(dataset)[None], self._infer, self._input_size, 1, 1)[0]
         except Exception as error:  # noqa: BLE001 - inferred again with the series
             log.info("streamed slice not inferred (%s); the series infers it", type(error).__name__)
