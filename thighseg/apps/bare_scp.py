@@ -19,6 +19,7 @@ def serve(port: int) -> None:
     """Accept C-STOREs on 127.0.0.1:port until SIGTERM or SIGINT."""
     ae = AE(AE_TITLE)
     ae.maximum_pdu_size = 4 << 20  # as the listener's default
+    ae.maximum_associations = 64  # pynetdicom's default of 10 refuses the benchmark's 10 senders
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax)
     server = ae.start_server(
