@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from tqdm import tqdm
 
 from thighseg.apps.baselines import onnxruntime_runner, slices_per_second, torch_runner
@@ -43,6 +44,7 @@ from thighseg.core.constants import AE_TITLE, DEFAULT_MODEL
 from thighseg.core.labels import normalise_hu
 from thighseg.core.resample import MODEL_INPUT_SIZE, to_model_grid
 from thighseg.learning import models
+from thighseg.pipeline.report import SeriesReport
 from thighseg.serving.embedded_triton import CPU_CONFIG_NAME, EmbeddedTriton, Ports
 from thighseg.synthetic import phantom
 from thighseg.synthetic.ct_series import write_series
@@ -179,16 +181,14 @@ def _sustained_studies(config: BenchConfig, folder: Path) -> list[list[Path]]:
     ]
 
 
-def _process_study(
-    files: list[Path], port: int, out: Path, reports_before: int
-) -> tuple[float, float]:
-    """Push one study; (seconds from the first C-STORE to its report, seconds of sending)."""
+def _process_study(files: list[Path], port: int, out: Path) -> tuple[float, float, SeriesReport]:
+    """Push one study; (seconds from the first C-STORE to its report, seconds of sending, the
+    report)."""
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     started = time.perf_counter()
     send_seconds = push(files, port, 1, AE_TITLE)
-    deadline = time.monotonic() + 1800
-    while len(list(out.rglob("report.json"))) <= reports_before and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return time.perf_counter() - started, send_seconds
+    report = wait_for_report(out, study_uid)
+    return time.perf_counter() - started, send_seconds, report
 
 
 def run_whole_study(
@@ -197,26 +197,21 @@ def run_whole_study(
     """First C-STORE to SEG on disk, stage times from the report, and the listener process's peak
     RSS: in a fresh listener, and in one that processed a small study first (libraries loaded,
     caches and heaps as they stay in a long-running listener)."""
-    import pydicom
-
-    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     out = work / "whole-out"
     with listener_process(triton_url, work / "whole-spool", out, idle_s=1.0, model=model) as (
         port,
         process,
     ):
-        total, send_seconds = _process_study(files, port, out, 0)
+        total, send_seconds, report = _process_study(files, port, out)
         peak = peak_rss_bytes(process.pid)
     warm_out = work / "warm-out"
     with listener_process(triton_url, work / "warm-spool", warm_out, idle_s=1.0, model=model) as (
         port,
         process,
     ):
-        _process_study(warmup, port, warm_out, 0)
-        _process_study(files, port, warm_out, 1)
+        _process_study(warmup, port, warm_out)
+        _process_study(files, port, warm_out)
         warm_peak = peak_rss_bytes(process.pid)
-    report = wait_for_report(out, study_uid, timeout_s=5)  # both were published already
-    wait_for_report(warm_out, study_uid, timeout_s=5)
     return {
         "model": model,
         "instances": len(files),

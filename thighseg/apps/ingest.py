@@ -218,15 +218,16 @@ def compare_ingest(
 
 
 def wait_for_report(out: Path, study_uid: str, timeout_s: float = 1800) -> SeriesReport:
-    """The finished report of the study's series once it is published in `out`."""
+    """The finished report of the study's series once it is published in `out` (the listener's
+    layout, out/<study>/<series>/report.json: only that study's folder is polled, so waiting
+    reads nothing of the other studies the listener is busy with)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for path in out.rglob("report.json"):
+        for path in (out / study_uid).glob("*/report.json"):
             report = SeriesReport.read(path)
-            if report.study_instance_uid == study_uid:
-                if not report.done:
-                    raise RuntimeError(f"series failed: {report.reason}")
-                return report
+            if not report.done:
+                raise RuntimeError(f"series failed: {report.reason}")
+            return report
         time.sleep(0.05)
     raise TimeoutError(f"no report in {timeout_s:.0f} s")
 

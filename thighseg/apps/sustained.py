@@ -45,17 +45,17 @@ def run_sustained(
         published_at = {}
         for uid in tqdm(uids, desc="sustained: reports"):
             wait_for_report(out, uid)
-            published_at[uid] = max(p.stat().st_mtime for p in (out / uid).rglob("report.json"))
+            published_at[uid] = max(p.stat().st_mtime for p in (out / uid).glob("*/report.json"))
     latencies = [published_at[uid] - sent_at[uid] for uid in uids]
-    hours = (max(published_at.values()) - started) / 3600
+    seconds = max(published_at.values()) - started
     return {
         "model": model,
         "studies": len(studies),
         "instances_per_study": len(studies[0]),
         "associations": associations,
         "listener_workers": workers,
-        "seconds": round(hours * 3600, 1),
-        "studies_per_hour": round(len(studies) / hours, 1),
+        "seconds": round(seconds, 1),
+        "studies_per_hour": round(len(studies) * 3600 / seconds, 1),
         "latency_s": {
             "p50": round(float(np.percentile(latencies, 50)), 2),
             "p95": round(float(np.percentile(latencies, 95)), 2),
