@@ -1,4 +1,4 @@
-"""Segment a whole CT volume: slices to the model grid, batches in flight together, labels back."""
+"""Segment a whole CT volume: slices to the model tile, batches in flight together, labels back."""
 
 from __future__ import annotations
 
@@ -8,16 +8,21 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from thighseg.core.labels import normalise_hu
-from thighseg.core.resample import logits_to_labels, to_model_grid
+from thighseg.core.resample import body_window, tile_logits_to_labels, to_tile
 
 InferFn = Callable[[np.ndarray], np.ndarray]
 
 
 def segment_volume(
-    hu: np.ndarray, infer: InferFn, input_size: int, batch_size: int = 8, concurrency: int = 4
+    hu: np.ndarray,
+    infer: InferFn,
+    input_size: int,
+    pixel_mm: tuple[float, float],
+    batch_size: int = 8,
+    concurrency: int = 4,
 ) -> np.ndarray:
-    """(z, y, x) HU -> (z, y, x) uint8 labels; `infer` maps (n, 1, s, s) inputs to (n, C, s, s)
-    logits.
+    """(z, y, x) HU with (row, column) pixel size in mm -> (z, y, x) uint8 labels; `infer` maps
+    (n, 1, s, s) inputs to (n, C, s, s) logits.
 
     Batches are prepared and resampled inside the worker, so at most `concurrency` batches of
     logits exist at once, whatever the number of slices.
@@ -27,9 +32,12 @@ def segment_volume(
     labels = np.empty(hu.shape, dtype=np.uint8)
 
     def run(start: int) -> None:
-        chunk = hu[start : start + batch_size]
-        images = normalise_hu(to_model_grid(chunk, input_size))[:, None]
-        labels[start : start + len(chunk)] = logits_to_labels(infer(images), chunk.shape[1:])
+        chunk = np.asarray(hu[start : start + batch_size])
+        windows = [body_window(s, pixel_mm, input_size) for s in chunk]
+        tiles = np.stack([to_tile(s, w, input_size) for s, w in zip(chunk, windows, strict=True)])
+        logits = infer(normalise_hu(tiles)[:, None])
+        for k, window in enumerate(windows):
+            labels[start + k] = tile_logits_to_labels(logits[k], window, chunk.shape[1:])
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         list(pool.map(run, range(0, hu.shape[0], batch_size)))  # list() re-raises worker errors

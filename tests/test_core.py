@@ -1,8 +1,15 @@
 import numpy as np
 
 from thighseg.core.labels import normalise_hu
-from thighseg.core.resample import logits_to_labels, to_model_grid
+from thighseg.core.resample import (
+    MODEL_INPUT_SIZE,
+    MODEL_PIXEL_MM,
+    body_window,
+    tile_logits_to_labels,
+    to_tile,
+)
 from thighseg.measure.metrics import dice, dice_per_group, group_volumes_ml
+from thighseg.synthetic import phantom
 
 
 def test_dice_matches_hand_count():
@@ -31,11 +38,48 @@ def test_normalisation_window():
     assert np.allclose(out, [-1, -1, 0, 1, 1])
 
 
-def test_resampling_round_trip_keeps_labels():
-    labels = np.zeros((3, 512, 512), np.uint8)
-    labels[:, 100:300, 50:250] = 2
-    logits = np.stack([labels == k for k in range(4)], axis=1).astype(np.float32)
-    small = to_model_grid(logits.reshape(12, 512, 512), 256).reshape(3, 4, 256, 256)
-    back = logits_to_labels(small, (512, 512))
-    assert back.shape == labels.shape
-    assert (back == labels).mean() > 0.995
+def test_tile_round_trip_keeps_labels():
+    study = phantom.generate(1005, size=512, slices=1)
+    pixel = (study.geometry.pixel_spacing,) * 2
+    labels = study.labels[0]
+    window = body_window(study.hu[0], pixel)
+    one_hot = [(labels == k).astype(np.float32) for k in range(4)]
+    # labels carried onto the tile like HU (air outside is no class), then back
+    logits = np.stack([to_tile(channel * 2000 - 1000, window) for channel in one_hot])
+    back = tile_logits_to_labels(logits, window, labels.shape)
+    assert (back == labels).mean() > 0.998
+
+
+def test_the_tile_shows_the_same_thigh_whatever_the_field_of_view():
+    tiles = []
+    for fov in (450.0, 600.0):
+        study = phantom.generate(7, size=512, slices=1, field_of_view=fov)
+        pixel = (study.geometry.pixel_spacing,) * 2
+        tiles.append(to_tile(study.hu[0], body_window(study.hu[0], pixel)) > -500)
+    overlap = (tiles[0] & tiles[1]).sum() / (tiles[0] | tiles[1]).sum()
+    assert overlap > 0.97  # on the FOV-scaled grid the body covered 0.56 of the other's area
+
+
+def test_a_body_wider_than_the_tile_is_shrunk_to_fit_not_cut():
+    hu = np.full((512, 512), -1000.0, np.float32)
+    hu[200:300, 6:506] = 40.0  # 500 px of 1 mm: wider than the 397 mm tile
+    window = body_window(hu, (1.0, 1.0))
+    side = window.step[1] * MODEL_INPUT_SIZE
+    assert side >= 500 and window.origin[1] <= 6 and window.origin[1] + side >= 506
+    assert (to_tile(hu, window) > -500).any(axis=0).sum() < MODEL_INPUT_SIZE  # air both sides
+    small = np.full((512, 512), -1000.0, np.float32)
+    small[240:272, 100:132] = 40.0
+    assert body_window(small, (0.5, 0.5)).step == (MODEL_PIXEL_MM / 0.5,) * 2
+
+
+def test_an_empty_slice_is_framed_on_its_centre_and_nothing_outside_the_tile_is_labelled():
+    hu = np.full((512, 512), -1000.0, np.float32)
+    window = body_window(hu, (2.0, 2.0))  # the tile covers 198 of 512 pixels
+    centre = [o + s * MODEL_INPUT_SIZE / 2 for o, s in zip(window.origin, window.step, strict=True)]
+    assert centre == [256.0, 256.0]
+    logits = np.zeros((4, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE), np.float32)
+    logits[1] = 5.0  # extensor everywhere on the tile
+    labels = tile_logits_to_labels(logits, window, (512, 512))
+    inside = MODEL_INPUT_SIZE * MODEL_PIXEL_MM / 2.0 / 2  # tile half side, acquired pixels
+    assert labels[256, 256] == 1 and labels[0, 0] == 0
+    assert abs((labels[256] == 1).sum() - 2 * inside) <= 2

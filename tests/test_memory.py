@@ -59,10 +59,11 @@ def test_stages_give_the_same_results_from_disk_as_from_memory(series, tmp_path)
         logits[:, 1] = images[:, 0]
         return logits
 
-    assert np.array_equal(
-        segment_volume(on_disk.hu, infer, 64, 4, 2), segment_volume(in_memory.hu, infer, 64, 4, 2)
-    )
     spacing = in_memory.spacing_zyx
+    assert np.array_equal(
+        segment_volume(on_disk.hu, infer, 64, spacing[1:], 4, 2),
+        segment_volume(in_memory.hu, infer, 64, spacing[1:], 4, 2),
+    )
     assert volume_indices(on_disk.hu, labels, spacing) == volume_indices(
         in_memory.hu, labels, spacing
     )

@@ -31,7 +31,7 @@ def test_streamed_slices_equal_the_whole_volume_path_and_only_the_missing_are_in
 ):
     paths = study_factory(91, size=128, slices=6)
     volume = assemble(list(paths))
-    whole = segment_volume(volume.hu, intensity_logits, 64)
+    whole = segment_volume(volume.hu, intensity_logits, 64, volume.spacing_zyx[1:])
     cache = SliceCache(intensity_logits, 64)
     stored = {str(s.SOPInstanceUID): p for s, p in zip(volume.sources, volume.paths, strict=True)}
     uids = list(stored)
@@ -47,7 +47,7 @@ def test_streamed_slices_equal_the_whole_volume_path_and_only_the_missing_are_in
 
     settings = InferenceSettings(counting, "test", 64, batch_size=8, concurrency=1)
     by_index = {uids.index(uid): labels for uid, labels in streamed.items()}
-    labels = infer_stage(volume.hu, settings, by_index)
+    labels = infer_stage(volume.hu, volume.spacing_zyx[1:], settings, by_index)
     assert np.array_equal(labels, whole)
     assert sum(calls) == 2  # only the tail
     first = pydicom.dcmread(stored[uids[0]])

@@ -63,7 +63,7 @@ class Study:
 
 
 def evaluate_study(study: Study, infer: InferFn) -> dict:
-    predicted = segment_volume(study.hu, infer, MODEL_INPUT_SIZE)
+    predicted = segment_volume(study.hu, infer, MODEL_INPUT_SIZE, study.spacing_zyx[1:])
     return {
         "case": study.case,
         "overlap": overlap_metrics(predicted, study.labels),

@@ -1,20 +1,107 @@
-"""Moving slices between their acquired matrix and the model's fixed input grid.
+"""Moving slices between their acquired matrix and the model's input tile.
 
-The served models take square slices of `MODEL_INPUT_SIZE` pixels covering the whole field of
-view: muscle groups are large structures, and a fixed grid keeps Triton batching and TensorRT
-profiles simple. Logits (not labels) are resampled back, so boundaries stay smooth.
+The served models take square tiles of `MODEL_INPUT_SIZE` pixels at a fixed physical pixel size,
+`MODEL_PIXEL_MM` (the median pixel size of the training slices, nnU-Net's rule), centred on the
+body: the same thigh then looks the same to the model whatever field of view it was scanned with.
+A body wider than the tile is shrunk to fit rather than cut. Logits (not labels) are resampled
+back, so boundaries stay smooth. Training renders its slices on such a grid directly
+(`to_model_grid` for slices already framed).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
 MODEL_INPUT_SIZE = 256
+MODEL_PIXEL_MM = 1.55
+BODY_HU = -500.0  # above: skin, fat, muscle, bone; below: air and the couch's foam
+AIR_HU = -1000.0
+_TABLE_OPENING_MM = 4.0  # removes the couch's thin shell (and wires, sheets) from the body mask
+_MARGIN = 1.08  # tile side / body extent when the body is wider than the tile
+
+
+@dataclass(frozen=True)
+class TileWindow:
+    """Where the model tile lies on the acquired matrix, in acquired pixels (rows, columns):
+    the outer edge of its first pixel, and the length of one tile pixel."""
+
+    origin: tuple[float, float]
+    step: tuple[float, float]
+
+
+def body_window(
+    hu: np.ndarray,
+    pixel_mm: tuple[float, float],
+    size: int = MODEL_INPUT_SIZE,
+    target_mm: float = MODEL_PIXEL_MM,
+) -> TileWindow:
+    """A square tile of `size` pixels of `target_mm` centred on the body of a (H, W) HU slice
+    (on the slice centre when there is none), widened to the body's extent if it does not fit."""
+    rows, cols = hu.shape
+    radius = max(1, round(_TABLE_OPENING_MM / min(pixel_mm)))
+    disk = np.hypot(*np.ogrid[-radius : radius + 1, -radius : radius + 1]) <= radius
+    body = ndimage.binary_opening(hu > BODY_HU, structure=disk)
+    side_mm = size * target_mm
+    if body.any():
+        r = np.flatnonzero(body.any(axis=1))
+        c = np.flatnonzero(body.any(axis=0))
+        centre = ((r[0] + r[-1] + 1) / 2, (c[0] + c[-1] + 1) / 2)
+        extent_mm = max((r[-1] + 1 - r[0]) * pixel_mm[0], (c[-1] + 1 - c[0]) * pixel_mm[1])
+        side_mm = max(side_mm, extent_mm * _MARGIN)
+    else:
+        centre = (rows / 2, cols / 2)
+    step = (side_mm / size / pixel_mm[0], side_mm / size / pixel_mm[1])
+    origin = (centre[0] - step[0] * size / 2, centre[1] - step[1] * size / 2)
+    return TileWindow(origin, step)
+
+
+def to_tile(hu: np.ndarray, window: TileWindow, size: int = MODEL_INPUT_SIZE) -> np.ndarray:
+    """(H, W) HU -> (size, size) HU on the tile, linear interpolation, air outside the slice."""
+    return ndimage.affine_transform(
+        hu.astype(np.float32, copy=False),
+        np.asarray(window.step),
+        offset=[o + s / 2 - 0.5 for o, s in zip(window.origin, window.step, strict=True)],
+        output_shape=(size, size),
+        order=1,
+        mode="constant",
+        cval=AIR_HU,
+    )
+
+
+def tile_logits_to_labels(
+    logits: np.ndarray, window: TileWindow, shape: tuple[int, int]
+) -> np.ndarray:
+    """(C, s, s) logits of a tile -> (H, W) uint8 labels on the acquired matrix; background
+    outside the tile."""
+    channels, size, _ = logits.shape
+    inverse = [1 / s for s in window.step]
+    offset = [(0.5 - o) / s - 0.5 for o, s in zip(window.origin, window.step, strict=True)]
+    upsampled = np.stack(
+        [
+            ndimage.affine_transform(
+                logits[c].astype(np.float32, copy=False),
+                inverse,
+                offset=offset,
+                output_shape=shape,
+                order=1,
+                mode="nearest",
+            )
+            for c in range(channels)
+        ]
+    )
+    labels = np.argmax(upsampled, axis=0).astype(np.uint8)
+    r = (np.arange(shape[0]) + 0.5 - window.origin[0]) / window.step[0]
+    c = (np.arange(shape[1]) + 0.5 - window.origin[1]) / window.step[1]
+    labels[~((r >= 0) & (r <= size))] = 0
+    labels[:, ~((c >= 0) & (c <= size))] = 0
+    return labels
 
 
 def to_model_grid(slices: np.ndarray, size: int = MODEL_INPUT_SIZE) -> np.ndarray:
-    """(n, H, W) -> (n, size, size), linear interpolation on pixel areas."""
+    """(n, H, W) slices already framed as the model sees them -> (n, size, size), linear."""
     n, height, width = slices.shape
     if (height, width) == (size, size):
         return slices.astype(np.float32, copy=False)
@@ -31,25 +118,3 @@ def labels_to_model_grid(labels: np.ndarray, size: int = MODEL_INPUT_SIZE) -> np
         return labels
     zoom = (1.0, size / height, size / width)
     return ndimage.zoom(labels, zoom, order=0, grid_mode=True, mode="nearest")
-
-
-def logits_to_labels(logits: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """(n, C, h, w) logits -> (n, H, W) uint8 labels on the acquired matrix, one slice at a time
-    (full-resolution logits of a whole batch would be 16 bytes per voxel)."""
-    n, channels, height, width = logits.shape
-    labels = np.empty((n, *shape), dtype=np.uint8)
-    zoom = (1.0, shape[0] / height, shape[1] / width)
-    for k in range(n):
-        upsampled = (
-            logits[k]
-            if (height, width) == tuple(shape)
-            else ndimage.zoom(
-                logits[k].astype(np.float32, copy=False),
-                zoom,
-                order=1,
-                grid_mode=True,
-                mode="nearest",
-            )
-        )
-        labels[k] = np.argmax(upsampled, axis=0)
-    return labels

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from thighseg.core.resample import MODEL_PIXEL_MM
 from thighseg.learning import models
 
 ARCHITECTURES = {
@@ -99,8 +100,9 @@ def render(summary: dict, evaluation: dict | None = None) -> str:
         "|---|---|",
         f"| architecture | {ARCHITECTURES[model]} |",
         "| input / output | 1 × 256 × 256 HU clipped to [-250, 250] and scaled to [-1, 1] "
-        "(`thighseg.core.labels.normalise_hu`), any matrix resampled to 256² over the field of "
-        "view → 4-class logits (background, extensor, flexor, adductor) |",
+        "(`thighseg.core.labels.normalise_hu`), any matrix resampled to a 256² tile of "
+        f"{MODEL_PIXEL_MM} mm pixels centred on the body (`thighseg.core.resample`; shrunk to "
+        "fit a wider body) → 4-class logits (background, extensor, flexor, adductor) |",
         f"| file | `{summary['weights']}` (sha256 `{summary.get('sha256', 'n/a')[:16]}…`) |",
         f"| served as | `{models.triton_name(model)}` |",
         "",

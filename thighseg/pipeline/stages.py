@@ -107,6 +107,7 @@ class LoadedVolume:
 
 def infer_stage(
     hu: np.ndarray | HUStack,
+    pixel_mm: tuple[float, float],
     settings: InferenceSettings,
     streamed: dict[int, np.ndarray] | None = None,
 ) -> np.ndarray:
@@ -115,7 +116,12 @@ def infer_stage(
     known = {k: v for k, v in (streamed or {}).items() if v.shape == hu.shape[1:]}
     if not known:
         return segment_volume(
-            hu, settings.infer, settings.input_size, settings.batch_size, settings.concurrency
+            hu,
+            settings.infer,
+            settings.input_size,
+            pixel_mm,
+            settings.batch_size,
+            settings.concurrency,
         )
     labels = np.empty(hu.shape, dtype=np.uint8)
     for index, slice_labels in known.items():
@@ -126,6 +132,7 @@ def infer_stage(
             np.stack([np.asarray(hu[k]) for k in missing]),
             settings.infer,
             settings.input_size,
+            pixel_mm,
             settings.batch_size,
             settings.concurrency,
         )
@@ -280,7 +287,7 @@ def run_stages(
         loaded = timed("assemble", read, report)
         report.shape_zyx, report.spacing_zyx_mm = list(loaded.hu.shape), list(loaded.spacing_zyx)
         streamed = _by_slice(loaded, streamed_labels)
-        labels = timed("infer", infer_stage, loaded.hu, settings, streamed)
+        labels = timed("infer", infer_stage, loaded.hu, loaded.spacing_zyx[1:], settings, streamed)
         timed("measure", measure_stage, report, loaded, labels)
         timed("emit", emit, report, loaded, labels, out_dir)
         report.status = DONE

@@ -65,7 +65,10 @@ class SliceCache:
             if hashlib.sha256(encoded).hexdigest() != digest:
                 raise LookupError("replaced or removed since it was stored")
             dataset = pydicom.dcmread(BytesIO(encoded))
-            labels = segment_volume(slice_hu(dataset)[None], self._infer, self._input_size, 1, 1)[0]
+            pixel_mm = tuple(float(v) for v in dataset.PixelSpacing)
+            labels = segment_volume(
+                slice_hu(dataset)[None], self._infer, self._input_size, pixel_mm, 1, 1
+            )[0]
         except Exception as error:  # noqa: BLE001 - inferred again with the series
             log.info("streamed slice not inferred (%s); the series infers it", type(error).__name__)
             with self._lock:
