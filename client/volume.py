@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from thighseg.core.labels import normalise_hu
-from thighseg.core.resample import body_window, tile_logits_to_labels, to_tile
+from thighseg.core.resample import tile_logits_to_labels, tiles_of
 
 InferFn = Callable[[np.ndarray], np.ndarray]
 
@@ -33,8 +33,7 @@ def segment_volume(
 
     def run(start: int) -> None:
         chunk = np.asarray(hu[start : start + batch_size])
-        windows = [body_window(s, pixel_mm, input_size) for s in chunk]
-        tiles = np.stack([to_tile(s, w, input_size) for s, w in zip(chunk, windows, strict=True)])
+        tiles, windows = tiles_of(chunk, pixel_mm, input_size)
         logits = infer(normalise_hu(tiles)[:, None])
         for k, window in enumerate(windows):
             labels[start + k] = tile_logits_to_labels(logits[k], window, chunk.shape[1:])

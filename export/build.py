@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from thighseg.core.labels import normalise_hu
-from thighseg.core.resample import labels_to_model_grid, to_model_grid
+from thighseg.core.resample import labels_on_tiles, tiles_of
 from thighseg.export.fp16 import convert_to_fp16
 from thighseg.export.onnx_export import export_to_repository, measure_parity
 from thighseg.export.validation import compare, onnx_backend
@@ -23,12 +23,13 @@ VALIDATION_SEEDS = (7001, 7002)  # outside the training seeds
 def validation_slices(
     slices_per_subject: int = 8, size: int = 384
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised model-grid inputs (n, 1, s, s) and their true labels."""
+    """Normalised model tiles (n, 1, s, s) and their true labels."""
     images, truth = [], []
     for seed in VALIDATION_SEEDS:
         study = phantom.generate(seed, size=size, slices=slices_per_subject)
-        images.append(normalise_hu(to_model_grid(study.hu))[:, None])
-        truth.append(labels_to_model_grid(study.labels))
+        tiles, windows = tiles_of(study.hu, (study.geometry.pixel_spacing,) * 2)
+        images.append(normalise_hu(tiles)[:, None])
+        truth.append(labels_on_tiles(study.labels, windows))
     return np.concatenate(images), np.concatenate(truth)
 
 

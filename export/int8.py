@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from thighseg.core.labels import normalise_hu
-from thighseg.core.resample import to_model_grid
+from thighseg.core.resample import tiles_of
 from thighseg.export.validation import Comparison, compare, onnx_backend
 from thighseg.synthetic import phantom
 
@@ -37,11 +37,12 @@ MAX_DICE_DROP = 0.005
 
 
 def calibration_images() -> np.ndarray:
-    """Normalised model-grid phantom slices (n, 1, s, s) to calibrate activation ranges on."""
+    """Normalised phantom tiles (n, 1, s, s) to calibrate activation ranges on."""
     images = []
     for seed in CALIBRATION_SEEDS:
         study = phantom.generate(seed, size=384, slices=CALIBRATION_SLICES)
-        images.append(normalise_hu(to_model_grid(study.hu))[:, None])
+        tiles, _ = tiles_of(study.hu, (study.geometry.pixel_spacing,) * 2)
+        images.append(normalise_hu(tiles)[:, None])
     return np.concatenate(images).astype(np.float32)
 
 

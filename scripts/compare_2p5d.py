@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from thighseg.core.labels import NUM_CLASSES, normalise_hu
-from thighseg.core.resample import MODEL_INPUT_SIZE, labels_to_model_grid, to_model_grid
+from thighseg.core.resample import MODEL_INPUT_SIZE, labels_on_tiles, tiles_of
 from thighseg.learning import models
 from thighseg.learning.training import _augment, _loss
 from thighseg.measure.metrics import dice_per_group
@@ -50,10 +50,11 @@ def phantom_triplets(seeds: range, slices: int) -> tuple[np.ndarray, np.ndarray]
     stacks, labels = [], []
     for seed in tqdm(seeds, desc="phantom triplets"):
         study = phantom.generate(seed, size=384, slices=slices, slice_spacing=5.0)
-        hu = normalise_hu(to_model_grid(study.hu))
+        tiles, windows = tiles_of(study.hu, (study.geometry.pixel_spacing,) * 2)
+        hu = normalise_hu(tiles)
         padded = np.concatenate([hu[:1], hu, hu[-1:]])
         stacks.append(np.stack([padded[:-2], padded[1:-1], padded[2:]], 1).astype(np.float16))
-        labels.append(labels_to_model_grid(study.labels))
+        labels.append(labels_on_tiles(study.labels, windows))
     return np.concatenate(stacks), np.concatenate(labels)
 
 

@@ -5,7 +5,9 @@ from thighseg.core.resample import (
     MODEL_INPUT_SIZE,
     MODEL_PIXEL_MM,
     body_window,
+    labels_on_tiles,
     tile_logits_to_labels,
+    tiles_of,
     to_tile,
 )
 from thighseg.measure.metrics import dice, dice_per_group, group_volumes_ml
@@ -39,15 +41,15 @@ def test_normalisation_window():
 
 
 def test_tile_round_trip_keeps_labels():
-    study = phantom.generate(1005, size=512, slices=1)
-    pixel = (study.geometry.pixel_spacing,) * 2
-    labels = study.labels[0]
-    window = body_window(study.hu[0], pixel)
-    one_hot = [(labels == k).astype(np.float32) for k in range(4)]
-    # labels carried onto the tile like HU (air outside is no class), then back
-    logits = np.stack([to_tile(channel * 2000 - 1000, window) for channel in one_hot])
-    back = tile_logits_to_labels(logits, window, labels.shape)
-    assert (back == labels).mean() > 0.998
+    study = phantom.generate(1005, size=512, slices=2)
+    tiles, windows = tiles_of(study.hu, (study.geometry.pixel_spacing,) * 2)
+    on_tiles = labels_on_tiles(study.labels, windows)
+    assert tiles.shape == on_tiles.shape == (2, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE)
+    assert set(np.unique(on_tiles)) == {0, 1, 2, 3}
+    for k, window in enumerate(windows):
+        logits = np.stack([(on_tiles[k] == c).astype(np.float32) for c in range(4)])
+        back = tile_logits_to_labels(logits, window, study.labels.shape[1:])
+        assert (back == study.labels[k]).mean() > 0.995
 
 
 def test_the_tile_shows_the_same_thigh_whatever_the_field_of_view():

@@ -42,7 +42,7 @@ def test_two_versions_served_at_once_and_reports_name_theirs(tmp_path, study_fac
     needs_torch()
     from thighseg.client.triton import TritonSegmenter
     from thighseg.core.labels import normalise_hu
-    from thighseg.core.resample import to_model_grid
+    from thighseg.core.resample import tiles_of
     from thighseg.export.onnx_export import export_to_repository, next_version
     from thighseg.export.validation import onnx_backend
     from thighseg.pipeline.stages import process_series, settings_for
@@ -64,7 +64,8 @@ def test_two_versions_served_at_once_and_reports_name_theirs(tmp_path, study_fac
         "1": hashlib.sha256(models.weights_path(MODEL).read_bytes()).hexdigest(),
         "2": hashlib.sha256(site_weights.read_bytes()).hexdigest(),
     }
-    images = normalise_hu(to_model_grid(phantom.generate(5, size=128, slices=2).hu))[:, None]
+    study = phantom.generate(5, size=128, slices=2)
+    images = normalise_hu(tiles_of(study.hu, (study.geometry.pixel_spacing,) * 2)[0])[:, None]
     ports = Ports(free_port(), free_port(), free_port())
     with EmbeddedTriton(repository, ports, log_file=tmp_path / "triton.log") as server:
         answers = {}

@@ -42,7 +42,7 @@ from thighseg.apps.sustained import run_sustained
 from thighseg.client.perf import measure, without_dynamic_batching
 from thighseg.core.constants import AE_TITLE, DEFAULT_MODEL
 from thighseg.core.labels import normalise_hu
-from thighseg.core.resample import MODEL_INPUT_SIZE, to_model_grid
+from thighseg.core.resample import MODEL_INPUT_SIZE
 from thighseg.learning import models
 from thighseg.pipeline.report import SeriesReport
 from thighseg.serving.embedded_triton import CPU_CONFIG_NAME, EmbeddedTriton, Ports
@@ -149,7 +149,7 @@ def run_perf(
 
 def run_baselines(model: str, onnx_path: Path, config: BenchConfig) -> dict[str, float]:
     study = phantom.generate(8101, size=MODEL_INPUT_SIZE, slices=config.baseline_slices)
-    images = normalise_hu(to_model_grid(study.hu))[:, None].astype(np.float32)
+    images = normalise_hu(study.hu)[:, None].astype(np.float32)  # rendered at the input size
     session = onnxruntime_runner(onnx_path)
     results = {
         "onnxruntime_fp32_batch1": slices_per_second(

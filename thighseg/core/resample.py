@@ -4,8 +4,8 @@ The served models take square tiles of `MODEL_INPUT_SIZE` pixels at a fixed phys
 `MODEL_PIXEL_MM` (the median pixel size of the training slices, nnU-Net's rule), centred on the
 body: the same thigh then looks the same to the model whatever field of view it was scanned with.
 A body wider than the tile is shrunk to fit rather than cut. Logits (not labels) are resampled
-back, so boundaries stay smooth. Training renders its slices on such a grid directly
-(`to_model_grid` for slices already framed).
+back, so boundaries stay smooth. Training and INT8 calibration frame their slices the same way
+(the randomised generator renders on a grid of its own random scale: scale augmentation).
 """
 
 from __future__ import annotations
@@ -63,12 +63,17 @@ def to_tile(hu: np.ndarray, window: TileWindow, size: int = MODEL_INPUT_SIZE) ->
     return ndimage.affine_transform(
         hu.astype(np.float32, copy=False),
         np.asarray(window.step),
-        offset=[o + s / 2 - 0.5 for o, s in zip(window.origin, window.step, strict=True)],
+        offset=_offset(window),
         output_shape=(size, size),
         order=1,
         mode="constant",
         cval=AIR_HU,
     )
+
+
+def _offset(window: TileWindow) -> list[float]:
+    """affine_transform's offset: tile pixel centres in acquired pixel-centre coordinates."""
+    return [o + s / 2 - 0.5 for o, s in zip(window.origin, window.step, strict=True)]
 
 
 def tile_logits_to_labels(
@@ -100,21 +105,31 @@ def tile_logits_to_labels(
     return labels
 
 
-def to_model_grid(slices: np.ndarray, size: int = MODEL_INPUT_SIZE) -> np.ndarray:
-    """(n, H, W) slices already framed as the model sees them -> (n, size, size), linear."""
-    n, height, width = slices.shape
-    if (height, width) == (size, size):
-        return slices.astype(np.float32, copy=False)
-    zoom = (1.0, size / height, size / width)
-    return ndimage.zoom(
-        slices.astype(np.float32, copy=False), zoom, order=1, grid_mode=True, mode="nearest"
+def tiles_of(
+    slices: np.ndarray, pixel_mm: tuple[float, float], size: int = MODEL_INPUT_SIZE
+) -> tuple[np.ndarray, list[TileWindow]]:
+    """(n, H, W) HU -> (n, size, size) HU tiles, and where each lies on its slice."""
+    windows = [body_window(s, pixel_mm, size) for s in slices]
+    tiles = np.stack([to_tile(s, w, size) for s, w in zip(slices, windows, strict=True)])
+    return tiles, windows
+
+
+def labels_on_tiles(
+    labels: np.ndarray, windows: list[TileWindow], size: int = MODEL_INPUT_SIZE
+) -> np.ndarray:
+    """(n, H, W) uint8 labels -> (n, size, size) on the tiles of their slices, nearest
+    neighbour, background outside the slice (training targets)."""
+    return np.stack(
+        [
+            ndimage.affine_transform(
+                slice_labels,
+                np.asarray(window.step),
+                offset=_offset(window),
+                output_shape=(size, size),
+                order=0,
+                mode="constant",
+                cval=0,
+            )
+            for slice_labels, window in zip(labels, windows, strict=True)
+        ]
     )
-
-
-def labels_to_model_grid(labels: np.ndarray, size: int = MODEL_INPUT_SIZE) -> np.ndarray:
-    """(n, H, W) uint8 labels -> (n, size, size), nearest neighbour (for training targets)."""
-    n, height, width = labels.shape
-    if (height, width) == (size, size):
-        return labels
-    zoom = (1.0, size / height, size / width)
-    return ndimage.zoom(labels, zoom, order=0, grid_mode=True, mode="nearest")

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from thighseg.core.constants import DEFAULT_MODEL
 from thighseg.core.labels import NUM_CLASSES, normalise_hu
-from thighseg.core.resample import MODEL_INPUT_SIZE, labels_to_model_grid, to_model_grid
+from thighseg.core.resample import MODEL_INPUT_SIZE, labels_on_tiles, tiles_of
 from thighseg.learning import dataset, models
 from thighseg.measure.metrics import dice_per_group
 from thighseg.synthetic import phantom, randomised
@@ -51,13 +51,14 @@ class TrainConfig:
 def cohort_slices(
     seeds: list[int], slices_per_subject: int, rng: np.random.Generator, progress: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised model-grid slices and labels from phantoms of mixed matrix sizes."""
+    """Normalised model tiles and labels from phantoms of mixed matrix sizes."""
     images, targets = [_EMPTY_IMAGES], [_EMPTY_TARGETS]
     for seed in tqdm(seeds, desc="phantoms", disable=not progress):
         size = int(rng.choice([256, 384, 512]))
         ph = phantom.generate(seed, size=size, slices=slices_per_subject)
-        images.append(normalise_hu(to_model_grid(ph.hu)).astype(np.float16))
-        targets.append(labels_to_model_grid(ph.labels))
+        tiles, windows = tiles_of(ph.hu, (ph.geometry.pixel_spacing,) * 2)
+        images.append(normalise_hu(tiles).astype(np.float16))
+        targets.append(labels_on_tiles(ph.labels, windows))
     return np.concatenate(images), np.concatenate(targets)
 
 
@@ -74,12 +75,13 @@ def randomised_slices(
 
 
 def dataset_slices(root: Path, subjects: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Model-grid slices of a user's dataset (`thighseg dataset import`); "ignore" voxels get
+    """Model tiles of a user's dataset (`thighseg dataset import`); "ignore" voxels get
     the loss's ignore index."""
     images, targets = [], []
     for case in dataset.cases_of(root, subjects):
-        images.append(normalise_hu(to_model_grid(case.hu)).astype(np.float16))
-        labels = labels_to_model_grid(case.labels)
+        tiles, windows = tiles_of(case.hu, case.spacing_zyx[1:])
+        images.append(normalise_hu(tiles).astype(np.float16))
+        labels = labels_on_tiles(case.labels, windows)
         targets.append(np.where(labels == dataset.IGNORE, NUM_CLASSES, labels).astype(np.uint8))
     if not images:
         raise ValueError(f"no cases of subjects {', '.join(subjects) or '(none)'} in {root}")
