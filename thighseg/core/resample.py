@@ -20,6 +20,7 @@ MODEL_PIXEL_MM = 1.55
 BODY_HU = -500.0  # above: skin, fat, muscle, bone; below: air and the couch's foam
 AIR_HU = -1000.0
 _TABLE_OPENING_MM = 4.0  # removes the couch's thin shell (and wires, sheets) from the body mask
+_MASK_PIXEL_MM = 2.0
 _MARGIN = 1.08  # tile side / body extent when the body is wider than the tile
 
 
@@ -41,15 +42,16 @@ def body_window(
     """A square tile of `size` pixels of `target_mm` centred on the body of a (H, W) HU slice
     (on the slice centre when there is none), widened to the body's extent if it does not fit."""
     rows, cols = hu.shape
-    radius = max(1, round(_TABLE_OPENING_MM / min(pixel_mm)))
+    every = max(1, int(_MASK_PIXEL_MM / min(pixel_mm)))  # the mask at ~2 mm is enough to frame
+    radius = max(1, round(_TABLE_OPENING_MM / (min(pixel_mm) * every)))
     disk = np.hypot(*np.ogrid[-radius : radius + 1, -radius : radius + 1]) <= radius
-    body = ndimage.binary_opening(hu > BODY_HU, structure=disk)
+    body = ndimage.binary_opening(hu[::every, ::every] > BODY_HU, structure=disk)
     side_mm = size * target_mm
     if body.any():
-        r = np.flatnonzero(body.any(axis=1))
-        c = np.flatnonzero(body.any(axis=0))
-        centre = ((r[0] + r[-1] + 1) / 2, (c[0] + c[-1] + 1) / 2)
-        extent_mm = max((r[-1] + 1 - r[0]) * pixel_mm[0], (c[-1] + 1 - c[0]) * pixel_mm[1])
+        r = np.flatnonzero(body.any(axis=1)) * every
+        c = np.flatnonzero(body.any(axis=0)) * every
+        centre = ((r[0] + r[-1] + every) / 2, (c[0] + c[-1] + every) / 2)
+        extent_mm = max((r[-1] + every - r[0]) * pixel_mm[0], (c[-1] + every - c[0]) * pixel_mm[1])
         side_mm = max(side_mm, extent_mm * _MARGIN)
     else:
         centre = (rows / 2, cols / 2)
