@@ -103,3 +103,30 @@ def test_a_model_version_that_is_not_a_number_is_a_usage_error():
         timeout=120,
     )
     assert done.returncode == 2 and "'newest' is not a version number" in done.stderr
+
+
+def test_an_export_of_older_shipped_weights_is_replaced(tmp_path):
+    """After a pull with new shipped weights, version 1 is exported again, not served stale."""
+    needs_torch()
+    import json
+
+    from thighseg.apps.demo import ensure_exported
+
+    name = models.triton_name(MODEL)
+    repository = tmp_path / "repository"
+    shutil.copytree(
+        REPO_ROOT / "model_repository" / name,
+        repository / name,
+        ignore=shutil.ignore_patterns("*.onnx", "weights.json", "__pycache__"),
+    )
+    onnx_path = ensure_exported(MODEL, repository)
+    record = onnx_path.with_name("weights.json")
+    shipped = hashlib.sha256(models.weights_path(MODEL).read_bytes()).hexdigest()
+    assert json.loads(record.read_text())["sha256"] == shipped
+    exported_at = onnx_path.stat().st_mtime_ns
+    assert ensure_exported(MODEL, repository).stat().st_mtime_ns == exported_at  # current: kept
+    record.write_text(json.dumps({"model": MODEL, "version": 1, "sha256": "0" * 64}))
+    onnx_path.write_bytes(b"an export of other weights")
+    ensure_exported(MODEL, repository)
+    assert json.loads(record.read_text())["sha256"] == shipped
+    assert onnx_path.read_bytes().startswith(b"\x08")  # an ONNX protobuf again

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import tempfile
 import time
@@ -35,9 +37,13 @@ class DemoOptions:
 
 
 def ensure_exported(model: str, repository: Path) -> Path:
-    """Export the shipped weights to ONNX once; later runs reuse the file."""
+    """Export the shipped weights to ONNX once; later runs reuse the file until the shipped
+    weights change (a pull with new weights must not keep serving the old export)."""
     onnx_path = repository / models.triton_name(model) / "1" / "model.onnx"
-    if not onnx_path.exists():
+    record = onnx_path.with_name("weights.json")
+    shipped = hashlib.sha256(models.weights_path(model).read_bytes()).hexdigest()
+    exported = json.loads(record.read_text()).get("sha256") if record.exists() else None
+    if not onnx_path.exists() or exported != shipped:
         from thighseg.export.onnx_export import export_to_repository
 
         log.info("exporting %s to %s", model, onnx_path)

@@ -36,12 +36,8 @@ def local_settings(model: str, device: str, repository: Path) -> InferenceSettin
     from thighseg.export.onnx_export import exported_versions
 
     model_dir = repository / models.triton_name(model)
-    versions = exported_versions(model_dir)
-    onnx_path = (
-        model_dir / str(versions[-1]) / "model.onnx"
-        if versions
-        else ensure_exported(model, repository)
-    )
+    ensure_exported(model, repository)  # version 1: the shipped weights, current
+    onnx_path = model_dir / str(exported_versions(model_dir)[-1]) / "model.onnx"
     record = onnx_path.with_name("weights.json")
     weights_sha256 = json.loads(record.read_text())["sha256"] if record.exists() else None
     session = ort.InferenceSession(str(onnx_path), providers=providers_for(device))
