@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from thighseg.core.labels import Group
-from thighseg.measure.indices import VolumeIndices, volume_indices
+from thighseg.measure.indices import VolumeIndices, leg_masks, volume_indices
 
 SPACING = (2.0, 1.0, 1.0)  # 2 µL voxels
 VOXEL_ML = 0.002
@@ -138,3 +138,31 @@ def test_fill_holes_per_slice_is_scipys_fill_of_each_slice():
     expected = np.stack([ndimage.binary_fill_holes(m) for m in masks])
     assert np.array_equal(fill_holes_per_slice(masks), expected)
     assert fill_holes_per_slice(masks)[3, 20, 20]
+
+
+def test_bone_mask_filled_within_the_cortex_box_equals_whole_slices():
+    from scipy import ndimage
+
+    from thighseg.measure.indices import CORTEX_HU, bone_mask
+
+    rng = np.random.default_rng(9)
+    hu = np.full((4, 60, 80), -100.0)
+    hu[0, 20:40, 30:50], hu[0, 25:35, 35:45] = 1000, -80  # a femur: cortex around fat marrow
+    hu[1, 0:12, 0:12], hu[1, 3:9, 3:9] = 1000, -80  # a ring touching the image corner
+    hu[2] = np.where(rng.random((60, 80)) > 0.6, 1000, -100)  # speckle
+    expected = np.stack([ndimage.binary_fill_holes(s > CORTEX_HU) for s in hu])
+    assert np.array_equal(bone_mask(hu), expected)
+    assert bone_mask(hu)[0, 30, 40] and not bone_mask(hu)[3].any()
+
+
+def test_sided_labels_split_each_group_at_the_midline():
+    from thighseg.pipeline.outputs import sided_labels
+
+    hu, labels = analytic_volume()
+    sided = sided_labels(labels, hu)
+    midline = int(np.ceil(leg_masks(hu)["left"].argmax()))
+    right, left = sided[..., :midline], sided[..., midline:]
+    for group in (1, 2, 3):
+        assert np.array_equal(right == 2 * group - 1, labels[..., :midline] == group)
+        assert np.array_equal(left == 2 * group, labels[..., midline:] == group)
+    assert np.array_equal(sided == 0, labels == 0)

@@ -169,8 +169,20 @@ def fill_holes_per_slice(masks: np.ndarray) -> np.ndarray:
 
 
 def bone_mask(hu: np.ndarray) -> np.ndarray:
-    """Cortex and the marrow it encloses, slice by slice."""
-    return fill_holes_per_slice(hu > CORTEX_HU)
+    """Cortex and the marrow it encloses, slice by slice. Filled within the cortex's bounding box
+    (plus a pixel): background outside that box always reaches the image edge, so the result is
+    the same as filling whole slices, at a fraction of the cost."""
+    cortex = hu > CORTEX_HU
+    rows, columns = np.nonzero(cortex.any(axis=(0, 2)))[0], np.nonzero(cortex.any(axis=(0, 1)))[0]
+    if rows.size == 0:
+        return cortex
+    box = (
+        slice(None),
+        slice(max(0, rows[0] - 1), rows[-1] + 2),
+        slice(max(0, columns[0] - 1), columns[-1] + 2),
+    )
+    cortex[box] = fill_holes_per_slice(cortex[box])
+    return cortex
 
 
 def fascia_envelope(group_mask: np.ndarray, pixel_mm: float) -> np.ndarray:
@@ -200,26 +212,30 @@ def fascia_envelope(group_mask: np.ndarray, pixel_mm: float) -> np.ndarray:
 # indices are accumulated over slabs: memory stays bounded whatever the study size
 CHUNK_SLICES = 16
 _STATS = ("total", "lean", "imat", "low_density", "hu_sum", "hu_sq")
+_LABELS = len(MUSCLE_GROUPS) + 1  # background and the groups
 
 
-def _accumulate(
-    stats: dict,
-    hu: np.ndarray,
-    mask: np.ndarray,
-    lean: np.ndarray,
-    adipose: np.ndarray,
-    low_density: np.ndarray,
-) -> None:
-    lean_hu = hu[mask & lean].astype(np.float64)
-    for key, value in (
-        ("total", mask.sum()),
-        ("lean", lean_hu.size),
-        ("imat", (mask & adipose).sum()),
-        ("low_density", (mask & low_density).sum()),
-        ("hu_sum", lean_hu.sum()),
-        ("hu_sq", np.square(lean_hu).sum()),
-    ):
-        stats[key] = stats.get(key, 0) + value
+def _slab_sums(hu: np.ndarray, labels: np.ndarray, leg_of_column: np.ndarray) -> np.ndarray:
+    """(leg, label, statistic) sums over one slab's labelled voxels: one bincount per statistic
+    over a (leg, label) key, instead of a masked pass over the slab per group, leg and
+    statistic."""
+    labelled = labels > 0
+    key = (leg_of_column * _LABELS + labels)[labelled]
+    h = hu[labelled].astype(np.float64)
+    lean = (h >= MUSCLE_HU[0]) & (h <= MUSCLE_HU[1])
+    adipose = (h >= ADIPOSE_HU[0]) & (h <= ADIPOSE_HU[1])
+    low_density = (h >= LOW_DENSITY_HU[0]) & (h <= LOW_DENSITY_HU[1])
+    bins = len(LEGS) * _LABELS
+    lean_key, lean_hu = key[lean], h[lean]
+    sums = [
+        np.bincount(key, minlength=bins),
+        np.bincount(lean_key, minlength=bins),
+        np.bincount(key[adipose], minlength=bins),
+        np.bincount(key[low_density], minlength=bins),
+        np.bincount(lean_key, weights=lean_hu, minlength=bins),
+        np.bincount(lean_key, weights=np.square(lean_hu), minlength=bins),
+    ]
+    return np.stack(sums, axis=-1).reshape(len(LEGS), _LABELS, len(_STATS))
 
 
 def _finish(stats: dict, voxel_ml: float) -> dict:
@@ -245,34 +261,31 @@ def volume_indices(
     """Per leg and in total: each group's and all muscle's volumes and density, intermuscular fat,
     fractions and asymmetry (definitions in the module docstring)."""
     voxel_ml = float(np.prod(spacing_zyx)) / 1000
-    stats = {(leg, name): {} for leg in (*LEGS, "total") for name in TISSUES}
+    sums = np.zeros((len(LEGS), _LABELS, len(_STATS)))
     intermuscular = {leg: 0 for leg in LEGS}
     legs = leg_masks(hu)
+    leg_of_column = legs["left"].astype(np.uint8)  # LEGS order: right 0, left 1
     for start in range(0, hu.shape[0], CHUNK_SLICES):
         h, lab = hu[start : start + CHUNK_SLICES], labels[start : start + CHUNK_SLICES]
-        lean = (h >= MUSCLE_HU[0]) & (h <= MUSCLE_HU[1])
-        adipose = (h >= ADIPOSE_HU[0]) & (h <= ADIPOSE_HU[1])
-        low_density = (h >= LOW_DENSITY_HU[0]) & (h <= LOW_DENSITY_HU[1])
-        bone = bone_mask(h)
+        sums += _slab_sums(h, lab, leg_of_column)
+        bone = None
         for leg, columns in legs.items():
-            in_leg = np.broadcast_to(columns, lab.shape)
-            muscle = (lab > 0) & in_leg
-            for group in MUSCLE_GROUPS:
-                _accumulate(
-                    stats[(leg, group.name.lower())],
-                    h,
-                    (lab == group) & in_leg,
-                    lean,
-                    adipose,
-                    low_density,
-                )
-            _accumulate(stats[(leg, "muscle")], h, muscle, lean, adipose, low_density)
-            envelope = fascia_envelope(muscle, spacing_zyx[1]) & in_leg
-            intermuscular[leg] += int((envelope & ~muscle & ~bone & adipose).sum())
+            muscle = (lab > 0) & columns
+            envelope = fascia_envelope(muscle, spacing_zyx[1]) & columns & ~muscle
+            if not envelope.any():
+                continue
+            bone = bone_mask(h) if bone is None else bone
+            between = h[envelope & ~bone]
+            intermuscular[leg] += int(
+                ((between >= ADIPOSE_HU[0]) & (between <= ADIPOSE_HU[1])).sum()
+            )
+    stats = {}
+    for index, leg in enumerate(LEGS):
+        for group in MUSCLE_GROUPS:
+            stats[(leg, group.name.lower())] = dict(zip(_STATS, sums[index, group], strict=True))
+        stats[(leg, "muscle")] = dict(zip(_STATS, sums[index, 1:].sum(axis=0), strict=True))
     for name in TISSUES:
-        stats[("total", name)] = {
-            k: sum(stats[(leg, name)].get(k, 0) for leg in LEGS) for k in _STATS
-        }
+        stats[("total", name)] = {k: sum(stats[(leg, name)][k] for leg in LEGS) for k in _STATS}
     volumes = {
         leg: {name: _finish(stats[(leg, name)], voxel_ml) for name in TISSUES}
         for leg in (*LEGS, "total")
