@@ -8,7 +8,7 @@ def test_training_saves_weights_and_resumes_from_the_checkpoint(tmp_path):
     import torch
 
     from thighseg.learning import models
-    from thighseg.learning.training import TrainConfig, train
+    from thighseg.learning.training import TrainConfig, train, training_history
 
     config = TrainConfig(
         model="denseunet",
@@ -39,6 +39,10 @@ def test_training_saves_weights_and_resumes_from_the_checkpoint(tmp_path):
     changed = torch.load(tmp_path / "tuned.pt", weights_only=True)["state_dict"]
     assert tuned["config"]["init"] == str(out)
     assert any(not torch.equal(weights[k], changed[k]) for k in weights), "fine-tuning moved"
+    assert [step["sha256"] for step in tuned["history"]] == [first["sha256"]]
+    assert "Fine-tuned from the result of" in (tmp_path / "tuned.md").read_text()
+    lineage = training_history(tmp_path / "tuned.pt")  # what a further fine-tune records
+    assert [step["sha256"] for step in lineage] == [first["sha256"], tuned["sha256"]]
     assert network(torch.zeros(1, 1, 64, 64)).shape == (1, 4, 64, 64)
 
 

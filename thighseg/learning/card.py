@@ -83,6 +83,23 @@ def _synthetic_lines(config: dict) -> list[str]:
     ]
 
 
+def _history_lines(summary: dict) -> list[str]:
+    """The runs these weights were fine-tuned from, oldest first, and the time of all runs."""
+    history = summary.get("history", [])
+    if not history:
+        return []
+    total = sum(step.get("seconds") or 0 for step in history) + summary["seconds"]
+    lines = ["", "Fine-tuned from the result of (oldest first):"]
+    for step in history:
+        sha = step.get("sha256")
+        lines.append(
+            f"1. `{command(step['config'])}` — {step.get('seconds') or 0:,.0f} s on "
+            f"{step.get('device') or 'cpu'}" + (f", sha256 `{sha[:16]}…`" if sha else "")
+        )
+    lines += ["", f"All runs together: {total:,.0f} s."]
+    return lines
+
+
 def _dice_rows(figures: dict[str, float]) -> list[str]:
     rows = [f"| {g} | {figures[g]:.3f} |" for g in GROUPS]
     rows.append(f"| mean | {sum(figures[g] for g in GROUPS) / 3:.3f} |")
@@ -119,6 +136,7 @@ def render(summary: dict, evaluation: dict | None = None) -> str:
         + ". Versions: "
         + ", ".join(f"{k} {v}" for k, v in summary.get("versions", {}).items())
         + ".",
+        *_history_lines(summary),
         "",
         "## Validation (model grid, held-out subjects)",
     ]

@@ -238,6 +238,7 @@ def train(config: TrainConfig, out: Path | None = None, checkpoint: Path | None 
     checkpoint = checkpoint or out.with_suffix(".ckpt")
     out.parent.mkdir(parents=True, exist_ok=True)
     data = user_data(config) if config.data else synthetic_data(config)
+    history = training_history(Path(config.init)) if config.init else []  # before `out` is replaced
     network = (
         models.load_trained(config.model, Path(config.init)).train()
         if config.init
@@ -317,6 +318,7 @@ def train(config: TrainConfig, out: Path | None = None, checkpoint: Path | None 
         "seconds": round(time.time() - started, 1),
         "weights": out.name,
         "device": _describe(device),
+        **({"history": history} if history else {}),
     }
     return record(summary, out)
 
@@ -363,6 +365,17 @@ def _dice_on(network, images: np.ndarray, targets: np.ndarray) -> dict[str, floa
     predicted = logits.argmax(1).numpy().astype(np.uint8)
     predicted[targets == NUM_CLASSES] = NUM_CLASSES  # ignored pixels score for no group
     return dice_per_group(predicted, targets)
+
+
+def training_history(init: Path) -> list[dict]:
+    """The runs that made the starting weights, oldest first (from their JSON, when there is one),
+    so a card names every step that led to its weights."""
+    recorded = init.with_suffix(".json")
+    if not recorded.exists():
+        return []
+    earlier = json.loads(recorded.read_text())
+    step = {key: earlier.get(key) for key in ("config", "seconds", "sha256", "device")}
+    return [*earlier.get("history", []), step]
 
 
 def record(summary: dict, out: Path) -> dict:
