@@ -115,6 +115,11 @@ def test_every_part_uses_the_model_asked_for_and_resume_measures_only_what_is_mi
     assert second["ingest"] == first["ingest"]
     assert second["whole_study"]["model"] == "denseunet"
     assert second["whole_study"]["seconds_first_store_to_seg"] > 0
+    when, again = first["measured_at"], second["measured_at"]
+    assert set(when) == set(again) >= {"perf_analyzer", "ingest", "whole_study"}
+    assert again["perf_analyzer"] == when["perf_analyzer"], "a resumed part keeps its own time"
+    assert again["whole_study"] >= when["whole_study"]
+    assert f"whole_study {again['whole_study']}" in (tmp_path / "bench.md").read_text()
     with pytest.raises(ValueError, match="another configuration"):
         run_bench(tmp_path, denseunet_repository, BenchConfig.tiny(("segformer",)), resume=True)
 

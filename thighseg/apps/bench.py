@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -240,7 +241,9 @@ def _earlier_results(out: Path, config: BenchConfig) -> dict:
         return {}
     if earlier.get("config") != json.loads(json.dumps(asdict(config))):
         raise ValueError(f"{out}/bench.json was measured with another configuration: no resume")
-    return {part: earlier[part] for part in PARTS if part in earlier}
+    kept = {part: earlier[part] for part in PARTS if part in earlier}
+    when = {part: at for part, at in earlier.get("measured_at", {}).items() if part in kept}
+    return {**kept, "measured_at": when}
 
 
 def run_int8(model: str, onnx_path: Path, work: Path, config: BenchConfig) -> dict:
@@ -280,6 +283,7 @@ def run_bench(out: Path, repository: Path, config: BenchConfig, resume: bool = F
         },
         "gpu": "missing: no GPU on this machine; run scripts/gpu_check.sh on a GPU host",
         "errors": {},
+        "measured_at": {},  # part -> UTC time it finished: resumed parts keep their own
         **(_earlier_results(out, config) if resume else {}),
     }
     with tempfile.TemporaryDirectory(prefix="thighseg-bench-") as scratch:
@@ -350,6 +354,9 @@ def run_bench(out: Path, repository: Path, config: BenchConfig, resume: bool = F
                     continue  # resumed
                 try:
                     results[part] = measure_part()
+                    results["measured_at"][part] = datetime.now(timezone.utc).isoformat(
+                        timespec="seconds"
+                    )
                 except Exception as error:  # noqa: BLE001 - one failing part must not cost the others
                     results["errors"][part] = f"{type(error).__name__}: {error}"[:2000]
                     print(f"bench: {part} failed: {results['errors'][part]}", flush=True)
@@ -622,6 +629,13 @@ def markdown(results: dict) -> str:
         "",
         f"Machine: {results['machine']['platform']}, "
         f"{results['machine']['cpus']} CPUs. GPU: {results['gpu']}",
+        "",
+        "Measured (UTC): "
+        + (
+            ", ".join(f"{part} {at}" for part, at in results.get("measured_at", {}).items())
+            or "n/a"
+        )
+        + ".",
         "",
         "## Ratios",
         "",
