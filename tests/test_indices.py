@@ -166,3 +166,10 @@ def test_sided_labels_split_each_group_at_the_midline():
         assert np.array_equal(right == 2 * group - 1, labels[..., :midline] == group)
         assert np.array_equal(left == 2 * group, labels[..., midline:] == group)
     assert np.array_equal(sided == 0, labels == 0)
+
+
+def test_a_label_outside_the_groups_is_refused():
+    hu, labels = analytic_volume()
+    labels[0, 30, 30] = 255  # e.g. an "ignore" value left in
+    with pytest.raises(ValueError, match="labels must be 0..3, found 255"):
+        volume_indices(hu, labels, SPACING)

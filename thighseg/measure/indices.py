@@ -220,6 +220,8 @@ def _slab_sums(hu: np.ndarray, labels: np.ndarray, leg_of_column: np.ndarray) ->
     over a (leg, label) key, instead of a masked pass over the slab per group, leg and
     statistic."""
     labelled = labels > 0
+    if labels.max(initial=0) >= _LABELS:
+        raise ValueError(f"labels must be 0..{_LABELS - 1}, found {int(labels.max())}")
     key = (leg_of_column * _LABELS + labels)[labelled]
     h = hu[labelled].astype(np.float64)
     lean = (h >= MUSCLE_HU[0]) & (h <= MUSCLE_HU[1])
