@@ -38,6 +38,18 @@ def _perturbed_weights(path):
     return path
 
 
+def _repository_without_exports(tmp_path, *exports: str):
+    """The shipped model's folder of model_repository, copied without the files named."""
+    name = models.triton_name(MODEL)
+    repository = tmp_path / "repository"
+    shutil.copytree(
+        REPO_ROOT / "model_repository" / name,
+        repository / name,
+        ignore=shutil.ignore_patterns(*exports, "__pycache__"),
+    )
+    return repository
+
+
 def test_two_versions_served_at_once_and_reports_name_theirs(tmp_path, study_factory):
     needs_torch()
     from thighseg.client.triton import TritonSegmenter
@@ -50,12 +62,7 @@ def test_two_versions_served_at_once_and_reports_name_theirs(tmp_path, study_fac
     from thighseg.synthetic import phantom
 
     name = models.triton_name(MODEL)
-    repository = tmp_path / "repository"
-    shutil.copytree(
-        REPO_ROOT / "model_repository" / name,
-        repository / name,
-        ignore=shutil.ignore_patterns("*.onnx", "__pycache__"),
-    )
+    repository = _repository_without_exports(tmp_path, "*.onnx")
     export_to_repository(MODEL, repository)
     site_weights = _perturbed_weights(tmp_path / "site.pt")
     assert next_version(repository / name) == 2
@@ -112,13 +119,7 @@ def test_an_export_of_older_shipped_weights_is_replaced(tmp_path):
 
     from thighseg.apps.demo import ensure_exported
 
-    name = models.triton_name(MODEL)
-    repository = tmp_path / "repository"
-    shutil.copytree(
-        REPO_ROOT / "model_repository" / name,
-        repository / name,
-        ignore=shutil.ignore_patterns("*.onnx", "weights.json", "__pycache__"),
-    )
+    repository = _repository_without_exports(tmp_path, "*.onnx", "weights.json")
     onnx_path = ensure_exported(MODEL, repository)
     record = onnx_path.with_name("weights.json")
     shipped = hashlib.sha256(models.weights_path(MODEL).read_bytes()).hexdigest()

@@ -62,14 +62,21 @@ def body_window(
 
 def to_tile(hu: np.ndarray, window: TileWindow, size: int = MODEL_INPUT_SIZE) -> np.ndarray:
     """(H, W) HU -> (size, size) HU on the tile, linear interpolation, air outside the slice."""
+    return _onto_tile(hu.astype(np.float32, copy=False), window, size, order=1, outside=AIR_HU)
+
+
+def _onto_tile(
+    image: np.ndarray, window: TileWindow, size: int, order: int, outside: float
+) -> np.ndarray:
+    """One (H, W) image sampled on the tile's pixel centres; `outside` beyond the slice."""
     return ndimage.affine_transform(
-        hu.astype(np.float32, copy=False),
+        image,
         np.asarray(window.step),
         offset=_offset(window),
         output_shape=(size, size),
-        order=1,
+        order=order,
         mode="constant",
-        cval=AIR_HU,
+        cval=outside,
     )
 
 
@@ -123,15 +130,7 @@ def labels_on_tiles(
     neighbour, background outside the slice (training targets)."""
     return np.stack(
         [
-            ndimage.affine_transform(
-                slice_labels,
-                np.asarray(window.step),
-                offset=_offset(window),
-                output_shape=(size, size),
-                order=0,
-                mode="constant",
-                cval=0,
-            )
+            _onto_tile(slice_labels, window, size, order=0, outside=0)
             for slice_labels, window in zip(labels, windows, strict=True)
         ]
     )
