@@ -38,6 +38,8 @@ class ListenerConfig:
     idle_s: float = 2.0
     expiry_s: float = 86400.0  # no instance this long and no association open: given up, freed
     workers: int = 1
+    # processes receiving C-STOREs on the shared port (SO_REUSEPORT); 1: in the listener process
+    ingest_processes: int = 1
     # /metrics, /healthz, /readyz (LISTENER_METRICS_PORT in the CLI)
     metrics_port: int | None = None
     allowed_calling_aets: tuple[str, ...] = ()  # empty: any calling AE title may associate

@@ -101,12 +101,23 @@ class Snapshot:
         return hashlib.sha256(text.encode()).hexdigest()
 
 
+def index_path(spool_dir: Path) -> Path:
+    """Where a spool's index lives (one file, shared by every ingest process)."""
+    return spool_dir / "index.sqlite3"
+
+
 class SpoolIndex:
-    """Thread-safe (one connection behind a lock); WAL so readers never block the receiver."""
+    """Thread-safe (one connection behind a lock); WAL so readers never block the receiver.
+    Ingest processes each open their own connection: SQLite's file lock orders their writes (a
+    writer waits up to BUSY_TIMEOUT_S for another's transaction)."""
+
+    BUSY_TIMEOUT_S = 30.0
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(
+            str(path), check_same_thread=False, isolation_level=None, timeout=self.BUSY_TIMEOUT_S
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)

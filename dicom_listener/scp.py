@@ -18,7 +18,7 @@ import ssl
 import struct
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -33,11 +33,12 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import AssociationSocket
+from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
-from thighseg.dicom_listener.config import Limits
+from thighseg.dicom_listener.config import Limits, ListenerConfig
 from thighseg.dicom_listener.index import Arrival
-from thighseg.dicom_listener.series import SeriesKey, SeriesTracker
+from thighseg.dicom_listener.series import Arrivals, SeriesKey
 from thighseg.dicom_listener.spool import Spool, Staged, sha256_of
 from thighseg.dicom_listener.telemetry import Telemetry
 from thighseg.dicom_listener.validation import (
@@ -49,6 +50,8 @@ from thighseg.dicom_listener.validation import (
 )
 
 log = logging.getLogger(__name__)
+# its INFO/DEBUG output can carry identifiers
+logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 SUCCESS = 0x0000
 JPEG_LOSSLESS_PROCESS_14 = "1.2.840.10008.1.2.4.57"
@@ -74,22 +77,16 @@ def _response(refusal: Refusal) -> Dataset:
     return response
 
 
-SOP_LOCKS = 64  # record + commit of one SOP Instance UID never interleave across associations
-
-
 @dataclass
 class StoreHandler:
     """The EVT_C_STORE handler: check, stage, record, commit, answer."""
 
     spool: Spool
-    tracker: SeriesTracker
+    tracker: Arrivals
     telemetry: Telemetry
     limits: Limits = Limits()
     # told of each new or changed instance once it is committed (streaming inference)
     on_stored: Callable[[SeriesKey, str, str, Path], None] | None = None
-    _locks: list[threading.Lock] = field(
-        default_factory=lambda: [threading.Lock() for _ in range(SOP_LOCKS)], repr=False
-    )
 
     def __call__(self, event: evt.Event) -> int | Dataset:
         refusal = self._store(event)
@@ -141,7 +138,7 @@ class StoreHandler:
                 OUT_OF_RESOURCES, "spool_write", f"cannot write the spool ({_describe(error)})"
             )
         try:
-            with self._locks[hash(sop_uid) % SOP_LOCKS]:  # the file matches the index's digest
+            with self.spool.locked(sop_uid):  # the file matches the index's digest
                 arrival = self._record_and_commit(event, key, sop_uid, digest, staged)
         except Exception as error:  # noqa: BLE001 - index or rename failed: the sender must resend
             self.spool.discard(staged)
@@ -294,7 +291,7 @@ class CountingTLSContext:
 
 
 def event_handlers(
-    ae: AE, store: StoreHandler, tracker: SeriesTracker, guard: ConnectionGuard
+    ae: AE, store: StoreHandler, tracker: Arrivals, guard: ConnectionGuard
 ) -> list[tuple]:
     """The handlers the association server binds: connection guard, rejections, echo, store,
     completion."""
@@ -312,3 +309,57 @@ def event_handlers(
             lambda event: tracker.association_closed(id(event.assoc), released=False),
         ),
     ]
+
+
+def server_ssl_context(config: ListenerConfig) -> ssl.SSLContext | None:
+    """The TLS context for the SCP, or None for plain TCP."""
+    if config.tls_cert is None:
+        return None
+    if config.tls_key is None:
+        raise ValueError("TLS needs both a certificate and its private key")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile=str(config.tls_cert), keyfile=str(config.tls_key))
+    if config.tls_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cafile=str(config.tls_ca))
+    return context
+
+
+class SharedPortServer(ThreadedAssociationServer):
+    """Binds with SO_REUSEPORT: every ingest process accepts on the same port, and the kernel
+    spreads new connections among them."""
+
+    def server_bind(self) -> None:
+        """Bind with SO_REUSEPORT set (it must be set before the bind)."""
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def start_scp(
+    config: ListenerConfig, store: StoreHandler, arrivals: Arrivals, shared_port: bool = False
+) -> ThreadedAssociationServer:
+    """The listener's SCP accepting in a thread of its own (as AE.start_server does, with the
+    server class chosen); an address already in use names itself in the error."""
+    ae = make_ae(config.ae_title, config.max_pdu_bytes)
+    if config.allowed_calling_aets:
+        ae.require_calling_aet = list(config.allowed_calling_aets)
+    guard = ConnectionGuard(config.max_pdu_bytes, config.network_timeout_s, store.telemetry)
+    tls = server_ssl_context(config)
+    try:
+        server = ae.make_server(
+            (config.host, config.port),
+            evt_handlers=event_handlers(ae, store, arrivals, guard),
+            ssl_context=CountingTLSContext(tls, config.network_timeout_s, store.telemetry)
+            if tls
+            else None,
+            server_class=SharedPortServer if shared_port else ThreadedAssociationServer,
+        )
+    except OSError as error:  # the port in the message: "Errno 98" alone names nothing
+        message = f"cannot listen for DICOM on {config.host}:{config.port}: {error.strerror}"
+        raise OSError(error.errno, message) from error
+    acceptor = threading.Thread(target=make_target(server.serve_forever), name="dicom-acceptor")
+    acceptor.daemon = True
+    acceptor.start()
+    ae._servers.append(server)  # noqa: SLF001 - as AE.start_server does; shutdown() removes it
+    return server

@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from thighseg.dicom_listener.index import COMPLETE, RECEIVING, Arrival, SpoolIndex
 
@@ -31,9 +32,21 @@ class SeriesKey:
     series_uid: str
 
 
+class Arrivals(Protocol):
+    """What the C-STORE handlers report: the tracker itself, or its relay in an ingest process."""
+
+    def received(
+        self, association_id: Hashable, key: SeriesKey, sop_uid: str, digest: str
+    ) -> Arrival:
+        """Record a stored instance in the index; say what it changed."""
+
+    def association_closed(self, association_id: Hashable, released: bool) -> None:
+        """An association ended, released or aborted."""
+
+
 @dataclass
 class _Activity:
-    open_associations: set[int] = field(default_factory=set)
+    open_associations: set[Hashable] = field(default_factory=set)
     released_since_last_instance: bool = False
     last_activity: float = field(default_factory=time.monotonic)
 
@@ -83,18 +96,33 @@ class SeriesTracker:
         """Is the watch loop running and making progress?"""
         return self._thread.is_alive() and self.error is None
 
-    def received(self, association_id: int, key: SeriesKey, sop_uid: str, digest: str) -> Arrival:
+    def received(
+        self, association_id: Hashable, key: SeriesKey, sop_uid: str, digest: str
+    ) -> Arrival:
         """Record a stored instance and what it changed."""
         arrival = self._index.record_instance(key.study_uid, key.series_uid, sop_uid, digest)
+        self.note_arrival(association_id, key, arrival)
+        return arrival
+
+    def note_arrival(self, association_id: Hashable, key: SeriesKey, arrival: Arrival) -> None:
+        """An instance the index has recorded (here or in an ingest process) keeps its series
+        receiving."""
         with self._lock:
             activity = self._activity.setdefault(key, _Activity())
             activity.open_associations.add(association_id)
             activity.last_activity = time.monotonic()
             if arrival in (Arrival.NEW, Arrival.REPLACED):
                 activity.released_since_last_instance = False
-        return arrival
 
-    def association_closed(self, association_id: int, released: bool) -> None:
+    def abandon(self, gone: Callable[[Hashable], bool]) -> None:
+        """Associations of an ingest process that died count as aborted: their series complete
+        only once a sender releases an association again."""
+        with self._lock:
+            ids = {a for act in self._activity.values() for a in act.open_associations if gone(a)}
+        for association_id in ids:
+            self.association_closed(association_id, released=False)
+
+    def association_closed(self, association_id: Hashable, released: bool) -> None:
         """An association ended: a release (not an abort) lets its series complete."""
         released_series = []
         with self._lock:

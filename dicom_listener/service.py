@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-import ssl
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,15 +23,18 @@ from thighseg.client.triton import TritonUnavailable
 from thighseg.core.memory import fix_mmap_threshold
 from thighseg.dicom_listener.config import ListenerConfig
 from thighseg.dicom_listener.forward import forward
-from thighseg.dicom_listener.index import COMPLETE, DONE, FAILED, STATES, Snapshot, SpoolIndex
-from thighseg.dicom_listener.logs import redact_identifiers
-from thighseg.dicom_listener.scp import (
-    ConnectionGuard,
-    CountingTLSContext,
-    StoreHandler,
-    event_handlers,
-    make_ae,
+from thighseg.dicom_listener.index import (
+    COMPLETE,
+    DONE,
+    FAILED,
+    STATES,
+    Snapshot,
+    SpoolIndex,
+    index_path,
 )
+from thighseg.dicom_listener.ingest_processes import IngestProcesses
+from thighseg.dicom_listener.logs import redact_identifiers
+from thighseg.dicom_listener.scp import StoreHandler, start_scp
 from thighseg.dicom_listener.series import SeriesKey, SeriesTracker
 from thighseg.dicom_listener.spool import Spool
 from thighseg.dicom_listener.telemetry import Telemetry
@@ -42,23 +44,6 @@ from thighseg.pipeline.stages import InferenceSettings, SeriesResult, process_se
 from thighseg.pipeline.streaming import SliceCache
 
 log = logging.getLogger(__name__)
-# its INFO/DEBUG output can carry identifiers
-logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-
-
-def server_ssl_context(config: ListenerConfig) -> ssl.SSLContext | None:
-    """The TLS context for the SCP, or None for plain TCP."""
-    if config.tls_cert is None:
-        return None
-    if config.tls_key is None:
-        raise ValueError("TLS needs both a certificate and its private key")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(certfile=str(config.tls_cert), keyfile=str(config.tls_key))
-    if config.tls_ca is not None:
-        context.verify_mode = ssl.CERT_REQUIRED
-        context.load_verify_locations(cafile=str(config.tls_ca))
-    return context
 
 
 @dataclass
@@ -71,7 +56,7 @@ class Listener:
 
     def __post_init__(self) -> None:
         self.spool = Spool(self.config.spool_dir)
-        self.index = SpoolIndex(self.config.spool_dir / "index.sqlite3")
+        self.index = SpoolIndex(index_path(self.config.spool_dir))
         self.telemetry = Telemetry()
         self.tracker = SeriesTracker(
             self.index,
@@ -94,40 +79,27 @@ class Listener:
         self._stopping = threading.Event()
         # why results cannot be written, until a series succeeds
         self._results_error: str | None = None
-        self._server = None
+        self._server = None  # the in-process SCP, or
+        self.ingest: IngestProcesses | None = None  # the ingest processes (ingest_processes > 1)
 
     def start(self) -> Listener:
         """Accept associations, resume what the index left unfinished, serve the endpoints."""
         fix_mmap_threshold()  # study-sized arrays leave the process when freed (core.memory)
         redact_identifiers()  # no full UID in any log line, whichever library writes it
-        ae = make_ae(self.config.ae_title, self.config.max_pdu_bytes)
-        if self.config.allowed_calling_aets:
-            ae.require_calling_aet = list(self.config.allowed_calling_aets)
-        store = StoreHandler(
-            self.spool,
-            self.tracker,
-            self.telemetry,
-            self.config.limits,
-            on_stored=self._stream if self.streaming else None,
-        )
-        guard = ConnectionGuard(
-            self.config.max_pdu_bytes, self.config.network_timeout_s, self.telemetry
-        )
-        tls = server_ssl_context(self.config)
-        address = f"{self.config.host}:{self.config.port}"
+        on_stored = self._stream if self.streaming else None
         try:
-            self._server = ae.start_server(
-                (self.config.host, self.config.port),
-                block=False,
-                evt_handlers=event_handlers(ae, store, self.tracker, guard),
-                ssl_context=CountingTLSContext(tls, self.config.network_timeout_s, self.telemetry)
-                if tls
-                else None,
-            )
-        except OSError as error:  # the port in the message: "Errno 98" alone names nothing
+            if self.config.ingest_processes > 1:
+                self.ingest = IngestProcesses(
+                    self.config, self.tracker, self.telemetry, on_stored
+                ).start()
+            else:
+                store = StoreHandler(
+                    self.spool, self.tracker, self.telemetry, self.config.limits, on_stored
+                )
+                self._server = start_scp(self.config, store, self.tracker)
+        except OSError:
             self.index.close()
-            message = f"cannot listen for DICOM on {address}: {error.strerror}"
-            raise OSError(error.errno, message) from error
+            raise
         self.telemetry.queue_depth.set_function(lambda: self._count(COMPLETE))
         for state in STATES:  # read from the index at each scrape: always what the index says
             self.telemetry.series_by_state.labels(state).set_function(
@@ -139,7 +111,7 @@ class Listener:
                 self.telemetry.serve(
                     self.config.metrics_port,
                     self.config.host,
-                    alive=lambda: self._server is not None,
+                    alive=self.accepting,
                     blocked=self.blocked,
                 )
             except OSError as error:
@@ -158,6 +130,9 @@ class Listener:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        if self.ingest is not None:
+            self.ingest.stop()
+            self.ingest = None
         self.tracker.stop()
         for timer in list(self._timers):
             timer.cancel()
@@ -172,6 +147,10 @@ class Listener:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def accepting(self) -> bool:
+        """Is the SCP (every ingest process, where there are several) accepting associations?"""
+        return self._server is not None or (self.ingest is not None and self.ingest.alive())
 
     def blocked(self) -> str | None:
         """Why the listener cannot make progress now (the /readyz answer), or None."""

@@ -7,17 +7,22 @@ leaves either the whole instance or none of it, and never a file the index does 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import re
 import shutil
 import uuid
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 # Components are 0 or have no leading zero (PS3.5 9.1).
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 WRITE_BUFFER_BYTES = 1 << 20
+LOCK_BUCKETS = 64  # SOP Instance UIDs share this many lock files
 
 
 def is_valid_uid(value: object) -> bool:
@@ -43,7 +48,18 @@ class Spool:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._locks = self.root / ".locks"
+        self._locks.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def locked(self, sop_uid: str) -> Iterator[None]:
+        """While held, no other thread or ingest process records or commits this SOP Instance
+        UID (so the file in place always matches the index's digest). An flock on a file opened
+        afresh each time: it excludes threads of one process as well as other processes."""
+        bucket = zlib.crc32(sop_uid.encode()) % LOCK_BUCKETS  # hash() differs between processes
+        with open(self._locks / f"{bucket:02d}", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield  # closing the file releases the lock
 
     def series_dir(self, study_uid: str, series_uid: str) -> Path:
         """The folder of one series (UIDs are checked: they become path parts)."""

@@ -49,6 +49,7 @@ def test_tiny_benchmark_writes_json_markdown_and_plots(model_repository, tmp_pat
         "dcmtk-storescp-nagle-default",
         "pynetdicom-bare",
         "thighseg-listener",
+        "thighseg-listener-2-processes",
     }
     sustained = saved["sustained"]
     assert (sustained["studies"], sustained["associations"]) == (3, 2)
@@ -57,6 +58,7 @@ def test_tiny_benchmark_writes_json_markdown_and_plots(model_repository, tmp_pat
     assert "## Sustained load" in (tmp_path / "bench.md").read_text()
     assert "ingest_listener_vs_storescp_tcp_nodelay_1_associations" in saved["ratios"]
     assert saved["ratios"]["ingest_listener_vs_bare_pynetdicom_1_associations"] > 0
+    assert saved["ratios"]["ingest_listener_2_processes_vs_one_process_2_associations"] > 0
     assert saved["errors"] == {}
     whole = saved["whole_study"]
     assert whole["instances"] == 8 and whole["listener_peak_rss_mb"] > 0

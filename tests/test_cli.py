@@ -151,10 +151,19 @@ def test_cli_defaults_are_the_configs_own():
         listen.idle,
         listen.expiry,
         listen.workers,
+        listen.ingest_processes,
         listen.network_timeout,
         listen.host,
     ) == tuple(
-        default(name) for name in ("idle_s", "expiry_s", "workers", "network_timeout_s", "host")
+        default(name)
+        for name in (
+            "idle_s",
+            "expiry_s",
+            "workers",
+            "ingest_processes",
+            "network_timeout_s",
+            "host",
+        )
     )
     train = build_parser().parse_args(["train"])
     assert (train.steps, train.subjects, train.batch_size) == (

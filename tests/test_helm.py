@@ -298,10 +298,12 @@ def test_chart_defaults_are_the_listeners_own():
         LISTENER_METRICS_PORT,
     )
     assert (listener["idleSeconds"], listener["workers"]) == (default("idle_s"), default("workers"))
+    assert listener["ingestProcesses"] == default("ingest_processes")
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert (values["model"], values["modelVersion"]) == (DEFAULT_MODEL, "latest")
     args = container(render({}), "StatefulSet")["args"]
     assert f"--model={DEFAULT_MODEL}" in args and "--model-version=latest" in args
+    assert f"--ingest-processes={default('ingest_processes')}" in args
     chosen = ["PACS@pacs:104", "ARCHIVE@archive:11112/seg,sr", "https://vna/dicom-web#seg"]
     args = container(render({"listener": {"forward": chosen}}), "StatefulSet")["args"]
     assert all(f"--forward={text}" in args for text in chosen)

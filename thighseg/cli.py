@@ -42,6 +42,12 @@ def _model_version(text: str) -> str:
     return text
 
 
+def _at_least_one(text: str) -> int:
+    if not (text.isdigit() and int(text) >= 1):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def _add_model_version(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model-version",
@@ -289,6 +295,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
         idle_s=args.idle,
         expiry_s=args.expiry,
         workers=args.workers,
+        ingest_processes=args.ingest_processes,
         stream_slices=args.stream_slices,
         metrics_port=args.metrics_port or None,
         allowed_calling_aets=tuple(args.allow_aet),
@@ -625,9 +632,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--workers",
-        type=int,
+        type=_at_least_one,
         default=listener_config.default("workers"),
         help="series processed at once",
+    )
+    p.add_argument(
+        "--ingest-processes",
+        type=_at_least_one,
+        default=listener_config.default("ingest_processes"),
+        help="processes receiving C-STOREs on the port (SO_REUSEPORT); more cores, more "
+        "instances/s across associations (1: in the listener process)",
     )
     p.add_argument(
         "--stream-slices",

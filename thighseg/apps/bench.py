@@ -66,6 +66,8 @@ class BenchConfig:
     # the study a listener processes first, for the steady-state memory figure
     warmup_slices: int = 12
     ingest_associations: tuple[int, ...] = (1, 4, 10)
+    # the listener is also measured with this many ingest processes (one per core, at least 2)
+    ingest_processes: int = max(2, os.cpu_count() or 2)
     int8_slices: int = 8  # per validation subject (two subjects), judged against the truth
     # senders paced like a modality (instances/s; 0: as fast as the listener answers)
     stream_rates: tuple[float, ...] = (20.0, 100.0, 0.0)
@@ -94,6 +96,7 @@ class BenchConfig:
             study_size=128,
             warmup_slices=4,
             ingest_associations=(1, 2),
+            ingest_processes=2,
             int8_slices=2,
             stream_rates=(0.0,),
             sustained_studies=3,
@@ -328,6 +331,7 @@ def run_bench(out: Path, repository: Path, config: BenchConfig, resume: bool = F
                         work / "ingest",
                         config.ingest_associations,
                         config.study_model,
+                        config.ingest_processes,
                     )
                 ],
                 "whole_study": lambda: run_whole_study(
@@ -450,6 +454,13 @@ def ratios(results: dict) -> dict:
         out[f"ingest_bare_pynetdicom_vs_storescp_tcp_nodelay_{count}_associations"] = (
             ingest[("pynetdicom-bare", count)] / ingest[("dcmtk-storescp", count)]
         )
+        for (receiver, at), speed in ingest.items():
+            if at == count and receiver.endswith("-processes"):
+                name = receiver.removeprefix("thighseg-").replace("-", "_")
+                out[f"ingest_{name}_vs_storescp_tcp_nodelay_{count}_associations"] = (
+                    speed / ingest[("dcmtk-storescp", count)]
+                )
+                out[f"ingest_{name}_vs_one_process_{count}_associations"] = speed / listener
     return {k: round(v, 3) for k, v in out.items()}
 
 
@@ -593,7 +604,8 @@ def _ingest_section(runs: list[dict]) -> list[str]:
         "(`-nagle-default`, labelled, for comparison with earlier figures). storescp writes "
         "without fsync; the listener fsyncs each instance and its index entry before Success. "
         "`pynetdicom-bare` answers Success and keeps nothing: the ceiling of the library the "
-        "listener is built on.",
+        "listener is built on (one process). `thighseg-listener-N-processes` receives in N ingest "
+        "processes on the same port (`--ingest-processes N`, SO_REUSEPORT).",
         "",
         "| receiver | associations | instances | seconds | instances/s |",
         "|---|---|---|---|---|",

@@ -185,10 +185,12 @@ def compare_ingest(
     work: Path,
     associations: tuple[int, ...],
     model: str = DEFAULT_MODEL,
+    ingest_processes: int | None = None,
 ) -> list[IngestRun]:
     """storescp with TCP_NODELAY=1 (the fair baseline), storescp in DCMTK's default configuration
     (labelled), bare pynetdicom (no disk) and the listener, each at every association count, back
-    to back."""
+    to back; the listener also with `ingest_processes` (default: one per core) ingest processes."""
+    processes = ingest_processes or os.cpu_count() or 1
     runs = []
     for count in associations:
         for nodelay, label in ((True, "dcmtk-storescp"), (False, "dcmtk-storescp-nagle-default")):
@@ -202,19 +204,27 @@ def compare_ingest(
         runs.append(IngestRun("pynetdicom-bare", count, len(files), seconds))
         # idle far longer than the run and no streaming: measure receiving only, not the
         # segmentation that follows or overlaps it (on a small machine it competes for the cores)
-        spool = work / f"spool-{count}"
-        with listener_process(
-            triton_url,
-            spool,
-            work / f"out-{count}",
-            1e6,
-            model=model,
-            options=("--stream-slices", "0"),
-        ) as (port, _):
-            seconds = push(files, port, count, AE_TITLE)
-        runs.append(IngestRun("thighseg-listener", count, len(files), seconds))
-        shutil.rmtree(spool, ignore_errors=True)
+        for receivers in sorted({1, processes}):
+            spool = work / f"spool-{count}-{receivers}"
+            with listener_process(
+                triton_url,
+                spool,
+                work / f"out-{count}-{receivers}",
+                1e6,
+                model=model,
+                options=("--stream-slices", "0", "--ingest-processes", str(receivers)),
+            ) as (port, _):
+                seconds = push(files, port, count, AE_TITLE)
+            runs.append(IngestRun(listener_label(receivers), count, len(files), seconds))
+            shutil.rmtree(spool, ignore_errors=True)
     return runs
+
+
+def listener_label(ingest_processes: int) -> str:
+    """The receiver's name in the ingest figures."""
+    if ingest_processes == 1:
+        return "thighseg-listener"
+    return f"thighseg-listener-{ingest_processes}-processes"
 
 
 def wait_for_report(out: Path, study_uid: str, timeout_s: float = 1800) -> SeriesReport:
