@@ -154,6 +154,8 @@ class Listener:
 
     def blocked(self) -> str | None:
         """Why the listener cannot make progress now (the /readyz answer), or None."""
+        if self.ingest is not None and not self.ingest.alive():
+            return "an ingest process is down (being started again)"
         if self.tracker.error is not None or not self.tracker.is_alive():
             return f"series tracker failing: {self.tracker.error or 'stopped'}"
         try:

@@ -3,17 +3,22 @@ real Triton server, processes stopped and killed by PID."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import MODEL, free_port
 
-from thighseg.apps.ingest import push
+from thighseg.apps.ingest import push, wait_for_port
 from thighseg.core.constants import AE_TITLE
 from thighseg.dicom_listener.config import ListenerConfig
 from thighseg.dicom_listener.index import Arrival, SpoolIndex
@@ -135,3 +140,43 @@ def test_ingest_processes_must_be_at_least_one(capsys):
         main(["listen", "--ingest-processes", "0"])
     assert stop.value.code == 2
     assert "--ingest-processes: '0' is not a whole number of at least 1" in capsys.readouterr().err
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie holds no port
+
+
+def test_ingest_processes_exit_when_the_listener_is_killed(triton, tmp_path):
+    port = free_port()
+    command = [
+        sys.executable, "-m", "thighseg.cli", "listen", "--triton-url", triton.http_url,
+        "--model", MODEL, "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
+        "--spool", str(tmp_path / "spool"), "--out", str(tmp_path / "out"),
+        "--ingest-processes", "2",
+    ]  # fmt: skip
+    listener = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_port(port, process=listener)
+        assert _wait_until(lambda: len(_children(listener.pid)) >= 2, 30)
+        children = _children(listener.pid)
+    finally:
+        listener.kill()  # kill -9: no chance to stop its ingest processes itself
+        listener.wait()
+    # orphaned ingest processes would keep accepting instances nobody processes
+    assert _wait_until(lambda: not any(_running(pid) for pid in children), 15), children
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
