@@ -3,6 +3,7 @@
 import shutil
 import ssl
 import subprocess
+import time
 
 import pytest
 from conftest import free_port
@@ -32,28 +33,37 @@ def _echo(port: int, calling: str, tls: tuple | None = None) -> bool:
     return ok
 
 
-def test_only_allowed_calling_ae_titles_associate(tmp_path):
+def _rejected(listener: Listener, reason: str) -> float | None:
+    """The rejection counter, once what ingest processes reported has arrived."""
+    for _ in range(50):
+        value = listener.telemetry.registry.get_sample_value(
+            "thighseg_associations_rejected_total", {"reason": reason}
+        )
+        if value is not None:
+            return value
+        time.sleep(0.1)
+    return None
+
+
+@pytest.mark.parametrize("ingest_processes", [1, 2])
+def test_only_allowed_calling_ae_titles_associate(tmp_path, ingest_processes):
     config = ListenerConfig(
         tmp_path / "spool",
         tmp_path / "out",
         host="127.0.0.1",
         port=free_port(),
         allowed_calling_aets=("CT_SCANNER",),
+        ingest_processes=ingest_processes,
     )
     with Listener(config, _unused_inference()) as listener:
         assert _echo(config.port, "CT_SCANNER")
         assert not _echo(config.port, "INTRUDER")
-        registry = listener.telemetry.registry
-        assert (
-            registry.get_sample_value(
-                "thighseg_associations_rejected_total", {"reason": "calling_ae"}
-            )
-            == 1
-        )
+        assert _rejected(listener, "calling_ae") == 1
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
-def test_tls_association_with_a_self_signed_certificate(tmp_path):
+@pytest.mark.parametrize("ingest_processes", [1, 2])
+def test_tls_association_with_a_self_signed_certificate(tmp_path, ingest_processes):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         [
@@ -84,6 +94,7 @@ def test_tls_association_with_a_self_signed_certificate(tmp_path):
         port=free_port(),
         tls_cert=cert,
         tls_key=key,
+        ingest_processes=ingest_processes,
     )
     with Listener(config, _unused_inference()) as listener:
         client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
@@ -91,8 +102,4 @@ def test_tls_association_with_a_self_signed_certificate(tmp_path):
         assert not _echo(config.port, "PLAIN_SCU"), (
             "a plain-TCP association must not be accepted on the TLS port"
         )
-        registry = listener.telemetry.registry
-        assert (
-            registry.get_sample_value("thighseg_associations_rejected_total", {"reason": "tls"})
-            == 1
-        )
+        assert _rejected(listener, "tls") == 1
