@@ -90,7 +90,13 @@ class _Relay:
         self._events.put(("stored", key, sop_uid, digest, path))
 
 
-def serve(config: ListenerConfig, number: int, events: multiprocessing.Queue, relay_stored: bool):
+def serve(
+    config: ListenerConfig,
+    number: int,
+    events: multiprocessing.Queue,
+    relay_stored: bool,
+    listener_pid: int,
+) -> None:
     """An ingest process: the SCP on the shared port until SIGTERM or the listener's exit."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the listener, which stops us
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
@@ -98,7 +104,6 @@ def serve(config: ListenerConfig, number: int, events: multiprocessing.Queue, re
         level=logging.INFO, format=f"%(asctime)s ingest-{number} %(levelname)s %(message)s"
     )
     redact_identifiers()
-    parent = os.getppid()
     index = SpoolIndex(index_path(config.spool_dir))
     relay = _Relay(events, index)
     store = StoreHandler(
@@ -115,7 +120,8 @@ def serve(config: ListenerConfig, number: int, events: multiprocessing.Queue, re
         index.close()
         return
     events.put(("ready", number, os.getpid()))
-    while signal.sigtimedwait({signal.SIGTERM}, 1.0) is None and os.getppid() == parent:
+    # the listener's PID, not getppid() here: a listener gone before we started is gone too
+    while signal.sigtimedwait({signal.SIGTERM}, 1.0) is None and os.getppid() == listener_pid:
         pass
     server.shutdown()
     index.close()
@@ -138,6 +144,7 @@ class IngestProcesses:
         self._ready: dict[int, int] = {}  # process number -> pid, once it accepts
         self._failure: str | None = None
         self._stopping = threading.Event()
+        self._spawning = threading.Lock()  # no process is started once stopping has begun
         self._dispatcher = threading.Thread(target=self._dispatch, name="ingest-reports")
 
     def start(self) -> IngestProcesses:
@@ -169,7 +176,8 @@ class IngestProcesses:
 
     def stop(self) -> None:
         """Stop accepting; every report sent before the processes exited is applied."""
-        self._stopping.set()
+        with self._spawning:
+            self._stopping.set()
         for process in self._processes.values():
             if process.is_alive():
                 process.terminate()
@@ -185,7 +193,7 @@ class IngestProcesses:
     def _spawn(self, number: int) -> None:
         process = _SPAWN.Process(
             target=serve,
-            args=(self._config, number, self._events, self._on_stored is not None),
+            args=(self._config, number, self._events, self._on_stored is not None, os.getpid()),
             name=f"thighseg-ingest-{number}",
             daemon=True,
         )
@@ -231,17 +239,18 @@ class IngestProcesses:
             log.error("%s", self._failure)
 
     def _restart_dead(self) -> None:
-        if self._stopping.is_set():
-            return
-        for number, process in list(self._processes.items()):
-            if process.is_alive() or number not in self._ready:
-                continue
-            pid = self._ready.pop(number)
-            log.error(
-                "ingest process %d (pid %d) exited (%s): starting it again",
-                number,
-                pid,
-                process.exitcode,
-            )
-            self._tracker.abandon(lambda association, pid=pid: association[0] == pid)
-            self._spawn(number)
+        with self._spawning:
+            if self._stopping.is_set():
+                return
+            for number, process in list(self._processes.items()):
+                if process.is_alive() or number not in self._ready:
+                    continue
+                pid = self._ready.pop(number)
+                log.error(
+                    "ingest process %d (pid %d) exited (%s): starting it again",
+                    number,
+                    pid,
+                    process.exitcode,
+                )
+                self._tracker.abandon(lambda association, pid=pid: association[0] == pid)
+                self._spawn(number)

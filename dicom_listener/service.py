@@ -38,6 +38,7 @@ from thighseg.dicom_listener.scp import StoreHandler, start_scp
 from thighseg.dicom_listener.series import SeriesKey, SeriesTracker
 from thighseg.dicom_listener.spool import Spool
 from thighseg.dicom_listener.telemetry import Telemetry
+from thighseg.pipeline import seg_process
 from thighseg.pipeline.report import FAILED as REPORT_FAILED
 from thighseg.pipeline.report import Forwarding, SeriesReport
 from thighseg.pipeline.stages import InferenceSettings, SeriesResult, process_series, short_uid
@@ -86,6 +87,7 @@ class Listener:
         """Accept associations, resume what the index left unfinished, serve the endpoints."""
         fix_mmap_threshold()  # study-sized arrays leave the process when freed (core.memory)
         redact_identifiers()  # no full UID in any log line, whichever library writes it
+        seg_process.warm()  # the first study need not wait for the SEG processes' imports
         on_stored = self._stream if self.streaming else None
         try:
             if self.config.ingest_processes > 1:

@@ -3,7 +3,6 @@ real Triton server, processes stopped and killed by PID."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -18,7 +17,7 @@ import pydicom
 import pytest
 from conftest import MODEL, free_port
 
-from thighseg.apps.ingest import push, wait_for_port
+from thighseg.apps.ingest import child_pids, push, wait_for_port
 from thighseg.core.constants import AE_TITLE
 from thighseg.dicom_listener.config import ListenerConfig
 from thighseg.dicom_listener.index import Arrival, SpoolIndex
@@ -142,16 +141,6 @@ def test_ingest_processes_must_be_at_least_one(capsys):
     assert "--ingest-processes: '0' is not a whole number of at least 1" in capsys.readouterr().err
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid:
-                found.append(int(stat.parent.name))
-    return found
-
-
 def _running(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -171,12 +160,16 @@ def test_ingest_processes_exit_when_the_listener_is_killed(triton, tmp_path):
     listener = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for_port(port, process=listener)
-        assert _wait_until(lambda: len(_children(listener.pid)) >= 2, 30)
-        children = _children(listener.pid)
+        assert _wait_until(lambda: len(child_pids(listener.pid)) >= 2, 30)
+        children = child_pids(listener.pid)
     finally:
         listener.kill()  # kill -9: no chance to stop its ingest processes itself
         listener.wait()
-    # orphaned ingest processes would keep accepting instances nobody processes
-    assert _wait_until(lambda: not any(_running(pid) for pid in children), 15), children
+    # orphaned ingest processes would keep accepting instances nobody processes (and SEG
+    # processes would hold memory for nothing)
+    survivors = lambda: [pid for pid in children if _running(pid)]  # noqa: E731
+    assert _wait_until(lambda: not survivors(), 15), [
+        Path(f"/proc/{pid}/cmdline").read_bytes()[:200] for pid in survivors()
+    ]
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", port)) != 0

@@ -171,12 +171,39 @@ def listener_process(
         yield port, process
 
 
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _vm_hwm_bytes(pid: int) -> int | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # ended meanwhile
+        return None
+    lines = [line for line in status.splitlines() if line.startswith("VmHWM:")]
+    return int(lines[0].split()[1]) * 1024 if lines else None
+
+
 def peak_rss_bytes(pid: int) -> int:
-    """VmHWM: the highest resident set size the process reached."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmHWM for pid {pid}")
+    """VmHWM, the highest resident set size, of the process plus that of each of its descendants
+    (SEG writers, ingest processes): never less than their joint peak."""
+    own = _vm_hwm_bytes(pid)
+    if own is None:
+        raise RuntimeError(f"no VmHWM for pid {pid}")
+    descendants, pending = [], child_pids(pid)
+    while pending:
+        descendants.append(pending.pop())
+        pending += child_pids(descendants[-1])
+    return own + sum(_vm_hwm_bytes(child) or 0 for child in descendants)
 
 
 def compare_ingest(

@@ -9,6 +9,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.uid import SegmentationStorage
 
 import thighseg
 from thighseg.core.labels import MUSCLE_GROUPS, Group
@@ -38,26 +39,27 @@ def sided_labels(labels: np.ndarray, hu: np.ndarray) -> np.ndarray:
     return sided
 
 
-def write_seg(
+def build_seg(
     sources: list[Dataset],
-    labels: np.ndarray,
-    hu: np.ndarray,
-    path: Path,
+    sided: np.ndarray,
     model: str,
     algorithm_version: str | None = None,
-) -> Dataset:
-    """A binary SEG with one frame per source slice and segment (six segments: each group in
-    each leg), referencing every source instance."""
-    if labels.shape[0] != len(sources):
-        raise ValueError(f"{labels.shape[0]} mask slices for {len(sources)} source instances")
-    seg = hd.seg.Segmentation(
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+) -> hd.seg.Segmentation:
+    """A binary SEG of segment numbers (`sided_labels`) with one frame per source slice and
+    segment (six segments: each group in each leg), referencing every source instance. UIDs given
+    in advance let the SR reference a SEG still being built elsewhere."""
+    if sided.shape[0] != len(sources):
+        raise ValueError(f"{sided.shape[0]} mask slices for {len(sources)} source instances")
+    return hd.seg.Segmentation(
         source_images=sources,
-        pixel_array=sided_labels(labels, hu),
+        pixel_array=sided,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=coding.segment_descriptions(_algorithm(model, algorithm_version)),
-        series_instance_uid=hd.UID(),
+        series_instance_uid=series_instance_uid or hd.UID(),
         series_number=int(sources[0].get("SeriesNumber", 1) or 1) + 1000,
-        sop_instance_uid=hd.UID(),
+        sop_instance_uid=sop_instance_uid or hd.UID(),
         instance_number=1,
         manufacturer="thighseg",
         manufacturer_model_name=f"thighseg {model}",
@@ -69,15 +71,44 @@ def write_seg(
         content_description="Thigh muscle groups, automatic",
         omit_empty_frames=False,
     )
+
+
+def save_seg(seg: hd.seg.Segmentation, path: Path) -> None:
+    """Write a SEG, its pixel data streamed to the file rather than copied twice first."""
     path.parent.mkdir(parents=True, exist_ok=True)
     pixels = seg.PixelData
-    # a buffered value is streamed to the file, not copied twice first
     seg.PixelData = io.BytesIO(pixels)
     try:
         seg.save_as(path)
     finally:
         seg.PixelData = pixels
+
+
+def write_seg(
+    sources: list[Dataset],
+    labels: np.ndarray,
+    hu: np.ndarray,
+    path: Path,
+    model: str,
+    algorithm_version: str | None = None,
+) -> Dataset:
+    """The SEG of group labels (1-3), each group split into the patient's right and left leg."""
+    if labels.shape[0] != len(sources):
+        raise ValueError(f"{labels.shape[0]} mask slices for {len(sources)} source instances")
+    seg = build_seg(sources, sided_labels(labels, hu), model, algorithm_version)
+    save_seg(seg, path)
     return seg
+
+
+def seg_reference(source: Dataset, series_instance_uid: str, sop_instance_uid: str) -> Dataset:
+    """What the SR needs of its SEG (as evidence and referenced segments): the SEG's identity in
+    the source's study."""
+    reference = Dataset()
+    reference.StudyInstanceUID = source.StudyInstanceUID
+    reference.SeriesInstanceUID = series_instance_uid
+    reference.SOPClassUID = SegmentationStorage
+    reference.SOPInstanceUID = sop_instance_uid
+    return reference
 
 
 def _measurement(
@@ -198,7 +229,7 @@ def _quality_control(flags: list[Flag]) -> hd.sr.MeasurementsAndQualitativeEvalu
 
 
 def write_sr(
-    seg: hd.seg.Segmentation,
+    seg: Dataset,
     sources: list[Dataset],
     indices: VolumeIndices,
     path: Path,
@@ -253,7 +284,7 @@ def write_sr(
         imaging_measurements=groups,
     )
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[seg, *sources],
+        evidence=[*sources, seg],
         content=report,
         series_instance_uid=hd.UID(),
         series_number=int(sources[0].get("SeriesNumber", 1) or 1) + 2000,

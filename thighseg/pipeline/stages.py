@@ -27,8 +27,9 @@ from thighseg.measure.indices import volume_indices
 from thighseg.measure.metrics import group_volumes_ml
 from thighseg.pipeline.assemble import HUStack, SeriesError, Volume, assemble
 from thighseg.pipeline.loaders import load_nifti_image, save_nifti_labels
-from thighseg.pipeline.outputs import write_overlay_png, write_seg, write_sr
+from thighseg.pipeline.outputs import write_overlay_png, write_sr
 from thighseg.pipeline.report import DONE, SeriesReport
+from thighseg.pipeline.seg_process import PendingSeg, start_seg
 from thighseg.pipeline.summary import Preview, render, secondary_capture
 
 log = logging.getLogger(__name__)
@@ -172,10 +173,30 @@ def algorithm_version(report: SeriesReport) -> str:
     return " ".join(parts)[:64]  # LO
 
 
-def emit_dicom(
+def start_seg_early(
     report: SeriesReport, loaded: LoadedVolume, labels: np.ndarray, out_dir: Path
+) -> PendingSeg:
+    """The SEG needs only the labels: it is written in the SEG process during measurement."""
+    volume: Volume = loaded.origin
+    return start_seg(
+        volume.sources,
+        labels,
+        volume.hu,
+        out_dir / "seg.dcm",
+        report.model,
+        algorithm_version(report),
+    )
+
+
+def emit_dicom(
+    report: SeriesReport,
+    loaded: LoadedVolume,
+    labels: np.ndarray,
+    out_dir: Path,
+    seg: PendingSeg,
 ) -> None:
-    """SEG, SR, the one-page summary (PNG, PDF, DICOM SC) and the overlay."""
+    """SR, the one-page summary (PNG, PDF, DICOM SC) and the overlay, then the SEG started
+    before measurement."""
     volume: Volume = loaded.origin
     title = (
         f"Thigh muscle summary — {report.model}, {len(volume.sources)} slices, "
@@ -184,24 +205,20 @@ def emit_dicom(
     preview = _summary(report, loaded, labels, out_dir, title)
     write_overlay_png(preview, out_dir / "overlay.png")
     del preview
-    release_free_heap()  # the SEG is the largest allocation of the study: make room for it
-    version = algorithm_version(report)
-    seg = write_seg(volume.sources, labels, volume.hu, out_dir / "seg.dcm", report.model, version)
     sr = write_sr(
-        seg,
+        seg.reference,
         volume.sources,
         report.indices,
         out_dir / "sr.dcm",
         report.model,
         report.qc_flags,
-        version,
+        algorithm_version(report),
     )
     sc = secondary_capture(out_dir / "summary.png", volume.sources[0], out_dir / "summary_sc.dcm")
     release_highdicom_tables()
-    report.seg_sop_instance_uid, report.sr_sop_instance_uid = (
-        str(seg.SOPInstanceUID),
-        str(sr.SOPInstanceUID),
-    )
+    seg.wait()
+    report.seg_sop_instance_uid = str(seg.reference.SOPInstanceUID)
+    report.sr_sop_instance_uid = str(sr.SOPInstanceUID)
     report.sc_sop_instance_uid = str(sc.SOPInstanceUID)
     report.outputs = [
         "seg.dcm",
@@ -214,8 +231,12 @@ def emit_dicom(
     ]
 
 
+def _nothing_early(*_: object) -> None:
+    return None
+
+
 def emit_nifti(
-    report: SeriesReport, loaded: LoadedVolume, labels: np.ndarray, out_dir: Path
+    report: SeriesReport, loaded: LoadedVolume, labels: np.ndarray, out_dir: Path, _: None
 ) -> None:
     """Labels as NIfTI in the image's own space, and the one-page summary."""
     save_nifti_labels(labels, loaded.origin, out_dir / "labels.nii.gz")
@@ -248,7 +269,9 @@ def read_nifti(path: Path) -> LoadedVolume:
 
 
 Reader = Callable[[SeriesReport], LoadedVolume]
-Emitter = Callable[[SeriesReport, LoadedVolume, np.ndarray, Path], None]
+# work that needs only the labels, started before measurement; its handle goes to the emitter
+EarlyStart = Callable[[SeriesReport, LoadedVolume, np.ndarray, Path], Any]
+Emitter = Callable[[SeriesReport, LoadedVolume, np.ndarray, Path, Any], None]
 
 
 def _by_slice(loaded: LoadedVolume, streamed: dict[str, np.ndarray] | None) -> dict:
@@ -266,13 +289,14 @@ def run_stages(
     out_dir: Path,
     settings: InferenceSettings,
     streamed_labels: dict[str, np.ndarray] | None = None,
+    start_early: EarlyStart = _nothing_early,
 ) -> SeriesResult:
     """Run every stage; an input that cannot be processed still gets a report with the reason.
 
     TritonUnavailable and environment errors (disk full, folder not writable) are not properties
     of the input: they propagate so the caller can keep it queued and try again later.
     """
-    stage = "assemble"
+    stage, early = "assemble", None
 
     def timed(name: str, work: Callable, *args):
         nonlocal stage
@@ -288,8 +312,10 @@ def run_stages(
         report.shape_zyx, report.spacing_zyx_mm = list(loaded.hu.shape), list(loaded.spacing_zyx)
         streamed = _by_slice(loaded, streamed_labels)
         labels = timed("infer", infer_stage, loaded.hu, loaded.spacing_zyx[1:], settings, streamed)
+        early = start_early(report, loaded, labels, out_dir)
         timed("measure", measure_stage, report, loaded, labels)
-        timed("emit", emit, report, loaded, labels, out_dir)
+        timed("emit", emit, report, loaded, labels, out_dir, early)
+        early = None  # the emitter has used it
         report.status = DONE
     except SeriesError as error:
         report.reason = str(error)
@@ -300,6 +326,9 @@ def run_stages(
             raise
         log.exception("input failed in stage %s", stage)
         report.reason = f"{stage} failed: {type(error).__name__}: {error}"
+    finally:
+        if early is not None:  # started, never emitted: nothing of it stays beside a failure
+            early.discard()
     report_path = out_dir / "report.json"
     report.write(report_path)
     seg_path = out_dir / "seg.dcm" if report.done and "seg.dcm" in report.outputs else None
@@ -330,6 +359,7 @@ def process_series(
         out_dir,
         settings,
         streamed_labels,
+        start_seg_early,
     )
 
 

@@ -1,0 +1,82 @@
+"""The SEG written in a process of its own: the same SEG as in this process, the SR references it,
+a dead SEG process never costs the SEG, and a series that fails later leaves no SEG behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from thighseg.pipeline import seg_process, stages
+from thighseg.pipeline.assemble import assemble
+from thighseg.pipeline.outputs import write_seg
+from thighseg.pipeline.stages import InferenceSettings, process_series
+from thighseg.synthetic.ct_series import read_truth
+
+
+@pytest.fixture(scope="module")
+def study(study_factory):
+    paths = study_factory(91, size=128, slices=6)
+    volume = assemble(list(paths))
+    truth, uids = read_truth(paths[0].parent)
+    labels = truth[[uids.index(s.SOPInstanceUID) for s in volume.sources]].astype(np.uint8)
+    return paths, volume, labels
+
+
+def _frames(path) -> np.ndarray:
+    return pydicom.dcmread(path).pixel_array
+
+
+def test_the_seg_process_writes_the_seg_this_process_would(study, tmp_path):
+    _, volume, labels = study
+    pending = seg_process.start_seg(volume.sources, labels, volume.hu, tmp_path / "a.dcm", "m")
+    assert pending.future is not None  # really elsewhere
+    path = pending.wait()
+    write_seg(volume.sources, labels, volume.hu, tmp_path / "b.dcm", "m")
+    assert np.array_equal(_frames(path), _frames(tmp_path / "b.dcm"))
+    seg = hd.seg.segread(path)
+    # the identity the SR was given before the SEG existed is the SEG's
+    assert seg.SOPInstanceUID == pending.reference.SOPInstanceUID
+    assert seg.SeriesInstanceUID == pending.reference.SeriesInstanceUID
+    assert seg.StudyInstanceUID == pending.reference.StudyInstanceUID
+    assert not (tmp_path / seg_process.LABELS_FILE).exists()
+
+
+def test_a_killed_seg_process_never_costs_the_seg(study, tmp_path):
+    _, volume, labels = study
+    seg_process.warm()
+    pending = seg_process.start_seg(volume.sources, labels, volume.hu, tmp_path / "x.dcm", "m")
+    pending.wait()
+    for pid in list(seg_process._executor()._processes):  # noqa: SLF001 - the pool's own PIDs
+        os.kill(pid, signal.SIGKILL)  # as the kernel's OOM killer would
+    path = seg_process.start_seg(
+        volume.sources, labels, volume.hu, tmp_path / "seg.dcm", "m"
+    ).wait()
+    assert pydicom.dcmread(path).NumberOfFrames == 6 * len(volume.sources)
+    # and the next SEG goes to a fresh SEG process again
+    again = seg_process.start_seg(volume.sources, labels, volume.hu, tmp_path / "y.dcm", "m")
+    assert again.future is not None and again.wait().exists()
+
+
+def test_a_series_failing_after_its_seg_started_leaves_no_seg(study, tmp_path, monkeypatch):
+    paths, _, _ = study
+
+    def muscle_in_the_middle(images: np.ndarray) -> np.ndarray:
+        logits = np.zeros((len(images), 4, *images.shape[2:]), np.float32)
+        logits[:, 1, 40:80, 40:80] = 1
+        return logits
+
+    def fail(*_):
+        raise RuntimeError("measurement broke")
+
+    monkeypatch.setattr(stages, "measure_stage", fail)
+    result = process_series(
+        list(paths), tmp_path / "out", InferenceSettings(muscle_in_the_middle, "m", 128)
+    )
+    assert result.report.reason == "measure failed: RuntimeError: measurement broke"
+    assert result.seg_path is None
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.json"]
