@@ -87,7 +87,8 @@ class Listener:
         """Accept associations, resume what the index left unfinished, serve the endpoints."""
         fix_mmap_threshold()  # study-sized arrays leave the process when freed (core.memory)
         redact_identifiers()  # no full UID in any log line, whichever library writes it
-        seg_process.warm()  # the first study need not wait for the SEG processes' imports
+        if self.config.seg_process:
+            seg_process.warm()  # the first study need not wait for the SEG process's imports
         on_stored = self._stream if self.streaming else None
         try:
             if self.config.ingest_processes > 1:
@@ -257,7 +258,9 @@ class Listener:
                 if self.streaming is not None
                 else None
             )
-            result = process_series(paths, staging, self.inference, provenance, streamed)
+            result = process_series(
+                paths, staging, self.inference, provenance, streamed, self.config.seg_process
+            )
         except TritonUnavailable as error:
             shutil.rmtree(staging, ignore_errors=True)
             self._defer(key, snapshot, "triton", f"waiting for Triton: {str(error)[:200]}")

@@ -299,11 +299,15 @@ def test_chart_defaults_are_the_listeners_own():
     )
     assert (listener["idleSeconds"], listener["workers"]) == (default("idle_s"), default("workers"))
     assert listener["ingestProcesses"] == default("ingest_processes")
+    assert listener["segProcess"] == default("seg_process")
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert (values["model"], values["modelVersion"]) == (DEFAULT_MODEL, "latest")
     args = container(render({}), "StatefulSet")["args"]
     assert f"--model={DEFAULT_MODEL}" in args and "--model-version=latest" in args
     assert f"--ingest-processes={default('ingest_processes')}" in args
+    assert "--seg-in-listener" not in args
+    in_listener = container(render({"listener": {"segProcess": False}}), "StatefulSet")["args"]
+    assert "--seg-in-listener" in in_listener
     chosen = ["PACS@pacs:104", "ARCHIVE@archive:11112/seg,sr", "https://vna/dicom-web#seg"]
     args = container(render({"listener": {"forward": chosen}}), "StatefulSet")["args"]
     assert all(f"--forward={text}" in args for text in chosen)

@@ -126,7 +126,7 @@ def test_streaming_gives_the_labels_of_inferring_the_completed_series(
         return run
 
     streaming = listener_factory(wrap_infer=counting)
-    whole = listener_factory(stream_slices=0)
+    whole = listener_factory(stream_slices=0, seg_process=False)  # its SEG in the listener
     labels = []
     for receiver in (streaming, whole):
         assert send_files(paths, "127.0.0.1", receiver.config.port) == [0] * len(paths)

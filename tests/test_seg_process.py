@@ -80,3 +80,14 @@ def test_a_series_failing_after_its_seg_started_leaves_no_seg(study, tmp_path, m
     assert result.report.reason == "measure failed: RuntimeError: measurement broke"
     assert result.seg_path is None
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.json"]
+
+
+def test_the_seg_can_be_written_in_this_process(study, tmp_path):
+    _, volume, labels = study
+    pending = seg_process.start_seg(
+        volume.sources, labels, volume.hu, tmp_path / "a.dcm", "m", separate_process=False
+    )
+    assert pending.future is None and not (tmp_path / seg_process.LABELS_FILE).exists()
+    seg = hd.seg.segread(pending.wait())
+    assert seg.SOPInstanceUID == pending.reference.SOPInstanceUID
+    assert seg.NumberOfFrames == 6 * len(volume.sources)

@@ -296,6 +296,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
         expiry_s=args.expiry,
         workers=args.workers,
         ingest_processes=args.ingest_processes,
+        seg_process=not args.seg_in_listener,
         stream_slices=args.stream_slices,
         metrics_port=args.metrics_port or None,
         allowed_calling_aets=tuple(args.allow_aet),
@@ -642,6 +643,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=listener_config.default("ingest_processes"),
         help="processes receiving C-STOREs on the port (SO_REUSEPORT); more cores, more "
         "instances/s across associations (1: in the listener process)",
+    )
+    p.add_argument(
+        "--seg-in-listener",
+        action="store_true",
+        help="write the SEG in the listener process, not in a SEG process during measurement "
+        "(~250 MB less at the peak, ~1.9 s more per 300-slice study)",
     )
     p.add_argument(
         "--stream-slices",

@@ -29,7 +29,7 @@ from thighseg.pipeline.outputs import build_seg, save_seg, seg_reference, sided_
 
 log = logging.getLogger(__name__)
 
-SEG_PROCESSES = 2  # SEGs written at once (the listener processes up to `workers` series at once)
+SEG_PROCESSES = 1  # each costs ~90 MB idle and the SEG-sized peak of its own; SEGs queue in it
 LABELS_FILE = ".seg-labels.npy"  # segment numbers handed to the SEG process, beside the SEG
 
 _pool: ProcessPoolExecutor | None = None
@@ -79,9 +79,9 @@ class SegJob:
     series_instance_uid: str
     sop_instance_uid: str
 
-    def run(self) -> None:
-        """Build the SEG and write it to `path`."""
-        sided = np.load(self.labels_file)
+    def run(self, sided: np.ndarray | None = None) -> None:
+        """Build the SEG of `sided` (by default the labels file) and write it to `path`."""
+        sided = np.load(self.labels_file) if sided is None else sided
         seg = build_seg(
             self.sources,
             sided,
@@ -110,14 +110,19 @@ def warm() -> None:
 
 @dataclass
 class PendingSeg:
-    """A SEG being written in the SEG process: its identity now, its file once `wait` returns."""
+    """A SEG being written in the SEG process (or, with `sided`, to be written here): its
+    identity now, its file once `wait` returns."""
 
     job: SegJob
     reference: Dataset  # for the SR: the SEG's study, series, SOP class and instance
     future: Future | None
+    sided: np.ndarray | None = None  # segment numbers, when the SEG is written in this process
 
     def wait(self) -> Path:
         """The SEG file, written; by this process if the SEG process failed to."""
+        if self.sided is not None:
+            self.job.run(self.sided)
+            return self.job.path
         try:
             if self.future is None:
                 raise BrokenProcessPool("no SEG process could be started")
@@ -146,19 +151,24 @@ def start_seg(
     path: Path,
     model: str,
     algorithm_version: str | None = None,
+    separate_process: bool = True,
 ) -> PendingSeg:
-    """Start writing the SEG of group labels (1-3) to `path` in the SEG process."""
+    """Start writing the SEG of group labels (1-3) to `path` in the SEG process; without
+    `separate_process`, `wait` writes it in this one (less memory, more time)."""
     if labels.shape[0] != len(sources):
         raise ValueError(f"{labels.shape[0]} mask slices for {len(sources)} source instances")
     path.parent.mkdir(parents=True, exist_ok=True)
     labels_file = path.parent / LABELS_FILE
-    np.save(labels_file, sided_labels(labels, hu))
+    sided = sided_labels(labels, hu)
     job = SegJob(sources, labels_file, path, model, algorithm_version, str(hd.UID()), str(hd.UID()))
+    reference = seg_reference(sources[0], job.series_instance_uid, job.sop_instance_uid)
+    if not separate_process:
+        return PendingSeg(job, reference, None, sided)
+    np.save(labels_file, sided)
     try:
         future: Future | None = _executor().submit(_run, job)
     except (BrokenProcessPool, RuntimeError) as error:  # RuntimeError: shut down at exit
         log.warning("cannot start the SEG process: %s", error)
         _forget_broken_pool()
         future = None
-    reference = seg_reference(sources[0], job.series_instance_uid, job.sop_instance_uid)
     return PendingSeg(job, reference, future)

@@ -173,19 +173,25 @@ def algorithm_version(report: SeriesReport) -> str:
     return " ".join(parts)[:64]  # LO
 
 
-def start_seg_early(
-    report: SeriesReport, loaded: LoadedVolume, labels: np.ndarray, out_dir: Path
-) -> PendingSeg:
-    """The SEG needs only the labels: it is written in the SEG process during measurement."""
-    volume: Volume = loaded.origin
-    return start_seg(
-        volume.sources,
-        labels,
-        volume.hu,
-        out_dir / "seg.dcm",
-        report.model,
-        algorithm_version(report),
-    )
+def seg_starter(separate_process: bool) -> EarlyStart:
+    """The SEG needs only the labels: it is started before measurement, in the SEG process
+    (`separate_process`) or, to be written at emit, in this one."""
+
+    def start(
+        report: SeriesReport, loaded: LoadedVolume, labels: np.ndarray, out_dir: Path
+    ) -> PendingSeg:
+        volume: Volume = loaded.origin
+        return start_seg(
+            volume.sources,
+            labels,
+            volume.hu,
+            out_dir / "seg.dcm",
+            report.model,
+            algorithm_version(report),
+            separate_process,
+        )
+
+    return start
 
 
 def emit_dicom(
@@ -341,10 +347,12 @@ def process_series(
     settings: InferenceSettings,
     provenance: dict | None = None,
     streamed_labels: dict[str, np.ndarray] | None = None,
+    seg_process: bool = True,
 ) -> SeriesResult:
     """A DICOM CT series -> SEG, SR, summary, SC, overlay, report. `provenance` (the listener's
     content hash and generation of the inputs) is recorded in the report as given;
-    `streamed_labels` (by SOP Instance UID) are slices already inferred as they arrived."""
+    `streamed_labels` (by SOP Instance UID) are slices already inferred as they arrived;
+    `seg_process`: the SEG is written in the SEG process during measurement."""
     report = SeriesReport(
         model=settings.model,
         model_version=settings.model_version,
@@ -359,7 +367,7 @@ def process_series(
         out_dir,
         settings,
         streamed_labels,
-        start_seg_early,
+        seg_starter(seg_process),
     )
 
 
