@@ -1,9 +1,12 @@
 import numpy as np
+import pytest
+from scipy import ndimage
 
 from thighseg.core.labels import normalise_hu
 from thighseg.core.resample import (
     MODEL_INPUT_SIZE,
     MODEL_PIXEL_MM,
+    TileWindow,
     body_window,
     labels_on_tiles,
     tile_logits_to_labels,
@@ -85,3 +88,46 @@ def test_an_empty_slice_is_framed_on_its_centre_and_nothing_outside_the_tile_is_
     inside = MODEL_INPUT_SIZE * MODEL_PIXEL_MM / 2.0 / 2  # tile half side, acquired pixels
     assert labels[256, 256] == 1 and labels[0, 0] == 0
     assert abs((labels[256] == 1).sum() - 2 * inside) <= 2
+
+
+def _interpolated_everywhere(logits: np.ndarray, window, shape: tuple[int, int]) -> np.ndarray:
+    """The reference: every channel interpolated over the whole matrix, then argmax."""
+    size = logits.shape[1]
+    inverse = [1 / s for s in window.step]
+    offset = [(0.5 - o) / s - 0.5 for o, s in zip(window.origin, window.step, strict=True)]
+    upsampled = np.stack(
+        [
+            ndimage.affine_transform(
+                channel, inverse, offset=offset, output_shape=shape, order=1, mode="nearest"
+            )
+            for channel in logits.astype(np.float64)
+        ]
+    )
+    labels = np.argmax(upsampled, axis=0).astype(np.uint8)
+    r = (np.arange(shape[0]) + 0.5 - window.origin[0]) / window.step[0]
+    c = (np.arange(shape[1]) + 0.5 - window.origin[1]) / window.step[1]
+    labels[~((r >= 0) & (r <= size))] = 0
+    labels[:, ~((c >= 0) & (c <= size))] = 0
+    return labels
+
+
+@pytest.mark.parametrize(
+    "window",
+    [
+        TileWindow((27.0, 20.0), (1.836, 1.836)),  # a tile inside the slice, upsampled
+        TileWindow((-90.3, 140.7), (2.61, 1.3)),  # cut by the slice's edges, anisotropic
+        TileWindow((10.2, -5.5), (0.71, 0.71)),  # a small slice: the tile is downsampled
+        TileWindow((600.0, 0.0), (1.0, 1.0)),  # entirely outside the slice
+    ],
+)
+def test_only_disputed_pixels_are_interpolated_and_the_labels_are_those_of_full_interpolation(
+    window,
+):
+    rng = np.random.default_rng(3)
+    logits = ndimage.gaussian_filter(rng.normal(size=(4, 64, 64)), (0, 2, 2)) * 10
+    logits = ndimage.zoom(logits, (1, 4, 4), order=1).astype(np.float32)  # smooth regions, 256²
+    expected = _interpolated_everywhere(logits, window, (480, 400))
+    labels = tile_logits_to_labels(logits, window, (480, 400))
+    assert labels.dtype == np.uint8 and labels.shape == (480, 400)
+    assert np.array_equal(labels, expected)
+    assert window.origin[0] == 600.0 or len(np.unique(labels)) == 4
