@@ -38,6 +38,7 @@ from pynetdicom.utils import make_target
 
 from thighseg.dicom_listener.config import Limits, ListenerConfig
 from thighseg.dicom_listener.index import Arrival
+from thighseg.dicom_listener.polling import poll_promptly
 from thighseg.dicom_listener.series import Arrivals, SeriesKey
 from thighseg.dicom_listener.spool import Spool, Staged, sha256_of
 from thighseg.dicom_listener.telemetry import Telemetry
@@ -202,13 +203,15 @@ def _receive_timeout(connection: socket.socket, seconds: float) -> None:
 
 @dataclass
 class ConnectionGuard:
-    """EVT_CONN_OPEN runs before the association's reader starts: bound its socket's reads."""
+    """EVT_CONN_OPEN runs before the association's reader starts: bound its socket's reads, and
+    poll promptly while it is busy (`polling`)."""
 
     max_pdu_bytes: int
     network_timeout_s: float
     telemetry: Telemetry
 
     def __call__(self, event: evt.Event) -> None:
+        poll_promptly(event.assoc.dul)
         sock: AssociationSocket = event.assoc.dul.socket
         if sock.socket is not None:
             _receive_timeout(sock.socket, self.network_timeout_s)

@@ -1,5 +1,6 @@
-"""The SEG written in a process of its own: the same SEG as in this process, the SR references it,
-a dead SEG process never costs the SEG, and a series that fails later leaves no SEG behind."""
+"""The DICOM outputs written in a process of their own: the same SEG as in this process, the SR
+references it, the report names what was written there, a dead SEG process never costs an output,
+and a series that fails later leaves none behind."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from highdicom import _standard_utils
 
 from thighseg.pipeline import seg_process, stages
 from thighseg.pipeline.assemble import assemble
@@ -62,13 +64,14 @@ def test_a_killed_seg_process_never_costs_the_seg(study, tmp_path):
     assert again.future is not None and again.wait().exists()
 
 
+def muscle_in_the_middle(images: np.ndarray) -> np.ndarray:
+    logits = np.zeros((len(images), 4, *images.shape[2:]), np.float32)
+    logits[:, 1, 40:80, 40:80] = 1
+    return logits
+
+
 def test_a_series_failing_after_its_seg_started_leaves_no_seg(study, tmp_path, monkeypatch):
     paths, _, _ = study
-
-    def muscle_in_the_middle(images: np.ndarray) -> np.ndarray:
-        logits = np.zeros((len(images), 4, *images.shape[2:]), np.float32)
-        logits[:, 1, 40:80, 40:80] = 1
-        return logits
 
     def fail(*_):
         raise RuntimeError("measurement broke")
@@ -91,3 +94,37 @@ def test_the_seg_can_be_written_in_this_process(study, tmp_path):
     seg = hd.seg.segread(pending.wait())
     assert seg.SOPInstanceUID == pending.reference.SOPInstanceUID
     assert seg.NumberOfFrames == 6 * len(volume.sources)
+
+
+def test_sr_and_sc_are_written_in_the_seg_process_and_the_report_names_them(study, tmp_path):
+    paths, _, _ = study
+    _standard_utils.get_module_attribute_map.cache_clear()
+    result = process_series(
+        list(paths), tmp_path / "out", InferenceSettings(muscle_in_the_middle, "m", 128)
+    )
+    assert result.report.done, result.report.reason
+    # highdicom's module tables were never needed here: every DICOM output was built elsewhere
+    assert _standard_utils.get_module_attribute_map.cache_info().currsize == 0
+    out = tmp_path / "out"
+    sr, sc = pydicom.dcmread(out / "sr.dcm"), pydicom.dcmread(out / "summary_sc.dcm")
+    assert sr.SOPInstanceUID == result.report.sr_sop_instance_uid
+    assert sc.SOPInstanceUID == result.report.sc_sop_instance_uid
+    seg_reference = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+    referenced = {
+        i.ReferencedSOPInstanceUID for s in seg_reference for i in s.ReferencedSOPSequence
+    }
+    assert result.report.seg_sop_instance_uid in referenced
+
+
+def test_a_series_failing_while_its_sr_is_written_leaves_no_dicom(study, tmp_path, monkeypatch):
+    paths, _, _ = study
+
+    def fail(*_):
+        raise RuntimeError("rendering broke")
+
+    monkeypatch.setattr(stages, "render", fail)
+    result = process_series(
+        list(paths), tmp_path / "out", InferenceSettings(muscle_in_the_middle, "m", 128)
+    )
+    assert result.report.reason == "emit failed: RuntimeError: rendering broke"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.json"]

@@ -13,6 +13,7 @@ import sys
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from thighseg.core.constants import AE_TITLE
+from thighseg.dicom_listener.polling import poll_promptly
 
 
 def serve(port: int) -> None:
@@ -23,7 +24,12 @@ def serve(port: int) -> None:
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax)
     server = ae.start_server(
-        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda _: 0x0000)]
+        ("127.0.0.1", port),
+        block=False,
+        evt_handlers=[
+            (evt.EVT_C_STORE, lambda _: 0x0000),
+            (evt.EVT_CONN_OPEN, lambda event: poll_promptly(event.assoc.dul)),  # as the listener
+        ],
     )
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
     server.shutdown()

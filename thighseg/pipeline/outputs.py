@@ -236,12 +236,15 @@ def write_sr(
     model: str,
     flags: list[Flag] | None = None,
     algorithm_version: str | None = None,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Comprehensive 3D SR, TID 1500 measurement report: one volumetric ROI group per muscle group
     and leg, each referencing its SEG segment, with every index of report.json (volumes, lean
     muscle, intramuscular and low-density muscle, density); per leg and for both thighs all muscle
     with intermuscular fat, fractions, asymmetry and volume index; the QC flags as coded
-    evaluations. Every measurement names the algorithm that made it (TID 4019)."""
+    evaluations. Every measurement names the algorithm that made it (TID 4019). UIDs given in
+    advance let the report name an SR still being built elsewhere."""
     algorithm = hd.sr.AlgorithmIdentification(
         name=f"thighseg {model}", version=algorithm_version or thighseg.__version__
     )
@@ -286,9 +289,9 @@ def write_sr(
     sr = hd.sr.Comprehensive3DSR(
         evidence=[*sources, seg],
         content=report,
-        series_instance_uid=hd.UID(),
+        series_instance_uid=series_instance_uid or hd.UID(),
         series_number=int(sources[0].get("SeriesNumber", 1) or 1) + 2000,
-        sop_instance_uid=hd.UID(),
+        sop_instance_uid=sop_instance_uid or hd.UID(),
         instance_number=1,
         manufacturer="thighseg",
         series_description="Thigh muscle indices (thighseg)",

@@ -1,11 +1,14 @@
-"""The SEG is built and written in a process of its own while this one measures the study and
-writes the SR and the summary.
+"""The DICOM outputs are built and written in a process of their own (the SEG process) while this
+one measures the study and renders the summary.
 
 Building and encoding the SEG of a 300-slice study (1,800 frames with their per-frame items,
-highdicom and pydicom) is ~2 s of pure Python. A thread could not overlap it with the measurement
-(one GIL: 0.3-0.5 s saved, measured); a process does. The SEG's UIDs are chosen before it exists,
-so the SR can reference it meanwhile. If the SEG process dies (killed for memory, say), the SEG is
-written in this process instead: the optimisation never costs a result.
+highdicom and pydicom) is ~1.3 s of pure Python. A thread could not overlap it with the measurement
+(one GIL: 0.3-0.5 s saved, measured); a process does. The SR and the summary's Secondary Capture
+follow it there once measured and rendered: highdicom's module tables (~65 MB, ~0.5 s to parse)
+then stay loaded in that process alone, and this one never loads them. Every output's UIDs are
+chosen before it exists, so the SR can reference the SEG and the report name them all meanwhile.
+If the SEG process dies (killed for memory, say), an output is written in this process instead:
+the optimisation never costs a result.
 """
 
 from __future__ import annotations
@@ -18,14 +21,18 @@ import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
-from thighseg.pipeline.outputs import build_seg, save_seg, seg_reference, sided_labels
+from thighseg.measure.indices import VolumeIndices
+from thighseg.measure.qc import Flag
+from thighseg.pipeline.outputs import build_seg, save_seg, seg_reference, sided_labels, write_sr
+from thighseg.pipeline.summary import secondary_capture
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +100,109 @@ class SegJob:
         save_seg(seg, self.path)
 
 
-def _run(job: SegJob) -> None:  # module level: what the SEG process is given to call
+@dataclass(frozen=True)
+class SrJob:
+    """The SR of a measured study, referencing a SEG by the identity chosen for it."""
+
+    seg: Dataset
+    sources: list[Dataset]
+    indices: VolumeIndices
+    path: Path
+    model: str
+    flags: list[Flag]
+    algorithm_version: str | None
+    series_instance_uid: str = field(default_factory=lambda: str(hd.UID()))
+    sop_instance_uid: str = field(default_factory=lambda: str(hd.UID()))
+
+    def run(self) -> None:
+        """Build the SR and write it to `path`."""
+        write_sr(
+            self.seg,
+            self.sources,
+            self.indices,
+            self.path,
+            self.model,
+            self.flags,
+            self.algorithm_version,
+            self.series_instance_uid,
+            self.sop_instance_uid,
+        )
+
+
+@dataclass(frozen=True)
+class ScJob:
+    """The summary page (a PNG already rendered) as a Secondary Capture in the source's study."""
+
+    png: Path
+    source: Dataset
+    path: Path
+    series_instance_uid: str = field(default_factory=lambda: str(hd.UID()))
+    sop_instance_uid: str = field(default_factory=lambda: str(hd.UID()))
+
+    def run(self) -> None:
+        """Encode the PNG and write the SC to `path`."""
+        secondary_capture(
+            self.png, self.source, self.path, self.series_instance_uid, self.sop_instance_uid
+        )
+
+
+class OutputJob(Protocol):
+    """An output written to `path` by `run`, in whichever process runs it."""
+
+    path: Path
+
+    def run(self) -> None: ...
+
+
+def _run(job: OutputJob) -> None:  # module level: what the SEG process is given to call
     job.run()
+
+
+def _submit(job: OutputJob) -> Future | None:
+    """The job running in the SEG process; None when no SEG process can be started."""
+    try:
+        return _executor().submit(_run, job)
+    except (BrokenProcessPool, RuntimeError) as error:  # RuntimeError: shut down at exit
+        log.warning("cannot start the SEG process: %s", error)
+        _forget_broken_pool()
+        return None
+
+
+def _result(job: OutputJob, future: Future | None) -> Path:
+    """The job's output once its future is done; written here if the SEG process failed to."""
+    try:
+        if future is None:
+            raise BrokenProcessPool("no SEG process could be started")
+        future.result()
+    except BrokenProcessPool as error:
+        log.warning(
+            "SEG process unavailable (%s): writing %s in this process", error, job.path.name
+        )
+        _forget_broken_pool()
+        job.run()
+    return job.path
+
+
+@dataclass
+class PendingOutput:
+    """An output being written in the SEG process, or (without a future) to be written here."""
+
+    job: OutputJob
+    future: Future | None
+
+    def wait(self) -> Path:
+        """The output file, written."""
+        if self.future is None:
+            self.job.run()
+            return self.job.path
+        return _result(self.job, self.future)
+
+    def discard(self) -> None:
+        """The series failed after the output was started: no file of it is left."""
+        if self.future is not None:
+            with contextlib.suppress(Exception):
+                self.future.result()
+        self.job.path.unlink(missing_ok=True)
 
 
 def _ready() -> bool:
@@ -118,22 +226,20 @@ class PendingSeg:
     future: Future | None
     sided: np.ndarray | None = None  # segment numbers, when the SEG is written in this process
 
+    def then(self, job: OutputJob) -> PendingOutput:
+        """Start another output of the study where this SEG is written (after it, in the SEG
+        process)."""
+        return PendingOutput(job, None if self.sided is not None else _submit(job))
+
     def wait(self) -> Path:
         """The SEG file, written; by this process if the SEG process failed to."""
         if self.sided is not None:
             self.job.run(self.sided)
             return self.job.path
         try:
-            if self.future is None:
-                raise BrokenProcessPool("no SEG process could be started")
-            self.future.result()
-        except BrokenProcessPool as error:
-            log.warning("SEG process unavailable (%s): writing the SEG in this process", error)
-            _forget_broken_pool()
-            self.job.run()
+            return _result(self.job, self.future)
         finally:
             self.job.labels_file.unlink(missing_ok=True)
-        return self.job.path
 
     def discard(self) -> None:
         """The series failed after the SEG was started: no SEG is left beside its report."""
@@ -165,10 +271,4 @@ def start_seg(
     if not separate_process:
         return PendingSeg(job, reference, None, sided)
     np.save(labels_file, sided)
-    try:
-        future: Future | None = _executor().submit(_run, job)
-    except (BrokenProcessPool, RuntimeError) as error:  # RuntimeError: shut down at exit
-        log.warning("cannot start the SEG process: %s", error)
-        _forget_broken_pool()
-        future = None
-    return PendingSeg(job, reference, future)
+    return PendingSeg(job, reference, _submit(job))

@@ -27,10 +27,10 @@ from thighseg.measure.indices import volume_indices
 from thighseg.measure.metrics import group_volumes_ml
 from thighseg.pipeline.assemble import HUStack, SeriesError, Volume, assemble
 from thighseg.pipeline.loaders import load_nifti_image, save_nifti_labels
-from thighseg.pipeline.outputs import write_overlay_png, write_sr
+from thighseg.pipeline.outputs import write_overlay_png
 from thighseg.pipeline.report import DONE, SeriesReport
-from thighseg.pipeline.seg_process import PendingSeg, start_seg
-from thighseg.pipeline.summary import Preview, render, secondary_capture
+from thighseg.pipeline.seg_process import PendingSeg, ScJob, SrJob, start_seg
+from thighseg.pipeline.summary import Preview, render
 
 log = logging.getLogger(__name__)
 
@@ -201,17 +201,15 @@ def emit_dicom(
     out_dir: Path,
     seg: PendingSeg,
 ) -> None:
-    """SR, the one-page summary (PNG, PDF, DICOM SC) and the overlay, then the SEG started
-    before measurement."""
+    """SR, the one-page summary (PNG, PDF, DICOM SC) and the overlay, with the SEG started before
+    measurement. The SR and SC are encoded where the SEG is (the SEG process, by default) while
+    this process renders the pictures; a failure here leaves none of them."""
     volume: Volume = loaded.origin
     title = (
         f"Thigh muscle summary — {report.model}, {len(volume.sources)} slices, "
         f"study {short_uid(report.study_instance_uid or '')}"
     )
-    preview = _summary(report, loaded, labels, out_dir, title)
-    write_overlay_png(preview, out_dir / "overlay.png")
-    del preview
-    sr = write_sr(
+    sr_job = SrJob(
         seg.reference,
         volume.sources,
         report.indices,
@@ -220,12 +218,24 @@ def emit_dicom(
         report.qc_flags,
         algorithm_version(report),
     )
-    sc = secondary_capture(out_dir / "summary.png", volume.sources[0], out_dir / "summary_sc.dcm")
-    release_highdicom_tables()
+    sc_job = ScJob(out_dir / "summary.png", volume.sources[0], out_dir / "summary_sc.dcm")
+    started = [seg.then(sr_job)]
+    try:
+        preview = _summary(report, loaded, labels, out_dir, title)
+        write_overlay_png(preview, out_dir / "overlay.png")
+        del preview
+        started.append(seg.then(sc_job))
+        for output in started:
+            output.wait()
+    except BaseException:
+        for output in started:
+            output.discard()
+        raise
     seg.wait()
+    release_highdicom_tables()  # loaded here only when the outputs were written here
     report.seg_sop_instance_uid = str(seg.reference.SOPInstanceUID)
-    report.sr_sop_instance_uid = str(sr.SOPInstanceUID)
-    report.sc_sop_instance_uid = str(sc.SOPInstanceUID)
+    report.sr_sop_instance_uid = sr_job.sop_instance_uid
+    report.sc_sop_instance_uid = sc_job.sop_instance_uid
     report.outputs = [
         "seg.dcm",
         "sr.dcm",

@@ -211,9 +211,15 @@ def render(
     return png
 
 
-def secondary_capture(png: Path, reference, path: Path):
+def secondary_capture(
+    png: Path,
+    reference,
+    path: Path,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+):
     """The summary page as a DICOM Secondary Capture in the study of `reference` (a source
-    header)."""
+    header); UIDs given in advance let the report name an SC still being built elsewhere."""
     import highdicom as hd
     from PIL import Image
 
@@ -227,9 +233,9 @@ def secondary_capture(png: Path, reference, path: Path):
         # columns posterior
         coordinate_system="PATIENT",
         patient_orientation=("L", "P"),
-        series_instance_uid=hd.UID(),
+        series_instance_uid=series_instance_uid or hd.UID(),
         series_number=int(reference.get("SeriesNumber", 1) or 1) + 3000,
-        sop_instance_uid=hd.UID(),
+        sop_instance_uid=sop_instance_uid or hd.UID(),
         instance_number=1,
         manufacturer="thighseg",
         series_description="Thigh muscle summary (thighseg)",
