@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import edt
 import numpy as np
 from scipy import ndimage
 
@@ -201,8 +202,9 @@ def fascia_envelope(group_mask: np.ndarray, pixel_mm: float) -> np.ndarray:
             slice(columns[0], columns[-1] + 1),
         )
         padded = np.pad(mask[box], radius + 1)
-        dilated = ndimage.distance_transform_edt(~padded) <= radius
-        closed = ndimage.distance_transform_edt(dilated) > radius
+        # edt (exact, as scipy's; ~3x faster): distances to the nearest zero inside the array
+        dilated = edt.edt(~padded, black_border=False) <= radius
+        closed = edt.edt(dilated, black_border=False) > radius
         envelope[z][box] = fill_holes_per_slice(
             closed[None, radius + 1 : -radius - 1, radius + 1 : -radius - 1]
         )[0]
