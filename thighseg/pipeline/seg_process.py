@@ -151,7 +151,8 @@ class OutputJob(Protocol):
 
     path: Path
 
-    def run(self) -> None: ...
+    def run(self) -> None:
+        """Write the output."""
 
 
 def _run(job: OutputJob) -> None:  # module level: what the SEG process is given to call
