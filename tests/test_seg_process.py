@@ -70,17 +70,26 @@ def muscle_in_the_middle(images: np.ndarray) -> np.ndarray:
     return logits
 
 
-def test_a_series_failing_after_its_seg_started_leaves_no_seg(study, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("broken", "stage"),
+    [
+        ("measure_stage", "measure"),  # after the SEG started
+        ("render", "emit"),  # after the SR started too
+    ],
+)
+def test_a_series_failing_after_its_outputs_started_leaves_none_of_them(
+    study, tmp_path, monkeypatch, broken, stage
+):
     paths, _, _ = study
 
     def fail(*_):
-        raise RuntimeError("measurement broke")
+        raise RuntimeError("broke")
 
-    monkeypatch.setattr(stages, "measure_stage", fail)
+    monkeypatch.setattr(stages, broken, fail)
     result = process_series(
         list(paths), tmp_path / "out", InferenceSettings(muscle_in_the_middle, "m", 128)
     )
-    assert result.report.reason == "measure failed: RuntimeError: measurement broke"
+    assert result.report.reason == f"{stage} failed: RuntimeError: broke"
     assert result.seg_path is None
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.json"]
 
@@ -114,17 +123,3 @@ def test_sr_and_sc_are_written_in_the_seg_process_and_the_report_names_them(stud
         i.ReferencedSOPInstanceUID for s in seg_reference for i in s.ReferencedSOPSequence
     }
     assert result.report.seg_sop_instance_uid in referenced
-
-
-def test_a_series_failing_while_its_sr_is_written_leaves_no_dicom(study, tmp_path, monkeypatch):
-    paths, _, _ = study
-
-    def fail(*_):
-        raise RuntimeError("rendering broke")
-
-    monkeypatch.setattr(stages, "render", fail)
-    result = process_series(
-        list(paths), tmp_path / "out", InferenceSettings(muscle_in_the_middle, "m", 128)
-    )
-    assert result.report.reason == "emit failed: RuntimeError: rendering broke"
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.json"]
