@@ -4,7 +4,7 @@
 # subjects. The "site" is the stress generator (thighseg.synthetic.stress) at seeds 4100-4119, which
 # the shipped weights never saw (the stress cohort of `thighseg evaluate` uses 4000-4019).
 #
-#   bash scripts/site_adaptation.sh [WORK_DIR] [STEPS]
+#   [SITE_SLICES=24] [SITE_SIZE=512] bash scripts/site_adaptation.sh [WORK_DIR] [STEPS]
 #
 # Writes WORK_DIR/site_adaptation.json and prints the before/after table.
 set -euo pipefail
@@ -26,7 +26,7 @@ from thighseg.synthetic import stress
 root = Path(sys.argv[1])
 (root / "imagesTr").mkdir(parents=True); (root / "labelsTr").mkdir()
 for seed in tqdm(range(4100, 4120), desc="site studies"):
-    study = stress.generate(seed, size=int(os.environ.get("SITE_SIZE", 512)), slices=24)
+    study = stress.generate(seed, size=int(os.environ.get("SITE_SIZE", 512)), slices=int(os.environ.get("SITE_SLICES", 24)))
     g = study.geometry
     affine = np.diag([g.pixel_spacing, g.pixel_spacing, g.slice_spacing, 1.0])
     ras = lambda a: np.ascontiguousarray(a.transpose(2, 1, 0)[::-1, ::-1, :])
