@@ -267,6 +267,30 @@ def test_fine_tune_on_a_fold_logs_validation_and_evaluate_scores_folds_and_poole
     assert 0 <= scored["pooled"]["summary"]["overlap"]["mean"]["dsc"]["mean"] <= 1
 
 
+def test_evaluate_on_a_dataset_applies_and_records_flip_tta(nnunet_source, tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "dataset"
+    import_sources([nnunet_source], _label_map(tmp_path), out, progress=False)
+    dataset.write_splits(out, dataset.make_splits(dataset.read_manifest(out).subjects(), 2))
+    reports = {}
+    for tta in ("none", "flip"):
+        done = subprocess.run(
+            [sys.executable, "-m", "thighseg.cli", "evaluate", "--data", str(out), "--fold", "0"]
+            + ["--models", "denseunet", "--tta", tta, "--out", str(tmp_path / tta)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr
+        reports[tta] = json.loads((tmp_path / tta / "evaluation.json").read_text())
+    assert [reports[t]["config"]["tta"] for t in ("none", "flip")] == ["none", "flip"]
+    scored = {
+        tta: [s["overlap"] for s in report["models"]["denseunet"]["fold0"]["studies"]]
+        for tta, report in reports.items()
+    }
+    assert scored["flip"] != scored["none"]  # the mirror's logits were averaged in
+
+
 def test_slicer_seg_nrrd_cropped_to_its_extent_lands_on_the_ct_grid(tmp_path):
     nrrd = pytest.importorskip("nrrd")
     study = phantom.generate(77, size=64, slices=4, slice_spacing=6.0)

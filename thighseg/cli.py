@@ -359,6 +359,15 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _with_tta(backend, tta: str):
+    """The backend with the test-time augmentation asked for (`--tta`)."""
+    if tta == "flip":
+        from thighseg.client.volume import flip_averaged
+
+        return flip_averaged(backend)
+    return backend
+
+
 def cmd_evaluate_dataset(args: argparse.Namespace) -> int:
     """`evaluate --data`: each fold's validation subjects with that fold's weights, pooled, and
     the test subjects with the fold models' ensemble (or the one model given)."""
@@ -384,6 +393,7 @@ def cmd_evaluate_dataset(args: argparse.Namespace) -> int:
     else:
         weights = args.weights or [models.weights_path(model)]
         per_fold = [torch_backend(models.load_trained(model, w)) for w in weights]
+    per_fold = [_with_tta(backend, args.tta) for backend in per_fold]
     if len(per_fold) == len(folds):
         chosen = folds
         cohort_backends = {f: {model: b} for f, b in zip(folds, per_fold, strict=True)}
@@ -402,7 +412,7 @@ def cmd_evaluate_dataset(args: argparse.Namespace) -> int:
     report = run_evaluation(
         {model: test_backend},
         args.out,
-        EvaluationConfig(cohorts=tuple(selected), studies=0, slices=0, size=0),
+        EvaluationConfig(cohorts=tuple(selected), studies=0, slices=0, size=0, tta=args.tta),
         studies_by_cohort=selected,
         cohort_backends=cohort_backends,
         pooled=tuple(chosen) if len(chosen) > 1 else (),
@@ -432,16 +442,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             from thighseg.export.validation import onnx_backend
 
             backends[model] = onnx_backend(ensure_exported(model, args.repository))
-        if args.tta == "flip":
-            from thighseg.client.volume import flip_averaged
-
-            backends[model] = flip_averaged(backends[model])
+        backends[model] = _with_tta(backends[model], args.tta)
     config = EvaluationConfig(
         cohorts=tuple(args.cohorts),
         studies=args.studies,
         slices=args.slices,
         size=args.size,
         field_of_view=args.fov,
+        tta=args.tta,
     )
     report = run_evaluation(backends, args.out, config)
     print((args.out / "evaluation.md").read_text())

@@ -38,6 +38,7 @@ class EvaluationConfig:
     slices: int = 24
     size: int = 512
     field_of_view: float | None = None  # mm; None: each generator draws its own
+    tta: str = "none"  # test-time augmentation the backends apply ("flip"), recorded in the report
 
 
 @dataclass(frozen=True)
