@@ -233,6 +233,26 @@ def test_a_port_in_use_is_named_in_one_line(triton):
     assert "Traceback" not in result.stderr
 
 
+def test_serve_on_the_port_of_a_running_server_says_so_instead_of_reporting_ready(
+    triton, model_repository
+):
+    result = run(
+        "serve",
+        "--repository",
+        str(model_repository),
+        "--http-port",
+        str(triton.ports.http),  # the other server would answer this one's readiness checks
+        "--grpc-port",
+        str(free_port()),
+        "--metrics-port",
+        str(free_port()),
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert f"the Triton http port {triton.ports.http} is in use" in result.stderr
+    assert "triton ready" not in result.stdout and "Traceback" not in result.stderr
+
+
 def test_an_output_path_that_is_a_file_is_named_with_what_to_do(tmp_path):
     (tmp_path / "inputs").mkdir()
     taken = tmp_path / "results"

@@ -232,6 +232,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         stop = _stop_on_signal()
         while not stop.wait(EXPORT_POLL_S):
+            server.check_alive()  # a dead tritonserver ends `serve` with its exit code
             for line in server.load_new_exports(known):
                 print(line, flush=True)
     return 0

@@ -164,7 +164,7 @@ def _submit(job: OutputJob) -> Future | None:
     try:
         return _executor().submit(_run, job)
     except (BrokenProcessPool, RuntimeError) as error:  # RuntimeError: shut down at exit
-        log.warning("cannot start the SEG process: %s", error)
+        log.warning("SEG process unavailable (%s): a fresh one serves the next study", error)
         _forget_broken_pool()
         return None
 
@@ -173,7 +173,7 @@ def _result(job: OutputJob, future: Future | None) -> Path:
     """The job's output once its future is done; written here if the SEG process failed to."""
     try:
         if future is None:
-            raise BrokenProcessPool("no SEG process could be started")
+            raise BrokenProcessPool("it was not handed to one")
         future.result()
     except BrokenProcessPool as error:
         log.warning(

@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -33,6 +34,21 @@ class Ports:
     http: int = TRITON_HTTP_PORT
     grpc: int = TRITON_GRPC_PORT
     metrics: int = TRITON_METRICS_PORT
+
+    def check_free(self) -> None:
+        """Raise if another process listens on one of the ports: tritonserver would exit, and the
+        other server would answer the readiness checks meant for this one."""
+        for name, port in (("http", self.http), ("grpc", self.grpc), ("metrics", self.metrics)):
+            with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine
+                try:
+                    probe.bind(("0.0.0.0", port))
+                except OSError as error:
+                    raise OSError(
+                        error.errno,
+                        f"the Triton {name} port {port} is in use (another server?); stop it or "
+                        f"choose other ports (--http-port, --grpc-port, --metrics-port)",
+                    ) from error
 
 
 def _pytriton_root() -> Path:
@@ -154,6 +170,7 @@ class EmbeddedTriton:
         """Start tritonserver and wait until every served model is ready."""
         if not self.model_repository.is_dir():
             raise FileNotFoundError(f"model repository {self.model_repository} does not exist")
+        self.ports.check_free()
         if not self.served_models():
             raise FileNotFoundError(
                 f"no exported model in {self.model_repository}; run `thighseg export`"
@@ -182,6 +199,14 @@ class EmbeddedTriton:
             raise
         return self
 
+    def check_alive(self) -> None:
+        """Raise if tritonserver has exited."""
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(
+                f"tritonserver exited with code {self.process.returncode}"
+                f"{'; see ' + str(self.log_file) if self.log_file else ''}"
+            )
+
     def wait_ready(self) -> None:
         """Block until the server and every model in the repository report ready."""
         import tritonclient.http as http
@@ -189,11 +214,7 @@ class EmbeddedTriton:
         client = http.InferenceServerClient(self.http_url)
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(
-                    f"tritonserver exited with code {self.process.returncode}"
-                    f"{'; see ' + str(self.log_file) if self.log_file else ''}"
-                )
+            self.check_alive()
             try:
                 if client.is_server_ready() and all(
                     client.is_model_ready(m) for m in self.served_models()
