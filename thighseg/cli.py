@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import thighseg
 from thighseg.core.constants import (
@@ -27,6 +28,9 @@ from thighseg.core.constants import (
 from thighseg.dicom_listener import config as listener_config
 from thighseg.learning import models
 from thighseg.learning.training import TrainConfig
+
+if TYPE_CHECKING:  # the client layer is imported by the commands that use it
+    from thighseg.client.volume import InferFn
 
 DEFAULT_REPOSITORY = models.REPOSITORY
 TRAIN_DEFAULTS = TrainConfig()
@@ -360,7 +364,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _with_tta(backend, tta: str):
+def _with_tta(backend: InferFn, tta: str) -> InferFn:
     """The backend with the test-time augmentation asked for (`--tta`)."""
     if tta == "flip":
         from thighseg.client.volume import flip_averaged

@@ -94,7 +94,8 @@ def _linear_taps(
     position = (np.arange(count) + 0.5 - origin) / step - 0.5
     inside = np.flatnonzero((position >= -0.5) & (position <= size - 0.5))
     if inside.size == 0:
-        return slice(0, 0), *(np.empty(0, dtype=np.intp),) * 2, np.empty(0)
+        nowhere = np.empty(0, dtype=np.intp)
+        return slice(0, 0), nowhere, nowhere, np.empty(0)
     position = position[inside]
     low = np.floor(position)
     weight = position - low

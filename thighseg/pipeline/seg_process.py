@@ -244,10 +244,7 @@ class PendingSeg:
 
     def discard(self) -> None:
         """The series failed after the SEG was started: no SEG is left beside its report."""
-        if self.future is not None:
-            with contextlib.suppress(Exception):
-                self.future.result()
-        self.job.path.unlink(missing_ok=True)
+        PendingOutput(self.job, self.future).discard()
         self.job.labels_file.unlink(missing_ok=True)
 
 
