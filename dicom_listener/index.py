@@ -223,10 +223,23 @@ class SpoolIndex:
             generation = self._db.execute(
                 "SELECT generation FROM series WHERE series_uid = ?", (series_uid,)
             ).fetchone()[0]
-            rows = self._db.execute(
-                "SELECT sop_uid, digest FROM instances WHERE series_uid = ? ORDER BY sop_uid",
-                (series_uid,),
-            ).fetchall()
+            return self._snapshot(series_uid, generation)
+
+    def peek(self, series_uid: str) -> Snapshot | None:
+        """The snapshot of a series still receiving whose sender has released (a head start may
+        process it before it completes), without changing its state; None otherwise."""
+        with self._transaction():
+            row = self._db.execute(
+                "SELECT generation FROM series WHERE series_uid = ? AND state = ? AND released = 1",
+                (series_uid, RECEIVING),
+            ).fetchone()
+            return None if row is None else self._snapshot(series_uid, row[0])
+
+    def _snapshot(self, series_uid: str, generation: int) -> Snapshot:
+        rows = self._db.execute(
+            "SELECT sop_uid, digest FROM instances WHERE series_uid = ? ORDER BY sop_uid",
+            (series_uid,),
+        ).fetchall()
         return Snapshot(generation, tuple((sop, digest) for sop, digest in rows))
 
     def finish(

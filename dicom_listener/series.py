@@ -4,6 +4,9 @@ over several associations). An aborted association does not complete anything. A
 receiving `expiry_s` after its last instance, with no association open to it, is given up with a
 reason.
 
+When the last association sending to a series is released, `on_quiet` hears of it at once: the
+listener may start processing then (a head start), publishing only once the series completes.
+
 The release is persisted in the index, so after a restart a series whose sender was still
 connected stays receiving until its own completion; only a released one completes after `idle_s`.
 A failure of the watch loop (disk full, index error) is reported by `error` and retried on the
@@ -59,6 +62,7 @@ class SeriesTracker:
         index: SpoolIndex,
         on_complete: Callable[[SeriesKey], None],
         on_expired: Callable[[SeriesKey], None],
+        on_quiet: Callable[[SeriesKey], None] | None = None,
         idle_s: float = 2.0,
         expiry_s: float = 86400.0,
         poll_s: float = 0.2,
@@ -66,6 +70,7 @@ class SeriesTracker:
         self._index = index
         self._on_complete = on_complete
         self._on_expired = on_expired
+        self._on_quiet = on_quiet
         self._idle_s, self._expiry_s, self._poll_s = idle_s, expiry_s, poll_s
         self._activity: dict[SeriesKey, _Activity] = {}
         self._lock = threading.Lock()
@@ -124,7 +129,7 @@ class SeriesTracker:
 
     def association_closed(self, association_id: Hashable, released: bool) -> None:
         """An association ended: a release (not an abort) lets its series complete."""
-        released_series = []
+        released_series, quiet = [], []
         with self._lock:
             for key, activity in self._activity.items():
                 if association_id in activity.open_associations:
@@ -133,11 +138,16 @@ class SeriesTracker:
                     if released and not activity.released_since_last_instance:
                         activity.released_since_last_instance = True
                         released_series.append(key.series_uid)
+                    if activity.released_since_last_instance and not activity.open_associations:
+                        quiet.append(key)
         for series_uid in released_series:
             try:
                 self._index.mark_released(series_uid)
             except Exception as error:  # noqa: BLE001 - completion still works from memory until a restart
                 log.error("could not persist a release: %s", error)
+        if self._on_quiet is not None:
+            for key in quiet:
+                self._on_quiet(key)
 
     def _watch(self) -> None:
         while not self._stop.wait(self._poll_s):

@@ -3,7 +3,10 @@ pipeline workers, metrics and health endpoints.
 
 A series is processed from a snapshot of the index (its generation and instance digests) into a
 staging folder; the result is published (renamed into place, replacing an older one) only if the
-series is still that generation, atomically with the index update. Triton down or results not
+series is still that generation, atomically with the index update. A head start processes a
+series as soon as its sender releases, during the idle wait that completes it: when it completes
+unchanged, that result is published; if anything arrived meanwhile, it is abandoned (between
+stages) and discarded, and the series is processed again once complete. Triton down or results not
 writable keep the series queued and retry; any other failure ends as a failed series with a
 reason. /readyz says 503, with the reason, while the listener cannot make progress.
 """
@@ -15,7 +18,8 @@ import logging
 import os
 import shutil
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,10 +45,42 @@ from thighseg.dicom_listener.telemetry import Telemetry
 from thighseg.pipeline import seg_process
 from thighseg.pipeline.report import FAILED as REPORT_FAILED
 from thighseg.pipeline.report import Forwarding, SeriesReport
-from thighseg.pipeline.stages import InferenceSettings, SeriesResult, process_series, short_uid
+from thighseg.pipeline.stages import (
+    InferenceSettings,
+    SeriesResult,
+    Superseded,
+    process_series,
+    short_uid,
+)
 from thighseg.pipeline.streaming import SliceCache
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HeadStart:
+    """A series processed before it completed: the snapshot it used, its staging folder and the
+    work, which ends with the result (or the error that stopped it)."""
+
+    snapshot: Snapshot
+    staging: Path
+    work: Future
+
+    def result_for(self, snapshot: Snapshot) -> SeriesResult | None:
+        """Its result, once the work ends, if it was computed from exactly `snapshot`; None (and
+        the staging folder removed) otherwise."""
+        try:
+            result = self.work.result()
+        except Exception:  # noqa: BLE001 - superseded, Triton down, disk full: processed afresh
+            result = None
+        if result is None or self.snapshot != snapshot:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            return None
+        return result
+
+    def discard(self) -> None:
+        """Not to be used: its staging folder goes once the work ends."""
+        self.work.add_done_callback(lambda _: shutil.rmtree(self.staging, ignore_errors=True))
 
 
 @dataclass
@@ -63,6 +99,7 @@ class Listener:
             self.index,
             self._enqueue,
             self._expire,
+            self._head_start if self.config.head_start else None,
             idle_s=self.config.idle_s,
             expiry_s=self.config.expiry_s,
         )
@@ -76,6 +113,8 @@ class Listener:
         )
         self._done = threading.Condition()
         self._publish_lock = threading.Lock()
+        self._head_starts: dict[str, HeadStart] = {}  # by series UID
+        self._head_lock = threading.Lock()
         self._timers: set[threading.Timer] = set()
         self._stopping = threading.Event()
         # why results cannot be written, until a series succeeds
@@ -140,6 +179,10 @@ class Listener:
         for timer in list(self._timers):
             timer.cancel()
         self._workers.shutdown(wait=True, cancel_futures=True)
+        with self._head_lock:
+            for head in self._head_starts.values():
+                head.discard()
+            self._head_starts.clear()
         if self.streaming is not None:
             self.streaming.close()
         self.telemetry.close()
@@ -184,6 +227,60 @@ class Listener:
         log.info("series %s queued", short_uid(key.series_uid))
         self._workers.submit(self._process, key)
 
+    def _head_start(self, key: SeriesKey) -> None:
+        """The sender released: process the series now, from what it holds, to publish once it
+        completes (unless a head start for this very content exists already)."""
+        if self._stopping.is_set():
+            return
+        with self._head_lock:  # atomic with the peek: processing cannot begin in between
+            snapshot = self.index.peek(key.series_uid)
+            if snapshot is None:
+                return
+            previous = self._head_starts.get(key.series_uid)
+            if previous is not None and previous.snapshot == snapshot:
+                return
+            staging = self._staging(key, snapshot)
+            work = self._workers.submit(self._process_early, key, snapshot, staging)
+            self._head_starts[key.series_uid] = HeadStart(snapshot, staging, work)
+        if previous is not None:
+            previous.discard()
+            self.telemetry.head_starts.labels("discarded").inc()
+
+    def _process_early(self, key: SeriesKey, snapshot: Snapshot, staging: Path) -> SeriesResult:
+        def still_wanted() -> bool:
+            record = self.index.get(key.series_uid)
+            return (
+                not self._stopping.is_set()
+                and record is not None
+                and record.generation == snapshot.generation
+            )
+
+        log.info("series %s released: head start", short_uid(key.series_uid))
+        try:
+            return self._run(key, snapshot, staging, still_wanted, take_streamed=False)
+        except Superseded:
+            log.info("series %s changed: head start abandoned", short_uid(key.series_uid))
+            raise
+
+    def _adopt(
+        self, key: SeriesKey, head: HeadStart | None, snapshot: Snapshot
+    ) -> SeriesResult | None:
+        """The head start's result for this snapshot, if it made one (waits for it to end)."""
+        if head is None:
+            return None
+        result = head.result_for(snapshot)
+        self.telemetry.head_starts.labels("discarded" if result is None else "used").inc()
+        if result is not None and self.streaming is not None:
+            self.streaming.forget(key.series_uid)
+        return result
+
+    def _forget_head_start(self, key: SeriesKey) -> None:
+        with self._head_lock:
+            head = self._head_starts.pop(key.series_uid, None)
+        if head is not None:
+            head.discard()
+            self.telemetry.head_starts.labels("discarded").inc()
+
     def _stream(self, key: SeriesKey, sop_uid: str, digest: str, path: Path) -> None:
         """A stored instance goes to the model now, not when its series completes."""
         if self.streaming.submit(key.series_uid, sop_uid, digest, path):
@@ -198,6 +295,7 @@ class Listener:
             f"expired: no complete transfer within {self.config.expiry_s:.0f} s; "
             "spooled instances freed"
         )
+        self._forget_head_start(key)
         shutil.rmtree(self.spool.series_dir(key.study_uid, key.series_uid), ignore_errors=True)
         self.index.forget_instances(key.series_uid)
         if self.streaming is not None:
@@ -240,27 +338,47 @@ class Listener:
                 log.error("could not record the failure: %s", record_error)
             self.telemetry.series.labels("failed").inc()
 
-    def _process_snapshot(self, key: SeriesKey) -> None:
-        snapshot = self.index.begin(key.series_uid)
-        if snapshot is None:
-            return  # changed since it was queued: the tracker queues it again when it is complete
+    def _staging(self, key: SeriesKey, snapshot: Snapshot) -> Path:
         final = self._result_dir(key)
-        staging = final.with_name(f".{key.series_uid}.{snapshot.generation}.partial")
+        return final.with_name(f".{key.series_uid}.{snapshot.generation}.partial")
+
+    def _run(
+        self,
+        key: SeriesKey,
+        snapshot: Snapshot,
+        staging: Path,
+        still_wanted: Callable[[], bool] | None = None,
+        take_streamed: bool = True,
+    ) -> SeriesResult:
+        """The series' instances in `snapshot` through every stage into `staging`."""
         paths = [
             self.spool.path(key.study_uid, key.series_uid, sop) for sop, _ in snapshot.instances
         ]
         provenance = {"content_sha256": snapshot.content_sha256, "generation": snapshot.generation}
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        streamed = None
+        if self.streaming is not None:
+            pick = self.streaming.take if take_streamed else self.streaming.peek
+            streamed = pick(key.series_uid, dict(snapshot.instances))
+        options = {"still_wanted": still_wanted} if still_wanted is not None else {}
+        return process_series(
+            paths, staging, self.inference, provenance, streamed, self.config.seg_process, **options
+        )
+
+    def _process_snapshot(self, key: SeriesKey) -> None:
+        with self._head_lock:  # a head start registered before processing began is ours
+            snapshot = self.index.begin(key.series_uid)
+            head = self._head_starts.pop(key.series_uid, None) if snapshot is not None else None
+        if snapshot is None:
+            return  # changed since it was queued: the tracker queues it again when it is complete
+        staging = self._staging(key, snapshot)
+        result = self._adopt(key, head, snapshot)
+        if result is not None:
+            self._publish(key, snapshot, staging, result)
+            return
         try:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-            streamed = (
-                self.streaming.take(key.series_uid, dict(snapshot.instances))
-                if self.streaming is not None
-                else None
-            )
-            result = process_series(
-                paths, staging, self.inference, provenance, streamed, self.config.seg_process
-            )
+            result = self._run(key, snapshot, staging)
         except TritonUnavailable as error:
             shutil.rmtree(staging, ignore_errors=True)
             self._defer(key, snapshot, "triton", f"waiting for Triton: {str(error)[:200]}")

@@ -56,6 +56,12 @@ class Telemetry:
             "Results discarded because the series changed while it was processed",
             registry=r,
         )
+        self.head_starts = Counter(
+            "thighseg_head_starts",
+            "Series processed during the idle wait: result used, or discarded (the series changed)",
+            ["outcome"],
+            registry=r,
+        )
         self.series_by_state = Gauge(
             "thighseg_series_state", "Series in the index, by state", ["state"], registry=r
         )

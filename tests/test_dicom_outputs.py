@@ -13,7 +13,8 @@ import highdicom as hd
 import numpy as np
 import pytest
 
-from thighseg.measure.indices import TISSUES, leg_masks, volume_indices
+from thighseg.measure.anatomy import leg_masks
+from thighseg.measure.indices import TISSUES, volume_indices
 from thighseg.measure.qc import Flag
 from thighseg.pipeline import coding
 from thighseg.pipeline.assemble import assemble

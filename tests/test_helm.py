@@ -300,6 +300,7 @@ def test_chart_defaults_are_the_listeners_own():
     assert (listener["idleSeconds"], listener["workers"]) == (default("idle_s"), default("workers"))
     assert listener["ingestProcesses"] == default("ingest_processes")
     assert listener["segProcess"] == default("seg_process")
+    assert listener["headStart"] == default("head_start")
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert (values["model"], values["modelVersion"]) == (DEFAULT_MODEL, "latest")
     args = container(render({}), "StatefulSet")["args"]
@@ -308,6 +309,9 @@ def test_chart_defaults_are_the_listeners_own():
     assert "--seg-in-listener" not in args
     in_listener = container(render({"listener": {"segProcess": False}}), "StatefulSet")["args"]
     assert "--seg-in-listener" in in_listener
+    assert "--no-head-start" not in args
+    late = container(render({"listener": {"headStart": False}}), "StatefulSet")["args"]
+    assert "--no-head-start" in late
     chosen = ["PACS@pacs:104", "ARCHIVE@archive:11112/seg,sr", "https://vna/dicom-web#seg"]
     args = container(render({"listener": {"forward": chosen}}), "StatefulSet")["args"]
     assert all(f"--forward={text}" in args for text in chosen)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from thighseg.core.labels import Group
-from thighseg.measure.indices import VolumeIndices, leg_masks, volume_indices
+from thighseg.measure.anatomy import leg_masks
+from thighseg.measure.indices import VolumeIndices, volume_indices
 
 SPACING = (2.0, 1.0, 1.0)  # 2 µL voxels
 VOXEL_ML = 0.002
@@ -129,7 +130,7 @@ def test_summary_page_has_a_colour_key_and_large_pictures(tmp_path):
 def test_fill_holes_per_slice_is_scipys_fill_of_each_slice():
     from scipy import ndimage
 
-    from thighseg.measure.indices import fill_holes_per_slice
+    from thighseg.measure.anatomy import fill_holes_per_slice
 
     rng = np.random.default_rng(5)
     masks = ndimage.binary_opening(rng.random((6, 40, 50)) > 0.45, np.ones((1, 2, 2)))
@@ -143,7 +144,7 @@ def test_fill_holes_per_slice_is_scipys_fill_of_each_slice():
 def test_bone_mask_filled_within_the_cortex_box_equals_whole_slices():
     from scipy import ndimage
 
-    from thighseg.measure.indices import CORTEX_HU, bone_mask
+    from thighseg.measure.anatomy import CORTEX_HU, bone_mask
 
     rng = np.random.default_rng(9)
     hu = np.full((4, 60, 80), -100.0)
@@ -173,3 +174,25 @@ def test_a_label_outside_the_groups_is_refused():
     labels[0, 30, 30] = 255  # e.g. an "ignore" value left in
     with pytest.raises(ValueError, match="labels must be 0..3, found 255"):
         volume_indices(hu, labels, SPACING)
+
+
+def test_slices_measured_as_they_arrive_combine_to_the_whole_volume_figures():
+    """Streaming measures each slice with its own midline; combined at the study's midline the
+    figures are those of the whole volume, and a slice whose split moved is measured again."""
+    from thighseg.measure import qc
+    from thighseg.measure.indices import indices_of
+    from thighseg.measure.sums import StudySums, measure_slice
+    from thighseg.synthetic import phantom
+
+    study = phantom.generate(12, size=128, slices=8, slice_spacing=5.0)
+    g = study.geometry
+    spacing = (g.slice_spacing, g.pixel_spacing, g.pixel_spacing)
+    hu, labels = study.hu, study.labels
+    known = {z: measure_slice(hu[z], labels[z], spacing[1]) for z in range(len(hu))}
+    muscle_columns = np.nonzero(labels[3].any(axis=0))[0]
+    known[3] = measure_slice(hu[3], labels[3], spacing[1], midline=float(muscle_columns[5]))
+    combined = StudySums.of(hu, labels, spacing[1], known)
+    assert not known[3].holds_for(combined.midline, spacing[1])  # split through a leg: redone
+    assert sum(s.holds_for(combined.midline, spacing[1]) for s in known.values()) >= 6
+    assert indices_of(combined, spacing).to_dict() == volume_indices(hu, labels, spacing).to_dict()
+    assert qc.check_sums(combined, spacing) == qc.check(hu, labels, spacing)

@@ -95,7 +95,8 @@ def test_instances_arriving_while_the_series_is_processed_are_in_the_published_r
 
         return wait_then_infer
 
-    listener = listener_factory(idle_s=0.3, wrap_infer=gated)
+    # the race of a completed series being processed (a head start would hold the worker instead)
+    listener = listener_factory(idle_s=0.3, wrap_infer=gated, head_start=False)
     paths = study_factory(6100, slices=12)
     study_uid, series_uid = uids(paths)
     assert send_files(paths[:6], "127.0.0.1", listener.config.port) == [0] * 6
@@ -119,6 +120,81 @@ def test_instances_arriving_while_the_series_is_processed_are_in_the_published_r
     assert seg_sources(result.seg_path) == sop_uids
     # no staging folder left behind
     assert not list(result.report_path.parent.parent.glob(".*partial"))
+
+
+def head_starts(listener, outcome: str) -> float:
+    value = listener.telemetry.registry.get_sample_value(
+        "thighseg_head_starts_total", {"outcome": outcome}
+    )
+    return value or 0.0
+
+
+def counting(calls: list[int], entered: threading.Event | None = None, gate=None):
+    """An infer wrapper that counts the slices it sends to the model (and may hold them)."""
+
+    def wrap(infer):
+        def counted(batch):
+            calls.append(len(batch))
+            if entered is not None:
+                entered.set()
+                gate.wait(60)
+            return infer(batch)
+
+        return counted
+
+    return wrap
+
+
+def test_a_head_start_is_published_only_once_its_series_completes_and_is_not_redone(
+    listener_factory, study_factory
+):
+    calls: list[int] = []
+    idle_s = 2.0
+    listener = listener_factory(idle_s=idle_s, wrap_infer=counting(calls))
+    paths = study_factory(6110, slices=8)
+    study_uid, series_uid = uids(paths)
+    final = listener.config.output_dir / study_uid / series_uid
+    assert send_files(paths, "127.0.0.1", listener.config.port) == [0] * 8
+    released = time.monotonic()
+
+    def working_early() -> bool:  # the head start's staging folder, the series not yet complete
+        staging = list(final.parent.glob(f".{series_uid}.*.partial"))
+        return bool(staging) and listener.index.get(series_uid).state == RECEIVING
+
+    assert wait_until(working_early, idle_s - 0.5, poll_s=0.01), "no work during the idle wait"
+    assert not final.exists()
+    assert wait_until(final.exists, 120, poll_s=0.01)
+    # the association closed (before send_files returned) at least idle_s before completion
+    assert time.monotonic() - released >= idle_s - 0.2, "published before the series completed"
+    result = listener.wait_for(series_uid, timeout_s=60)
+    assert result.report.status == "done" and result.report.instances == 8
+    assert (head_starts(listener, "used"), head_starts(listener, "discarded")) == (1, 0)
+    assert sum(calls) == 8, f"slices inferred {sum(calls)} times: the head start was redone"
+    assert not list(final.parent.glob(".*partial"))
+
+
+def test_instances_arriving_during_a_head_start_are_in_the_published_result(
+    listener_factory, study_factory
+):
+    entered, gate, calls = threading.Event(), threading.Event(), []
+    # no streaming: the head start infers the first six slices itself, and is held there
+    listener = listener_factory(
+        idle_s=1.0, stream_slices=0, wrap_infer=counting(calls, entered, gate)
+    )
+    paths = study_factory(6120, slices=12)
+    study_uid, series_uid = uids(paths)
+    assert send_files(paths[:6], "127.0.0.1", listener.config.port) == [0] * 6
+    assert entered.wait(30), "no head start after the release"
+    assert send_files(paths[6:], "127.0.0.1", listener.config.port) == [0] * 6
+    gate.set()
+    result = listener.wait_for(series_uid, timeout_s=180)  # the first result ever published
+    assert result.report.instances == 12, "the head start of the first six slices was published"
+    assert json.loads(result.report_path.read_text())["content_sha256"] == spool_content_sha256(
+        listener.config.spool_dir, study_uid, series_uid
+    )
+    assert (head_starts(listener, "used"), head_starts(listener, "discarded")) == (1, 1)
+    assert listener.telemetry.registry.get_sample_value("thighseg_results_superseded_total") == 0
+    assert wait_until(lambda: not list(result.report_path.parent.parent.glob(".*partial")), 30)
 
 
 # 2 ------------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def test_streamed_slices_equal_the_whole_volume_path_and_only_the_missing_are_in
         return intensity_logits(images)
 
     settings = InferenceSettings(counting, "test", 64, batch_size=8, concurrency=1)
-    by_index = {uids.index(uid): labels for uid, labels in streamed.items()}
+    by_index = {uids.index(uid): done.labels for uid, done in streamed.items()}
     labels = infer_stage(volume.hu, volume.spacing_zyx[1:], settings, by_index)
     assert np.array_equal(labels, whole)
     assert sum(calls) == 2  # only the tail

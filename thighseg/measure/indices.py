@@ -17,17 +17,20 @@ Legs are split at the body midline: the narrowest column of the body (soft tissu
 middle half of its width, i.e. the gap between the thighs; it does not move when one leg's muscle is
 smaller or missing. Patient left is +x in LPS, i.e. higher columns for an axial image in standard
 orientation.
+
+Everything is computed from per-slice sums (`thighseg.measure.sums`), so slices may be measured as
+they arrive; the midline, bone and fascia envelope are in `thighseg.measure.anatomy`.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import edt
 import numpy as np
-from scipy import ndimage
 
-from thighseg.core.labels import ADIPOSE_HU, MUSCLE_GROUPS, MUSCLE_HU
+from thighseg.core.labels import MUSCLE_GROUPS
+from thighseg.measure.anatomy import LEGS
+from thighseg.measure.sums import STATS, StudySums
 
 
 @dataclass(frozen=True)
@@ -119,129 +122,6 @@ class VolumeIndices:
 TISSUES = tuple(g.name.lower() for g in MUSCLE_GROUPS) + ("muscle",)
 
 
-FASCIA_CLOSING_MM = 6.0
-LOW_DENSITY_HU = (-29.0, 29.0)
-CORTEX_HU = 300.0
-LEGS = ("right", "left")
-
-
-def body_midline(hu: np.ndarray) -> float:
-    """Column of the gap between the thighs (see module docstring)."""
-    profile = np.zeros(hu.shape[2])
-    for start in range(0, hu.shape[0], CHUNK_SLICES):  # slab by slab: bounded memory
-        slab = hu[start : start + CHUNK_SLICES]
-        profile += ((slab > -300) & (slab < 3000)).sum(axis=(0, 1))
-    if profile.max() == 0:
-        return hu.shape[2] / 2
-    columns = np.nonzero(profile > 0.05 * profile.max())[0]
-    low, high = int(columns[0]), int(columns[-1])
-    quarter = (high - low) // 4
-    smooth = np.convolve(profile, np.ones(5) / 5, mode="same")
-    return float(low + quarter + np.argmin(smooth[low + quarter : high - quarter + 1]))
-
-
-def leg_masks(hu: np.ndarray) -> dict[str, np.ndarray]:
-    """Column masks (broadcastable to the volume) for the patient's right and left leg."""
-    midline = body_midline(hu)
-    index = np.arange(hu.shape[2])[None, None, :]
-    return {"right": index < midline, "left": index >= midline}
-
-
-# 4-connected within a slice, never across slices: what binary_fill_holes uses for one slice
-_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
-_IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
-
-
-def fill_holes_per_slice(masks: np.ndarray) -> np.ndarray:
-    """`binary_fill_holes` of each (y, x) slice of a (z, y, x) stack, in one labelling pass: a
-    hole is a background component that touches no edge of its slice. (Filling by propagation
-    from the border, as scipy does, costs an iteration per pixel of the widest region.)"""
-    background, count = ndimage.label(~masks, structure=_IN_PLANE)
-    open_to_edge = np.zeros(count + 1, dtype=bool)
-    for edge in (
-        background[:, 0, :],
-        background[:, -1, :],
-        background[:, :, 0],
-        background[:, :, -1],
-    ):
-        open_to_edge[edge.ravel()] = True
-    open_to_edge[0] = True  # label 0 is the mask itself
-    return masks | ~open_to_edge[background]
-
-
-def bone_mask(hu: np.ndarray) -> np.ndarray:
-    """Cortex and the marrow it encloses, slice by slice. Filled within the cortex's bounding box
-    (plus a pixel): background outside that box always reaches the image edge, so the result is
-    the same as filling whole slices, at a fraction of the cost."""
-    cortex = hu > CORTEX_HU
-    rows, columns = np.nonzero(cortex.any(axis=(0, 2)))[0], np.nonzero(cortex.any(axis=(0, 1)))[0]
-    if rows.size == 0:
-        return cortex
-    box = (
-        slice(None),
-        slice(max(0, rows[0] - 1), rows[-1] + 2),
-        slice(max(0, columns[0] - 1), columns[-1] + 2),
-    )
-    cortex[box] = fill_holes_per_slice(cortex[box])
-    return cortex
-
-
-def fascia_envelope(group_mask: np.ndarray, pixel_mm: float) -> np.ndarray:
-    """Approximate deep-fascia envelope of one leg from its group mask (see module docstring)."""
-    radius = max(1, int(round(FASCIA_CLOSING_MM / pixel_mm)))
-    envelope = np.zeros_like(group_mask)
-    for z, mask in enumerate(group_mask):
-        if not mask.any():
-            continue
-        # closing with a Euclidean disc through distance transforms: linear in the slice size,
-        # whatever the radius (a structuring element of radius r costs r² per pixel)
-        rows, columns = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
-        # work on the leg only
-        box = (
-            slice(rows[0], rows[-1] + 1),
-            slice(columns[0], columns[-1] + 1),
-        )
-        padded = np.pad(mask[box], radius + 1)
-        # edt (exact, as scipy's; ~3x faster): distances to the nearest zero inside the array
-        dilated = edt.edt(~padded, black_border=False) <= radius
-        closed = edt.edt(dilated, black_border=False) > radius
-        envelope[z][box] = fill_holes_per_slice(
-            closed[None, radius + 1 : -radius - 1, radius + 1 : -radius - 1]
-        )[0]
-    return envelope
-
-
-# indices are accumulated over slabs: memory stays bounded whatever the study size
-CHUNK_SLICES = 16
-_STATS = ("total", "lean", "imat", "low_density", "hu_sum", "hu_sq")
-_LABELS = len(MUSCLE_GROUPS) + 1  # background and the groups
-
-
-def _slab_sums(hu: np.ndarray, labels: np.ndarray, leg_of_column: np.ndarray) -> np.ndarray:
-    """(leg, label, statistic) sums over one slab's labelled voxels: one bincount per statistic
-    over a (leg, label) key, instead of a masked pass over the slab per group, leg and
-    statistic."""
-    labelled = labels > 0
-    if labels.max(initial=0) >= _LABELS:
-        raise ValueError(f"labels must be 0..{_LABELS - 1}, found {int(labels.max())}")
-    key = (leg_of_column * _LABELS + labels)[labelled]
-    h = hu[labelled].astype(np.float64)
-    lean = (h >= MUSCLE_HU[0]) & (h <= MUSCLE_HU[1])
-    adipose = (h >= ADIPOSE_HU[0]) & (h <= ADIPOSE_HU[1])
-    low_density = (h >= LOW_DENSITY_HU[0]) & (h <= LOW_DENSITY_HU[1])
-    bins = len(LEGS) * _LABELS
-    lean_key, lean_hu = key[lean], h[lean]
-    sums = [
-        np.bincount(key, minlength=bins),
-        np.bincount(lean_key, minlength=bins),
-        np.bincount(key[adipose], minlength=bins),
-        np.bincount(key[low_density], minlength=bins),
-        np.bincount(lean_key, weights=lean_hu, minlength=bins),
-        np.bincount(lean_key, weights=np.square(lean_hu), minlength=bins),
-    ]
-    return np.stack(sums, axis=-1).reshape(len(LEGS), _LABELS, len(_STATS))
-
-
 def _finish(stats: dict, voxel_ml: float) -> dict:
     n = stats.get("lean", 0)
     mean = stats["hu_sum"] / n if n else float("nan")
@@ -264,32 +144,22 @@ def volume_indices(
 ) -> VolumeIndices:
     """Per leg and in total: each group's and all muscle's volumes and density, intermuscular fat,
     fractions and asymmetry (definitions in the module docstring)."""
+    return indices_of(StudySums.of(hu, labels, spacing_zyx[1]), spacing_zyx, height_m)
+
+
+def indices_of(
+    study: StudySums, spacing_zyx: tuple[float, float, float], height_m: float | None = None
+) -> VolumeIndices:
+    """`volume_indices` from a study's slice sums."""
     voxel_ml = float(np.prod(spacing_zyx)) / 1000
-    sums = np.zeros((len(LEGS), _LABELS, len(_STATS)))
-    intermuscular = {leg: 0 for leg in LEGS}
-    legs = leg_masks(hu)
-    leg_of_column = legs["left"].astype(np.uint8)  # LEGS order: right 0, left 1
-    for start in range(0, hu.shape[0], CHUNK_SLICES):
-        h, lab = hu[start : start + CHUNK_SLICES], labels[start : start + CHUNK_SLICES]
-        sums += _slab_sums(h, lab, leg_of_column)
-        bone = None
-        for leg, columns in legs.items():
-            muscle = (lab > 0) & columns
-            envelope = fascia_envelope(muscle, spacing_zyx[1]) & columns & ~muscle
-            if not envelope.any():
-                continue
-            bone = bone_mask(h) if bone is None else bone
-            between = h[envelope & ~bone]
-            intermuscular[leg] += int(
-                ((between >= ADIPOSE_HU[0]) & (between <= ADIPOSE_HU[1])).sum()
-            )
+    sums, intermuscular = study.by_leg, dict(zip(LEGS, study.intermuscular.tolist(), strict=True))
     stats = {}
     for index, leg in enumerate(LEGS):
         for group in MUSCLE_GROUPS:
-            stats[(leg, group.name.lower())] = dict(zip(_STATS, sums[index, group], strict=True))
-        stats[(leg, "muscle")] = dict(zip(_STATS, sums[index, 1:].sum(axis=0), strict=True))
+            stats[(leg, group.name.lower())] = dict(zip(STATS, sums[index, group], strict=True))
+        stats[(leg, "muscle")] = dict(zip(STATS, sums[index, 1:].sum(axis=0), strict=True))
     for name in TISSUES:
-        stats[("total", name)] = {k: sum(stats[(leg, name)][k] for leg in LEGS) for k in _STATS}
+        stats[("total", name)] = {k: sum(stats[(leg, name)][k] for leg in LEGS) for k in STATS}
     volumes = {
         leg: {name: _finish(stats[(leg, name)], voxel_ml) for name in TISSUES}
         for leg in (*LEGS, "total")

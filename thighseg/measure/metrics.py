@@ -26,13 +26,18 @@ def group_volumes_ml(
     labels: np.ndarray, spacing_zyx: tuple[float, float, float]
 ) -> dict[str, float]:
     """Volume of each muscle group and their total, in mL."""
-    voxel_ml = voxel_volume_ml(spacing_zyx)
     # counted slice by slice: no volume-sized temporary
     images = labels.reshape(-1, *labels.shape[-2:])
-    volumes = {
-        g.name.lower(): float(sum(np.count_nonzero(image == g) for image in images) * voxel_ml)
-        for g in MUSCLE_GROUPS
+    voxels = {
+        g.name.lower(): sum(np.count_nonzero(image == g) for image in images) for g in MUSCLE_GROUPS
     }
+    return volumes_ml(voxels, spacing_zyx)
+
+
+def volumes_ml(voxels: dict[str, int], spacing_zyx: tuple[float, float, float]) -> dict[str, float]:
+    """Voxel counts by group as mL, with their total."""
+    voxel_ml = voxel_volume_ml(spacing_zyx)
+    volumes = {group: float(count * voxel_ml) for group, count in voxels.items()}
     volumes["total_muscle"] = float(sum(volumes.values()))
     return volumes
 

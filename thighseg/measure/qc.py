@@ -1,7 +1,7 @@
 """Quality-control flags: when a reader should not trust a result, and why.
 
-Each check is a small pure function of a `StudyProfile` (per-slice and whole-study counts gathered
-in one slab-wise pass, so memory stays bounded whatever the study size) and the geometry; a flag
+Each check is a small pure function of a study's `StudySums` (per-slice and whole-study counts,
+gathered slice by slice, so memory stays bounded whatever the study size) and the geometry; a flag
 carries a stable code (for the CSV, the SR and dashboards) and a human-readable reason.
 Thresholds are deliberately generous: a flag asks for a look, it does not reject the study.
 """
@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from thighseg.measure.indices import CHUNK_SLICES, LEGS, leg_masks
+from thighseg.measure.anatomy import LEGS
+from thighseg.measure.sums import METAL_HU, StudySums
 
 MIN_SLICES = 10
 MIN_COVERAGE_MM = 100.0
@@ -20,7 +21,6 @@ LEG_CSA_CM2 = (15.0, 350.0)  # mean muscle cross-section per leg per slice; thig
 MUSCLE_MEAN_HU = (10.0, 80.0)
 MAX_ASYMMETRY_PERCENT = 30.0
 MAX_ADJACENT_CHANGE = 0.5  # relative change of muscle area between neighbouring interior slices
-METAL_HU = 2500.0
 MAX_METAL_VOXEL_FRACTION = 1e-4
 MAX_DARK_MUSCLE_FRACTION = 0.02  # group voxels below -200 HU: streak artefacts, air
 
@@ -34,57 +34,15 @@ class Flag:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class StudyProfile:
-    """What the checks need, counted slab by slab."""
-
-    leg_area: dict[str, np.ndarray]  # muscle voxels per slice, per leg
-    edge_voxels: int  # muscle voxels on the image border
-    muscle_voxels: int
-    muscle_hu_sum: float
-    dark_muscle_voxels: int  # muscle voxels below -200 HU
-    body_voxels: int  # above -500 HU
-    metal_voxels: int
-
-    @property
-    def slices(self) -> int:
-        return len(self.leg_area[LEGS[0]])
-
-    @property
-    def area(self) -> np.ndarray:
-        return sum(self.leg_area.values())
-
-
-def profile(hu: np.ndarray, labels: np.ndarray) -> StudyProfile:
-    legs = leg_masks(hu)
-    leg_area = {leg: np.zeros(hu.shape[0], dtype=np.int64) for leg in LEGS}
-    counts = dict.fromkeys(("edge", "muscle", "hu_sum", "dark", "body", "metal"), 0)
-    for start in range(0, hu.shape[0], CHUNK_SLICES):
-        h, muscle = hu[start : start + CHUNK_SLICES], labels[start : start + CHUNK_SLICES] > 0
-        for leg, columns in legs.items():
-            leg_area[leg][start : start + len(h)] = (muscle & columns).sum(axis=(1, 2))
-        muscle_hu = h[muscle]
-        counts["edge"] += int(muscle[:, [0, -1], :].sum() + muscle[:, 1:-1, [0, -1]].sum())
-        counts["muscle"] += muscle_hu.size
-        counts["hu_sum"] += float(muscle_hu.sum(dtype=np.float64))
-        counts["dark"] += int((muscle_hu < -200).sum())
-        counts["body"] += int((h > -500).sum())
-        counts["metal"] += int((h > METAL_HU).sum())
-    return StudyProfile(
-        leg_area,
-        counts["edge"],
-        counts["muscle"],
-        counts["hu_sum"],
-        counts["dark"],
-        counts["body"],
-        counts["metal"],
-    )
-
-
 def check(
     hu: np.ndarray, labels: np.ndarray, spacing_zyx: tuple[float, float, float]
 ) -> list[Flag]:
-    study = profile(hu, labels)
+    """The flags of a (z, y, x) study and its labels."""
+    return check_sums(StudySums.of(hu, labels, spacing_zyx[1]), spacing_zyx)
+
+
+def check_sums(study: StudySums, spacing_zyx: tuple[float, float, float]) -> list[Flag]:
+    """The flags of a study's slice sums."""
     flags = []
     for test in (
         _coverage,
@@ -99,7 +57,7 @@ def check(
     return flags
 
 
-def _coverage(study: StudyProfile, spacing) -> list[Flag]:
+def _coverage(study: StudySums, spacing) -> list[Flag]:
     flags = []
     if study.slices < MIN_SLICES:
         flags.append(
@@ -119,7 +77,7 @@ def _coverage(study: StudyProfile, spacing) -> list[Flag]:
     return flags
 
 
-def _fov_edge(study: StudyProfile, spacing) -> list[Flag]:
+def _fov_edge(study: StudySums, spacing) -> list[Flag]:
     if study.edge_voxels:
         return [
             Flag(
@@ -131,10 +89,10 @@ def _fov_edge(study: StudyProfile, spacing) -> list[Flag]:
     return []
 
 
-def _plausible_volume(study: StudyProfile, spacing) -> list[Flag]:
+def _plausible_volume(study: StudySums, spacing) -> list[Flag]:
     flags = []
     pixel_cm2 = spacing[1] * spacing[2] / 100
-    for leg, area in study.leg_area.items():
+    for leg, area in zip(LEGS, study.leg_area, strict=True):
         mean_area = float(area.mean()) * pixel_cm2
         if not LEG_CSA_CM2[0] <= mean_area <= LEG_CSA_CM2[1]:
             flags.append(
@@ -147,7 +105,7 @@ def _plausible_volume(study: StudyProfile, spacing) -> list[Flag]:
     return flags
 
 
-def _plausible_hu(study: StudyProfile, spacing) -> list[Flag]:
+def _plausible_hu(study: StudySums, spacing) -> list[Flag]:
     if study.muscle_voxels == 0:
         return [Flag("IMPLAUSIBLE_HU", "no muscle was segmented")]
     mean = study.muscle_hu_sum / study.muscle_voxels
@@ -162,8 +120,8 @@ def _plausible_hu(study: StudyProfile, spacing) -> list[Flag]:
     return []
 
 
-def _left_right(study: StudyProfile, spacing) -> list[Flag]:
-    right, left = (int(study.leg_area[leg].sum()) for leg in ("right", "left"))
+def _left_right(study: StudySums, spacing) -> list[Flag]:
+    right, left = (int(area.sum()) for area in study.leg_area)
     mean = (right + left) / 2
     asymmetry = 100 * abs(right - left) / mean if mean else 0.0
     if asymmetry > MAX_ASYMMETRY_PERCENT:
@@ -177,8 +135,8 @@ def _left_right(study: StudyProfile, spacing) -> list[Flag]:
     return []
 
 
-def _slice_consistency(study: StudyProfile, spacing) -> list[Flag]:
-    area = study.area.astype(float)
+def _slice_consistency(study: StudySums, spacing) -> list[Flag]:
+    area = study.leg_area.sum(axis=0).astype(float)
     if area.size < 3:
         return []
     change = np.abs(np.diff(area[1:-1])) / np.maximum(area[1:-1][:-1], 1.0)
@@ -192,7 +150,7 @@ def _slice_consistency(study: StudyProfile, spacing) -> list[Flag]:
     return []
 
 
-def _metal(study: StudyProfile, spacing) -> list[Flag]:
+def _metal(study: StudySums, spacing) -> list[Flag]:
     metal_fraction = study.metal_voxels / max(1, study.body_voxels)
     dark_fraction = study.dark_muscle_voxels / study.muscle_voxels if study.muscle_voxels else 0.0
     if metal_fraction > MAX_METAL_VOXEL_FRACTION or dark_fraction > MAX_DARK_MUSCLE_FRACTION:

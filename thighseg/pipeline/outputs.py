@@ -13,7 +13,8 @@ from pydicom.uid import SegmentationStorage
 
 import thighseg
 from thighseg.core.labels import MUSCLE_GROUPS, Group
-from thighseg.measure.indices import TissueVolumes, VolumeIndices, body_midline
+from thighseg.measure.anatomy import body_midline
+from thighseg.measure.indices import TissueVolumes, VolumeIndices
 from thighseg.measure.qc import Flag
 from thighseg.pipeline import coding
 from thighseg.pipeline.summary import Preview, blend

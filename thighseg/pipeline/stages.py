@@ -23,13 +23,15 @@ from thighseg.client.triton import TritonUnavailable
 from thighseg.client.volume import segment_volume
 from thighseg.core.memory import release_free_heap, release_highdicom_tables
 from thighseg.measure import qc
-from thighseg.measure.indices import volume_indices
-from thighseg.measure.metrics import group_volumes_ml
+from thighseg.measure.indices import indices_of
+from thighseg.measure.metrics import volumes_ml
+from thighseg.measure.sums import SliceSums, StudySums
 from thighseg.pipeline.assemble import HUStack, SeriesError, Volume, assemble
 from thighseg.pipeline.loaders import load_nifti_image, save_nifti_labels
 from thighseg.pipeline.outputs import write_overlay_png
 from thighseg.pipeline.report import DONE, SeriesReport
 from thighseg.pipeline.seg_process import PendingSeg, ScJob, SrJob, start_seg
+from thighseg.pipeline.streaming import StreamedSlice
 from thighseg.pipeline.summary import Preview, render
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,15 @@ def settings_for(segmenter, model: str, **options) -> InferenceSettings:
 ENVIRONMENT_ERRNOS = frozenset(
     {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO, errno.ENOTDIR}
 )
+
+
+class Superseded(Exception):
+    """The input changed while it was processed (checked between stages): the work is abandoned,
+    nothing of it is kept."""
+
+
+def _wanted() -> bool:
+    return True
 
 
 def is_environment_error(error: BaseException) -> bool:
@@ -140,11 +151,19 @@ def infer_stage(
     return labels
 
 
-def measure_stage(report: SeriesReport, loaded: LoadedVolume, labels: np.ndarray) -> None:
-    """Group volumes, the full per-leg indices and the QC flags, into the report."""
-    report.volumes_ml = group_volumes_ml(labels, loaded.spacing_zyx)
-    report.indices = volume_indices(loaded.hu, labels, loaded.spacing_zyx, loaded.height_m)
-    report.qc_flags = qc.check(loaded.hu, labels, loaded.spacing_zyx)
+def measure_stage(
+    report: SeriesReport,
+    loaded: LoadedVolume,
+    labels: np.ndarray,
+    measured: dict[int, SliceSums] | None = None,
+) -> None:
+    """Group volumes, the full per-leg indices and the QC flags, into the report; slices measured
+    as they arrived (`measured`, by slice index) are measured again only where the study's midline
+    changes them."""
+    study = StudySums.of(loaded.hu, labels, loaded.spacing_zyx[1], measured)
+    report.volumes_ml = volumes_ml(study.group_voxels(), loaded.spacing_zyx)
+    report.indices = indices_of(study, loaded.spacing_zyx, loaded.height_m)
+    report.qc_flags = qc.check_sums(study, loaded.spacing_zyx)
 
 
 def _summary(
@@ -290,8 +309,8 @@ EarlyStart = Callable[[SeriesReport, LoadedVolume, np.ndarray, Path], Any]
 Emitter = Callable[[SeriesReport, LoadedVolume, np.ndarray, Path, Any], None]
 
 
-def _by_slice(loaded: LoadedVolume, streamed: dict[str, np.ndarray] | None) -> dict:
-    """Streamed labels (by SOP Instance UID) by slice index of the assembled volume."""
+def _by_slice(loaded: LoadedVolume, streamed: dict[str, StreamedSlice] | None) -> dict:
+    """Streamed slices (by SOP Instance UID) by slice index of the assembled volume."""
     if not streamed or not isinstance(loaded.origin, Volume):
         return {}
     uids = [str(source.SOPInstanceUID) for source in loaded.origin.sources]
@@ -304,18 +323,22 @@ def run_stages(
     emit: Emitter,
     out_dir: Path,
     settings: InferenceSettings,
-    streamed_labels: dict[str, np.ndarray] | None = None,
+    streamed_slices: dict[str, StreamedSlice] | None = None,
     start_early: EarlyStart = _nothing_early,
+    still_wanted: Callable[[], bool] = _wanted,
 ) -> SeriesResult:
     """Run every stage; an input that cannot be processed still gets a report with the reason.
 
     TritonUnavailable and environment errors (disk full, folder not writable) are not properties
-    of the input: they propagate so the caller can keep it queued and try again later.
+    of the input: they propagate so the caller can keep it queued and try again later. So does
+    Superseded, raised before a stage once `still_wanted()` says the result would not be used.
     """
     stage, early = "assemble", None
 
     def timed(name: str, work: Callable, *args):
         nonlocal stage
+        if not still_wanted():
+            raise Superseded(f"input changed before {name}")
         stage, started = name, time.perf_counter()
         result = work(*args)
         release_free_heap()  # what the stage freed leaves the process before the next one allocates
@@ -326,16 +349,18 @@ def run_stages(
         out_dir.mkdir(parents=True, exist_ok=True)
         loaded = timed("assemble", read, report)
         report.shape_zyx, report.spacing_zyx_mm = list(loaded.hu.shape), list(loaded.spacing_zyx)
-        streamed = _by_slice(loaded, streamed_labels)
-        labels = timed("infer", infer_stage, loaded.hu, loaded.spacing_zyx[1:], settings, streamed)
+        streamed = _by_slice(loaded, streamed_slices)
+        known = {index: done.labels for index, done in streamed.items()}
+        labels = timed("infer", infer_stage, loaded.hu, loaded.spacing_zyx[1:], settings, known)
         early = start_early(report, loaded, labels, out_dir)
-        timed("measure", measure_stage, report, loaded, labels)
+        measured = {index: done.sums for index, done in streamed.items()}
+        timed("measure", measure_stage, report, loaded, labels, measured)
         timed("emit", emit, report, loaded, labels, out_dir, early)
         early = None  # the emitter has used it
         report.status = DONE
     except SeriesError as error:
         report.reason = str(error)
-    except TritonUnavailable:
+    except (TritonUnavailable, Superseded):
         raise
     except Exception as error:  # any stage failure is reported, never lost
         if is_environment_error(error):
@@ -356,13 +381,16 @@ def process_series(
     out_dir: Path,
     settings: InferenceSettings,
     provenance: dict | None = None,
-    streamed_labels: dict[str, np.ndarray] | None = None,
+    streamed_slices: dict[str, StreamedSlice] | None = None,
     seg_process: bool = True,
+    still_wanted: Callable[[], bool] = _wanted,
 ) -> SeriesResult:
     """A DICOM CT series -> SEG, SR, summary, SC, overlay, report. `provenance` (the listener's
     content hash and generation of the inputs) is recorded in the report as given;
-    `streamed_labels` (by SOP Instance UID) are slices already inferred as they arrived;
-    `seg_process`: the SEG is written in the SEG process during measurement."""
+    `streamed_slices` (by SOP Instance UID) are slices already inferred and measured as they
+    arrived;
+    `seg_process`: the SEG is written in the SEG process during measurement; `still_wanted`:
+    checked before each stage (see run_stages)."""
     report = SeriesReport(
         model=settings.model,
         model_version=settings.model_version,
@@ -376,8 +404,9 @@ def process_series(
         emit_dicom,
         out_dir,
         settings,
-        streamed_labels,
+        streamed_slices,
         seg_starter(seg_process),
+        still_wanted,
     )
 
 

@@ -1,5 +1,6 @@
-"""Streaming inference: slices go to the model as they arrive, so that when a series completes only
-its last slices remain to be inferred.
+"""Streaming inference: slices go to the model as they arrive, and are measured
+(`thighseg.measure.sums`), so that when a series completes only its last slices remain to be
+inferred and measured.
 
 The served models are 2D: a slice's labels depend on that slice alone, so they can be computed the
 moment it is stored, in any order, and are exactly those the whole-volume path computes
@@ -18,6 +19,7 @@ import hashlib
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
@@ -25,13 +27,23 @@ import numpy as np
 import pydicom
 
 from thighseg.client.volume import InferFn, segment_volume
+from thighseg.measure.sums import SliceSums, measure_slice
 from thighseg.pipeline.assemble import slice_hu
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class StreamedSlice:
+    """One slice done as it arrived: its labels and its measurement sums."""
+
+    labels: np.ndarray
+    sums: SliceSums
+
+
 class SliceCache:
-    """Labels of slices inferred as they arrived, by series, SOP Instance UID and content digest.
+    """Slices inferred and measured as they arrived, by series, SOP Instance UID and content
+    digest.
 
     At most `max_slices` are kept (a study-sized budget of memory: 256 KiB a 512² slice); beyond
     that, slices are not streamed and the series is inferred whole when it completes.
@@ -43,7 +55,7 @@ class SliceCache:
         self._infer, self._input_size, self._max_slices = infer, input_size, max_slices
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stream")
         self._lock = threading.Lock()
-        self._labels: dict[str, dict[str, tuple[str, np.ndarray]]] = {}
+        self._done: dict[str, dict[str, tuple[str, StreamedSlice]]] = {}
         self._pending: dict[str, set[Future]] = {}
         self._count = 0
 
@@ -66,17 +78,17 @@ class SliceCache:
                 raise LookupError("replaced or removed since it was stored")
             dataset = pydicom.dcmread(BytesIO(encoded))
             pixel_mm = tuple(float(v) for v in dataset.PixelSpacing)
-            labels = segment_volume(
-                slice_hu(dataset)[None], self._infer, self._input_size, pixel_mm, 1, 1
-            )[0]
+            hu = slice_hu(dataset)
+            labels = segment_volume(hu[None], self._infer, self._input_size, pixel_mm, 1, 1)[0]
+            done = StreamedSlice(labels, measure_slice(hu, labels, pixel_mm[0]))
         except Exception as error:  # noqa: BLE001 - inferred again with the series
             log.info("streamed slice not inferred (%s); the series infers it", type(error).__name__)
             with self._lock:
                 self._count -= 1
             return
         with self._lock:
-            previous = self._labels.setdefault(series_uid, {}).get(sop_uid)
-            self._labels[series_uid][sop_uid] = (digest, labels)
+            previous = self._done.setdefault(series_uid, {}).get(sop_uid)
+            self._done[series_uid][sop_uid] = (digest, done)
             if previous is not None:
                 self._count -= 1  # a replaced instance: one slot, newest content
 
@@ -84,19 +96,25 @@ class SliceCache:
         with self._lock:
             self._pending.get(series_uid, set()).discard(future)
 
-    def take(self, series_uid: str, digests: dict[str, str]) -> dict[str, np.ndarray]:
-        """Labels of the series' instances whose content is exactly `digests` (SOP UID -> digest),
-        after the slices still in flight finish; the series is then forgotten."""
+    def peek(self, series_uid: str, digests: dict[str, str]) -> dict[str, StreamedSlice]:
+        """The series' instances whose content is exactly `digests` (SOP UID -> digest),
+        after the slices still in flight finish; the series stays cached (a head start may be
+        discarded, and its series processed again)."""
         with self._lock:
             pending = list(self._pending.get(series_uid, ()))
         wait(pending)
         with self._lock:
-            cached = self._labels.pop(series_uid, {})
+            cached = dict(self._done.get(series_uid, {}))
+        return {sop: done for sop, (digest, done) in cached.items() if digests.get(sop) == digest}
+
+    def take(self, series_uid: str, digests: dict[str, str]) -> dict[str, StreamedSlice]:
+        """`peek`, then the series is forgotten."""
+        done = self.peek(series_uid, digests)
+        with self._lock:
+            cached = self._done.pop(series_uid, {})
             self._pending.pop(series_uid, None)
             self._count -= len(cached)
-        return {
-            sop: labels for sop, (digest, labels) in cached.items() if digests.get(sop) == digest
-        }
+        return done
 
     def forget(self, series_uid: str) -> None:
         """Drop what the series streamed (expired or abandoned)."""
