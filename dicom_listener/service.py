@@ -357,14 +357,28 @@ class Listener:
         provenance = {"content_sha256": snapshot.content_sha256, "generation": snapshot.generation}
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        streamed = None
+        options: dict = {"still_wanted": still_wanted} if still_wanted is not None else {}
+        asked = []
         if self.streaming is not None:
             pick = self.streaming.take if take_streamed else self.streaming.peek
-            streamed = pick(key.series_uid, dict(snapshot.instances))
-        options = {"still_wanted": still_wanted} if still_wanted is not None else {}
-        return process_series(
-            paths, staging, self.inference, provenance, streamed, self.config.seg_process, **options
-        )
+
+            def streamed() -> dict:
+                asked.append(True)
+                return pick(key.series_uid, dict(snapshot.instances))
+
+            options["streamed_slices"] = streamed
+        try:
+            return process_series(
+                paths,
+                staging,
+                self.inference,
+                provenance,
+                seg_process=self.config.seg_process,
+                **options,
+            )
+        finally:
+            if self.streaming is not None and take_streamed and not asked:
+                self.streaming.forget(key.series_uid)  # failed before inference: freed all the same
 
     def _process_snapshot(self, key: SeriesKey) -> None:
         with self._head_lock:  # a head start registered before processing began is ours

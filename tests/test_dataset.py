@@ -14,6 +14,7 @@ import pytest
 
 from thighseg.apps.dataset_import import LabelMap, import_sources
 from thighseg.learning import dataset
+from thighseg.measure.anatomy import body_midline
 from thighseg.synthetic import phantom
 
 nib = pytest.importorskip("nibabel")
@@ -149,10 +150,16 @@ def test_dicom_ct_with_seg_and_a_seg_of_another_series(study_factory, tmp_path):
     volume = assemble(list(paths))
     truth, uids = read_truth(paths[0].parent)
     ordered = truth[[uids.index(s.SOPInstanceUID) for s in volume.sources]]
-    write_seg(volume.sources, ordered, volume.hu, root / "seg.dcm", "manual")
+    write_seg(volume.sources, ordered, body_midline(volume.hu), root / "seg.dcm", "manual")
     other = study_factory(82, size=64, slices=4)  # its SEG is here, its CT is not
     other_volume = assemble(list(other))
-    write_seg(other_volume.sources, ordered, other_volume.hu, root / "orphan-seg.dcm", "manual")
+    write_seg(
+        other_volume.sources,
+        ordered,
+        body_midline(other_volume.hu),
+        root / "orphan-seg.dcm",
+        "manual",
+    )
     path = tmp_path / "map.yaml"
     path.write_text(  # thighseg's own SEG: one segment per group and leg
         "extensor: [Right extensor, Left extensor]\n"

@@ -13,7 +13,7 @@ import highdicom as hd
 import numpy as np
 import pytest
 
-from thighseg.measure.anatomy import leg_masks
+from thighseg.measure.anatomy import body_midline, leg_masks
 from thighseg.measure.indices import TISSUES, volume_indices
 from thighseg.measure.qc import Flag
 from thighseg.pipeline import coding
@@ -35,7 +35,9 @@ def outputs(study_factory, tmp_path_factory):
     labels = truth[[uids.index(s.SOPInstanceUID) for s in volume.sources]]
     indices = volume_indices(volume.hu, labels, volume.spacing_zyx)
     out = tmp_path_factory.mktemp("outputs")
-    seg = write_seg(volume.sources, labels, volume.hu, out / "seg.dcm", "denseunet", "0.1.0 v2")
+    seg = write_seg(
+        volume.sources, labels, body_midline(volume.hu), out / "seg.dcm", "denseunet", "0.1.0 v2"
+    )
     write_sr(seg, volume.sources, indices, out / "sr.dcm", "denseunet", FLAGS, "0.1.0 v2")
     return volume, labels, indices, out
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from thighseg.measure.agreement import bland_altman, icc_2_1
+from thighseg.measure.anatomy import body_midline
 from thighseg.measure.metrics import confusion_counts, overlap_metrics
 
 
@@ -95,7 +96,7 @@ def test_dicom_series_with_seg_round_trip(study_factory, tmp_path):
     volume = assemble(list(paths))
     truth, uids = read_truth(paths[0].parent)
     ordered = truth[[uids.index(s.SOPInstanceUID) for s in volume.sources]]
-    write_seg(volume.sources, ordered, volume.hu, tmp_path / "seg.dcm", "manual")
+    write_seg(volume.sources, ordered, body_midline(volume.hu), tmp_path / "seg.dcm", "manual")
     loaded = load_dicom_with_seg(list(paths), tmp_path / "seg.dcm")
     assert np.array_equal(loaded.labels, ordered) and np.array_equal(loaded.hu, volume.hu)
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from thighseg.core.labels import Group
-from thighseg.measure.anatomy import leg_masks
+from thighseg.measure.anatomy import body_midline, leg_masks
 from thighseg.measure.indices import VolumeIndices, volume_indices
 
 SPACING = (2.0, 1.0, 1.0)  # 2 µL voxels
@@ -160,7 +160,7 @@ def test_sided_labels_split_each_group_at_the_midline():
     from thighseg.pipeline.outputs import sided_labels
 
     hu, labels = analytic_volume()
-    sided = sided_labels(labels, hu)
+    sided = sided_labels(labels, body_midline(hu))
     midline = int(np.ceil(leg_masks(hu)["left"].argmax()))
     right, left = sided[..., :midline], sided[..., midline:]
     for group in (1, 2, 3):

@@ -691,3 +691,24 @@ def test_uids_with_leading_zeros_are_refused_and_warnings_are_redacted(
     assert response.Status == 0xA900 and "SOPInstanceUID" in response.ErrorComment
     warnings.warn(f"Invalid value for VR UI: {bad!r}", UserWarning, stacklevel=1)
     assert bad not in caplog.text and "…23456789" in caplog.text
+
+
+def test_a_series_failing_before_inference_frees_its_streamed_slices(
+    listener_factory, study_factory
+):
+    for head_start in (True, False):  # the failure published by a head start, or found later
+        listener = listener_factory(idle_s=0.3, head_start=head_start)
+        a_series_failing_before_inference_frees_its_streamed_slices(listener, study_factory)
+
+
+def a_series_failing_before_inference_frees_its_streamed_slices(listener, study_factory) -> None:
+    paths = study_factory(6130, slices=6)
+    _, series_uid = uids(paths)
+    twin = pydicom.dcmread(paths[2])  # a second instance at the same position: cannot assemble
+    twin.SOPInstanceUID = pydicom.uid.generate_uid()
+    datasets = [pydicom.dcmread(p) for p in paths] + [twin]
+    assert [r.Status for r in store(listener.config.port, datasets)] == [0] * 7
+    result = listener.wait_for(series_uid, timeout_s=120)
+    assert result.report.status == "failed" and "same slice position" in result.report.reason
+    assert listener.telemetry.registry.get_sample_value("thighseg_slices_streamed_total") == 7
+    assert wait_until(lambda: listener.streaming.slices == 0, 30), "streamed slices held forever"

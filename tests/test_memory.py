@@ -12,6 +12,7 @@ import pytest
 from thighseg.client.volume import segment_volume
 from thighseg.core.memory import fix_mmap_threshold, release_free_heap, release_highdicom_tables
 from thighseg.measure import qc
+from thighseg.measure.anatomy import body_midline
 from thighseg.measure.indices import volume_indices
 from thighseg.pipeline.assemble import HUStack, assemble
 from thighseg.pipeline.outputs import write_seg
@@ -78,7 +79,7 @@ def test_seg_is_streamed_to_disk_and_the_returned_dataset_keeps_its_pixels(serie
     volume = assemble(list(series))
     labels = np.zeros(volume.hu.shape, np.uint8)
     labels[:, 10:40, 10:40], labels[:, 50:70, 20:40], labels[:, 50:70, 50:80] = 1, 2, 3
-    seg = write_seg(volume.sources, labels, volume.hu, tmp_path / "seg.dcm", "test")
+    seg = write_seg(volume.sources, labels, body_midline(volume.hu), tmp_path / "seg.dcm", "test")
     assert isinstance(seg.PixelData, bytes)
     assert pydicom.dcmread(tmp_path / "seg.dcm").PixelData == seg.PixelData
 
@@ -88,7 +89,11 @@ def test_highdicom_tables_are_released_and_reloaded(series, tmp_path):
 
     volume = assemble(list(series))
     write_seg(
-        volume.sources, np.ones(volume.hu.shape, np.uint8), volume.hu, tmp_path / "a.dcm", "test"
+        volume.sources,
+        np.ones(volume.hu.shape, np.uint8),
+        body_midline(volume.hu),
+        tmp_path / "a.dcm",
+        "test",
     )
     assert _standard_utils.get_module_attribute_map.cache_info().currsize == 1
     release_highdicom_tables()
@@ -96,7 +101,11 @@ def test_highdicom_tables_are_released_and_reloaded(series, tmp_path):
     assert _standard_utils.get_module_attribute_map.cache_info().currsize == 0
     # reloads them
     write_seg(
-        volume.sources, np.ones(volume.hu.shape, np.uint8), volume.hu, tmp_path / "b.dcm", "test"
+        volume.sources,
+        np.ones(volume.hu.shape, np.uint8),
+        body_midline(volume.hu),
+        tmp_path / "b.dcm",
+        "test",
     )
     assert pydicom.dcmread(tmp_path / "b.dcm").NumberOfFrames == 6 * len(volume.sources)
 

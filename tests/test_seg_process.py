@@ -13,6 +13,7 @@ import pydicom
 import pytest
 from highdicom import _standard_utils
 
+from thighseg.measure.anatomy import body_midline
 from thighseg.pipeline import seg_process, stages
 from thighseg.pipeline.assemble import assemble
 from thighseg.pipeline.outputs import write_seg
@@ -35,10 +36,12 @@ def _frames(path) -> np.ndarray:
 
 def test_the_seg_process_writes_the_seg_this_process_would(study, tmp_path):
     _, volume, labels = study
-    pending = seg_process.start_seg(volume.sources, labels, volume.hu, tmp_path / "a.dcm", "m")
+    pending = seg_process.start_seg(
+        volume.sources, labels, body_midline(volume.hu), tmp_path / "a.dcm", "m"
+    )
     assert pending.future is not None  # really elsewhere
     path = pending.wait()
-    write_seg(volume.sources, labels, volume.hu, tmp_path / "b.dcm", "m")
+    write_seg(volume.sources, labels, body_midline(volume.hu), tmp_path / "b.dcm", "m")
     assert np.array_equal(_frames(path), _frames(tmp_path / "b.dcm"))
     seg = hd.seg.segread(path)
     # the identity the SR was given before the SEG existed is the SEG's
@@ -51,16 +54,20 @@ def test_the_seg_process_writes_the_seg_this_process_would(study, tmp_path):
 def test_a_killed_seg_process_never_costs_the_seg(study, tmp_path):
     _, volume, labels = study
     seg_process.warm()
-    pending = seg_process.start_seg(volume.sources, labels, volume.hu, tmp_path / "x.dcm", "m")
+    pending = seg_process.start_seg(
+        volume.sources, labels, body_midline(volume.hu), tmp_path / "x.dcm", "m"
+    )
     pending.wait()
     for pid in list(seg_process._executor()._processes):  # noqa: SLF001 - the pool's own PIDs
         os.kill(pid, signal.SIGKILL)  # as the kernel's OOM killer would
     path = seg_process.start_seg(
-        volume.sources, labels, volume.hu, tmp_path / "seg.dcm", "m"
+        volume.sources, labels, body_midline(volume.hu), tmp_path / "seg.dcm", "m"
     ).wait()
     assert pydicom.dcmread(path).NumberOfFrames == 6 * len(volume.sources)
     # and the next SEG goes to a fresh SEG process again
-    again = seg_process.start_seg(volume.sources, labels, volume.hu, tmp_path / "y.dcm", "m")
+    again = seg_process.start_seg(
+        volume.sources, labels, body_midline(volume.hu), tmp_path / "y.dcm", "m"
+    )
     assert again.future is not None and again.wait().exists()
 
 
@@ -97,7 +104,12 @@ def test_a_series_failing_after_its_outputs_started_leaves_none_of_them(
 def test_the_seg_can_be_written_in_this_process(study, tmp_path):
     _, volume, labels = study
     pending = seg_process.start_seg(
-        volume.sources, labels, volume.hu, tmp_path / "a.dcm", "m", separate_process=False
+        volume.sources,
+        labels,
+        body_midline(volume.hu),
+        tmp_path / "a.dcm",
+        "m",
+        separate_process=False,
     )
     assert pending.future is None and not (tmp_path / seg_process.LABELS_FILE).exists()
     seg = hd.seg.segread(pending.wait())

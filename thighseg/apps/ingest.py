@@ -277,17 +277,23 @@ def last_store_to_seg(
     rate: float | None,
     streaming: bool,
     idle_s: float,
+    head_start: bool = True,
 ) -> dict:
     """One study sent in one association at `rate` instances/s (None: full speed) to a fresh
-    listener, streaming or not: seconds from the last C-STORE's answer to the published SEG."""
+    listener, streaming or not, with a head start or not: seconds from the last C-STORE's answer
+    to the published SEG."""
     import pydicom
 
     from thighseg.dicom_listener.scu import send_files
 
     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-    label = f"{rate or 'full'}-{'stream' if streaming else 'whole'}"
+    label = (
+        f"{rate or 'full'}-{'stream' if streaming else 'whole'}-{'head' if head_start else 'late'}"
+    )
     out, spool = work / f"latency-out-{label}", work / f"latency-spool-{label}"
-    options = () if streaming else ("--stream-slices", "0")
+    options = (() if streaming else ("--stream-slices", "0")) + (
+        () if head_start else ("--no-head-start",)
+    )
     with listener_process(triton_url, spool, out, idle_s, model=model, options=options) as (
         port,
         _,
@@ -304,6 +310,7 @@ def last_store_to_seg(
     return {
         "rate_per_s": rate or "full",
         "streaming": streaming,
+        "head_start": head_start,
         "instances": len(files),
         "idle_s": idle_s,
         "seconds_sending": round(last - started, 2),

@@ -125,6 +125,15 @@ def _intermuscular(
     return counts, reach
 
 
+def study_midline(hu: np.ndarray, known: Mapping[int, SliceSums] | None = None) -> float:
+    """The body midline of a (z, y, x) study; slices `known` (by index) bring their profile."""
+    known = known or {}
+    profile = np.zeros(hu.shape[2], dtype=np.int64)
+    for z in range(hu.shape[0]):
+        profile += known[z].body if z in known else body_columns(hu[z])
+    return midline_of(profile)
+
+
 @dataclass(frozen=True)
 class StudySums:
     """A study's slices, combined at its midline."""
@@ -165,15 +174,13 @@ class StudySums:
         labels: np.ndarray,
         pixel_mm: float,
         known: Mapping[int, SliceSums] | None = None,
+        midline: float | None = None,
     ) -> StudySums:
         """Every slice of a (z, y, x) study: those `known` (measured as they arrived, by slice
-        index) where they hold for the study's midline, the others measured now."""
+        index) where they hold for the study's midline, the others measured now. `midline`: the
+        study's, when `study_midline` has already found it."""
         known = known or {}
-        profile = sum(
-            (known[z].body if z in known else body_columns(hu[z]) for z in range(hu.shape[0])),
-            start=np.zeros(hu.shape[2], dtype=np.int64),
-        )
-        midline = midline_of(profile)
+        midline = study_midline(hu, known) if midline is None else midline
         right = np.arange(hu.shape[2]) < midline
         by_leg = np.zeros((len(LEGS), LABELS, len(STATS)))
         intermuscular = np.zeros(len(LEGS), dtype=np.int64)

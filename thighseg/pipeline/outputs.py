@@ -13,7 +13,6 @@ from pydicom.uid import SegmentationStorage
 
 import thighseg
 from thighseg.core.labels import MUSCLE_GROUPS, Group
-from thighseg.measure.anatomy import body_midline
 from thighseg.measure.indices import TissueVolumes, VolumeIndices
 from thighseg.measure.qc import Flag
 from thighseg.pipeline import coding
@@ -30,13 +29,17 @@ def _algorithm(model: str, algorithm_version: str | None) -> hd.AlgorithmIdentif
     )
 
 
-def sided_labels(labels: np.ndarray, hu: np.ndarray) -> np.ndarray:
-    """Group labels (1-3) as segment numbers (1-6): each group split at the body midline into the
-    patient's right and left leg, the split the indices use."""
-    midline = int(np.ceil(body_midline(hu)))
-    sided = labels.astype(np.uint8) * np.uint8(2)  # left leg: 2, 4, 6
-    right = sided[..., :midline]  # a view: the right columns become 1, 3, 5
-    right -= (labels[..., :midline] > 0).view(np.uint8)
+def sided_labels(labels: np.ndarray, midline: float, in_place: bool = False) -> np.ndarray:
+    """Group labels (1-3) as segment numbers (1-6): each group split at the body midline (column)
+    into the patient's right and left leg, the split the indices use. `in_place` reuses `labels`
+    (uint8) for the result: a study-sized array less to allocate and fault in."""
+    midline = int(np.ceil(midline))
+    reusable = in_place and labels.dtype == np.uint8 and labels.flags.c_contiguous
+    sided = labels if reusable else np.array(labels, dtype=np.uint8, order="C")
+    for image in sided.reshape(-1, *sided.shape[-2:]):  # slice by slice: small temporaries
+        image <<= 1  # left leg: 2, 4, 6
+        right = image[:, :midline]  # a view: the right columns become 1, 3, 5
+        right -= (right > 0).view(np.uint8)
     return sided
 
 
@@ -88,15 +91,16 @@ def save_seg(seg: hd.seg.Segmentation, path: Path) -> None:
 def write_seg(
     sources: list[Dataset],
     labels: np.ndarray,
-    hu: np.ndarray,
+    midline: float,
     path: Path,
     model: str,
     algorithm_version: str | None = None,
 ) -> Dataset:
-    """The SEG of group labels (1-3), each group split into the patient's right and left leg."""
+    """The SEG of group labels (1-3), each group split at the body `midline` into the patient's
+    right and left leg."""
     if labels.shape[0] != len(sources):
         raise ValueError(f"{labels.shape[0]} mask slices for {len(sources)} source instances")
-    seg = build_seg(sources, sided_labels(labels, hu), model, algorithm_version)
+    seg = build_seg(sources, sided_labels(labels, midline), model, algorithm_version)
     save_seg(seg, path)
     return seg
 

@@ -37,7 +37,7 @@ from thighseg.pipeline.summary import secondary_capture
 log = logging.getLogger(__name__)
 
 SEG_PROCESSES = 1  # each costs ~90 MB idle and the SEG-sized peak of its own; SEGs queue in it
-LABELS_FILE = ".seg-labels.npy"  # segment numbers handed to the SEG process, beside the SEG
+LABELS_FILE = ".seg-labels.npy"  # group labels handed to the SEG process, beside the SEG
 
 _pool: ProcessPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -80,18 +80,21 @@ class SegJob:
 
     sources: list[Dataset]
     labels_file: Path
+    midline: float  # where the legs are split into segments
     path: Path
     model: str
     algorithm_version: str | None
     series_instance_uid: str
     sop_instance_uid: str
 
-    def run(self, sided: np.ndarray | None = None) -> None:
-        """Build the SEG of `sided` (by default the labels file) and write it to `path`."""
-        sided = np.load(self.labels_file) if sided is None else sided
+    def run(self, labels: np.ndarray | None = None) -> None:
+        """Build the SEG of group `labels` (by default the labels file) and write it to
+        `path`."""
+        from_file = labels is None
+        labels = np.load(self.labels_file) if from_file else labels
         seg = build_seg(
             self.sources,
-            sided,
+            sided_labels(labels, self.midline, in_place=from_file),
             self.model,
             self.algorithm_version,
             self.series_instance_uid,
@@ -225,17 +228,17 @@ class PendingSeg:
     job: SegJob
     reference: Dataset  # for the SR: the SEG's study, series, SOP class and instance
     future: Future | None
-    sided: np.ndarray | None = None  # segment numbers, when the SEG is written in this process
+    labels: np.ndarray | None = None  # group labels, when the SEG is written in this process
 
     def then(self, job: OutputJob) -> PendingOutput:
         """Start another output of the study where this SEG is written (after it, in the SEG
         process)."""
-        return PendingOutput(job, None if self.sided is not None else _submit(job))
+        return PendingOutput(job, None if self.labels is not None else _submit(job))
 
     def wait(self) -> Path:
         """The SEG file, written; by this process if the SEG process failed to."""
-        if self.sided is not None:
-            self.job.run(self.sided)
+        if self.labels is not None:
+            self.job.run(self.labels)
             return self.job.path
         try:
             return _result(self.job, self.future)
@@ -251,22 +254,24 @@ class PendingSeg:
 def start_seg(
     sources: list[Dataset],
     labels: np.ndarray,
-    hu: np.ndarray,
+    midline: float,
     path: Path,
     model: str,
     algorithm_version: str | None = None,
     separate_process: bool = True,
 ) -> PendingSeg:
-    """Start writing the SEG of group labels (1-3) to `path` in the SEG process; without
-    `separate_process`, `wait` writes it in this one (less memory, more time)."""
+    """Start writing the SEG of group labels (1-3), split into legs at the body `midline`, to
+    `path` in the SEG process; without `separate_process`, `wait` writes it in this one (less
+    memory, more time)."""
     if labels.shape[0] != len(sources):
         raise ValueError(f"{labels.shape[0]} mask slices for {len(sources)} source instances")
     path.parent.mkdir(parents=True, exist_ok=True)
     labels_file = path.parent / LABELS_FILE
-    sided = sided_labels(labels, hu)
-    job = SegJob(sources, labels_file, path, model, algorithm_version, str(hd.UID()), str(hd.UID()))
+    job = SegJob(
+        sources, labels_file, midline, path, model, algorithm_version, str(hd.UID()), str(hd.UID())
+    )
     reference = seg_reference(sources[0], job.series_instance_uid, job.sop_instance_uid)
     if not separate_process:
-        return PendingSeg(job, reference, None, sided)
-    np.save(labels_file, sided)
+        return PendingSeg(job, reference, None, labels)
+    np.save(labels_file, labels)
     return PendingSeg(job, reference, _submit(job))

@@ -25,7 +25,7 @@ from thighseg.core.memory import release_free_heap, release_highdicom_tables
 from thighseg.measure import qc
 from thighseg.measure.indices import indices_of
 from thighseg.measure.metrics import volumes_ml
-from thighseg.measure.sums import SliceSums, StudySums
+from thighseg.measure.sums import SliceSums, StudySums, study_midline
 from thighseg.pipeline.assemble import HUStack, SeriesError, Volume, assemble
 from thighseg.pipeline.loaders import load_nifti_image, save_nifti_labels
 from thighseg.pipeline.outputs import write_overlay_png
@@ -155,12 +155,13 @@ def measure_stage(
     report: SeriesReport,
     loaded: LoadedVolume,
     labels: np.ndarray,
-    measured: dict[int, SliceSums] | None = None,
+    measured: dict[int, SliceSums],
+    midline: float,
 ) -> None:
     """Group volumes, the full per-leg indices and the QC flags, into the report; slices measured
-    as they arrived (`measured`, by slice index) are measured again only where the study's midline
-    changes them."""
-    study = StudySums.of(loaded.hu, labels, loaded.spacing_zyx[1], measured)
+    as they arrived (`measured`, by slice index) are measured again only where the study's
+    `midline` changes them."""
+    study = StudySums.of(loaded.hu, labels, loaded.spacing_zyx[1], measured, midline)
     report.volumes_ml = volumes_ml(study.group_voxels(), loaded.spacing_zyx)
     report.indices = indices_of(study, loaded.spacing_zyx, loaded.height_m)
     report.qc_flags = qc.check_sums(study, loaded.spacing_zyx)
@@ -193,17 +194,21 @@ def algorithm_version(report: SeriesReport) -> str:
 
 
 def seg_starter(separate_process: bool) -> EarlyStart:
-    """The SEG needs only the labels: it is started before measurement, in the SEG process
-    (`separate_process`) or, to be written at emit, in this one."""
+    """The SEG needs only the labels and the midline: it is started before measurement, in the
+    SEG process (`separate_process`) or, to be written at emit, in this one."""
 
     def start(
-        report: SeriesReport, loaded: LoadedVolume, labels: np.ndarray, out_dir: Path
+        report: SeriesReport,
+        loaded: LoadedVolume,
+        labels: np.ndarray,
+        out_dir: Path,
+        midline: float,
     ) -> PendingSeg:
         volume: Volume = loaded.origin
         return start_seg(
             volume.sources,
             labels,
-            volume.hu,
+            midline,
             out_dir / "seg.dcm",
             report.model,
             algorithm_version(report),
@@ -304,9 +309,18 @@ def read_nifti(path: Path) -> LoadedVolume:
 
 
 Reader = Callable[[SeriesReport], LoadedVolume]
-# work that needs only the labels, started before measurement; its handle goes to the emitter
-EarlyStart = Callable[[SeriesReport, LoadedVolume, np.ndarray, Path], Any]
+# work that needs only the labels and the body midline, started before measurement; its handle
+# goes to the emitter
+EarlyStart = Callable[[SeriesReport, LoadedVolume, np.ndarray, Path, float], Any]
 Emitter = Callable[[SeriesReport, LoadedVolume, np.ndarray, Path, Any], None]
+
+
+# slices inferred and measured as they arrived, by SOP Instance UID, asked for once assembled
+Streamed = Callable[[], dict[str, StreamedSlice]]
+
+
+def _none_streamed() -> dict[str, StreamedSlice]:
+    return {}
 
 
 def _by_slice(loaded: LoadedVolume, streamed: dict[str, StreamedSlice] | None) -> dict:
@@ -323,7 +337,7 @@ def run_stages(
     emit: Emitter,
     out_dir: Path,
     settings: InferenceSettings,
-    streamed_slices: dict[str, StreamedSlice] | None = None,
+    streamed_slices: Streamed = _none_streamed,
     start_early: EarlyStart = _nothing_early,
     still_wanted: Callable[[], bool] = _wanted,
 ) -> SeriesResult:
@@ -349,12 +363,13 @@ def run_stages(
         out_dir.mkdir(parents=True, exist_ok=True)
         loaded = timed("assemble", read, report)
         report.shape_zyx, report.spacing_zyx_mm = list(loaded.hu.shape), list(loaded.spacing_zyx)
-        streamed = _by_slice(loaded, streamed_slices)
+        streamed = _by_slice(loaded, streamed_slices())  # the last ones finished meanwhile
         known = {index: done.labels for index, done in streamed.items()}
         labels = timed("infer", infer_stage, loaded.hu, loaded.spacing_zyx[1:], settings, known)
-        early = start_early(report, loaded, labels, out_dir)
         measured = {index: done.sums for index, done in streamed.items()}
-        timed("measure", measure_stage, report, loaded, labels, measured)
+        midline = study_midline(loaded.hu, measured)  # from the streamed slices' profiles
+        early = start_early(report, loaded, labels, out_dir, midline)
+        timed("measure", measure_stage, report, loaded, labels, measured, midline)
         timed("emit", emit, report, loaded, labels, out_dir, early)
         early = None  # the emitter has used it
         report.status = DONE
@@ -381,14 +396,14 @@ def process_series(
     out_dir: Path,
     settings: InferenceSettings,
     provenance: dict | None = None,
-    streamed_slices: dict[str, StreamedSlice] | None = None,
+    streamed_slices: Streamed = _none_streamed,
     seg_process: bool = True,
     still_wanted: Callable[[], bool] = _wanted,
 ) -> SeriesResult:
     """A DICOM CT series -> SEG, SR, summary, SC, overlay, report. `provenance` (the listener's
     content hash and generation of the inputs) is recorded in the report as given;
-    `streamed_slices` (by SOP Instance UID) are slices already inferred and measured as they
-    arrived;
+    `streamed_slices()` gives the slices inferred and measured as they arrived (by SOP Instance
+    UID), once assembled: the last of them finish meanwhile;
     `seg_process`: the SEG is written in the SEG process during measurement; `still_wanted`:
     checked before each stage (see run_stages)."""
     report = SeriesReport(
