@@ -65,9 +65,12 @@ def test_tiny_benchmark_writes_json_markdown_and_plots(model_repository, tmp_pat
     # measured in a second listener, after a warm-up study
     assert whole["warm_listener_peak_rss_mb"] > 0
     assert "segformer: most_dynamic_batching_could_give_at_concurrency_2" in saved["ratios"]
-    latency = {r["streaming"]: r for r in saved["last_store_to_seg"]}
-    assert latency[True]["seconds_last_store_to_seg"] > 0 and latency[True]["instances"] == 8
-    assert latency[True]["stage_seconds"]["infer"] < latency[False]["stage_seconds"]["infer"]
+    latency = {(r["streaming"], r["head_start"]): r for r in saved["last_store_to_seg"]}
+    assert set(latency) == {(True, True), (False, True), (True, False)}
+    assert all(r["seconds_last_store_to_seg"] > 0 and r["instances"] == 8 for r in latency.values())
+    streamed, whole_series = latency[(True, True)], latency[(False, True)]
+    assert streamed["stage_seconds"]["infer"] < whole_series["stage_seconds"]["infer"]
+    assert saved["ratios"]["last_store_to_seg_head_start_vs_none_at_full_per_s"] > 0
     int8 = saved["int8"]["segformer"]
     assert int8["slices_per_s_batch1"]["int8"] > 0 and int8["int8_vs_fp32"]["slices"] == 4
     assert saved["ratios"]["segformer: int8_vs_fp32_onnxruntime_batch1"] == int8["int8_speedup"]
