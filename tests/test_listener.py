@@ -112,7 +112,7 @@ def test_storescu_study_becomes_an_accurate_seg(listener, study_factory):
     assert result.report.indices.total.muscle.total_ml > 0
 
 
-def test_streaming_gives_the_labels_of_inferring_the_completed_series(
+def test_streaming_gives_the_labels_and_figures_of_processing_the_completed_series(
     listener_factory, study_factory
 ):
     paths = study_factory(4545)
@@ -127,14 +127,21 @@ def test_streaming_gives_the_labels_of_inferring_the_completed_series(
 
     streaming = listener_factory(wrap_infer=counting)
     whole = listener_factory(stream_slices=0, seg_process=False)  # its SEG in the listener
-    labels = []
+    labels, reports = [], []
     for receiver in (streaming, whole):
         assert send_files(paths, "127.0.0.1", receiver.config.port) == [0] * len(paths)
         result = receiver.wait_for(series_uid(paths), timeout_s=300)
         assert result.report.status == "done", result.report
         uids = [s.SOPInstanceUID for s in assemble(list(paths)).sources]
         labels.append(labels_from_seg(result.seg_path, uids))
+        reports.append(result.report)
     assert np.array_equal(labels[0], labels[1])
+    # slices measured as they arrived add up to the figures of measuring the whole volume
+    assert reports[0].indices == reports[1].indices and reports[0].indices.total.muscle.total_ml > 0
+    assert (reports[0].volumes_ml, reports[0].qc_flags) == (
+        reports[1].volumes_ml,
+        reports[1].qc_flags,
+    )
     # every slice was inferred on its own as it arrived: none was left for the completed series
     assert batches == [1] * len(paths)
     assert whole.telemetry.registry.get_sample_value("thighseg_slices_streamed_total") == 0
