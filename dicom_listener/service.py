@@ -269,7 +269,9 @@ class Listener:
         if head is None:
             return None
         result = head.result_for(snapshot)
-        self.telemetry.head_starts.labels("discarded" if result is None else "used").inc()
+        outcome = "discarded" if result is None else "used"
+        self.telemetry.head_starts.labels(outcome).inc()
+        log.info("series %s: head start %s", short_uid(key.series_uid), outcome)
         if result is not None and self.streaming is not None:
             self.streaming.forget(key.series_uid)
         return result
@@ -446,7 +448,8 @@ class Listener:
         self.telemetry.series.labels(status).inc()
         for stage, seconds in result.report.stage_seconds.items():
             self.telemetry.stage_seconds.labels(stage).observe(seconds)
-        log.info("series %s %s", short_uid(key.series_uid), status)
+        reason = f": {result.report.reason}" if result.report.reason else ""
+        log.info("series %s %s%s", short_uid(key.series_uid), status, reason)
         with self._done:
             self.results[key.series_uid] = result
             self._done.notify_all()

@@ -62,6 +62,8 @@ class Telemetry:
             ["outcome"],
             registry=r,
         )
+        for outcome in ("used", "discarded"):  # exported as 0 before the first
+            self.head_starts.labels(outcome)
         self.series_by_state = Gauge(
             "thighseg_series_state", "Series in the index, by state", ["state"], registry=r
         )

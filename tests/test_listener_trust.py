@@ -122,11 +122,10 @@ def test_instances_arriving_while_the_series_is_processed_are_in_the_published_r
     assert not list(result.report_path.parent.parent.glob(".*partial"))
 
 
-def head_starts(listener, outcome: str) -> float:
-    value = listener.telemetry.registry.get_sample_value(
+def head_starts(listener, outcome: str) -> float | None:
+    return listener.telemetry.registry.get_sample_value(
         "thighseg_head_starts_total", {"outcome": outcome}
     )
-    return value or 0.0
 
 
 def counting(calls: list[int], entered: threading.Event | None = None, gate=None):
@@ -151,6 +150,7 @@ def test_a_head_start_is_published_only_once_its_series_completes_and_is_not_red
     calls: list[int] = []
     idle_s = 2.0
     listener = listener_factory(idle_s=idle_s, wrap_infer=counting(calls))
+    assert (head_starts(listener, "used"), head_starts(listener, "discarded")) == (0, 0)  # exported
     paths = study_factory(6110, slices=8)
     study_uid, series_uid = uids(paths)
     final = listener.config.output_dir / study_uid / series_uid
@@ -693,15 +693,19 @@ def test_uids_with_leading_zeros_are_refused_and_warnings_are_redacted(
     assert bad not in caplog.text and "…23456789" in caplog.text
 
 
-def test_a_series_failing_before_inference_frees_its_streamed_slices(
-    listener_factory, study_factory
+def test_a_series_failing_before_inference_frees_its_streamed_slices_and_logs_why(
+    listener_factory, study_factory, caplog
 ):
+    caplog.set_level(logging.INFO)
     for head_start in (True, False):  # the failure published by a head start, or found later
         listener = listener_factory(idle_s=0.3, head_start=head_start)
-        a_series_failing_before_inference_frees_its_streamed_slices(listener, study_factory)
+        caplog.clear()
+        a_series_failing_before_inference_frees_its_streamed_slices(listener, study_factory, caplog)
 
 
-def a_series_failing_before_inference_frees_its_streamed_slices(listener, study_factory) -> None:
+def a_series_failing_before_inference_frees_its_streamed_slices(
+    listener, study_factory, caplog
+) -> None:
     paths = study_factory(6130, slices=6)
     _, series_uid = uids(paths)
     twin = pydicom.dcmread(paths[2])  # a second instance at the same position: cannot assemble
@@ -712,3 +716,7 @@ def a_series_failing_before_inference_frees_its_streamed_slices(listener, study_
     assert result.report.status == "failed" and "same slice position" in result.report.reason
     assert listener.telemetry.registry.get_sample_value("thighseg_slices_streamed_total") == 7
     assert wait_until(lambda: listener.streaming.slices == 0, 30), "streamed slices held forever"
+    assert any(
+        "failed: two or more instances share the same slice position" in r.getMessage()
+        for r in caplog.records
+    ), "the log says a series failed, not why"

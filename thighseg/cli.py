@@ -668,8 +668,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-head-start",
         action="store_true",
-        help="process a series only once complete, not already during the --idle wait after its "
-        "sender released (a head start is published only if nothing arrived meanwhile)",
+        help="process a series only once it is complete; by default it is already processed "
+        "during the --idle wait after its sender's release, and that result is published once "
+        "the series completes with nothing new",
     )
     p.add_argument(
         "--stream-slices",
