@@ -3,6 +3,7 @@ split by subject, read back for training."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -224,6 +225,7 @@ def test_fine_tune_on_a_fold_logs_validation_and_evaluate_scores_folds_and_poole
     import torch
 
     from thighseg.apps.evaluation import EvaluationConfig, dataset_cohorts, run_evaluation
+    from thighseg.cli import _training_table
     from thighseg.export.validation import torch_backend
     from thighseg.learning import models
     from thighseg.learning.training import TrainConfig, train
@@ -254,6 +256,13 @@ def test_fine_tune_on_a_fold_logs_validation_and_evaluate_scores_folds_and_poole
         assert set(summary["train_subjects"]).isdisjoint(summary["validation_subjects"])
         card = path.with_suffix(".md").read_text()
         assert summary["dataset_digest"][:16] in card and f"--fold {fold}" in card
+    every = dataclasses.replace(config, fold="all", steps=2)  # nothing held out to validate on
+    summary = train(every, out=tmp_path / "all.pt")
+    assert summary["validation_subjects"] == [] and summary["best_step"] == 2
+    card = (tmp_path / "all.md").read_text()
+    assert "No validation subject: the weights of the last step (2)" in card
+    assert "None: every subject outside the test set was trained on" in card
+    assert "no validation subjects" in _training_table(summary).splitlines()[0]
     shipped = torch.load(models.weights_path("denseunet"), weights_only=True)["state_dict"]
     tuned = torch.load(weights[0], weights_only=True)["state_dict"]
     assert any(not torch.equal(shipped[k].float(), tuned[k].float()) for k in shipped)

@@ -126,13 +126,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _training_table(summary: dict) -> str:
     """One summary table: held-out DSC per group for each validation set, and where it went."""
     sets = [k for k in ("validation", "validation_randomised") if summary.get(k)]
-    lines = [
+    table = [
         "| group | " + " | ".join(sets) + " |",
         "|---|" + "---|" * len(sets),
         *(
             f"| {group} | " + " | ".join(f"{summary[k][group]:.3f}" for k in sets) + " |"
             for group in ("extensor", "flexor", "adductor")
         ),
+    ]
+    lines = [
+        *(table if sets else ["no validation subjects: nothing held out to score (--fold all)"]),
         f"weights {summary['weights']} (sha256 {summary['sha256'][:12]}…), best step "
         f"{summary['best_step']}, {summary['seconds']:.0f} s on {summary['device']}; "
         "card and JSON beside the weights",

@@ -52,13 +52,17 @@ def command(config: dict) -> str:
 
 def _dataset_lines(summary: dict) -> list[str]:
     fold = summary["fold"]
+    kept = (
+        f"Best validation at step {summary.get('best_step')}"
+        if summary["validation_subjects"]
+        else f"No validation subject: the weights of the last step ({summary.get('best_step')})"
+    )
     return [
         f"Fine-tuned on the dataset `{summary['dataset']}` (content digest "
         f"`{summary['dataset_digest'][:16]}…`), fold {fold}: "
         f"{len(summary['train_subjects'])} training subject(s), "
         f"{len(summary['validation_subjects'])} validation subject(s), "
-        f"{len(summary['test_subjects'])} test subject(s) never used. Best validation at step "
-        f"{summary.get('best_step')}. Started from "
+        f"{len(summary['test_subjects'])} test subject(s) never used. {kept}. Started from "
         + (
             f"`{Path(summary['config']['init']).name}`"
             if summary["config"].get("init")
@@ -143,6 +147,8 @@ def render(summary: dict, evaluation: dict | None = None) -> str:
     if summary.get("validation"):
         label = "validation subjects DSC" if "dataset_digest" in summary else "fixed phantom DSC"
         lines += [f"| group | {label} |", "|---|---|", *_dice_rows(summary["validation"])]
+    elif "dataset_digest" in summary:
+        lines += ["None: every subject outside the test set was trained on (`--fold all`)."]
     if "validation_randomised" in summary:
         lines += [
             "",
