@@ -129,10 +129,11 @@ class SeriesTracker:
 
     def association_closed(self, association_id: Hashable, released: bool) -> None:
         """An association ended: a release (not an abort) lets its series complete."""
-        released_series, quiet = [], []
+        released_series, quiet, cut_off = [], [], 0
         with self._lock:
             for key, activity in self._activity.items():
                 if association_id in activity.open_associations:
+                    cut_off += not released
                     activity.open_associations.discard(association_id)
                     activity.last_activity = time.monotonic()
                     if released and not activity.released_since_last_instance:
@@ -140,6 +141,12 @@ class SeriesTracker:
                         released_series.append(key.series_uid)
                     if activity.released_since_last_instance and not activity.open_associations:
                         quiet.append(key)
+        if cut_off:
+            log.warning(
+                "an association sending to %d series was aborted: they complete after a later "
+                "release, or expire",
+                cut_off,
+            )
         for series_uid in released_series:
             try:
                 self._index.mark_released(series_uid)

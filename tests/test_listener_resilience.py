@@ -99,7 +99,7 @@ def test_duplicates_are_idempotent_and_do_not_reprocess(listener_factory, study_
     assert listener.telemetry.registry.get_sample_value("thighseg_instances_duplicate_total") == 6
 
 
-def test_aborted_transfer_expires_and_is_freed(listener_factory, study_factory):
+def test_aborted_transfer_is_logged_expires_and_is_freed(listener_factory, study_factory, caplog):
     listener = listener_factory(expiry_s=1.5)
     paths = study_factory(5200, **SMALL)
     ae = AE(ae_title="MODALITY")
@@ -108,6 +108,9 @@ def test_aborted_transfer_expires_and_is_freed(listener_factory, study_factory):
     for path in paths[:3]:
         assert association.send_c_store(pydicom.dcmread(path)).Status == 0
     association.abort()
+    assert wait_until(
+        lambda: any("sending to 1 series was aborted" in r.getMessage() for r in caplog.records), 10
+    )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and listener.index.get(series_uid(paths)).state != FAILED:
         time.sleep(0.2)
