@@ -4,12 +4,15 @@
 # subjects. The "site" is the stress generator (thighseg.synthetic.stress) at seeds 4100-4119, which
 # the shipped weights never saw (the stress cohort of `thighseg evaluate` uses 4000-4019).
 #
-#   [SITE_SLICES=24] [SITE_SIZE=512] bash scripts/site_adaptation.sh [WORK_DIR] [STEPS]
+#   [SITE_SLICES=24] [SITE_SIZE=512] [SITE_FOLD=0|all] bash scripts/site_adaptation.sh [WORK_DIR] [STEPS]
+#
+# SITE_FOLD=all fine-tunes on all 10 non-test subjects (no validation: the last step's weights).
 #
 # Writes WORK_DIR/site_adaptation.json and prints the before/after table.
 set -euo pipefail
 work="${1:-/tmp/thighseg-site}"
 steps="${2:-300}"
+fold="${SITE_FOLD:-0}"
 model="${MODEL:-$(.venv/bin/python -c "from thighseg.core.constants import DEFAULT_MODEL; print(DEFAULT_MODEL)")}"
 thighseg=.venv/bin/thighseg
 rm -rf "$work" && mkdir -p "$work"
@@ -45,7 +48,7 @@ $thighseg dataset split "$work/dataset" --folds 1 --test 10 --seed 0
 # 3. before, 4. fine-tune, 5. after (the same 10 test subjects)
 $thighseg evaluate --data "$work/dataset" --models "$model" --out "$work/before"
 start=$(date +%s)
-$thighseg train --model "$model" --data "$work/dataset" --fold 0 --steps "$steps" \
+$thighseg train --model "$model" --data "$work/dataset" --fold "$fold" --steps "$steps" \
     --learning-rate 2e-4 --validate-every 50 --patience 3 --out "$work/site.pt"
 seconds=$(( $(date +%s) - start ))
 $thighseg evaluate --data "$work/dataset" --models "$model" --weights "$work/site.pt" --out "$work/after"
