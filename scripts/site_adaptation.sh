@@ -51,7 +51,8 @@ start=$(date +%s)
 $thighseg train --model "$model" --data "$work/dataset" --fold "$fold" --steps "$steps" \
     --learning-rate 2e-4 --validate-every 50 --patience 3 --out "$work/site.pt"
 seconds=$(( $(date +%s) - start ))
-$thighseg evaluate --data "$work/dataset" --models "$model" --weights "$work/site.pt" --out "$work/after"
+$thighseg evaluate --data "$work/dataset" --models "$model" --weights "$work/site.pt" --fold "$fold" \
+    --out "$work/after"
 
 .venv/bin/python - "$work" "$seconds" "$model" <<'EOF'
 import json, os, sys
