@@ -4,10 +4,12 @@ and a series that fails later leaves none behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
 import highdicom as hd
+import jsonschema
 import numpy as np
 import pydicom
 import pytest
@@ -135,3 +137,19 @@ def test_sr_and_sc_are_written_in_the_seg_process_and_the_report_names_them(stud
         i.ReferencedSOPInstanceUID for s in seg_reference for i in s.ReferencedSOPSequence
     }
     assert result.report.seg_sop_instance_uid in referenced
+
+
+def test_flip_tta_is_recorded_in_the_report_and_the_segs_algorithm_version(study, tmp_path):
+    from thighseg.client.volume import flip_averaged
+    from thighseg.pipeline.report import schema
+
+    paths, _, _ = study
+    settings = InferenceSettings(flip_averaged(muscle_in_the_middle), "m", 128, tta="flip")
+    result = process_series(list(paths), tmp_path / "out", settings)
+    assert result.report.done and result.report.tta == "flip"
+    seg = pydicom.dcmread(result.seg_path)
+    version = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert version.AlgorithmVersion.endswith("flip TTA")
+    document = json.loads(result.report_path.read_text())
+    jsonschema.validate(document, schema())
+    assert document["tta"] == "flip"

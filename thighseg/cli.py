@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import re
@@ -294,6 +295,10 @@ def cmd_listen(args: argparse.Namespace) -> int:
     settings = settings_for(
         segmenter, args.model, batch_size=args.batch_size, concurrency=args.concurrency
     )
+    if args.tta != "none":
+        settings = dataclasses.replace(
+            settings, infer=_with_tta(settings.infer, args.tta), tta=args.tta
+        )
     config = ListenerConfig(
         spool_dir=args.spool,
         output_dir=args.out,
@@ -661,6 +666,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=listener_config.default("ingest_processes"),
         help="processes receiving C-STOREs on the port (SO_REUSEPORT); more cores, more "
         "instances/s across associations (1: in the listener process)",
+    )
+    p.add_argument(
+        "--tta",
+        choices=["none", "flip"],
+        default="none",
+        help="test-time augmentation: 'flip' averages each slice with its mirror (twice the "
+        "inference; recorded in report.json and the SEG's algorithm version) (default: none)",
     )
     p.add_argument(
         "--seg-in-listener",

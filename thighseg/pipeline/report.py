@@ -15,7 +15,7 @@ import thighseg
 from thighseg.measure.indices import VolumeIndices
 from thighseg.measure.qc import Flag
 
-SCHEMA_VERSION = "1.1"  # 1.1: forwarded is a list (one entry per destination)
+SCHEMA_VERSION = "1.2"  # 1.1: forwarded is a list (one entry per destination); 1.2: tta
 SCHEMA_PATH = Path(__file__).with_name("report.schema.json")
 DONE, FAILED = "done", "failed"
 
@@ -37,6 +37,7 @@ class SeriesReport:
     model: str
     model_version: str | None = None  # the Triton model version that answered
     weights_sha256: str | None = None  # of the weights that version was exported from
+    tta: str = "none"  # test-time augmentation: "flip" averages each slice with its mirror
     status: str = FAILED
     reason: str | None = None
     instances: int = 0

@@ -54,6 +54,7 @@ class InferenceSettings:
     concurrency: int = 4
     model_version: str | None = None  # the served version, recorded in reports and SEG
     weights_sha256: str | None = None
+    tta: str = "none"  # what `infer` does around the model ("flip": mean with the mirror image)
     ready: Callable[[], bool] = _always_ready  # is the inference server reachable (for /readyz)
 
 
@@ -190,6 +191,8 @@ def algorithm_version(report: SeriesReport) -> str:
         parts.append(f"model v{report.model_version}")
     if report.weights_sha256:
         parts.append(f"weights sha256:{report.weights_sha256[:12]}")
+    if report.tta != "none":
+        parts.append(f"{report.tta} TTA")
     return " ".join(parts)[:64]  # LO
 
 
@@ -410,6 +413,7 @@ def process_series(
         model=settings.model,
         model_version=settings.model_version,
         weights_sha256=settings.weights_sha256,
+        tta=settings.tta,
         instances=len(instance_paths),
         **(provenance or {}),
     )
@@ -431,6 +435,7 @@ def process_nifti(path: Path, out_dir: Path, settings: InferenceSettings) -> Ser
         model=settings.model,
         model_version=settings.model_version,
         weights_sha256=settings.weights_sha256,
+        tta=settings.tta,
         source=str(path),
     )
     return run_stages(report, lambda _: read_nifti(path), emit_nifti, out_dir, settings)
