@@ -288,6 +288,7 @@ def test_checkov_finds_nothing_unjustified(tmp_path):
 
 def test_chart_defaults_are_the_listeners_own():
     """One source for every default: the chart's listener values equal the code's."""
+    from thighseg.cli import build_parser
     from thighseg.core.constants import AE_TITLE, DEFAULT_MODEL, DICOM_PORT, LISTENER_METRICS_PORT
     from thighseg.dicom_listener.config import default
 
@@ -312,6 +313,10 @@ def test_chart_defaults_are_the_listeners_own():
     assert "--no-head-start" not in args
     late = container(render({"listener": {"headStart": False}}), "StatefulSet")["args"]
     assert "--no-head-start" in late
+    listen = build_parser().parse_args(["listen"])
+    assert f"--tta={listen.tta}" in args  # the CLI's default
+    flipped = container(render({"listener": {"tta": "flip"}}), "StatefulSet")["args"]
+    assert "--tta=flip" in flipped
     chosen = ["PACS@pacs:104", "ARCHIVE@archive:11112/seg,sr", "https://vna/dicom-web#seg"]
     args = container(render({"listener": {"forward": chosen}}), "StatefulSet")["args"]
     assert all(f"--forward={text}" in args for text in chosen)
