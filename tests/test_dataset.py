@@ -225,7 +225,7 @@ def test_fine_tune_on_a_fold_logs_validation_and_evaluate_scores_folds_and_poole
     import torch
 
     from thighseg.apps.evaluation import EvaluationConfig, dataset_cohorts, run_evaluation
-    from thighseg.cli import _training_table
+    from thighseg.cli import _training_table, main
     from thighseg.export.validation import torch_backend
     from thighseg.learning import models
     from thighseg.learning.training import TrainConfig, train
@@ -263,6 +263,12 @@ def test_fine_tune_on_a_fold_logs_validation_and_evaluate_scores_folds_and_poole
     assert "No validation subject: the weights of the last step (2)" in card
     assert "None: every subject outside the test set was trained on" in card
     assert "no validation subjects" in _training_table(summary).splitlines()[0]
+    # its scores on fold 0's validation subjects would not be held out: refused, by name
+    trained_on = ["evaluate", "--data", str(out), "--weights", str(tmp_path / "all.pt")]
+    with pytest.raises(SystemExit, match=r"all.pt was trained on 2 subject\(s\) of fold0"):
+        main([*trained_on, "--fold", "0", "--out", str(tmp_path / "refused")])
+    held_out = ["evaluate", "--data", str(out), "--weights", str(weights[0]), "--fold", "0"]
+    assert main([*held_out, "--out", str(tmp_path / "held-out")]) == 0  # fold 0's own weights
     shipped = torch.load(models.weights_path("denseunet"), weights_only=True)["state_dict"]
     tuned = torch.load(weights[0], weights_only=True)["state_dict"]
     assert any(not torch.equal(shipped[k].float(), tuned[k].float()) for k in shipped)

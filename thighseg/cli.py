@@ -382,6 +382,30 @@ def _with_tta(backend: InferFn, tta: str) -> InferFn:
     return backend
 
 
+def _refuse_training_subjects(root: Path, weights_by_cohort: dict[str, list[Path]]) -> None:
+    """A score on subjects the weights were trained on is no held-out figure: refused, naming
+    them (the training JSON beside each weights file lists its training subjects)."""
+    from thighseg.learning.dataset import read_splits
+
+    splits = read_splits(root)
+    subjects = {f"fold{k}": set(fold["validation"]) for k, fold in enumerate(splits["folds"])}
+    subjects["test"] = set(splits.get("test", []))
+    for cohort, weights in weights_by_cohort.items():
+        for path in weights:
+            record = Path(path).with_suffix(".json")
+            if not record.is_file():
+                continue
+            seen = sorted(
+                set(json.loads(record.read_text()).get("train_subjects", [])) & subjects[cohort]
+            )
+            if seen:
+                raise SystemExit(
+                    f"error: {Path(path).name} was trained on {len(seen)} subject(s) of {cohort} "
+                    f"({', '.join(seen[:3])}): its scores there would not be held out; evaluate "
+                    "the fold it was validated on, or only the test set (--fold all)"
+                )
+
+
 def cmd_evaluate_dataset(args: argparse.Namespace) -> int:
     """`evaluate --data`: each fold's validation subjects with that fold's weights, pooled, and
     the test subjects with the fold models' ensemble (or the one model given)."""
@@ -423,6 +447,10 @@ def cmd_evaluate_dataset(args: argparse.Namespace) -> int:
     selected = {c: cohorts[c] for c in [*chosen, "test"] if c in cohorts}
     if not selected:
         raise SystemExit("error: nothing to evaluate: no fold chosen and no test subjects")
+    if not args.triton_url:
+        scored = dict(zip(chosen, weights, strict=True)) if len(weights) == len(chosen) else {}
+        scored = {c: [scored[c]] if c in scored else weights for c in selected}
+        _refuse_training_subjects(args.data, scored)
     report = run_evaluation(
         {model: test_backend},
         args.out,
