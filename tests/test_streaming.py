@@ -90,3 +90,22 @@ def test_the_budget_caps_streamed_slices_and_a_failure_is_inferred_later(study_f
     broken.submit("s", uids[0], digests[uids[0]], paths[0])
     assert broken.take("s", digests) == {}
     assert broken.slices == 0
+
+
+def test_slices_behind_a_backlog_are_left_to_be_measured_with_the_series(study_factory):
+    paths = study_factory(94, size=128, slices=6)
+    uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths]
+    digests = {uid: digest_of(p) for uid, p in zip(uids, paths, strict=True)}
+    gate = threading.Event()
+
+    def held(images):
+        gate.wait(10)
+        return intensity_logits(images)
+
+    cache = SliceCache(held, 64, workers=1)  # measures while at most 2 slices wait
+    for uid, path in zip(uids, paths, strict=True):
+        assert cache.submit("s", uid, digests[uid], path)
+    gate.set()
+    done = cache.take("s", digests)
+    measured = [done[uid].sums is not None for uid in uids]
+    assert measured == [False, False, False, False, True, True]  # in arrival order

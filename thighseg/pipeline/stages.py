@@ -369,7 +369,7 @@ def run_stages(
         streamed = _by_slice(loaded, streamed_slices())  # the last ones finished meanwhile
         known = {index: done.labels for index, done in streamed.items()}
         labels = timed("infer", infer_stage, loaded.hu, loaded.spacing_zyx[1:], settings, known)
-        measured = {index: done.sums for index, done in streamed.items()}
+        measured = {i: done.sums for i, done in streamed.items() if done.sums is not None}
         midline = study_midline(loaded.hu, measured)  # from the streamed slices' profiles
         early = start_early(report, loaded, labels, out_dir, midline)
         timed("measure", measure_stage, report, loaded, labels, measured, midline)

@@ -38,7 +38,7 @@ class StreamedSlice:
     """One slice done as it arrived: its labels and its measurement sums."""
 
     labels: np.ndarray
-    sums: SliceSums
+    sums: SliceSums | None  # None: not measured while a backlog waited (measured with the series)
 
 
 class SliceCache:
@@ -53,6 +53,9 @@ class SliceCache:
         self, infer: InferFn, input_size: int, max_slices: int = 2048, workers: int = 2
     ) -> None:
         self._infer, self._input_size, self._max_slices = infer, input_size, max_slices
+        # measured as they stream only while inference keeps up: behind a sender that outruns
+        # it, measuring the series at the end costs the same CPU without holding the backlog up
+        self._measure_backlog = 2 * workers
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stream")
         self._lock = threading.Lock()
         self._done: dict[str, dict[str, tuple[str, StreamedSlice]]] = {}
@@ -80,7 +83,10 @@ class SliceCache:
             pixel_mm = tuple(float(v) for v in dataset.PixelSpacing)
             hu = slice_hu(dataset)
             labels = segment_volume(hu[None], self._infer, self._input_size, pixel_mm, 1, 1)[0]
-            done = StreamedSlice(labels, measure_slice(hu, labels, pixel_mm[0]))
+            with self._lock:
+                keeping_up = len(self._pending.get(series_uid, ())) <= self._measure_backlog
+            sums = measure_slice(hu, labels, pixel_mm[0]) if keeping_up else None
+            done = StreamedSlice(labels, sums)
         except Exception as error:  # noqa: BLE001 - inferred again with the series
             log.info("streamed slice not inferred (%s); the series infers it", type(error).__name__)
             with self._lock:
