@@ -243,8 +243,11 @@ class Listener:
             work = self._workers.submit(self._process_early, key, snapshot, staging)
             self._head_starts[key.series_uid] = HeadStart(snapshot, staging, work)
         if previous is not None:
-            previous.discard()
-            self.telemetry.head_starts.labels("discarded").inc()
+            self._discard(previous)
+
+    def _discard(self, head: HeadStart) -> None:
+        head.discard()
+        self.telemetry.head_starts.labels("discarded").inc()
 
     def _process_early(self, key: SeriesKey, snapshot: Snapshot, staging: Path) -> SeriesResult:
         def still_wanted() -> bool:
@@ -280,8 +283,7 @@ class Listener:
         with self._head_lock:
             head = self._head_starts.pop(key.series_uid, None)
         if head is not None:
-            head.discard()
-            self.telemetry.head_starts.labels("discarded").inc()
+            self._discard(head)
 
     def _stream(self, key: SeriesKey, sop_uid: str, digest: str, path: Path) -> None:
         """A stored instance goes to the model now, not when its series completes."""

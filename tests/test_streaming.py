@@ -67,17 +67,27 @@ def test_labels_of_other_content_are_never_used(study_factory):
     assert cache.slices == 0
 
 
-def test_the_budget_caps_streamed_slices_and_a_failure_is_inferred_later(study_factory):
-    paths = study_factory(93, size=128, slices=3)
+def stored(paths) -> tuple[list[str], dict[str, str]]:
+    """The instances' SOP Instance UIDs, and their content digests by UID."""
     uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths]
-    digests = {uid: digest_of(p) for uid, p in zip(uids, paths, strict=True)}
-    gate = threading.Event()
+    return uids, {uid: digest_of(p) for uid, p in zip(uids, paths, strict=True)}
+
+
+def held_until(gate: threading.Event):
+    """The stand-in model, answering only once `gate` is set."""
 
     def held(images):
         gate.wait(10)
         return intensity_logits(images)
 
-    cache = SliceCache(held, 64, max_slices=2, workers=1)
+    return held
+
+
+def test_the_budget_caps_streamed_slices_and_a_failure_is_inferred_later(study_factory):
+    paths = study_factory(93, size=128, slices=3)
+    uids, digests = stored(paths)
+    gate = threading.Event()
+    cache = SliceCache(held_until(gate), 64, max_slices=2, workers=1)
     accepted = [cache.submit("s", u, digests[u], p) for u, p in zip(uids, paths, strict=True)]
     assert accepted == [True, True, False]
     gate.set()
@@ -94,15 +104,9 @@ def test_the_budget_caps_streamed_slices_and_a_failure_is_inferred_later(study_f
 
 def test_slices_behind_a_backlog_are_left_to_be_measured_with_the_series(study_factory):
     paths = study_factory(94, size=128, slices=6)
-    uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths]
-    digests = {uid: digest_of(p) for uid, p in zip(uids, paths, strict=True)}
+    uids, digests = stored(paths)
     gate = threading.Event()
-
-    def held(images):
-        gate.wait(10)
-        return intensity_logits(images)
-
-    cache = SliceCache(held, 64, workers=1)  # measures while at most 2 slices wait
+    cache = SliceCache(held_until(gate), 64, workers=1)  # measures while at most 2 slices wait
     for uid, path in zip(uids, paths, strict=True):
         assert cache.submit("s", uid, digests[uid], path)
     gate.set()

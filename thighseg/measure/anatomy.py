@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import edt
 import numpy as np
 from scipy import ndimage
@@ -12,8 +14,6 @@ FASCIA_CLOSING_MM = 6.0
 CORTEX_HU = 300.0
 BODY_HU = (-300, 3000)  # soft tissue and bone: what the midline profile counts
 LEGS = ("right", "left")
-# volumes are read slab by slab: memory stays bounded whatever the study size
-CHUNK_SLICES = 16
 
 
 def body_columns(hu: np.ndarray) -> np.ndarray:
@@ -35,11 +35,13 @@ def midline_of(profile: np.ndarray) -> float:
     return float(low + quarter + np.argmin(smooth[low + quarter : high - quarter + 1]))
 
 
-def body_midline(hu: np.ndarray) -> float:
-    """Column of the gap between the thighs in a (z, y, x) volume."""
+def body_midline(hu: np.ndarray, profiles: Mapping[int, np.ndarray] | None = None) -> float:
+    """Column of the gap between the thighs in a (z, y, x) volume, read slice by slice (bounded
+    memory); `profiles`: slices' `body_columns` already counted (streamed), by slice index."""
+    profiles = profiles or {}
     profile = np.zeros(hu.shape[2], dtype=np.int64)
-    for start in range(0, hu.shape[0], CHUNK_SLICES):
-        profile += body_columns(hu[start : start + CHUNK_SLICES])
+    for z in range(hu.shape[0]):
+        profile += profiles[z] if z in profiles else body_columns(hu[z])
     return midline_of(profile)
 
 

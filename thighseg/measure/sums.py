@@ -20,6 +20,7 @@ from thighseg.core.labels import ADIPOSE_HU, MUSCLE_GROUPS, MUSCLE_HU
 from thighseg.measure.anatomy import (
     LEGS,
     body_columns,
+    body_midline,
     bone_mask,
     fascia_envelope,
     midline_of,
@@ -125,15 +126,6 @@ def _intermuscular(
     return counts, reach
 
 
-def study_midline(hu: np.ndarray, known: Mapping[int, SliceSums] | None = None) -> float:
-    """The body midline of a (z, y, x) study; slices `known` (by index) bring their profile."""
-    known = known or {}
-    profile = np.zeros(hu.shape[2], dtype=np.int64)
-    for z in range(hu.shape[0]):
-        profile += known[z].body if z in known else body_columns(hu[z])
-    return midline_of(profile)
-
-
 @dataclass(frozen=True)
 class StudySums:
     """A study's slices, combined at its midline."""
@@ -178,9 +170,10 @@ class StudySums:
     ) -> StudySums:
         """Every slice of a (z, y, x) study: those `known` (measured as they arrived, by slice
         index) where they hold for the study's midline, the others measured now. `midline`: the
-        study's, when `study_midline` has already found it."""
+        study's, when `body_midline` has already found it."""
         known = known or {}
-        midline = study_midline(hu, known) if midline is None else midline
+        if midline is None:
+            midline = body_midline(hu, {z: sums.body for z, sums in known.items()})
         right = np.arange(hu.shape[2]) < midline
         by_leg = np.zeros((len(LEGS), LABELS, len(STATS)))
         intermuscular = np.zeros(len(LEGS), dtype=np.int64)

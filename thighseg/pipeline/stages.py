@@ -23,9 +23,10 @@ from thighseg.client.triton import TritonUnavailable
 from thighseg.client.volume import segment_volume
 from thighseg.core.memory import release_free_heap, release_highdicom_tables
 from thighseg.measure import qc
+from thighseg.measure.anatomy import body_midline
 from thighseg.measure.indices import indices_of
 from thighseg.measure.metrics import volumes_ml
-from thighseg.measure.sums import SliceSums, StudySums, study_midline
+from thighseg.measure.sums import SliceSums, StudySums
 from thighseg.pipeline.assemble import HUStack, SeriesError, Volume, assemble
 from thighseg.pipeline.loaders import load_nifti_image, save_nifti_labels
 from thighseg.pipeline.outputs import write_overlay_png
@@ -370,7 +371,7 @@ def run_stages(
         known = {index: done.labels for index, done in streamed.items()}
         labels = timed("infer", infer_stage, loaded.hu, loaded.spacing_zyx[1:], settings, known)
         measured = {i: done.sums for i, done in streamed.items() if done.sums is not None}
-        midline = study_midline(loaded.hu, measured)  # from the streamed slices' profiles
+        midline = body_midline(loaded.hu, {z: sums.body for z, sums in measured.items()})
         early = start_early(report, loaded, labels, out_dir, midline)
         timed("measure", measure_stage, report, loaded, labels, measured, midline)
         timed("emit", emit, report, loaded, labels, out_dir, early)
