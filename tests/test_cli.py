@@ -39,6 +39,29 @@ def test_listen_without_triton_fails_with_a_clear_message():
     assert "is not ready" in result.stderr and "thighseg serve" in result.stderr
 
 
+SIGNAL_IN_ANOTHER_THREAD = """
+import signal, threading, time
+from thighseg.cli import _wait_for_signal
+
+def stop_from_a_worker():
+    time.sleep(0.5)  # the main thread is blocked in its wait by now
+    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+threading.Thread(target=stop_from_a_worker).start()
+_wait_for_signal()
+print("stopped")
+"""
+
+
+def test_a_stop_signal_handled_in_another_thread_still_stops_the_command():
+    # the kernel may hand SIGTERM to any thread, or deliver it just before the main thread blocks:
+    # the listener hung on `kubectl delete pod` / the benchmark's stop until killed
+    result = subprocess.run(
+        [sys.executable, "-c", SIGNAL_IN_ANOTHER_THREAD], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "stopped", result.stderr
+
+
 def test_bad_arguments_get_a_message_not_a_traceback(tmp_path):
     result = run("phantom", "--size", "8", "--out", str(tmp_path))
     assert result.returncode == 1

@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # the client layer is imported by the commands that use it
 
 DEFAULT_REPOSITORY = models.REPOSITORY
 TRAIN_DEFAULTS = TrainConfig()
+SIGNAL_POLL_S = 0.25  # longest a stop signal waits to be noticed
 
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
@@ -223,7 +224,12 @@ def _stop_on_signal() -> threading.Event:
 
 
 def _wait_for_signal() -> None:
-    _stop_on_signal().wait()
+    """Returns once SIGINT or SIGTERM arrives. Waits in short steps: a signal handled in another
+    thread, or just before the main thread blocks, runs its Python handler only when the main
+    thread next wakes (an unbounded wait could miss it for ever)."""
+    stop = _stop_on_signal()
+    while not stop.wait(SIGNAL_POLL_S):
+        pass
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -61,10 +61,7 @@ def wait_for_port(
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            error = ""
-            if stderr is not None:
-                stderr.seek(0)
-                error = stderr.read().decode(errors="replace")[-1500:]
+            error = _tail(stderr) if stderr is not None else ""
             raise RuntimeError(
                 f"{Path(process.args[0]).name} exited ({process.returncode}): {error}"
             )
@@ -73,6 +70,12 @@ def wait_for_port(
                 return
         time.sleep(0.1)
     raise TimeoutError(f"nothing listening on port {port} after {timeout_s:.0f} s")
+
+
+def _tail(stderr: IO[bytes]) -> str:
+    """The last lines a child wrote to its stderr file."""
+    stderr.seek(0)
+    return stderr.read().decode(errors="replace")[-1500:]
 
 
 def _environment(nodelay: bool) -> dict[str, str]:
@@ -118,8 +121,17 @@ def serving(
         yield process
     finally:
         process.terminate()
-        process.wait(stop_s)
-        stderr.close()
+        try:
+            process.wait(stop_s)
+        except subprocess.TimeoutExpired:
+            process.kill()  # never left running behind the benchmark
+            process.wait()
+            raise RuntimeError(
+                f"{Path(process.args[0]).name} did not stop within {stop_s:.0f} s of SIGTERM "
+                f"(killed): {_tail(stderr)}"
+            ) from None
+        finally:
+            stderr.close()
 
 
 @contextmanager
@@ -229,7 +241,7 @@ def compare_ingest(
         with bare_pynetdicom() as port:
             seconds = push(files, port, count, AE_TITLE)
         runs.append(IngestRun("pynetdicom-bare", count, len(files), seconds))
-        # idle far longer than the run and no streaming: measure receiving only, not the
+        # idle far longer than the run, no streaming, no head start: measure receiving only, not the
         # segmentation that follows or overlaps it (on a small machine it competes for the cores)
         for receivers in sorted({1, processes}):
             spool = work / f"spool-{count}-{receivers}"
@@ -239,7 +251,13 @@ def compare_ingest(
                 work / f"out-{count}-{receivers}",
                 1e6,
                 model=model,
-                options=("--stream-slices", "0", "--ingest-processes", str(receivers)),
+                options=(
+                    "--stream-slices",
+                    "0",
+                    "--no-head-start",
+                    "--ingest-processes",
+                    str(receivers),
+                ),
             ) as (port, _):
                 seconds = push(files, port, count, AE_TITLE)
             runs.append(IngestRun(listener_label(receivers), count, len(files), seconds))
