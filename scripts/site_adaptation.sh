@@ -18,27 +18,8 @@ thighseg=.venv/bin/thighseg
 rm -rf "$work" && mkdir -p "$work"
 
 # 1. the site's studies as an nnU-Net v2 raw dataset (NIfTI, RAS, its own label values)
-.venv/bin/python - "$work/Dataset600_Site" <<'EOF'
-import json, os, sys
-from pathlib import Path
-import nibabel as nib
-import numpy as np
-from tqdm import tqdm
-from thighseg.synthetic import stress
-
-root = Path(sys.argv[1])
-(root / "imagesTr").mkdir(parents=True); (root / "labelsTr").mkdir()
-for seed in tqdm(range(4100, 4120), desc="site studies"):
-    study = stress.generate(seed, size=int(os.environ.get("SITE_SIZE", 512)), slices=int(os.environ.get("SITE_SLICES", 24)))
-    g = study.geometry
-    affine = np.diag([g.pixel_spacing, g.pixel_spacing, g.slice_spacing, 1.0])
-    ras = lambda a: np.ascontiguousarray(a.transpose(2, 1, 0)[::-1, ::-1, :])
-    nib.save(nib.Nifti1Image(ras(study.hu.astype(np.float32)), affine), root / "imagesTr" / f"site_{seed}_0000.nii.gz")
-    nib.save(nib.Nifti1Image(ras(study.labels * 10), affine), root / "labelsTr" / f"site_{seed}.nii.gz")
-(root / "dataset.json").write_text(json.dumps({
-    "channel_names": {"0": "CT"}, "file_ending": ".nii.gz", "numTraining": 20,
-    "labels": {"background": 0, "quadriceps": 10, "hamstrings": 20, "adductors": 30}}))
-EOF
+.venv/bin/python scripts/site_dataset.py "$work/Dataset600_Site" 4100 4119 \
+    --size "${SITE_SIZE:-512}" --slices "${SITE_SLICES:-24}"
 printf 'extensor: [quadriceps]\nflexor: [hamstrings]\nadductor: [adductors]\n' > "$work/labels.yaml"
 
 # 2. import, split: 10 subjects held out for testing, 10 for fine-tuning (8 train / 2 validation)

@@ -4,6 +4,7 @@ split by subject, read back for training."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import subprocess
@@ -269,6 +270,13 @@ def test_fine_tune_on_a_fold_logs_validation_and_evaluate_scores_folds_and_poole
         main([*trained_on, "--fold", "0", "--out", str(tmp_path / "refused")])
     held_out = ["evaluate", "--data", str(out), "--weights", str(weights[0]), "--fold", "0"]
     assert main([*held_out, "--out", str(tmp_path / "held-out")]) == 0  # fold 0's own weights
+    # the report says what was scored on what: never read as another dataset's or model's
+    source = json.loads((tmp_path / "held-out" / "evaluation.json").read_text())["source"]
+    digest = hashlib.sha256(weights[0].read_bytes()).hexdigest()[:12]
+    assert source["dataset_digest"] == dataset.read_manifest(out).digest()
+    text = (tmp_path / "held-out" / "evaluation.md").read_text()
+    assert f"on dataset `{dataset.read_manifest(out).name}`" in text and "phantom" not in text
+    assert f"fold0.pt (sha256 {digest})" in text and "augmentation: none" in text
     shipped = torch.load(models.weights_path("denseunet"), weights_only=True)["state_dict"]
     tuned = torch.load(weights[0], weights_only=True)["state_dict"]
     assert any(not torch.equal(shipped[k].float(), tuned[k].float()) for k in shipped)
@@ -306,6 +314,7 @@ def test_evaluate_on_a_dataset_applies_and_records_flip_tta(nnunet_source, tmp_p
         assert done.returncode == 0, done.stderr
         reports[tta] = json.loads((tmp_path / tta / "evaluation.json").read_text())
     assert [reports[t]["config"]["tta"] for t in ("none", "flip")] == ["none", "flip"]
+    assert "test-time augmentation: flip" in (tmp_path / "flip" / "evaluation.md").read_text()
     scored = {
         tta: [s["overlap"] for s in report["models"]["denseunet"]["fold0"]["studies"]]
         for tta, report in reports.items()

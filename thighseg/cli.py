@@ -418,8 +418,10 @@ def cmd_evaluate_dataset(args: argparse.Namespace) -> int:
     from thighseg.apps.evaluation import (
         EvaluationConfig,
         dataset_cohorts,
+        dataset_source,
         ensemble,
         run_evaluation,
+        weights_label,
     )
     from thighseg.export.validation import torch_backend
 
@@ -434,9 +436,11 @@ def cmd_evaluate_dataset(args: argparse.Namespace) -> int:
 
         served = TritonSegmenter(args.triton_url, models.triton_name(model), args.protocol).infer
         per_fold = [served]
+        scored_with = [f"{model} served by Triton at {args.triton_url}"]
     else:
         weights = args.weights or [models.weights_path(model)]
         per_fold = [torch_backend(models.load_trained(model, w)) for w in weights]
+        scored_with = [f"{model} weights {weights_label(Path(w))}" for w in weights]
     per_fold = [_with_tta(backend, args.tta) for backend in per_fold]
     if len(per_fold) == len(folds):
         chosen = folds
@@ -464,6 +468,7 @@ def cmd_evaluate_dataset(args: argparse.Namespace) -> int:
         studies_by_cohort=selected,
         cohort_backends=cohort_backends,
         pooled=tuple(chosen) if len(chosen) > 1 else (),
+        source=dataset_source(args.data, scored_with, args.tta),
     )
     print((args.out / "evaluation.md").read_text())
     print(f"figures and JSON in {args.out}; cohorts: {', '.join(report['config']['cohorts'])}")

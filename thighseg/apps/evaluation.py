@@ -8,6 +8,7 @@ Markdown, DSC box plot, Bland–Altman plots, overlays of the worst and the medi
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from thighseg.client.volume import segment_volume
 from thighseg.core.constants import EVALUATION_COHORTS
 from thighseg.core.labels import MUSCLE_GROUPS
 from thighseg.core.resample import MODEL_INPUT_SIZE
-from thighseg.learning.dataset import IGNORE, Case, cases_of, read_splits
+from thighseg.learning.dataset import IGNORE, Case, cases_of, read_manifest, read_splits
 from thighseg.measure.agreement import bland_altman, icc_2_1, mean_sd
 from thighseg.measure.indices import volume_indices
 from thighseg.measure.metrics import overlap_metrics
@@ -153,16 +154,20 @@ def run_evaluation(
     studies_by_cohort: dict[str, list[Study]] | None = None,
     cohort_backends: dict[str, dict[str, InferFn]] | None = None,
     pooled: tuple[str, ...] = (),
+    source: dict | None = None,
 ) -> dict:
     """Score every model on every cohort (phantom cohorts of `config` unless studies are given;
     `cohort_backends` overrides the models for a cohort, e.g. each fold's own) and write JSON,
-    Markdown and figures. `pooled` cohorts are also summarised together as "pooled"."""
+    Markdown and figures. `pooled` cohorts are also summarised together as "pooled". `source`
+    says what was scored on what (a user's dataset: `dataset_source`)."""
     out.mkdir(parents=True, exist_ok=True)
     studies_by_cohort = studies_by_cohort or phantom_cohorts(config)
     report: dict = {
         "config": {**config.__dict__, "cohorts": list(studies_by_cohort)},
         "models": {},
     }
+    if source is not None:
+        report["source"] = source
     cases: dict = {}
     for cohort, studies in studies_by_cohort.items():
         for model, infer in (cohort_backends or {}).get(cohort, backends).items():
@@ -191,13 +196,52 @@ def _fmt(stat: dict, digits: int = 3) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['sd']:.{digits}f}"
 
 
+def dataset_source(root: Path, scored_with: list[str], tta: str) -> dict:
+    """What a dataset evaluation scored: the dataset (name, manifest digest) and the models
+    (weights files with their SHA-256, or a Triton URL), so a report is never read as another's."""
+    manifest = read_manifest(root)
+    return {
+        "dataset": manifest.name,
+        "dataset_path": str(root),
+        "dataset_digest": manifest.digest(),
+        "scored_with": scored_with,
+        "tta": tta,
+    }
+
+
+def weights_label(path: Path) -> str:
+    """A weights file as a report names it: path and the start of its SHA-256."""
+    return f"{path} (sha256 {hashlib.sha256(path.read_bytes()).hexdigest()[:12]})"
+
+
+def _introduction(report: dict) -> list[str]:
+    source = report.get("source")
+    tta = report["config"].get("tta", "none")
+    if source is None:
+        return [
+            "# thighseg evaluation (synthetic phantom cohorts)",
+            "",
+            "internal_test and external come from the generator family the models were trained "
+            "on; stress comes from `thighseg.synthetic.stress`, built differently and never used "
+            "in training or tuning.",
+            "",
+            f"Test-time augmentation: {tta}.",
+        ]
+    return [
+        f"# thighseg evaluation on dataset `{source['dataset']}`",
+        "",
+        f"Dataset `{source['dataset_path']}` (manifest sha256 {source['dataset_digest'][:16]}…), "
+        f"scored with {'; '.join(source['scored_with'])}; test-time augmentation: {tta}.",
+        "",
+        "fold*k*: the validation subjects of fold *k*, scored with that fold's weights; pooled: "
+        "every fold's validation subjects together; test: the held-out subjects no fold trained "
+        "on (with one model per fold, their ensemble).",
+    ]
+
+
 def markdown(report: dict) -> str:
     lines = [
-        "# thighseg evaluation (synthetic phantom cohorts)",
-        "",
-        "internal_test and external come from the generator family the models were trained on; "
-        "stress comes from `thighseg.synthetic.stress`, built differently and never used in "
-        "training or tuning.",
+        *_introduction(report),
         "",
         "DSC, sensitivity, specificity and accuracy are 3D per study, then mean ± SD over studies. "
         "ICC is ICC(2,1) (two-way random, absolute agreement, single measure) of predicted vs "
