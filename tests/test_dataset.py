@@ -364,3 +364,24 @@ def test_slicer_seg_nrrd_cropped_to_its_extent_lands_on_the_ct_grid(tmp_path):
     assert np.abs(case.hu - study.hu).max() <= 0.5
     assert case.spacing_zyx == pytest.approx((g.slice_spacing, g.pixel_spacing, g.pixel_spacing))
     assert "no CT volume case2.nrrd" in dict(report.failed)["case2"]
+
+
+def test_the_site_scripts_dataset_imports_with_its_label_names(tmp_path):
+    # scripts/site_dataset.py writes the "site" of site_adaptation.sh and site_confirmation.sh
+    root = tmp_path / "Dataset600_Site"
+    script = Path(__file__).resolve().parent.parent / "scripts" / "site_dataset.py"
+    done = subprocess.run(
+        [sys.executable, str(script), str(root), "4120", "4121", "--size", "96", "--slices", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    names = tmp_path / "labels.yaml"
+    names.write_text("extensor: [quadriceps]\nflexor: [hamstrings]\nadductor: [adductors]\n")
+    report = import_sources([root], LabelMap.load(names), tmp_path / "dataset", progress=False)
+    assert [r.case_id for r in report.written] == ["site_4120", "site_4121"] and not report.failed
+    case = dataset.load_case(
+        tmp_path / "dataset", dataset.read_manifest(tmp_path / "dataset").cases[0]
+    )
+    assert case.labels.shape[0] == 3 and set(np.unique(case.labels)) == {0, 1, 2, 3}
