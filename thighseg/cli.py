@@ -468,7 +468,7 @@ def cmd_evaluate_dataset(args: argparse.Namespace) -> int:
         studies_by_cohort=selected,
         cohort_backends=cohort_backends,
         pooled=tuple(chosen) if len(chosen) > 1 else (),
-        source=dataset_source(args.data, scored_with, args.tta),
+        source=dataset_source(args.data, scored_with),
     )
     print((args.out / "evaluation.md").read_text())
     print(f"figures and JSON in {args.out}; cohorts: {', '.join(report['config']['cohorts'])}")

@@ -196,7 +196,7 @@ def _fmt(stat: dict, digits: int = 3) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['sd']:.{digits}f}"
 
 
-def dataset_source(root: Path, scored_with: list[str], tta: str) -> dict:
+def dataset_source(root: Path, scored_with: list[str]) -> dict:
     """What a dataset evaluation scored: the dataset (name, manifest digest) and the models
     (weights files with their SHA-256, or a Triton URL), so a report is never read as another's."""
     manifest = read_manifest(root)
@@ -205,7 +205,6 @@ def dataset_source(root: Path, scored_with: list[str], tta: str) -> dict:
         "dataset_path": str(root),
         "dataset_digest": manifest.digest(),
         "scored_with": scored_with,
-        "tta": tta,
     }
 
 
