@@ -119,6 +119,16 @@ class TritonSegmenter:
         except Exception:  # connection refused, DNS, ...
             return False
 
+    def why_not_ready(self) -> str | None:
+        """None when the model answers; otherwise whether the server or only the model (a pinned
+        version unloaded by the version policy, say) is missing, for /readyz and logs."""
+        if self.is_ready():
+            return None
+        if not self.server_is_live():
+            return f"triton unreachable at {self.url}"
+        version = f" version {self.version}" if self.version else ""
+        return f"triton at {self.url} does not serve {self.model}{version}"
+
     def server_is_live(self) -> bool:
         """Does a Triton server answer at the URL (whether or not it serves this model)?"""
         try:

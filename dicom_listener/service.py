@@ -211,9 +211,7 @@ class Listener:
             return f"spool unavailable: {error.strerror}"
         if self._results_error is not None:
             return f"results not writable: {self._results_error}"
-        if not self.inference.ready():
-            return "triton unreachable"
-        return None
+        return self.inference.blocked()
 
     def _count(self, state: str) -> float:
         try:

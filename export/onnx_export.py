@@ -76,6 +76,7 @@ def export_to_repository(
             f"{model_dir}/configs/cpu.pbtxt is missing; the repository has no entry for {model!r}"
         )
     weights = weights or models.weights_path(model)
+    network = models.load_trained(model, weights)  # unreadable weights leave no version behind
     folder = model_dir / str(version)
     folder.mkdir(parents=True, exist_ok=True)
     for derived in DERIVED_FILES:  # made from the previous model.onnx: stale from now on
@@ -84,7 +85,7 @@ def export_to_repository(
     if version != 1 and runner.exists():
         shutil.copy2(runner, folder / "model.py")
     # model.onnx appears last, whole: a running `thighseg serve` loads a version when it appears
-    partial = export_onnx(models.load_trained(model, weights), folder / "model.onnx.partial")
+    partial = export_onnx(network, folder / "model.onnx.partial")
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     (folder / "weights.json").write_text(
         json.dumps({"model": model, "version": version, "weights": weights.name, "sha256": digest})

@@ -385,3 +385,66 @@ def test_the_site_scripts_dataset_imports_with_its_label_names(tmp_path):
         tmp_path / "dataset", dataset.read_manifest(tmp_path / "dataset").cases[0]
     )
     assert case.labels.shape[0] == 3 and set(np.unique(case.labels)) == {0, 1, 2, 3}
+
+
+def test_label_map_mistakes_are_one_line_each(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("extensor: [quadriceps\nflexor: hamstrings]\n")
+    with pytest.raises(ValueError, match=r"broken.yaml: not valid YAML \(line \d+\)"):
+        LabelMap.load(broken)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("extensor: [quadriceps, hamstrings]\nflexor: [Hamstrings]\n")
+    with pytest.raises(ValueError, match="'Hamstrings' is mapped to both extensor and flexor"):
+        LabelMap.load(twice)
+
+
+def test_an_image_and_label_of_other_spacing_say_so(tmp_path):
+    from thighseg.pipeline.loaders import load_nifti_raw_pair
+
+    hu, raw, (dz, dy, dx) = _case(71)
+    _save(hu.astype(np.float32), (dz, dy, dx), tmp_path / "ct.nii.gz")
+    _save(raw, (dz / 2, dy, dx), tmp_path / "labels.nii.gz")  # same shape, other slice spacing
+    with pytest.raises(ValueError, match=r"differ in geometry \(spacing mm \[.*\] vs \[.*\]"):
+        load_nifti_raw_pair(tmp_path / "ct.nii.gz", tmp_path / "labels.nii.gz")
+
+
+def test_a_users_mistakes_get_one_line_errors_and_write_nothing(nnunet_source, tmp_path):
+    pytest.importorskip("torch")
+    from thighseg.cli import main
+    from thighseg.learning import models
+
+    out = tmp_path / "dataset"
+    import_sources([nnunet_source], _label_map(tmp_path), out, progress=False)
+    dataset.write_splits(out, dataset.make_splits(dataset.read_manifest(out).subjects(), 2))
+    for fold in ("7", "-1", "x"):
+        with pytest.raises(SystemExit, match=f"no fold '{fold}' in splits.json \\(folds: 0–1"):
+            main(["train", "--data", str(out), "--fold", fold, "--steps", "1"])
+    assert not (out / "models").exists()
+    evaluate = ["evaluate", "--data", str(out), "--out", str(tmp_path / "evaluation")]
+    with pytest.raises(SystemExit, match="no fold '5'"):
+        main([*evaluate, "--fold", "5"])
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not weights")
+    with pytest.raises(SystemExit, match="junk.pt is not a thighseg weights file"):
+        main([*evaluate, "--weights", str(junk)])
+    shipped = str(models.weights_path("denseunet"))
+    with pytest.raises(SystemExit, match="holds denseunet weights, not segformer"):
+        main([*evaluate, "--models", "segformer", "--weights", shipped])
+    # export: unreadable weights leave no version; an existing version is never overwritten
+    name = models.triton_name("denseunet")
+    repository = tmp_path / "repository"
+    source = Path(__file__).resolve().parent.parent / "model_repository" / name
+    shutil.copytree(source, repository / name, ignore=shutil.ignore_patterns("*.onnx"))
+    (repository / name / "1" / "model.onnx").write_bytes(b"version 1")
+    export = ["export", "--repository", str(repository), "--model", "denseunet"]
+    with pytest.raises(SystemExit, match="junk.pt is not a thighseg weights file"):
+        main([*export, "--weights", str(junk)])
+    assert not (repository / name / "2").exists()
+    with pytest.raises(SystemExit, match="version 1 exists"):
+        main([*export, "--weights", shipped, "--version", "1"])
+    assert (repository / name / "1" / "model.onnx").read_bytes() == b"version 1"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    labels = tmp_path / "map.yaml"
+    with pytest.raises(SystemExit, match="no case found in"):
+        main(["dataset", "import", str(empty), "--labels", str(labels), "--out", str(out)])

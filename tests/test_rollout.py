@@ -85,7 +85,13 @@ def test_two_versions_served_at_once_and_reports_name_theirs(tmp_path, study_fac
             assert np.allclose(answers[version], local, atol=1e-3)
         assert not np.allclose(answers["1"], answers["2"], atol=0.5)
         latest = TritonSegmenter(server.http_url, name, protocol="http")
-        assert latest.served_version() == "2"
+        assert latest.served_version() == "2" and latest.why_not_ready() is None
+        # a pinned version the server no longer loads: /readyz names it, not "unreachable"
+        unloaded = TritonSegmenter(server.http_url, name, version="9")
+        assert (
+            unloaded.why_not_ready()
+            == f"triton at {server.http_url} does not serve {name} version 9"
+        )
 
         paths = study_factory(41, size=96, slices=3)
         for version in ("latest", "1"):  # the default, then the rollback

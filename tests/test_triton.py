@@ -64,5 +64,6 @@ def test_wrong_input_shape_is_a_clear_error(triton):
 def test_unreachable_server_is_reported_not_hung():
     segmenter = TritonSegmenter("127.0.0.1:9", NAME, retries=1, backoff_s=0.05)
     assert not segmenter.is_ready()
+    assert segmenter.why_not_ready() == "triton unreachable at 127.0.0.1:9"
     with pytest.raises(TritonUnavailable):
         segmenter.infer(np.zeros((1, 1, 256, 256), np.float32))

@@ -97,6 +97,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     if init and not Path(init).is_file():
         raise SystemExit(f"error: --init {init_choice}: no weights file at {init}")
+    if args.data:
+        from thighseg.learning.dataset import fold_index, read_splits
+
+        try:  # before anything is written: a wrong path or fold is one line, not a traceback
+            fold_index(read_splits(args.data), args.fold)
+        except (FileNotFoundError, ValueError) as error:
+            raise SystemExit(f"error: {error}") from None
     synthetic = not args.data  # a user's dataset trains on its own cases only
     config = TrainConfig(
         model=args.model,
@@ -159,9 +166,17 @@ def cmd_dataset_import(args: argparse.Namespace) -> int:
     report = import_sources(
         args.sources, label_map, args.out, fmt=args.format, subject_regex=args.subject_regex
     )
+    if not report.written and not report.failed:
+        sources = ", ".join(map(str, args.sources))
+        raise SystemExit(
+            f"error: no case found in {sources} (format {args.format}: an nnU-Net dataset, "
+            "images/ + labels/ NIfTI pairs, DICOM CT + SEG or Slicer .seg.nrrd)"
+        )
     print(report.table())
+    if not report.written:
+        raise SystemExit(f"error: no case imported into {args.out}: every case failed (above)")
     print(f"dataset in {args.out}; next: thighseg dataset split {args.out}")
-    return 0 if report.written else 1
+    return 0
 
 
 def cmd_dataset_split(args: argparse.Namespace) -> int:
@@ -202,9 +217,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     version = args.version or (next_version(model_dir) if args.weights else 1)
     if args.weights and not args.weights.is_file():
         raise SystemExit(f"error: --weights {args.weights}: no such file")
-    report = export_model(
-        args.model, args.repository, args.format, args.weights, args.timing_cache, version=version
-    )
+    existing = model_dir / str(version) / "model.onnx"
+    if args.weights and args.version and existing.exists():
+        raise SystemExit(
+            f"error: version {version} exists ({existing}) and may be what a rollback returns "
+            "to; export without --version writes the next one, or delete that folder first"
+        )
+    try:
+        report = export_model(
+            args.model,
+            args.repository,
+            args.format,
+            args.weights,
+            args.timing_cache,
+            version=version,
+        )
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     print(json.dumps(report, indent=2))
     print(
         f"exported {models.triton_name(args.model)} version {version}; a running `thighseg "
@@ -271,7 +300,12 @@ def _ready_segmenter(args: argparse.Namespace, wait_s: float = 0.0):
         time.sleep(2)
     if segmenter.is_ready():
         return segmenter
-    if segmenter.server_is_live():
+    if segmenter.server_is_live() and segmenter.version:
+        advice = (
+            f"the server runs but does not serve version {segmenter.version}: export it, or pass "
+            "a loaded one (the config's version_policy keeps the latest two)"
+        )
+    elif segmenter.server_is_live():
         advice = (
             f"the server runs but does not serve it: `thighseg export --model {args.model}` "
             f"(a running `thighseg serve` loads it within {EXPORT_POLL_S:.0f} s)"
@@ -327,8 +361,12 @@ def cmd_listen(args: argparse.Namespace) -> int:
         destinations=destinations,
     )
     with Listener(config, settings):
+        weights = (
+            f", weights sha256 {settings.weights_sha256[:12]}" if settings.weights_sha256 else ""
+        )
         print(
-            f"listening as {args.ae_title} on {args.host}:{args.port}; results in {args.out}",
+            f"listening as {args.ae_title} on {args.host}:{args.port}; {segmenter.model} version "
+            f"{settings.model_version}{weights}; results in {args.out}",
             flush=True,
         )
         _wait_for_signal()
@@ -424,6 +462,7 @@ def cmd_evaluate_dataset(args: argparse.Namespace) -> int:
         weights_label,
     )
     from thighseg.export.validation import torch_backend
+    from thighseg.learning.dataset import fold_index, read_splits
 
     model = args.models[0]
     try:
@@ -439,7 +478,10 @@ def cmd_evaluate_dataset(args: argparse.Namespace) -> int:
         scored_with = [f"{model} served by Triton at {args.triton_url}"]
     else:
         weights = args.weights or [models.weights_path(model)]
-        per_fold = [torch_backend(models.load_trained(model, w)) for w in weights]
+        try:
+            per_fold = [torch_backend(models.load_trained(model, w)) for w in weights]
+        except (FileNotFoundError, ValueError) as error:
+            raise SystemExit(f"error: {error}") from None
         scored_with = [f"{model} weights {weights_label(Path(w))}" for w in weights]
     per_fold = [_with_tta(backend, args.tta) for backend in per_fold]
     if len(per_fold) == len(folds):
@@ -451,7 +493,11 @@ def cmd_evaluate_dataset(args: argparse.Namespace) -> int:
             raise SystemExit(
                 f"error: {len(per_fold)} weights for {len(folds)} folds; give one per fold or one"
             )
-        chosen = [f"fold{args.fold}"] if args.fold != "all" else []
+        try:
+            index = fold_index(read_splits(args.data), args.fold)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
+        chosen = [f"fold{index}"] if index is not None else []
         cohort_backends = {f: {model: per_fold[0]} for f in chosen}
         test_backend = per_fold[0]
     selected = {c: cohorts[c] for c in [*chosen, "test"] if c in cohorts}
@@ -613,7 +659,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="checks without improvement before stopping early (default: 0, never)",
     )
     p.add_argument(
-        "--out", type=Path, default=None, help="weights file (default: the shipped weights)"
+        "--out",
+        type=Path,
+        default=None,
+        help="weights file (default: the shipped weights; with --data, "
+        "DATASET/models/<model>_fold<K>.pt)",
     )
     p.set_defaults(func=cmd_train)
 

@@ -67,9 +67,17 @@ class LabelMap:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
 
-            spec = yaml.safe_load(text)
+            try:
+                spec = yaml.safe_load(text)
+            except yaml.YAMLError as error:
+                mark = getattr(error, "problem_mark", None)
+                where = f" (line {mark.line + 1})" if mark is not None else ""
+                raise ValueError(f"{path}: not valid YAML{where}") from None
         else:
-            spec = json.loads(text)
+            try:
+                spec = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}: not valid JSON (line {error.lineno})") from None
         if not isinstance(spec, dict):
             raise ValueError(f"{path}: expected a mapping of group -> source labels")
         unmapped = str(spec.pop("unmapped", "error"))
@@ -82,12 +90,17 @@ class LabelMap:
             )
         by_value: dict[int, int] = {0: 0}
         by_name: dict[str, int] = {}
+        owner: dict[int | str, str] = {}
         for target, sources in spec.items():
             for source in sources if isinstance(sources, list) else [sources]:
-                if isinstance(source, int) or (isinstance(source, str) and source.isdigit()):
-                    by_value[int(source)] = TARGETS[target]
-                else:
-                    by_name[str(source).lower()] = TARGETS[target]
+                numeric = isinstance(source, int) or (isinstance(source, str) and source.isdigit())
+                key: int | str = int(source) if numeric else str(source).lower()
+                if key in owner and owner[key] != target:
+                    raise ValueError(
+                        f"{path}: {source!r} is mapped to both {owner[key]} and {target}"
+                    )
+                owner[key] = target
+                (by_value if numeric else by_name)[key] = TARGETS[target]  # type: ignore[index]
         return LabelMap(by_value, by_name, unmapped)
 
     def as_dict(self) -> dict:

@@ -209,6 +209,17 @@ def read_splits(root: Path) -> dict:
     return splits
 
 
+def fold_index(splits: dict, fold: str) -> int | None:
+    """The fold a user named ("0", "1", …) as an index of splits.json's folds; None for "all"."""
+    if fold == "all":
+        return None
+    count = len(splits["folds"])
+    if not fold.isdigit() or int(fold) >= count:
+        have = f"0–{count - 1} or 'all'" if count else "none: only 'all'"
+        raise ValueError(f"no fold {fold!r} in splits.json (folds: {have})")
+    return int(fold)
+
+
 def cases_of(root: Path, subjects: list[str]) -> Iterator[Case]:
     manifest = read_manifest(root)
     wanted = set(subjects)

@@ -80,7 +80,19 @@ def load_trained(model: str, path: Path | None = None) -> torch.nn.Module:
         raise FileNotFoundError(
             f"no weights for {model!r} at {path}; run `thighseg train --model {model}`"
         )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        state = checkpoint["state_dict"]
+    except Exception as error:  # noqa: BLE001 - any unreadable file: one message, not a traceback
+        raise ValueError(f"{path} is not a thighseg weights file ({error!s:.80})") from None
+    trained = checkpoint.get("config", {}).get("model", model)
     network = build(model)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    network.load_state_dict({k: v.float() for k, v in checkpoint["state_dict"].items()})
+    try:
+        network.load_state_dict({k: v.float() for k, v in state.items()})
+    except RuntimeError:  # missing / unexpected / mis-shaped layers
+        raise ValueError(
+            f"{path} holds {trained} weights, not {model}: give --model {trained}"
+            if trained != model
+            else f"{path} does not fit the {model} network (another architecture's weights?)"
+        ) from None
     return network.eval()

@@ -137,11 +137,12 @@ def user_data(config: TrainConfig) -> TrainingData:
     root = Path(config.data or "")
     manifest = dataset.read_manifest(root)
     splits = dataset.read_splits(root)
-    if config.fold == "all":
+    index = dataset.fold_index(splits, config.fold)
+    if index is None:
         train_subjects = sorted(set(manifest.subjects()) - set(splits.get("test", [])))
         validation_subjects: list[str] = []
     else:
-        fold = splits["folds"][int(config.fold)]
+        fold = splits["folds"][index]
         train_subjects, validation_subjects = fold["train"], fold["validation"]
     images, targets = dataset_slices(root, train_subjects)
     validation = (
@@ -236,7 +237,6 @@ def train(config: TrainConfig, out: Path | None = None, checkpoint: Path | None 
     amp = device.type == "cuda"
     out = out or models.weights_path(config.model)
     checkpoint = checkpoint or out.with_suffix(".ckpt")
-    out.parent.mkdir(parents=True, exist_ok=True)
     data = user_data(config) if config.data else synthetic_data(config)
     history = training_history(Path(config.init)) if config.init else []  # before `out` is replaced
     network = (
@@ -244,6 +244,7 @@ def train(config: TrainConfig, out: Path | None = None, checkpoint: Path | None 
         if config.init
         else models.build(config.model)
     ).to(device)
+    out.parent.mkdir(parents=True, exist_ok=True)  # once the data and the start are known good
     optimiser = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimiser, config.learning_rate, total_steps=config.steps, pct_start=0.05

@@ -75,10 +75,17 @@ def load_nifti_raw_pair(
     """A CT volume in HU, its label map with the source's own values (int32), and the spacing;
     the two must share shape and geometry."""
     image, label = _load_canonical(image_path), _load_canonical(label_path)
-    if image.shape != label.shape or not np.allclose(image.affine, label.affine, atol=1e-3):
+    if image.shape != label.shape:
         raise ValueError(
-            f"{image_path.name} and {label_path.name} differ in shape or geometry "
+            f"{image_path.name} and {label_path.name} differ in shape "
             f"({image.shape} vs {label.shape})"
+        )
+    if not np.allclose(image.affine, label.affine, atol=1e-3):
+        spacing = [np.round(img.header.get_zooms()[:3], 3).tolist() for img in (image, label)]
+        origin = [np.round(img.affine[:3, 3], 2).tolist() for img in (image, label)]
+        raise ValueError(
+            f"{image_path.name} and {label_path.name} differ in geometry (spacing mm "
+            f"{spacing[0]} vs {spacing[1]}, origin {origin[0]} vs {origin[1]})"
         )
     labels = canonical_to_zyx(np.asanyarray(label.dataobj)).astype(np.int32)
     hu, spacing = hu_and_spacing(image)

@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 InferFn = Callable[[np.ndarray], np.ndarray]
 
 
-def _always_ready() -> bool:
-    return True
+def _never_blocked() -> str | None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,8 @@ class InferenceSettings:
     model_version: str | None = None  # the served version, recorded in reports and SEG
     weights_sha256: str | None = None
     tta: str = "none"  # what `infer` does around the model ("flip": mean with the mirror image)
-    ready: Callable[[], bool] = _always_ready  # is the inference server reachable (for /readyz)
+    # why inference cannot run now (for /readyz), or None
+    blocked: Callable[[], str | None] = _never_blocked
 
 
 def settings_for(segmenter, model: str, **options) -> InferenceSettings:
@@ -67,7 +68,7 @@ def settings_for(segmenter, model: str, **options) -> InferenceSettings:
         segmenter.infer,
         model,
         segmenter.input_shape()[1],
-        ready=segmenter.is_ready,
+        blocked=segmenter.why_not_ready,
         model_version=segmenter.version,
         weights_sha256=segmenter.weights_sha256(segmenter.version),
         **options,
