@@ -94,7 +94,7 @@ def test_nnunet_import_maps_labels_reports_bad_cases_and_goes_on(nnunet_source, 
     report = import_sources([nnunet_source], _label_map(tmp_path), out, progress=False)
     assert [r.case_id for r in report.written] == [f"thigh_{k:03d}" for k in range(4)]
     reasons = dict(report.failed)
-    assert "differ in shape or geometry" in reasons["bad_geometry"]
+    assert "differ in shape (" in reasons["bad_geometry"]
     assert "label value(s) 7 not in the label map" in reasons["bad_value"]
     assert "label file missing: labelsTr/no_label.nii.gz" in reasons["no_label"]
     manifest = dataset.read_manifest(out)
