@@ -127,9 +127,11 @@ def test_nifti_pairs_with_anisotropic_spacing(tmp_path):
     hu, raw, spacing = _case(76)
     _save(hu.astype(np.float32), spacing, root / "images" / "p1.nii.gz")
     _save(raw, spacing, root / "labels" / "p1.nii.gz")
+    _save(raw, spacing, root / "labels" / "p2.nii.gz")  # a label without its image: reported
     out = tmp_path / "dataset"
     report = import_sources([root], _label_map_values(tmp_path), out, progress=False)
     assert [r.case_id for r in report.written] == ["p1"]
+    assert report.failed == [("p2", "image file missing for p2.nii.gz (nothing in images/)")]
     assert report.written[0].spacing_zyx == pytest.approx(spacing)
 
 
@@ -195,6 +197,8 @@ def test_splits_are_by_subject_and_a_split_file_is_checked(nnunet_source, tmp_pa
     bad = {"folds": [{"train": ["0", "1"], "validation": ["1"]}], "test": []}
     with pytest.raises(ValueError, match="on two sides: 1"):
         dataset.write_splits(out, bad)
+    with pytest.raises(ValueError, match="test must be >= 0"):
+        dataset.make_splits(dataset.read_manifest(out).subjects(), folds=2, test=-2)
 
 
 def test_cli_import_prints_a_summary_and_a_bad_map_is_one_line(nnunet_source, tmp_path):

@@ -176,7 +176,8 @@ def nnunet_cases(root: Path) -> Iterator[SourceCase]:
     channels = spec.get("channel_names") or spec.get("modality") or {"0": "CT"}
     if len(channels) != 1:
         raise ValueError(f"{root}: {len(channels)} input channels; thighseg takes one CT channel")
-    for image in sorted((root / "imagesTr").glob(f"*_0000{ending}")):
+    images = sorted((root / "imagesTr").glob(f"*_0000{ending}"))
+    for image in images:
         case_id = image.name[: -len(f"_0000{ending}")]
         label = root / "labelsTr" / f"{case_id}{ending}"
 
@@ -187,13 +188,16 @@ def nnunet_cases(root: Path) -> Iterator[SourceCase]:
             return hu, raw, spacing, names
 
         yield SourceCase(case_id, str(image), load)
+    labels = {label.name[: -len(ending)]: label for label in (root / "labelsTr").glob(f"*{ending}")}
+    yield from _orphans(labels, {i.name[: -len(f"_0000{ending}")] for i in images}, "imagesTr")
 
 
 def nifti_pair_cases(root: Path) -> Iterator[SourceCase]:
     """images/<case>.nii(.gz) with labels/<case>.nii(.gz)."""
     from thighseg.pipeline.loaders import load_nifti_raw_pair
 
-    for image in sorted((root / "images").glob("*.nii*")):
+    images = sorted((root / "images").glob("*.nii*"))
+    for image in images:
         case_id = image.name.split(".nii")[0]
         candidates = list((root / "labels").glob(f"{case_id}.nii*"))
 
@@ -204,6 +208,20 @@ def nifti_pair_cases(root: Path) -> Iterator[SourceCase]:
             return hu, raw, spacing, {}
 
         yield SourceCase(case_id, str(image), load)
+    labels = {label.name.split(".nii")[0]: label for label in (root / "labels").glob("*.nii*")}
+    yield from _orphans(labels, {image.name.split(".nii")[0] for image in images}, "images")
+
+
+def _orphans(labels: dict[str, Path], images: set[str], folder: str) -> Iterator[SourceCase]:
+    """Label files (by case id) without an image: failed cases in the report, never skipped
+    silently."""
+    for case_id, label in sorted(labels.items()):
+        if case_id not in images:
+
+            def load(label=label):
+                raise CaseError(f"image file missing for {label.name} (nothing in {folder}/)")
+
+            yield SourceCase(case_id, str(label), load)
 
 
 def _read_pair(reader, image: Path, label: Path):

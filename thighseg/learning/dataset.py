@@ -154,6 +154,8 @@ def make_splits(subjects: list[str], folds: int = 5, seed: int = 0, test: int = 
     """k folds over subjects (seeded shuffle), after setting `test` subjects aside for good."""
     if folds < 1:
         raise ValueError("folds must be >= 1")
+    if test < 0:
+        raise ValueError("test must be >= 0 subjects")
     order = list(subjects)
     np.random.default_rng(seed).shuffle(order)
     held_out, pool = sorted(order[:test]), order[test:]
