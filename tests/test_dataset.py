@@ -108,6 +108,15 @@ def test_nnunet_import_maps_labels_reports_bad_cases_and_goes_on(nnunet_source, 
     assert manifest.cases[0].voxels_per_label["ignore"] == 16
     assert "4 case(s) imported, 3 failed" in report.table()
     assert manifest.digest() in (out / "card.md").read_text()
+    # adding to the dataset keeps the first import's provenance: its map and its refusals
+    by_value = tmp_path / "by_value.json"
+    other_map = {"extensor": ["quadriceps"], "flexor": [12], "adductor": ["adductors", 7]}
+    by_value.write_text(json.dumps({**other_map, "ignore": [9]}))  # 7 is now mapped
+    import_sources([nnunet_source], LabelMap.load(by_value), out, progress=False)
+    imports = json.loads((out / "import_report.json").read_text())["imports"]
+    assert [len(i["failed"]) for i in imports] == [3, 2] and imports[0]["label_map"]["by_name"]
+    card = (out / "card.md").read_text()
+    assert "- import 1: " in card and "- import 2: " in card and "5 refused" in card
 
 
 def test_a_changed_case_file_is_caught_by_its_hash(nnunet_source, tmp_path):

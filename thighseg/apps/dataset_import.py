@@ -461,16 +461,17 @@ def import_sources(
         manifest.cases = [c for c in manifest.cases if c.case_id != record.case_id] + [record]
         write_manifest(out, manifest)  # after every case: an interrupted import stays usable
     write_manifest(out, manifest)
-    (out / "import_report.json").write_text(
-        json.dumps(
-            {
-                "written": [r.case_id for r in report.written],
-                "failed": [{"case": c, "reason": r} for c, r in report.failed],
-            },
-            indent=2,
-        )
-    )
-    (out / "card.md").write_text(_card(manifest, report, sources))
+    imports = [
+        *_earlier_imports(out / "import_report.json"),
+        {
+            "sources": [str(s) for s in sources],
+            "label_map": label_map.as_dict(),
+            "written": [r.case_id for r in report.written],
+            "failed": [{"case": c, "reason": r} for c, r in report.failed],
+        },
+    ]
+    (out / "import_report.json").write_text(json.dumps({"imports": imports}, indent=2))
+    (out / "card.md").write_text(_card(manifest, imports))
     return report
 
 
@@ -483,7 +484,15 @@ def _subject(case_id: str, pattern: str | None) -> str:
     return match.group(1) if match.groups() else match.group(0)
 
 
-def _card(manifest: Manifest, report: ImportReport, sources: list[Path]) -> str:
+def _earlier_imports(path: Path) -> list[dict]:
+    """The imports a dataset already records (adding to it keeps their provenance)."""
+    if not path.is_file():
+        return []
+    earlier = json.loads(path.read_text())
+    return earlier.get("imports", [earlier])  # a single import, as files before 2026-12-07 were
+
+
+def _card(manifest: Manifest, imports: list[dict]) -> str:
     totals = {
         key: sum(c.voxels_per_label[key] for c in manifest.cases)
         for key in ("extensor", "flexor", "adductor", "ignore")
@@ -493,10 +502,14 @@ def _card(manifest: Manifest, report: ImportReport, sources: list[Path]) -> str:
             f"# Dataset card: {manifest.name}",
             "",
             f"- cases: {len(manifest.cases)} from {len(manifest.subjects())} subject(s); "
-            f"{len(report.failed)} refused (see import_report.json)",
-            f"- sources: {', '.join(str(s) for s in sources)}",
+            f"{sum(len(i['failed']) for i in imports)} refused (see import_report.json)",
+            *(
+                f"- import {k}: {', '.join(i.get('sources', ['?']))}: {len(i['written'])} "
+                f"written, {len(i['failed'])} refused; label map "
+                + json.dumps(i.get("label_map", manifest.label_map))
+                for k, i in enumerate(imports, 1)
+            ),
             f"- content digest: `{manifest.digest()}`",
-            "- label map: " + json.dumps(manifest.label_map),
             "- voxels per label: " + ", ".join(f"{k} {v:,}" for k, v in totals.items()),
             "- orientation: (z, row, column) = (towards the head, posterior, patient's left)",
             "- checks: geometry of image and labels, spacing, HU (air present, muscle HU), "
