@@ -54,6 +54,9 @@ class ListenerConfig:
     tls_ca: Path | None = None  # when set, clients must present a certificate signed by it
     max_pdu_bytes: int = 4 << 20  # advertised and enforced: a larger PDU aborts the association
     network_timeout_s: float = 30.0  # a peer silent this long mid-PDU or mid-handshake is dropped
+    # on stop, open associations may finish this long; the rest are aborted (within Kubernetes'
+    # default 30 s grace period, with time left to finish the series in progress)
+    drain_s: float = 10.0
     limits: Limits = Limits()
     retry_backoff_s: tuple[float, float] = (2.0, 60.0)  # Triton down: first and longest wait
     # results to each (C-STORE or STOW-RS), the outputs it chose

@@ -29,7 +29,7 @@ from pathlib import Path
 from thighseg.dicom_listener.config import ListenerConfig
 from thighseg.dicom_listener.index import Arrival, SpoolIndex, index_path
 from thighseg.dicom_listener.logs import redact_identifiers
-from thighseg.dicom_listener.scp import StoreHandler, start_scp
+from thighseg.dicom_listener.scp import StoreHandler, start_scp, stop_scp
 from thighseg.dicom_listener.series import SeriesKey, SeriesTracker
 from thighseg.dicom_listener.spool import Spool
 from thighseg.dicom_listener.telemetry import Telemetry
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 # the counters the SCP handlers increment (Telemetry attributes), counted in the listener process
 RELAYED_COUNTERS = ("received", "replaced", "duplicates", "rejected", "associations_rejected")
 START_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 20.0  # beyond the drain: aborting what is still open, closing the index
 _SPAWN = multiprocessing.get_context("spawn")  # never fork a process that runs threads
 
 
@@ -123,7 +123,7 @@ def serve(
     # the listener's PID, not getppid() here: a listener gone before we started is gone too
     while signal.sigtimedwait({signal.SIGTERM}, 1.0) is None and os.getppid() == listener_pid:
         pass
-    server.shutdown()
+    stop_scp(server, config.drain_s)
     index.close()
 
 
@@ -182,7 +182,7 @@ class IngestProcesses:
             if process.is_alive():
                 process.terminate()
         for process in self._processes.values():
-            process.join(STOP_TIMEOUT_S)
+            process.join(self._config.drain_s + STOP_TIMEOUT_S)
             if process.is_alive():
                 process.kill()
                 process.join()

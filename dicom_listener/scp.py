@@ -17,6 +17,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 SUCCESS = 0x0000
+ABORT_WAIT_S = 5.0  # an aborted association's thread ends within this (its handler returns)
 JPEG_LOSSLESS_PROCESS_14 = "1.2.840.10008.1.2.4.57"
 # Uncompressed, deflated and the lossless compressed family (decoded at assembly by pylibjpeg).
 TRANSFER_SYNTAXES = [
@@ -155,7 +157,12 @@ class StoreHandler:
         counter = {Arrival.NEW: self.telemetry.received, Arrival.REPLACED: self.telemetry.replaced}
         counter.get(arrival, self.telemetry.duplicates).inc()
         if arrival in counter and self.on_stored is not None:
-            self.on_stored(key, sop_uid, digest, staged.final)
+            try:
+                self.on_stored(key, sop_uid, digest, staged.final)
+            except Exception as error:  # noqa: BLE001 - stored and recorded: never a failure now
+                log.warning(
+                    "instance stored, not streamed (%s): its series is inferred whole", error
+                )
         if arrival is Arrival.REPLACED:
             log.warning(
                 "an instance was received again with different content: its series is re-processed"
@@ -337,6 +344,26 @@ class SharedPortServer(ThreadedAssociationServer):
         """Bind with SO_REUSEPORT set (it must be set before the bind)."""
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
+
+
+def stop_scp(server: ThreadedAssociationServer, drain_s: float) -> None:
+    """Stop accepting; open associations may finish (release) for up to `drain_s`, the rest are
+    aborted, so their sender learns that what it got no Success for was not stored. Returns once
+    their threads have ended: nothing is recorded after it (the index may close)."""
+    server.shutdown()
+    associations = server.active_associations
+    deadline = time.monotonic() + drain_s
+    for association in associations:
+        association.join(max(0.0, deadline - time.monotonic()))
+    aborted = [a for a in associations if a.is_alive()]
+    for association in aborted:
+        association.abort()
+    for association in aborted:
+        association.join(ABORT_WAIT_S)
+    if aborted:
+        log.warning(
+            "stopping: %d association(s) still open after %.0f s aborted", len(aborted), drain_s
+        )
 
 
 def start_scp(

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from thighseg.client.triton import TritonUnavailable
 from thighseg.core.memory import fix_mmap_threshold
@@ -38,7 +39,7 @@ from thighseg.dicom_listener.index import (
 )
 from thighseg.dicom_listener.ingest_processes import IngestProcesses
 from thighseg.dicom_listener.logs import redact_identifiers
-from thighseg.dicom_listener.scp import StoreHandler, start_scp
+from thighseg.dicom_listener.scp import StoreHandler, start_scp, stop_scp
 from thighseg.dicom_listener.series import SeriesKey, SeriesTracker
 from thighseg.dicom_listener.spool import Spool
 from thighseg.dicom_listener.telemetry import Telemetry
@@ -119,6 +120,7 @@ class Listener:
         self._stopping = threading.Event()
         # why results cannot be written, until a series succeeds
         self._results_error: str | None = None
+        self._claim: IO[str] | None = None  # the spool, held while running
         self._server = None  # the in-process SCP, or
         self.ingest: IngestProcesses | None = None  # the ingest processes (ingest_processes > 1)
 
@@ -129,6 +131,7 @@ class Listener:
         if self.config.seg_process:
             seg_process.warm()  # the first study need not wait for the SEG process's imports
         on_stored = self._stream if self.streaming else None
+        self._claim = self.spool.claim()  # before recovery: one listener per spool
         try:
             if self.config.ingest_processes > 1:
                 self.ingest = IngestProcesses(
@@ -141,6 +144,7 @@ class Listener:
                 self._server = start_scp(self.config, store, self.tracker)
         except OSError:
             self.index.close()
+            self._claim.close()
             raise
         self.telemetry.queue_depth.set_function(lambda: self._count(COMPLETE))
         for state in STATES:  # read from the index at each scrape: always what the index says
@@ -170,7 +174,7 @@ class Listener:
         """Stop accepting, finish the series in progress, close everything."""
         self._stopping.set()
         if self._server is not None:
-            self._server.shutdown()
+            stop_scp(self._server, self.config.drain_s)
             self._server = None
         if self.ingest is not None:
             self.ingest.stop()
@@ -187,6 +191,8 @@ class Listener:
             self.streaming.close()
         self.telemetry.close()
         self.index.close()
+        if self._claim is not None:
+            self._claim.close()
 
     def __enter__(self) -> Listener:
         return self.start()

@@ -8,6 +8,7 @@ leaves either the whole instance or none of it, and never a file the index does 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -18,6 +19,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 # Components are 0 or have no leading zero (PS3.5 9.1).
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -60,6 +62,25 @@ class Spool:
         with open(self._locks / f"{bucket:02d}", "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             yield  # closing the file releases the lock
+
+    def claim(self) -> IO[str]:
+        """This listener's hold on the spool until the returned file is closed: a second listener
+        on the same spool (and index) fails to start instead of recovering and completing the
+        same series beside the first."""
+        handle = open(self._locks / "listener", "a+")  # noqa: SIM115 - held open: that is the claim
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise OSError(
+                errno.EBUSY, f"spool {self.root} is in use by another listener ({holder})"
+            ) from None
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        return handle
 
     def series_dir(self, study_uid: str, series_uid: str) -> Path:
         """The folder of one series (UIDs are checked: they become path parts)."""

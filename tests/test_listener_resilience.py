@@ -357,3 +357,51 @@ def test_descriptors_stay_flat_over_series_and_health_probes(listener_factory, s
         process(seed)
     grown = open_descriptors() - before
     assert grown <= 4, f"{grown} descriptors more after 4 series and 40 /readyz probes"
+
+
+def _open_association_with(paths, port: int):
+    """An association that has stored `paths` (each answered Success) and stays open."""
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(pydicom.uid.CTImageStorage)
+    association = ae.associate("127.0.0.1", port, ae_title="THIGHSEG")
+    assert [association.send_c_store(pydicom.dcmread(p)).Status for p in paths] == [0] * len(paths)
+    return association
+
+
+def test_a_release_during_the_stop_is_kept_and_the_series_published_after_restart(
+    listener_factory, study_factory, tmp_path
+):
+    # SIGTERM while a sender is still connected: its release must not be lost to a closed index
+    # (the series then stayed receiving until expiry freed it: data the sender thought delivered)
+    paths = study_factory(5610, size=128, slices=6)
+    spool, out = tmp_path / "spool-drain", tmp_path / "out-drain"
+    first = listener_factory(spool_dir=spool, output_dir=out, idle_s=30.0, drain_s=20.0)
+    association = _open_association_with(paths, first.config.port)
+    stopping = threading.Thread(target=first.stop)
+    stopping.start()
+    time.sleep(0.5)
+    assert stopping.is_alive(), "the stop waits for the open association (drain)"
+    association.release()
+    stopping.join(30)
+    assert not stopping.is_alive()
+    again = listener_factory(spool_dir=spool, output_dir=out, idle_s=0.5)
+    result = again.wait_for(series_uid(paths), timeout_s=120)
+    assert result.report.status == "done" and result.report.instances == 6
+
+
+def test_an_association_still_open_after_the_drain_is_aborted_and_a_spool_has_one_listener(
+    listener_factory, study_factory, tmp_path
+):
+    paths = study_factory(5611, size=128, slices=3)
+    spool = tmp_path / "spool-busy"
+    first = listener_factory(spool_dir=spool, drain_s=0.5)
+    with pytest.raises(OSError, match="in use by another listener"):
+        listener_factory(spool_dir=spool)  # a second listener would recover the same series
+    association = _open_association_with(paths, first.config.port)
+    started = time.monotonic()
+    first.stop()
+    assert time.monotonic() - started < 10  # bounded by the drain, not by the sender
+    assert wait_until(lambda: association.is_aborted, 5)
+    # what was acknowledged is kept: a new listener on the spool holds the three instances
+    again = listener_factory(spool_dir=spool)
+    assert again.index.get(series_uid(paths)).instances == 3

@@ -358,6 +358,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         tls_ca=args.tls_ca,
         network_timeout_s=args.network_timeout,
+        drain_s=args.drain,
         destinations=destinations,
     )
     with Listener(config, settings):
@@ -789,6 +790,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=listener_config.default("network_timeout_s"),
         metavar="SECONDS",
         help="drop a peer silent this long mid-PDU or mid-TLS-handshake",
+    )
+    p.add_argument(
+        "--drain",
+        type=float,
+        default=listener_config.default("drain_s"),
+        metavar="SECONDS",
+        help="on SIGTERM, let open associations finish this long, then abort them",
     )
     p.add_argument(
         "--metrics-port",
