@@ -347,14 +347,15 @@ class SharedPortServer(ThreadedAssociationServer):
 
 
 def stop_scp(server: ThreadedAssociationServer, drain_s: float) -> None:
-    """Stop accepting; open associations may finish (release) for up to `drain_s`, the rest are
-    aborted, so their sender learns that what it got no Success for was not stored. Returns once
-    their threads have ended: nothing is recorded after it (the index may close)."""
+    """Stop accepting; established associations may finish (release) for up to `drain_s`, the
+    rest are aborted, so their sender learns that what it got no Success for was not stored.
+    Returns once their threads have ended: nothing is recorded after it (the index may close)."""
     server.shutdown()
     associations = server.active_associations
     deadline = time.monotonic() + drain_s
     for association in associations:
-        association.join(max(0.0, deadline - time.monotonic()))
+        if association.is_established:  # a sender that may still release; not a bare connection
+            association.join(max(0.0, deadline - time.monotonic()))
     aborted = [a for a in associations if a.is_alive()]
     for association in aborted:
         association.abort()
