@@ -282,15 +282,15 @@ def train(config: TrainConfig, out: Path | None = None, checkpoint: Path | None 
         scaler.step(optimiser)
         scaler.update()
         schedule.step()
-        bar.set_postfix(
-            loss=f"{loss.item():.3f}", **({"best": f"{best['dsc']:.3f}"} if monitor else {})
-        )
         done = step + 1
         if monitor and (done % config.validate_every == 0 or done == config.steps):
             stop = _check(torch, network, data, done, loss.item(), best, best_path, log, config)
             network.train()
         else:
             stop = False
+        bar.set_postfix(  # after this step's check: the best so far, including it
+            loss=f"{loss.item():.3f}", **({"best": f"{best['dsc']:.3f}"} if monitor else {})
+        )
         if done % 100 == 0 or done == config.steps or stop:
             _checkpoint(torch, checkpoint, network, optimiser, schedule, done, best)
         if stop:
