@@ -19,8 +19,7 @@ rm -rf "$work" && mkdir -p "$work"
 
 # 1. the site's studies as an nnU-Net v2 raw dataset (NIfTI, RAS, its own label values)
 .venv/bin/python scripts/site_dataset.py "$work/Dataset600_Site" 4100 4119 \
-    --size "${SITE_SIZE:-512}" --slices "${SITE_SLICES:-24}"
-printf 'extensor: [quadriceps]\nflexor: [hamstrings]\nadductor: [adductors]\n' > "$work/labels.yaml"
+    --size "${SITE_SIZE:-512}" --slices "${SITE_SLICES:-24}" --label-map "$work/labels.yaml"
 
 # 2. import, split: 10 subjects held out for testing, 10 for fine-tuning (8 train / 2 validation)
 $thighseg dataset import "$work/Dataset600_Site" --labels "$work/labels.yaml" --out "$work/dataset"

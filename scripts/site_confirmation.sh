@@ -13,8 +13,7 @@ thighseg=.venv/bin/thighseg
 rm -rf "$work" && mkdir -p "$work"
 
 .venv/bin/python scripts/site_dataset.py "$work/Dataset601_SiteConfirmation" 4120 4129 \
-    --size "${SITE_SIZE:-512}" --slices "${SITE_SLICES:-72}"
-printf 'extensor: [quadriceps]\nflexor: [hamstrings]\nadductor: [adductors]\n' > "$work/labels.yaml"
+    --size "${SITE_SIZE:-512}" --slices "${SITE_SLICES:-72}" --label-map "$work/labels.yaml"
 $thighseg dataset import "$work/Dataset601_SiteConfirmation" --labels "$work/labels.yaml" \
     --out "$work/dataset"
 # every subject is a test subject: no fold, nothing to train or choose on

@@ -2,6 +2,7 @@
 construction the shipped weights never saw) saved as NIfTI in RAS with the site's own label values.
 
     python scripts/site_dataset.py ROOT FIRST_SEED LAST_SEED [--size 512] [--slices 24]
+        [--label-map MAP.yaml]
 
 Used by site_adaptation.sh (seeds 4100-4119) and site_confirmation.sh (4120-4129).
 """
@@ -19,6 +20,8 @@ from tqdm import tqdm
 from thighseg.synthetic import stress
 
 SITE_LABELS = {"background": 0, "quadriceps": 10, "hamstrings": 20, "adductors": 30}
+# the label map `thighseg dataset import --labels` takes: the site's names → thighseg's groups
+GROUP_OF = {"quadriceps": "extensor", "hamstrings": "flexor", "adductors": "adductor"}
 
 
 def _ras(volume: np.ndarray) -> np.ndarray:
@@ -54,5 +57,8 @@ if __name__ == "__main__":
     parser.add_argument("last_seed", type=int)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--slices", type=int, default=24)
+    parser.add_argument("--label-map", type=Path, help="also write the import's label map here")
     args = parser.parse_args()
     write_site(args.root, range(args.first_seed, args.last_seed + 1), args.size, args.slices)
+    if args.label_map:
+        args.label_map.write_text("".join(f"{g}: [{n}]\n" for n, g in GROUP_OF.items()))

@@ -294,7 +294,7 @@ def test_fine_tune_on_a_fold_logs_validation_and_evaluate_scores_folds_and_poole
     tuned = torch.load(weights[0], weights_only=True)["state_dict"]
     assert any(not torch.equal(shipped[k].float(), tuned[k].float()) for k in shipped)
 
-    cohorts = dataset_cohorts(out)
+    cohorts = dataset_cohorts(out, dataset.read_splits(out))
     backends = [torch_backend(models.load_trained("denseunet", w)) for w in weights]
     report = run_evaluation(
         {"denseunet": backends[0]},
@@ -383,15 +383,15 @@ def test_the_site_scripts_dataset_imports_with_its_label_names(tmp_path):
     # scripts/site_dataset.py writes the "site" of site_adaptation.sh and site_confirmation.sh
     root = tmp_path / "Dataset600_Site"
     script = Path(__file__).resolve().parent.parent / "scripts" / "site_dataset.py"
+    names = tmp_path / "labels.yaml"
     done = subprocess.run(
-        [sys.executable, str(script), str(root), "4120", "4121", "--size", "96", "--slices", "3"],
+        [sys.executable, str(script), str(root), "4120", "4121", "--size", "96", "--slices", "3"]
+        + ["--label-map", str(names)],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    names = tmp_path / "labels.yaml"
-    names.write_text("extensor: [quadriceps]\nflexor: [hamstrings]\nadductor: [adductors]\n")
     report = import_sources([root], LabelMap.load(names), tmp_path / "dataset", progress=False)
     assert [r.case_id for r in report.written] == ["site_4120", "site_4121"] and not report.failed
     case = dataset.load_case(

@@ -97,13 +97,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     if init and not Path(init).is_file():
         raise SystemExit(f"error: --init {init_choice}: no weights file at {init}")
-    if args.data:
-        from thighseg.learning.dataset import fold_index, read_splits
-
-        try:  # before anything is written: a wrong path or fold is one line, not a traceback
-            fold_index(read_splits(args.data), args.fold)
-        except (FileNotFoundError, ValueError) as error:
-            raise SystemExit(f"error: {error}") from None
     synthetic = not args.data  # a user's dataset trains on its own cases only
     config = TrainConfig(
         model=args.model,
@@ -300,12 +293,13 @@ def _ready_segmenter(args: argparse.Namespace, wait_s: float = 0.0):
         time.sleep(2)
     if segmenter.is_ready():
         return segmenter
-    if segmenter.server_is_live() and segmenter.version:
+    live = segmenter.server_is_live()
+    if live and segmenter.version:
         advice = (
             f"the server runs but does not serve version {segmenter.version}: export it, or pass "
             "a loaded one (the config's version_policy keeps the latest two)"
         )
-    elif segmenter.server_is_live():
+    elif live:
         advice = (
             f"the server runs but does not serve it: `thighseg export --model {args.model}` "
             f"(a running `thighseg serve` loads it within {EXPORT_POLL_S:.0f} s)"
@@ -427,12 +421,9 @@ def _with_tta(backend: InferFn, tta: str) -> InferFn:
     return backend
 
 
-def _refuse_training_subjects(root: Path, weights_by_cohort: dict[str, list[Path]]) -> None:
+def _refuse_training_subjects(splits: dict, weights_by_cohort: dict[str, list[Path]]) -> None:
     """A score on subjects the weights were trained on is no held-out figure: refused, naming
     them (the training JSON beside each weights file lists its training subjects)."""
-    from thighseg.learning.dataset import read_splits
-
-    splits = read_splits(root)
     subjects = {f"fold{k}": set(fold["validation"]) for k, fold in enumerate(splits["folds"])}
     subjects["test"] = set(splits.get("test", []))
     for cohort, weights in weights_by_cohort.items():
@@ -467,7 +458,8 @@ def cmd_evaluate_dataset(args: argparse.Namespace) -> int:
 
     model = args.models[0]
     try:
-        cohorts = dataset_cohorts(args.data)
+        splits = read_splits(args.data)
+        cohorts = dataset_cohorts(args.data, splits)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     folds = [c for c in cohorts if c.startswith("fold")]
@@ -495,7 +487,7 @@ def cmd_evaluate_dataset(args: argparse.Namespace) -> int:
                 f"error: {len(per_fold)} weights for {len(folds)} folds; give one per fold or one"
             )
         try:
-            index = fold_index(read_splits(args.data), args.fold)
+            index = fold_index(splits, args.fold)
         except ValueError as error:
             raise SystemExit(f"error: {error}") from None
         chosen = [f"fold{index}"] if index is not None else []
@@ -507,7 +499,7 @@ def cmd_evaluate_dataset(args: argparse.Namespace) -> int:
     if not args.triton_url:
         scored = dict(zip(chosen, weights, strict=True)) if len(weights) == len(chosen) else {}
         scored = {c: [scored[c]] if c in scored else weights for c in selected}
-        _refuse_training_subjects(args.data, scored)
+        _refuse_training_subjects(splits, scored)
     report = run_evaluation(
         {model: test_backend},
         args.out,

@@ -21,7 +21,7 @@ from thighseg.client.volume import segment_volume
 from thighseg.core.constants import EVALUATION_COHORTS
 from thighseg.core.labels import MUSCLE_GROUPS
 from thighseg.core.resample import MODEL_INPUT_SIZE
-from thighseg.learning.dataset import IGNORE, Case, cases_of, read_manifest, read_splits
+from thighseg.learning.dataset import IGNORE, Case, cases_of, read_manifest
 from thighseg.measure.agreement import bland_altman, icc_2_1, mean_sd
 from thighseg.measure.indices import volume_indices
 from thighseg.measure.metrics import overlap_metrics
@@ -125,10 +125,9 @@ def phantom_cohorts(config: EvaluationConfig) -> dict[str, list[Study]]:
     }
 
 
-def dataset_cohorts(root: Path) -> dict[str, list[Study]]:
+def dataset_cohorts(root: Path, splits: dict) -> dict[str, list[Study]]:
     """A user's dataset as cohorts: each fold's validation subjects ("fold<k>") and the test
-    subjects ("test") of its splits.json."""
-    splits = read_splits(root)
+    subjects ("test") of its `splits` (its splits.json, `read_splits`)."""
     found = {
         f"fold{k}": [Study.of_case(c) for c in cases_of(root, fold["validation"])]
         for k, fold in enumerate(splits["folds"])
