@@ -38,7 +38,8 @@ class TritonUnavailable(RuntimeError):
 
 @dataclass
 class TritonSegmenter:
-    """Sends (n, 1, H, W) float32 batches to a model and returns its (n, C, H, W) logits."""
+    """Sends (n, channels, H, W) float32 batches to a model and returns its (n, C, H, W) logits
+    (channels: 1 for a 2D model, 2·context+1 for a 2.5D one, as the served model declares)."""
 
     url: str = TRITON_URL
     model: str = "thighseg_segformer"
@@ -52,6 +53,7 @@ class TritonSegmenter:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _io: ThreadPoolExecutor | None = field(default=None, repr=False)
     _clients: list[object] = field(default_factory=list, repr=False)
+    _channels: int | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -166,10 +168,25 @@ class TritonSegmenter:
         shape = [int(s) for s in inputs[0]["shape"]][-3:]
         return shape[0], shape[1], shape[2]
 
+    def channels(self) -> int:
+        """Input channels of the served model (asked once: a model's inputs do not change
+        between its versions)."""
+        if self._channels is None:
+            try:
+                self._channels = self.input_shape()[0]
+            except Exception as error:  # unreachable or not loaded: the caller retries later
+                raise TritonUnavailable(
+                    f"no metadata for {self.model} at {self.url}: {error}"
+                ) from error
+        return self._channels
+
     def infer(self, images: np.ndarray) -> np.ndarray:
         """Logits for one batch; retries transient failures with exponential backoff."""
-        if images.ndim != 4 or images.shape[1] != 1:
-            raise ValueError(f"expected a (n, 1, H, W) batch, got shape {images.shape}")
+        channels = self.channels()
+        if images.ndim != 4 or images.shape[1] != channels:
+            raise ValueError(
+                f"{self.model} takes (n, {channels}, H, W) batches, got shape {images.shape}"
+            )
         batch = np.ascontiguousarray(images, dtype=np.float32)
         delay = self.backoff_s
         for attempt in range(self.retries + 1):

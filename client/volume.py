@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from thighseg.core.labels import normalise_hu
-from thighseg.core.resample import tile_logits_to_labels, tiles_of
+from thighseg.core.resample import stacked_tiles, tile_logits_to_labels
 
 InferFn = Callable[[np.ndarray], np.ndarray]
 
@@ -20,27 +20,54 @@ def segment_volume(
     pixel_mm: tuple[float, float],
     batch_size: int = 8,
     concurrency: int = 4,
+    context: int = 0,
 ) -> np.ndarray:
     """(z, y, x) HU with (row, column) pixel size in mm -> (z, y, x) uint8 labels; `infer` maps
-    (n, 1, s, s) inputs to (n, C, s, s) logits.
+    (n, 2·context+1, s, s) inputs (each slice with its `context` neighbours on either side, in
+    the volume's order) to (n, C, s, s) logits."""
+    if hu.ndim != 3:
+        raise ValueError(f"expected a (z, y, x) volume, got shape {hu.shape}")
+    labels = np.empty(hu.shape, dtype=np.uint8)
+    segment_slices(
+        hu,
+        range(hu.shape[0]),
+        labels,
+        infer,
+        input_size,
+        pixel_mm,
+        batch_size,
+        concurrency,
+        context,
+    )
+    return labels
+
+
+def segment_slices(
+    hu: np.ndarray,
+    indices: Sequence[int],
+    labels: np.ndarray,
+    infer: InferFn,
+    input_size: int,
+    pixel_mm: tuple[float, float],
+    batch_size: int = 8,
+    concurrency: int = 4,
+    context: int = 0,
+) -> None:
+    """`labels[k]` for the slices `indices` of the volume `hu` (their neighbours come from it).
 
     Batches are prepared and resampled inside the worker, so at most `concurrency` batches of
     logits exist at once, whatever the number of slices.
     """
-    if hu.ndim != 3:
-        raise ValueError(f"expected a (z, y, x) volume, got shape {hu.shape}")
-    labels = np.empty(hu.shape, dtype=np.uint8)
 
     def run(start: int) -> None:
-        chunk = np.asarray(hu[start : start + batch_size])
-        tiles, windows = tiles_of(chunk, pixel_mm, input_size)
-        logits = infer(normalise_hu(tiles)[:, None])
-        for k, window in enumerate(windows):
-            labels[start + k] = tile_logits_to_labels(logits[k], window, chunk.shape[1:])
+        centres = indices[start : start + batch_size]
+        tiles, windows = stacked_tiles(hu, pixel_mm, context, input_size, centres)
+        logits = infer(normalise_hu(tiles))
+        for k, (centre, window) in enumerate(zip(centres, windows, strict=True)):
+            labels[centre] = tile_logits_to_labels(logits[k], window, hu.shape[1:])
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        list(pool.map(run, range(0, hu.shape[0], batch_size)))  # list() re-raises worker errors
-    return labels
+        list(pool.map(run, range(0, len(indices), batch_size)))  # list() re-raises worker errors
 
 
 def flip_averaged(infer: InferFn) -> InferFn:

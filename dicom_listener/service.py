@@ -108,7 +108,12 @@ class Listener:
             max_workers=self.config.workers, thread_name_prefix="pipeline"
         )
         self.streaming = (
-            SliceCache(self.inference.infer, self.inference.input_size, self.config.stream_slices)
+            SliceCache(
+                self.inference.infer,
+                self.inference.input_size,
+                self.config.stream_slices,
+                context=self.inference.context,
+            )
             if self.config.stream_slices > 0
             else None
         )

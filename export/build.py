@@ -8,29 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-from thighseg.core.labels import normalise_hu
-from thighseg.core.resample import labels_on_tiles, tiles_of
 from thighseg.export.fp16 import convert_to_fp16
 from thighseg.export.onnx_export import export_to_repository, measure_parity
-from thighseg.export.validation import compare, onnx_backend
+from thighseg.export.validation import compare, onnx_backend, phantom_tiles
 from thighseg.learning import models
-from thighseg.synthetic import phantom
 
 FORMATS = ("onnx", "fp16", "tensorrt", "int8", "tensorrt-int8")
 VALIDATION_SEEDS = (7001, 7002)  # outside the training seeds
-
-
-def validation_slices(
-    slices_per_subject: int = 8, size: int = 384
-) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised model tiles (n, 1, s, s) and their true labels."""
-    images, truth = [], []
-    for seed in VALIDATION_SEEDS:
-        study = phantom.generate(seed, size=size, slices=slices_per_subject)
-        tiles, windows = tiles_of(study.hu, (study.geometry.pixel_spacing,) * 2)
-        images.append(normalise_hu(tiles)[:, None])
-        truth.append(labels_on_tiles(study.labels, windows))
-    return np.concatenate(images), np.concatenate(truth)
 
 
 def export_model(
@@ -50,15 +34,15 @@ def export_model(
         from thighseg.export.tensorrt_engine import require_gpu_tensorrt
 
         require_gpu_tensorrt()
-    images, truth = validation_slices(slices_per_subject)
     onnx_fp32 = export_to_repository(model, repository, weights, version)
+    network = models.load_trained(model, weights)
+    context = models.context_of(network)
+    images, truth = phantom_tiles(VALIDATION_SEEDS, slices_per_subject, context=context)
     report: dict = {
         "model": model,
         "version": version,
         "onnx": str(onnx_fp32),
-        "torch_vs_onnx": measure_parity(
-            models.load_trained(model, weights), onnx_fp32, images, truth
-        ).as_dict(),
+        "torch_vs_onnx": measure_parity(network, onnx_fp32, images, truth).as_dict(),
     }
     if fmt == "onnx":
         return report
@@ -91,7 +75,7 @@ def _export_int8(
 
     from thighseg.export.int8 import calibration_images, choose_cpu_model, quantise
 
-    paths = quantise(onnx_fp32, calibration_images())
+    paths = quantise(onnx_fp32, calibration_images(images.shape[1] // 2))
     report: dict = {name: str(path) for name, path in paths.items()}
     report["cpu_choice"] = choose_cpu_model(
         onnx_fp32, paths["cpu"], images, truth, threads=len(os.sched_getaffinity(0))

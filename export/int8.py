@@ -21,10 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from thighseg.core.labels import normalise_hu
-from thighseg.core.resample import tiles_of
-from thighseg.export.validation import Comparison, compare, onnx_backend
-from thighseg.synthetic import phantom
+from thighseg.export.validation import Comparison, compare, onnx_backend, phantom_tiles
 
 CALIBRATION_SEEDS = (7101, 7102, 7103, 7104)  # outside training and validation seeds
 CALIBRATION_SLICES = 8  # per seed, spread over the thigh
@@ -36,14 +33,9 @@ MIN_AGREEMENT = 0.99
 MAX_DICE_DROP = 0.005
 
 
-def calibration_images() -> np.ndarray:
-    """Normalised phantom tiles (n, 1, s, s) to calibrate activation ranges on."""
-    images = []
-    for seed in CALIBRATION_SEEDS:
-        study = phantom.generate(seed, size=384, slices=CALIBRATION_SLICES)
-        tiles, _ = tiles_of(study.hu, (study.geometry.pixel_spacing,) * 2)
-        images.append(normalise_hu(tiles)[:, None])
-    return np.concatenate(images).astype(np.float32)
+def calibration_images(context: int = 0) -> np.ndarray:
+    """Normalised phantom tiles (n, 2·context+1, s, s) to calibrate activation ranges on."""
+    return phantom_tiles(CALIBRATION_SEEDS, CALIBRATION_SLICES, context=context)[0]
 
 
 def _reader(images: np.ndarray):

@@ -12,7 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from thighseg.core.resample import MODEL_INPUT_SIZE
-from thighseg.export.validation import Comparison, compare, onnx_backend, torch_backend
+from thighseg.export.validation import (
+    Comparison,
+    compare,
+    onnx_backend,
+    onnx_context,
+    torch_backend,
+)
 from thighseg.learning import models
 
 OPSET = 17
@@ -24,7 +30,7 @@ def export_onnx(network, path: Path, size: int = MODEL_INPUT_SIZE) -> Path:
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = torch.zeros(2, 1, size, size)
+    example = torch.zeros(2, 2 * models.context_of(network) + 1, size, size)
     with torch.no_grad(), warnings.catch_warnings():
         # The legacy exporter is chosen on purpose (one self-contained file, opset 17); its
         # deprecation
@@ -49,7 +55,7 @@ def export_onnx(network, path: Path, size: int = MODEL_INPUT_SIZE) -> Path:
 def measure_parity(
     network, onnx_path: Path, images: np.ndarray, truth: np.ndarray | None = None
 ) -> Comparison:
-    """torch vs ONNX Runtime (FP32) on normalised slices (n, 1, H, W)."""
+    """torch vs ONNX Runtime (FP32) on normalised slices (n, channels, H, W)."""
     return compare(torch_backend(network), onnx_backend(onnx_path), images, truth)
 
 
@@ -77,6 +83,8 @@ def export_to_repository(
         )
     weights = weights or models.weights_path(model)
     network = models.load_trained(model, weights)  # unreadable weights leave no version behind
+    channels = 2 * models.context_of(network) + 1
+    _refuse_other_inputs(model_dir, version, channels)
     folder = model_dir / str(version)
     folder.mkdir(parents=True, exist_ok=True)
     for derived in DERIVED_FILES:  # made from the previous model.onnx: stale from now on
@@ -92,8 +100,34 @@ def export_to_repository(
     )
     for config in (model_dir / "config.pbtxt", model_dir / "configs" / "cpu.pbtxt"):
         if config.exists():
-            config.write_text(set_parameter(config.read_text(), weights_key(version), digest))
+            text = set_input_channels(config.read_text(), channels)
+            config.write_text(set_parameter(text, weights_key(version), digest))
     return partial.replace(folder / "model.onnx")
+
+
+def _refuse_other_inputs(model_dir: Path, version: int, channels: int) -> None:
+    """Triton declares one input for all of a model's versions: a 2.5D version cannot join 2D
+    ones (nor the reverse)."""
+    others = [
+        v
+        for v in exported_versions(model_dir)
+        if v != version and 2 * onnx_context(model_dir / str(v) / "model.onnx") + 1 != channels
+    ]
+    if others:
+        raise ValueError(
+            f"version(s) {', '.join(map(str, others))} of {model_dir.name} take another number of "
+            f"input channels than these weights ({channels}); a model's versions share one input: "
+            "export to another repository, or remove those versions"
+        )
+
+
+def set_input_channels(config_text: str, channels: int) -> str:
+    """A Triton config whose "image" input (and its warm-up request) has `channels` channels."""
+    declared = re.compile(r'(name: "image"\n\s*data_type: TYPE_FP32\n\s*dims: \[ )\d+(,)')
+    warmup = re.compile(r'(key: "image"\n\s*value: \{ data_type: TYPE_FP32, dims: \[ )\d+(,)')
+    for pattern in (declared, warmup):
+        config_text = pattern.sub(lambda m: f"{m.group(1)}{channels}{m.group(2)}", config_text)
+    return config_text
 
 
 # What later export steps derive from a version's model.onnx.

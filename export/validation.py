@@ -11,9 +11,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from thighseg.core.labels import normalise_hu
+from thighseg.core.resample import labels_on_tiles, stacked_tiles
 from thighseg.measure.metrics import dice_per_group
+from thighseg.synthetic import phantom
 
-Backend = Callable[[np.ndarray], np.ndarray]  # (n, 1, H, W) float32 -> (n, C, H, W) logits
+# (n, 2·context+1, H, W) float32 -> (n, C, H, W) logits
+Backend = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,19 @@ class Comparison:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "max_dice_drop": self.max_dice_drop}
+
+
+def phantom_tiles(
+    seeds: tuple[int, ...], slices_per_subject: int = 8, size: int = 384, context: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised model tiles (n, 2·context+1, s, s) of phantom series and their true labels."""
+    images, truth = [], []
+    for seed in seeds:
+        study = phantom.generate(seed, size=size, slices=slices_per_subject)
+        tiles, windows = stacked_tiles(study.hu, (study.geometry.pixel_spacing,) * 2, context)
+        images.append(normalise_hu(tiles))
+        truth.append(labels_on_tiles(study.labels, windows))
+    return np.concatenate(images).astype(np.float32), np.concatenate(truth)
 
 
 def compare(
@@ -61,6 +78,14 @@ def compare(
         dice_reference = dice_per_group(np.concatenate(labels_reference), truth)
         dice_candidate = dice_per_group(np.concatenate(labels_candidate), truth)
     return Comparison(len(images), max_diff, agree / total, dice_reference, dice_candidate)
+
+
+def onnx_context(path) -> int:
+    """Neighbour slices a side an exported model takes (from its input's channel axis)."""
+    import onnx
+
+    channels = onnx.load(str(path), load_external_data=False).graph.input[0]
+    return (channels.type.tensor_type.shape.dim[1].dim_value - 1) // 2
 
 
 def onnx_backend(path) -> Backend:

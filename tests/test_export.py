@@ -54,9 +54,9 @@ def test_unknown_model_name_is_a_clear_error():
 
 
 def test_fp16_onnx_keeps_the_labels_and_fp32_interface(exported, tmp_path):
-    from thighseg.export.build import validation_slices
+    from thighseg.export.build import VALIDATION_SEEDS
     from thighseg.export.fp16 import convert_to_fp16
-    from thighseg.export.validation import compare, onnx_backend
+    from thighseg.export.validation import compare, onnx_backend, phantom_tiles
 
     _, fp32 = exported
     fp16 = convert_to_fp16(fp32, tmp_path / "model_fp16.onnx")
@@ -64,7 +64,7 @@ def test_fp16_onnx_keeps_the_labels_and_fp32_interface(exported, tmp_path):
     assert [i.type for i in session.get_inputs()] == ["tensor(float)"]
     assert [o.type for o in session.get_outputs()] == ["tensor(float)"]
     assert fp16.stat().st_size < 0.6 * fp32.stat().st_size
-    images, truth = validation_slices(slices_per_subject=4, size=256)
+    images, truth = phantom_tiles(VALIDATION_SEEDS, slices_per_subject=4, size=256)
     comparison = compare(onnx_backend(fp32), onnx_backend(fp16), images, truth)
     assert comparison.argmax_agreement >= 0.995
     assert comparison.max_dice_drop <= 0.005
@@ -74,12 +74,13 @@ def test_int8_holds_accuracy_and_its_choice_follows_the_rule(exported, tmp_path)
     import json
     import shutil
 
-    from thighseg.export.build import validation_slices
+    from thighseg.export.build import VALIDATION_SEEDS
     from thighseg.export.int8 import MAX_DICE_DROP, MIN_AGREEMENT, choose_cpu_model, quantise
+    from thighseg.export.validation import phantom_tiles
 
     _, fp32 = exported
     model = shutil.copy(fp32, tmp_path / "model.onnx")
-    images, truth = validation_slices(slices_per_subject=4, size=256)
+    images, truth = phantom_tiles(VALIDATION_SEEDS, slices_per_subject=4, size=256)
     paths = quantise(model, images[::2])  # calibrated on other slices than it is judged on
     for name in ("cpu", "tensorrt"):
         graph = onnx.load(str(paths[name])).graph
@@ -96,3 +97,28 @@ def test_int8_holds_accuracy_and_its_choice_follows_the_rule(exported, tmp_path)
     faster = record["slices_per_s_batch1"]["int8"] > record["slices_per_s_batch1"]["fp32"]
     assert record["onnx"] == ("model_int8.onnx" if faster else "model.onnx")
     assert json.loads((tmp_path / "cpu_runtime.json").read_text()) == record
+
+
+def test_a_2p5d_model_exports_with_its_channels_and_never_joins_2d_versions(tmp_path):
+    needs_torch()
+    import shutil
+
+    import torch
+
+    from thighseg.export.onnx_export import export_to_repository
+    from thighseg.export.validation import onnx_backend, onnx_context
+
+    repository = tmp_path / "repository"
+    name = models.triton_name(MODEL)
+    shutil.copytree(models.REPOSITORY / name, repository / name, ignore=shutil.ignore_patterns("1"))
+    network = models.load_trained(MODEL, context=1)
+    weights = tmp_path / "2p5d.pt"
+    torch.save({"state_dict": network.state_dict(), "context": 1}, weights)
+    onnx_path = export_to_repository(MODEL, repository, weights, version=1)
+    assert onnx_context(onnx_path) == 1
+    assert onnx_backend(onnx_path)(np.zeros((2, 3, 256, 256), np.float32)).shape == (2, 4, 256, 256)
+    for config in (repository / name / "config.pbtxt", repository / name / "configs" / "cpu.pbtxt"):
+        assert config.read_text().count("dims: [ 3, 256, 256 ]") == 2  # the input and warm-up
+    with pytest.raises(ValueError, match="share one input"):
+        export_to_repository(MODEL, repository, models.weights_path(MODEL), version=2)
+    assert not (repository / name / "2").exists()

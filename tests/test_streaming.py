@@ -11,7 +11,7 @@ import pydicom
 
 from thighseg.client.volume import segment_volume
 from thighseg.pipeline.assemble import assemble, slice_hu
-from thighseg.pipeline.stages import InferenceSettings, infer_stage
+from thighseg.pipeline.stages import InferenceSettings, LoadedVolume, infer_stage, streamed_by_index
 from thighseg.pipeline.streaming import SliceCache
 
 
@@ -113,3 +113,43 @@ def test_slices_behind_a_backlog_are_left_to_be_measured_with_the_series(study_f
     done = cache.take("s", digests)
     measured = [done[uid].sums is not None for uid in uids]
     assert measured == [False, False, False, False, True, True]  # in arrival order
+
+
+def neighbour_logits(images: np.ndarray) -> np.ndarray:
+    """A 2.5D stand-in model: class by the intensity band of a slice and its neighbours' mean."""
+    return intensity_logits(images.mean(axis=1, keepdims=True))
+
+
+def test_a_2p5d_slice_streams_once_its_neighbours_arrive_and_only_with_the_volumes_neighbours(
+    study_factory,
+):
+    paths = study_factory(95, size=128, slices=7)
+    volume = assemble(list(paths))
+    pixel_mm = volume.spacing_zyx[1:]
+    whole = segment_volume(volume.hu, neighbour_logits, 64, pixel_mm, context=1)
+    assert not np.array_equal(whole, segment_volume(volume.hu, intensity_logits, 64, pixel_mm))
+    uids = [str(s.SOPInstanceUID) for s in volume.sources]  # in position order
+    digests = {uid: digest_of(p) for uid, p in zip(uids, volume.paths, strict=True)}
+    cache = SliceCache(neighbour_logits, 64, context=1)
+    for k in (3, 1, 6, 0, 4, 2):  # out of order, and the slice at index 5 not yet
+        assert cache.submit("s", uids[k], digests[uids[k]], volume.paths[k])
+    early = cache.peek("s", digests)
+    assert set(early) == {uids[k] for k in (1, 2, 3, 4)}  # the ends wait for the series
+    assert early[uids[4]].neighbours == (uids[3], uids[4], uids[6])  # 5 was not there yet
+    loaded = LoadedVolume(volume.hu, volume.spacing_zyx, None, volume)
+    assert set(streamed_by_index(loaded, early)) == {1, 2, 3}  # 4 had the wrong neighbour
+    cache.submit("s", uids[5], digests[uids[5]], volume.paths[5])
+    streamed = streamed_by_index(loaded, cache.take("s", digests))
+    assert set(streamed) == {1, 2, 3, 4, 5}  # 4 inferred again with 5 beside it
+    calls = []
+
+    def counting(images):
+        calls.append(len(images))
+        return neighbour_logits(images)
+
+    settings = InferenceSettings(counting, "test", 64, context=1, batch_size=8, concurrency=1)
+    known = {index: done.labels for index, done in streamed.items()}
+    labels = infer_stage(volume.hu, pixel_mm, settings, known)
+    assert np.array_equal(labels, whole)
+    assert sum(calls) == 2  # only the two ends
+    assert cache.slices == 0

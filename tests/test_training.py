@@ -60,3 +60,45 @@ def test_every_registered_model_has_the_same_contract():
                 256,
                 256,
             ), name
+
+
+def test_2p5d_training_starts_as_the_2d_model_and_serves_only_as_what_it_is(tmp_path):
+    needs_torch()
+    import numpy as np
+    import pytest
+    import torch
+
+    from thighseg.learning import models
+    from thighseg.learning.training import TrainConfig, train
+
+    flat = models.load_trained("denseunet")
+    inflated = models.load_trained("denseunet", context=1)
+    assert (models.context_of(flat), models.context_of(inflated)) == (0, 1)
+    centre = torch.randn(2, 1, 64, 64)
+    neighbours = torch.cat([torch.randn(2, 1, 64, 64), centre, torch.randn(2, 1, 64, 64)], 1)
+    with torch.no_grad():
+        assert torch.allclose(flat(centre), inflated(neighbours), atol=1e-5)
+    config = TrainConfig(
+        model="denseunet",
+        subjects=1,
+        slices_per_subject=2,
+        randomised_subjects=2,
+        randomised_slices=2,
+        validation_subjects=1,
+        steps=2,
+        batch_size=2,
+        init=str(models.weights_path("denseunet")),
+        context=1,
+    )
+    out = tmp_path / "denseunet_2p5d.pt"
+    summary = train(config, out=out)
+    assert summary["config"]["context"] == 1
+    card = out.with_suffix(".md").read_text()
+    assert "3 × 256 × 256" in card and "--context 1" in card
+    trained = models.load_trained("denseunet", out)
+    assert models.context_of(trained) == 1
+    with torch.no_grad():
+        assert trained(torch.zeros(1, 3, 64, 64)).shape == (1, 4, 64, 64)
+    with pytest.raises(ValueError, match="only 2D weights can start"):
+        models.load_trained("denseunet", out, context=2)
+    assert np.isfinite(list(summary["validation_randomised"].values())).all()

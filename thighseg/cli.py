@@ -113,6 +113,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         fold=args.fold,
         validate_every=args.validate_every,
         patience=args.patience,
+        context=args.context,
     )
     out = args.out
     if args.data and out is None:  # never overwrite the shipped weights with a site's model
@@ -466,16 +467,20 @@ def cmd_evaluate_dataset(args: argparse.Namespace) -> int:
     if args.triton_url:
         from thighseg.client.triton import TritonSegmenter
 
-        served = TritonSegmenter(args.triton_url, models.triton_name(model), args.protocol).infer
-        per_fold = [served]
+        served = TritonSegmenter(args.triton_url, models.triton_name(model), args.protocol)
+        per_fold, contexts = [served.infer], {(served.input_shape()[0] - 1) // 2}
         scored_with = [f"{model} served by Triton at {args.triton_url}"]
     else:
         weights = args.weights or [models.weights_path(model)]
         try:
-            per_fold = [torch_backend(models.load_trained(model, w)) for w in weights]
+            networks = [models.load_trained(model, w) for w in weights]
         except (FileNotFoundError, ValueError) as error:
             raise SystemExit(f"error: {error}") from None
+        per_fold = [torch_backend(network) for network in networks]
+        contexts = {models.context_of(network) for network in networks}
         scored_with = [f"{model} weights {weights_label(Path(w))}" for w in weights]
+    if len(contexts) > 1:
+        raise SystemExit("error: the weights take different neighbour slices (2D and 2.5D mixed)")
     per_fold = [_with_tta(backend, args.tta) for backend in per_fold]
     if len(per_fold) == len(folds):
         chosen = folds
@@ -508,6 +513,7 @@ def cmd_evaluate_dataset(args: argparse.Namespace) -> int:
         cohort_backends=cohort_backends,
         pooled=tuple(chosen) if len(chosen) > 1 else (),
         source=dataset_source(args.data, scored_with),
+        contexts={model: contexts.pop()},
     )
     print((args.out / "evaluation.md").read_text())
     print(f"figures and JSON in {args.out}; cohorts: {', '.join(report['config']['cohorts'])}")
@@ -521,19 +527,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         args.models = args.models or [DEFAULT_MODEL]
         return cmd_evaluate_dataset(args)
     args.models = args.models or sorted(models.BUILDERS)
-    backends = {}
+    backends, contexts = {}, {}
     for model in args.models:
         if args.triton_url:
             from thighseg.client.triton import TritonSegmenter
 
-            backends[model] = TritonSegmenter(
-                args.triton_url, models.triton_name(model), args.protocol
-            ).infer
+            served = TritonSegmenter(args.triton_url, models.triton_name(model), args.protocol)
+            backends[model], contexts[model] = served.infer, (served.input_shape()[0] - 1) // 2
         else:
             from thighseg.apps.demo import ensure_exported
-            from thighseg.export.validation import onnx_backend
+            from thighseg.export.validation import onnx_backend, onnx_context
 
-            backends[model] = onnx_backend(ensure_exported(model, args.repository))
+            exported = ensure_exported(model, args.repository)
+            backends[model], contexts[model] = onnx_backend(exported), onnx_context(exported)
         backends[model] = _with_tta(backends[model], args.tta)
     config = EvaluationConfig(
         cohorts=tuple(args.cohorts),
@@ -543,7 +549,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         field_of_view=args.fov,
         tta=args.tta,
     )
-    report = run_evaluation(backends, args.out, config)
+    report = run_evaluation(backends, args.out, config, contexts=contexts)
     print((args.out / "evaluation.md").read_text())
     print(f"figures and JSON in {args.out}; {len(report['models'])} model(s) evaluated")
     return 0
@@ -650,6 +656,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="checks without improvement before stopping early (default: 0, never)",
+    )
+    p.add_argument(
+        "--context",
+        type=int,
+        default=TRAIN_DEFAULTS.context,
+        help="neighbour slices on either side as extra input channels: 1 trains a 2.5D model "
+        "(2D --init weights are inflated); served and listened to like any other "
+        "(default: %(default)s, 2D)",
     )
     p.add_argument(
         "--out",

@@ -43,7 +43,8 @@ from thighseg.apps.sustained import run_sustained
 from thighseg.client.perf import measure, without_dynamic_batching
 from thighseg.core.constants import AE_TITLE, DEFAULT_MODEL
 from thighseg.core.labels import normalise_hu
-from thighseg.core.resample import MODEL_INPUT_SIZE
+from thighseg.core.resample import MODEL_INPUT_SIZE, stacked_tiles
+from thighseg.export.validation import onnx_context
 from thighseg.learning import models
 from thighseg.pipeline.report import SeriesReport
 from thighseg.serving.embedded_triton import CPU_CONFIG_NAME, EmbeddedTriton, Ports
@@ -136,12 +137,13 @@ def run_perf(
     ]
     for model, name, protocol, concurrency in tqdm(plan, desc="perf_analyzer"):
         url = server.http_url if protocol == "http" else server.grpc_url
+        channels = 2 * onnx_context(server.model_repository / name / "1" / "model.onnx") + 1
         point = measure(
             name,
             url,
             protocol,
             concurrency,
-            (1, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE),
+            (channels, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE),
             config.measurement_ms,
         )
         points.append(
@@ -156,7 +158,9 @@ def run_perf(
 
 def run_baselines(model: str, onnx_path: Path, config: BenchConfig) -> dict[str, float]:
     study = phantom.generate(8101, size=MODEL_INPUT_SIZE, slices=config.baseline_slices)
-    images = normalise_hu(study.hu)[:, None].astype(np.float32)  # rendered at the input size
+    pixel_mm = (study.geometry.pixel_spacing,) * 2
+    tiles, _ = stacked_tiles(study.hu, pixel_mm, onnx_context(onnx_path))
+    images = normalise_hu(tiles).astype(np.float32)
     session = onnxruntime_runner(onnx_path)
     results = {
         "onnxruntime_fp32_batch1": slices_per_second(
@@ -255,14 +259,16 @@ def _earlier_results(out: Path, config: BenchConfig) -> dict:
 def run_int8(model: str, onnx_path: Path, work: Path, config: BenchConfig) -> dict:
     """The model quantised to INT8 (as `thighseg export --format int8` does) against FP32, both in
     ONNX Runtime on this CPU: accuracy on phantom slices with truth, slices/s at batch 1."""
-    from thighseg.export.build import validation_slices
+    from thighseg.export.build import VALIDATION_SEEDS
     from thighseg.export.int8 import calibration_images, choose_cpu_model, quantise
+    from thighseg.export.validation import phantom_tiles
 
     folder = work / "int8" / model
     folder.mkdir(parents=True, exist_ok=True)
     fp32 = Path(shutil.copy(onnx_path, folder / "model.onnx"))
-    images, truth = validation_slices(slices_per_subject=config.int8_slices)
-    quantised = quantise(fp32, calibration_images())
+    context = onnx_context(fp32)
+    images, truth = phantom_tiles(VALIDATION_SEEDS, config.int8_slices, context=context)
+    quantised = quantise(fp32, calibration_images(context))
     threads = len(os.sched_getaffinity(0))
     return choose_cpu_model(fp32, quantised["cpu"], images, truth, threads)
 

@@ -64,8 +64,10 @@ class Study:
         return Study(case.case_id, case.hu, labels, case.spacing_zyx)
 
 
-def evaluate_study(study: Study, infer: InferFn) -> dict:
-    predicted = segment_volume(study.hu, infer, MODEL_INPUT_SIZE, study.spacing_zyx[1:])
+def evaluate_study(study: Study, infer: InferFn, context: int = 0) -> dict:
+    predicted = segment_volume(
+        study.hu, infer, MODEL_INPUT_SIZE, study.spacing_zyx[1:], context=context
+    )
     return {
         "case": study.case,
         "overlap": overlap_metrics(predicted, study.labels),
@@ -154,11 +156,13 @@ def run_evaluation(
     cohort_backends: dict[str, dict[str, InferFn]] | None = None,
     pooled: tuple[str, ...] = (),
     source: dict | None = None,
+    contexts: dict[str, int] | None = None,
 ) -> dict:
     """Score every model on every cohort (phantom cohorts of `config` unless studies are given;
     `cohort_backends` overrides the models for a cohort, e.g. each fold's own) and write JSON,
     Markdown and figures. `pooled` cohorts are also summarised together as "pooled". `source`
-    says what was scored on what (a user's dataset: `dataset_source`)."""
+    says what was scored on what (a user's dataset: `dataset_source`); `contexts`: neighbour
+    slices a side each model takes (2.5D; 0 when not named)."""
     out.mkdir(parents=True, exist_ok=True)
     studies_by_cohort = studies_by_cohort or phantom_cohorts(config)
     report: dict = {
@@ -170,7 +174,10 @@ def run_evaluation(
     cases: dict = {}
     for cohort, studies in studies_by_cohort.items():
         for model, infer in (cohort_backends or {}).get(cohort, backends).items():
-            results = [evaluate_study(s, infer) for s in tqdm(studies, desc=f"{model} {cohort}")]
+            context = (contexts or {}).get(model, 0)
+            results = [
+                evaluate_study(s, infer, context) for s in tqdm(studies, desc=f"{model} {cohort}")
+            ]
             cases[(model, cohort)] = (studies, results)
     for model in {m for m, _ in cases}:
         if pooled:

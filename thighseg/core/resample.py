@@ -10,6 +10,7 @@ back, so boundaries stay smooth. Training and INT8 calibration frame their slice
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,6 +146,28 @@ def tiles_of(
     windows = [body_window(s, pixel_mm, size) for s in slices]
     tiles = np.stack([to_tile(s, w, size) for s, w in zip(slices, windows, strict=True)])
     return tiles, windows
+
+
+def stacked_tiles(
+    slices: Sequence[np.ndarray] | np.ndarray,
+    pixel_mm: tuple[float, float],
+    context: int = 0,
+    size: int = MODEL_INPUT_SIZE,
+    centres: Sequence[int] | None = None,
+) -> tuple[np.ndarray, list[TileWindow]]:
+    """(n, 2·context+1, size, size) HU tiles: each centre slice of the ordered stack `slices`
+    with its `context` neighbours on either side (2.5D input), all on the centre's window; a
+    neighbour beyond the stack repeats the end slice. With context 0 this is `tiles_of` with a
+    channel axis."""
+    centres = range(len(slices)) if centres is None else centres
+    last = len(slices) - 1
+    stacks, windows = [], []
+    for centre in centres:
+        window = body_window(np.asarray(slices[centre]), pixel_mm, size)
+        neighbours = [min(max(centre + d, 0), last) for d in range(-context, context + 1)]
+        stacks.append(np.stack([to_tile(np.asarray(slices[k]), window, size) for k in neighbours]))
+        windows.append(window)
+    return np.stack(stacks), windows
 
 
 def labels_on_tiles(

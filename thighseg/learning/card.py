@@ -35,7 +35,9 @@ def command(config: dict) -> str:
             f"--fold {config['fold']} --steps {config['steps']} --batch-size "
             f"{config['batch_size']} --learning-rate {config['learning_rate']:g} "
             f"--validate-every {config['validate_every']} --patience {config['patience']} "
-            f"--seed {config['seed']}" + (f" --init {config['init']}" if config.get("init") else "")
+            f"--seed {config['seed']}"
+            + (f" --init {config['init']}" if config.get("init") else "")
+            + (f" --context {config['context']}" if config.get("context") else "")
         )
     parts = [
         f"thighseg train --model {config['model']}",
@@ -47,6 +49,8 @@ def command(config: dict) -> str:
     ]
     if config.get("init"):
         parts.append(f"--init {Path(config['init']).name}")
+    if config.get("context"):
+        parts.append(f"--context {config['context']}")
     return " ".join(parts)
 
 
@@ -114,16 +118,23 @@ def render(summary: dict, evaluation: dict | None = None) -> str:
     """The card as Markdown."""
     config = summary["config"]
     model = config["model"]
+    context = config.get("context", 0)
+    stack = (
+        f"the slice and its {context} neighbour(s) on either side in position order (2.5D), "
+        if context
+        else ""
+    )
     lines = [
         f"# Model card: thighseg {model}",
         "",
         "| | |",
         "|---|---|",
         f"| architecture | {ARCHITECTURES[model]} |",
-        "| input / output | 1 × 256 × 256 HU clipped to [-250, 250] and scaled to [-1, 1] "
-        "(`thighseg.core.labels.normalise_hu`), any matrix resampled to a 256² tile of "
-        f"{MODEL_PIXEL_MM} mm pixels centred on the body (`thighseg.core.resample`; shrunk to "
-        "fit a wider body) → 4-class logits (background, extensor, flexor, adductor) |",
+        f"| input / output | {2 * context + 1} × 256 × 256: {stack}HU clipped to [-250, 250] and "
+        "scaled to [-1, 1] (`thighseg.core.labels.normalise_hu`), any matrix resampled to a "
+        f"256² tile of {MODEL_PIXEL_MM} mm pixels centred on the body "
+        "(`thighseg.core.resample`; shrunk to fit a wider body) → 4-class logits "
+        "(background, extensor, flexor, adductor) |",
         f"| file | `{summary['weights']}` (sha256 `{summary.get('sha256', 'n/a')[:16]}…`) |",
         f"| served as | `{models.triton_name(model)}` |",
         "",

@@ -18,14 +18,19 @@ from tqdm import tqdm
 
 from thighseg.core.constants import DEFAULT_MODEL
 from thighseg.core.labels import NUM_CLASSES, normalise_hu
-from thighseg.core.resample import MODEL_INPUT_SIZE, labels_on_tiles, tiles_of
+from thighseg.core.resample import MODEL_INPUT_SIZE, labels_on_tiles, stacked_tiles
 from thighseg.learning import dataset, models
 from thighseg.measure.metrics import dice_per_group
 from thighseg.synthetic import phantom, randomised
 
 RANDOMISED_FIRST_SEED = 100_000  # randomised training subjects; validation starts at +90,000
-_EMPTY_IMAGES = np.zeros((0, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE), np.float16)
 _EMPTY_TARGETS = np.zeros((0, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE), np.uint8)
+NEIGHBOUR_GAP_MM = (1.0, 20.0)  # 2.5D training: slice gaps drawn log-uniformly from thin to thick
+PHANTOM_STACK_SLICES = (24, 48, 72)  # 2.5D phantoms: slices over the thigh, ~17 to ~6 mm apart
+
+
+def _empty_images(context: int) -> np.ndarray:
+    return np.zeros((0, 2 * context + 1, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE), np.float16)
 
 
 @dataclass
@@ -46,40 +51,66 @@ class TrainConfig:
     fold: str = "0"  # with data: a fold number of splits.json, or "all"
     validate_every: int = 0  # steps between held-out checks (0: only at the end)
     patience: int = 0  # checks without improvement before stopping (0: never stop early)
+    context: int = 0  # neighbour slices on either side as extra input channels (2.5D); 0: 2D
 
 
 def cohort_slices(
-    seeds: list[int], slices_per_subject: int, rng: np.random.Generator, progress: bool = True
+    seeds: list[int],
+    slices_per_subject: int,
+    rng: np.random.Generator,
+    progress: bool = True,
+    context: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised model tiles and labels from phantoms of mixed matrix sizes."""
-    images, targets = [_EMPTY_IMAGES], [_EMPTY_TARGETS]
+    """Normalised model tiles (n, 2·context+1, s, s) and labels from phantoms of mixed matrix
+    sizes; with context, the centres are spread over a series of 24 to 72 slices."""
+    images, targets = [_empty_images(context)], [_EMPTY_TARGETS]
     for seed in tqdm(seeds, desc="phantoms", disable=not progress):
         size = int(rng.choice([256, 384, 512]))
-        ph = phantom.generate(seed, size=size, slices=slices_per_subject)
-        tiles, windows = tiles_of(ph.hu, (ph.geometry.pixel_spacing,) * 2)
+        series = int(rng.choice(PHANTOM_STACK_SLICES)) if context else slices_per_subject
+        ph = phantom.generate(seed, size=size, slices=series)
+        centres = np.linspace(0, series - 1, slices_per_subject).round().astype(int)
+        tiles, windows = stacked_tiles(
+            ph.hu, (ph.geometry.pixel_spacing,) * 2, context, centres=centres
+        )
         images.append(normalise_hu(tiles).astype(np.float16))
-        targets.append(labels_on_tiles(ph.labels, windows))
+        targets.append(labels_on_tiles(ph.labels[centres], windows))
     return np.concatenate(images), np.concatenate(targets)
 
 
 def randomised_slices(
-    seeds: list[int], slices_per_subject: int, progress: bool = True
+    seeds: list[int], slices_per_subject: int, progress: bool = True, context: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Model-grid slices and labels from the randomised generator (rendered on the grid)."""
-    images, targets = [_EMPTY_IMAGES], [_EMPTY_TARGETS]
+    """Model-grid slices (n, 2·context+1, s, s) and labels from the randomised generator
+    (rendered on the grid); with context, each random level comes with neighbours a random
+    gap (`NEIGHBOUR_GAP_MM`) apart."""
+    images, targets = [_empty_images(context)], [_EMPTY_TARGETS]
     for seed in tqdm(seeds, desc="randomised thighs", disable=not progress):
-        ph = randomised.generate(seed, size=MODEL_INPUT_SIZE, slices=slices_per_subject)
-        images.append(normalise_hu(ph.hu).astype(np.float16))
-        targets.append(ph.labels)
+        if not context:
+            ph = randomised.generate(seed, size=MODEL_INPUT_SIZE, slices=slices_per_subject)
+            images.append(normalise_hu(ph.hu)[:, None].astype(np.float16))
+            targets.append(ph.labels)
+            continue
+        rng = np.random.default_rng([seed, 25])
+        length = randomised.sample_subject(seed).thigh_length
+        gap = np.exp(rng.uniform(*np.log(NEIGHBOUR_GAP_MM))) / length
+        offsets = gap * np.arange(-context, context + 1)
+        levels = np.concatenate([c + offsets for c in rng.uniform(0.05, 0.95, slices_per_subject)])
+        ph = randomised.generate(seed, size=MODEL_INPUT_SIZE, levels=levels)
+        width = 2 * context + 1
+        stacks = ph.hu.reshape(slices_per_subject, width, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE)
+        images.append(normalise_hu(stacks).astype(np.float16))
+        targets.append(ph.labels[context::width])
     return np.concatenate(images), np.concatenate(targets)
 
 
-def dataset_slices(root: Path, subjects: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def dataset_slices(
+    root: Path, subjects: list[str], context: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Model tiles of a user's dataset (`thighseg dataset import`); "ignore" voxels get
     the loss's ignore index."""
     images, targets = [], []
     for case in dataset.cases_of(root, subjects):
-        tiles, windows = tiles_of(case.hu, case.spacing_zyx[1:])
+        tiles, windows = stacked_tiles(case.hu, case.spacing_zyx[1:], context)
         images.append(normalise_hu(tiles).astype(np.float16))
         labels = labels_on_tiles(case.labels, windows)
         targets.append(np.where(labels == dataset.IGNORE, NUM_CLASSES, labels).astype(np.uint8))
@@ -102,12 +133,14 @@ class TrainingData:
 def synthetic_data(config: TrainConfig) -> TrainingData:
     rng = np.random.default_rng(config.seed)
     first, count = config.first_seed, config.subjects
+    context = config.context
     images, targets = cohort_slices(
-        list(range(first, first + count)), config.slices_per_subject, rng
+        list(range(first, first + count)), config.slices_per_subject, rng, context=context
     )
     extra = randomised_slices(
         list(range(RANDOMISED_FIRST_SEED, RANDOMISED_FIRST_SEED + config.randomised_subjects)),
         config.randomised_slices,
+        context=context,
     )
     validation_seeds = list(range(first + count, first + count + config.validation_subjects))
     first_random = RANDOMISED_FIRST_SEED + 90_000
@@ -120,11 +153,13 @@ def synthetic_data(config: TrainConfig) -> TrainingData:
                 config.slices_per_subject,
                 np.random.default_rng(12345),
                 progress=False,
+                context=context,
             ),
             "validation_randomised": randomised_slices(
                 list(range(first_random, first_random + config.validation_subjects)),
                 8,
                 progress=False,
+                context=context,
             ),
         },
         description={},
@@ -144,9 +179,11 @@ def user_data(config: TrainConfig) -> TrainingData:
     else:
         fold = splits["folds"][index]
         train_subjects, validation_subjects = fold["train"], fold["validation"]
-    images, targets = dataset_slices(root, train_subjects)
+    images, targets = dataset_slices(root, train_subjects, config.context)
     validation = (
-        {"validation": dataset_slices(root, validation_subjects)} if validation_subjects else {}
+        {"validation": dataset_slices(root, validation_subjects, config.context)}
+        if validation_subjects
+        else {}
     )
     return TrainingData(
         images=images,
@@ -164,11 +201,15 @@ def user_data(config: TrainConfig) -> TrainingData:
 
 
 def _augment(torch, images, targets, generator):
-    """CT-plausible augmentation: mirror, small affine, intensity offset and noise. Targets may
-    hold the ignore index NUM_CLASSES."""
+    """CT-plausible augmentation: mirror, small affine, intensity offset and noise; 2.5D stacks
+    are also reversed at random, so the model does not depend on which way a series is sorted.
+    Targets may hold the ignore index NUM_CLASSES."""
     import torch.nn.functional as F
 
     n = images.shape[0]
+    if images.shape[1] > 1:
+        reverse = torch.rand(n, generator=generator) < 0.5
+        images = torch.where(reverse[:, None, None, None], images.flip(1), images)
     flip = torch.rand(n, generator=generator) < 0.5
     images = torch.where(flip[:, None, None, None], images.flip(-1), images)
     targets = torch.where(flip[:, None, None], targets.flip(-1), targets)
@@ -240,9 +281,9 @@ def train(config: TrainConfig, out: Path | None = None, checkpoint: Path | None 
     data = user_data(config) if config.data else synthetic_data(config)
     history = training_history(Path(config.init)) if config.init else []  # before `out` is replaced
     network = (
-        models.load_trained(config.model, Path(config.init)).train()
+        models.load_trained(config.model, Path(config.init), context=config.context).train()
         if config.init
-        else models.build(config.model)
+        else models.build(config.model, config.context)
     ).to(device)
     out.parent.mkdir(parents=True, exist_ok=True)  # once the data and the start are known good
     optimiser = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=1e-4)
@@ -271,7 +312,7 @@ def train(config: TrainConfig, out: Path | None = None, checkpoint: Path | None 
     )
     for step in bar:
         index = torch.randint(0, len(data.images), (config.batch_size,), generator=generator)
-        x = torch.from_numpy(data.images[index.numpy()].astype(np.float32))[:, None]
+        x = torch.from_numpy(data.images[index.numpy()].astype(np.float32))
         y = torch.from_numpy(data.targets[index.numpy()].astype(np.int64))
         x, y = _augment(torch, x, y, generator)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -308,6 +349,7 @@ def train(config: TrainConfig, out: Path | None = None, checkpoint: Path | None 
             "config": asdict(config),
             "validation": validation.get("validation", {}),
             "input_size": MODEL_INPUT_SIZE,
+            "context": config.context,
         },
         out,
     )
@@ -359,7 +401,7 @@ def _dice_on(network, images: np.ndarray, targets: np.ndarray) -> dict[str, floa
     with torch.no_grad():
         logits = torch.cat(
             [
-                network(torch.from_numpy(images[i : i + 16].astype(np.float32))[:, None])
+                network(torch.from_numpy(images[i : i + 16].astype(np.float32)))
                 for i in range(0, len(images), 16)
             ]
         )

@@ -114,6 +114,11 @@ def _check_consistent(headers: list[Dataset]) -> None:
             raise SeriesError("instances differ in PixelSpacing")
 
 
+def slice_position(ds: Dataset) -> float:
+    """Where the slice lies along its normal (mm): the volume's slices ascend in it."""
+    return float(np.dot(_normal(ds), _floats(ds.ImagePositionPatient)))
+
+
 def _slice_order(headers: list[Dataset]) -> tuple[np.ndarray, float]:
     """Instances sorted along the slice normal, and the slice spacing; refuses duplicate positions,
     gaps, uneven steps and slices too far apart."""

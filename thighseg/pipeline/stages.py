@@ -20,7 +20,7 @@ import numpy as np
 
 import thighseg
 from thighseg.client.triton import TritonUnavailable
-from thighseg.client.volume import segment_volume
+from thighseg.client.volume import segment_slices
 from thighseg.core.memory import release_free_heap, release_highdicom_tables
 from thighseg.measure import qc
 from thighseg.measure.anatomy import body_midline
@@ -51,6 +51,7 @@ class InferenceSettings:
     infer: InferFn
     model: str
     input_size: int
+    context: int = 0  # neighbour slices on either side the model takes (2.5D); 0: 2D
     batch_size: int = 8
     concurrency: int = 4
     model_version: str | None = None  # the served version, recorded in reports and SEG
@@ -64,10 +65,12 @@ def settings_for(segmenter, model: str, **options) -> InferenceSettings:
     """Inference through a TritonSegmenter, at the input size the served model declares, pinned
     to the version it serves now (so every report names the version that made it)."""
     segmenter.version = segmenter.served_version()
+    channels, size, _ = segmenter.input_shape()
     return InferenceSettings(
         segmenter.infer,
         model,
-        segmenter.input_shape()[1],
+        size,
+        context=(channels - 1) // 2,
         blocked=segmenter.why_not_ready,
         model_version=segmenter.version,
         weights_sha256=segmenter.weights_sha256(segmenter.version),
@@ -129,28 +132,20 @@ def infer_stage(
     """Labels (z, y, x) for the volume, in batches of slices through the inference server; slices
     already inferred as they arrived (`streamed`, by slice index) are not inferred again."""
     known = {k: v for k, v in (streamed or {}).items() if v.shape == hu.shape[1:]}
-    if not known:
-        return segment_volume(
-            hu,
-            settings.infer,
-            settings.input_size,
-            pixel_mm,
-            settings.batch_size,
-            settings.concurrency,
-        )
     labels = np.empty(hu.shape, dtype=np.uint8)
     for index, slice_labels in known.items():
         labels[index] = slice_labels
-    missing = [k for k in range(hu.shape[0]) if k not in known]
-    if missing:
-        labels[missing] = segment_volume(
-            np.stack([np.asarray(hu[k]) for k in missing]),
-            settings.infer,
-            settings.input_size,
-            pixel_mm,
-            settings.batch_size,
-            settings.concurrency,
-        )
+    segment_slices(
+        hu,
+        [k for k in range(hu.shape[0]) if k not in known],
+        labels,
+        settings.infer,
+        settings.input_size,
+        pixel_mm,
+        settings.batch_size,
+        settings.concurrency,
+        settings.context,
+    )
     return labels
 
 
@@ -328,12 +323,25 @@ def _none_streamed() -> dict[str, StreamedSlice]:
     return {}
 
 
-def _by_slice(loaded: LoadedVolume, streamed: dict[str, StreamedSlice] | None) -> dict:
-    """Streamed slices (by SOP Instance UID) by slice index of the assembled volume."""
+def streamed_by_index(loaded: LoadedVolume, streamed: dict[str, StreamedSlice] | None) -> dict:
+    """Streamed slices (by SOP Instance UID) by slice index of the assembled volume, those
+    inferred with the very neighbours the volume puts around them (2.5D; a 2D slice's stack is
+    itself)."""
     if not streamed or not isinstance(loaded.origin, Volume):
         return {}
     uids = [str(source.SOPInstanceUID) for source in loaded.origin.sources]
-    return {index: streamed[uid] for index, uid in enumerate(uids) if uid in streamed}
+
+    def around(index: int, context: int) -> tuple[str, ...]:
+        return tuple(
+            uids[k] for k in range(index - context, index + context + 1) if 0 <= k < len(uids)
+        )
+
+    return {
+        index: streamed[uid]
+        for index, uid in enumerate(uids)
+        if uid in streamed
+        and streamed[uid].neighbours == around(index, len(streamed[uid].neighbours) // 2)
+    }
 
 
 def run_stages(
@@ -368,7 +376,7 @@ def run_stages(
         out_dir.mkdir(parents=True, exist_ok=True)
         loaded = timed("assemble", read, report)
         report.shape_zyx, report.spacing_zyx_mm = list(loaded.hu.shape), list(loaded.spacing_zyx)
-        streamed = _by_slice(loaded, streamed_slices())  # the last ones finished meanwhile
+        streamed = streamed_by_index(loaded, streamed_slices())  # the last ones finished meanwhile
         known = {index: done.labels for index, done in streamed.items()}
         labels = timed("infer", infer_stage, loaded.hu, loaded.spacing_zyx[1:], settings, known)
         measured = {i: done.sums for i, done in streamed.items() if done.sums is not None}

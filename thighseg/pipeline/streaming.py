@@ -2,15 +2,21 @@
 (`thighseg.measure.sums`), so that when a series completes only its last slices remain to be
 inferred and measured.
 
-The served models are 2D: a slice's labels depend on that slice alone, so they can be computed the
-moment it is stored, in any order, and are exactly those the whole-volume path computes
-(`client.volume.segment_volume` resamples each slice on its own). Each result is kept under the
-instance's content digest: at processing time only labels of the very bytes the index snapshot names
-are used, and any slice without one (replaced, dropped because the cache was full, failed) is
-inferred then with the rest. Streaming is an optimisation and never a source of truth.
+A 2D model's labels of a slice depend on that slice alone, so they are computed the moment it is
+stored, in any order. A 2.5D model (`context` neighbours on either side) needs the slice's
+neighbours: a slice is inferred once `context` slices have arrived on each side of it (by position
+along the slice normal, as the volume is assembled), and again if a slice arrives between them
+later. Either way a result is exactly what the whole-volume path computes
+(`client.volume.segment_slices`) for the same slices. Each result is kept under the content
+digests of every instance it was made from, and names those instances: at processing time it is
+used only if the index snapshot names the very same bytes and the assembled volume puts the very
+same neighbours around it; any other slice (an end of the series, replaced, dropped because the
+cache was full, failed) is inferred then with the rest. Streaming is an optimisation and never a
+source of truth.
 
 A slice waiting for a free worker is only its spool path: the file is read when inferred, so a
-backlog (inference slower than the sender) costs no memory for pixels.
+backlog (inference slower than the sender) costs no memory for pixels; a 2.5D slice's neighbours
+are read again from the spool.
 """
 
 from __future__ import annotations
@@ -25,46 +31,68 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom import Dataset
 
-from thighseg.client.volume import InferFn, segment_volume
+from thighseg.client.volume import InferFn, segment_slices
 from thighseg.measure.sums import SliceSums, measure_slice
-from thighseg.pipeline.assemble import slice_hu
+from thighseg.pipeline.assemble import slice_hu, slice_position
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class StreamedSlice:
-    """One slice done as it arrived: its labels and its measurement sums."""
+    """One slice done as it arrived: its labels, its measurement sums, and the instances it was
+    inferred from ((SOP Instance UID, content digest), in position order; itself for 2D)."""
 
     labels: np.ndarray
     sums: SliceSums | None  # None: not measured while a backlog waited (measured with the series)
+    stack: tuple[tuple[str, str], ...]
+
+    @property
+    def neighbours(self) -> tuple[str, ...]:
+        """The SOP Instance UIDs of the stack."""
+        return tuple(uid for uid, _ in self.stack)
+
+
+@dataclass(frozen=True)
+class _Arrival:
+    position: float  # along the slice normal (2.5D only; 0 for 2D)
+    digest: str
+    path: Path
 
 
 class SliceCache:
-    """Slices inferred and measured as they arrived, by series, SOP Instance UID and content
-    digest.
+    """Slices inferred and measured as they arrived, by series and SOP Instance UID.
 
-    At most `max_slices` are kept (a study-sized budget of memory: 256 KiB a 512² slice); beyond
-    that, slices are not streamed and the series is inferred whole when it completes.
+    At most `max_slices` instances are held (a study-sized budget of memory: 256 KiB a 512²
+    slice); beyond that, slices are not streamed and the series is inferred whole when it
+    completes.
     """
 
     def __init__(
-        self, infer: InferFn, input_size: int, max_slices: int = 2048, workers: int = 2
+        self,
+        infer: InferFn,
+        input_size: int,
+        max_slices: int = 2048,
+        workers: int = 2,
+        context: int = 0,
     ) -> None:
         self._infer, self._input_size, self._max_slices = infer, input_size, max_slices
+        self._context = context
         # measured as they stream only while inference keeps up: behind a sender that outruns
         # it, measuring the series at the end costs the same CPU without holding the backlog up
         self._measure_backlog = 2 * workers
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stream")
         self._lock = threading.Lock()
-        self._done: dict[str, dict[str, tuple[str, StreamedSlice]]] = {}
+        self._arrived: dict[str, dict[str, _Arrival]] = {}
+        self._done: dict[str, dict[str, StreamedSlice]] = {}
         self._pending: dict[str, set[Future]] = {}
         self._count = 0
 
     def submit(self, series_uid: str, sop_uid: str, digest: str, path: Path) -> bool:
-        """Infer the instance stored at `path` with content `digest` in the background; False
-        when the cache is full (not streamed)."""
+        """Infer the instance stored at `path` with content `digest` in the background (a 2.5D
+        model: once its neighbours are there); False when the cache is full (not streamed)."""
         with self._lock:
             if self._count >= self._max_slices:
                 return False
@@ -76,50 +104,94 @@ class SliceCache:
 
     def _run(self, series_uid: str, sop_uid: str, digest: str, path: Path) -> None:
         try:
-            encoded = path.read_bytes()
-            if hashlib.sha256(encoded).hexdigest() != digest:
-                raise LookupError("replaced or removed since it was stored")
-            dataset = pydicom.dcmread(BytesIO(encoded))
-            pixel_mm = tuple(float(v) for v in dataset.PixelSpacing)
-            hu = slice_hu(dataset)
-            labels = segment_volume(hu[None], self._infer, self._input_size, pixel_mm, 1, 1)[0]
-            with self._lock:
-                keeping_up = len(self._pending.get(series_uid, ())) <= self._measure_backlog
-            sums = measure_slice(hu, labels, pixel_mm[0]) if keeping_up else None
-            done = StreamedSlice(labels, sums)
+            dataset = _read(path, digest)
+            position = slice_position(dataset) if self._context else 0.0
         except Exception as error:  # noqa: BLE001 - inferred again with the series
-            log.info("streamed slice not inferred (%s); the series infers it", type(error).__name__)
+            log.info("streamed slice not read (%s); the series infers it", type(error).__name__)
             with self._lock:
                 self._count -= 1
             return
         with self._lock:
-            previous = self._done.setdefault(series_uid, {}).get(sop_uid)
-            self._done[series_uid][sop_uid] = (digest, done)
-            if previous is not None:
+            arrived = self._arrived.setdefault(series_uid, {})
+            if sop_uid in arrived:
                 self._count -= 1  # a replaced instance: one slot, newest content
+            arrived[sop_uid] = _Arrival(position, digest, path)
+            stacks = self._stacks_ready(series_uid, sop_uid)
+        for stack in stacks:
+            try:
+                self._infer_stack(series_uid, stack, {sop_uid: dataset})
+            except Exception as error:  # noqa: BLE001 - inferred again with the series
+                log.info(
+                    "streamed slice not inferred (%s); the series infers it", type(error).__name__
+                )
+
+    def _stacks_ready(
+        self, series_uid: str, sop_uid: str
+    ) -> list[tuple[tuple[str, _Arrival], ...]]:
+        """The stacks (instances in position order, the centre in the middle) that the arrival of
+        `sop_uid` completes or changes, and that were not inferred with exactly these slices."""
+        arrived = self._arrived[series_uid]
+        if not self._context:
+            return [((sop_uid, arrived[sop_uid]),)]
+        order = sorted(arrived.items(), key=lambda item: item[1].position)
+        at = next(k for k, (uid, _) in enumerate(order) if uid == sop_uid)
+        done = self._done.get(series_uid, {})
+        stacks = []
+        for centre in range(at - self._context, at + self._context + 1):
+            first, last = centre - self._context, centre + self._context
+            if first < 0 or last >= len(order):
+                continue  # not yet (or never: an end of the series, inferred with it)
+            stack = tuple(order[first : last + 1])
+            made = done.get(order[centre][0])
+            if made is None or made.stack != tuple((u, a.digest) for u, a in stack):
+                stacks.append(stack)
+        return stacks
+
+    def _infer_stack(
+        self, series_uid: str, stack: tuple[tuple[str, _Arrival], ...], read: dict[str, Dataset]
+    ) -> None:
+        datasets = [read[uid] if uid in read else _read(a.path, a.digest) for uid, a in stack]
+        centre = len(stack) // 2
+        pixel_mm = tuple(float(v) for v in datasets[centre].PixelSpacing)
+        hu = np.stack([slice_hu(dataset) for dataset in datasets])
+        labels = np.empty(hu.shape, dtype=np.uint8)
+        segment_slices(
+            hu, [centre], labels, self._infer, self._input_size, pixel_mm, 1, 1, self._context
+        )
+        with self._lock:
+            keeping_up = len(self._pending.get(series_uid, ())) <= self._measure_backlog
+        sums = measure_slice(hu[centre], labels[centre], pixel_mm[0]) if keeping_up else None
+        done = StreamedSlice(labels[centre], sums, tuple((u, a.digest) for u, a in stack))
+        with self._lock:
+            if series_uid in self._arrived:  # not forgotten meanwhile
+                self._done.setdefault(series_uid, {})[stack[centre][0]] = done
 
     def _settled(self, series_uid: str, future: Future) -> None:
         with self._lock:
             self._pending.get(series_uid, set()).discard(future)
 
     def peek(self, series_uid: str, digests: dict[str, str]) -> dict[str, StreamedSlice]:
-        """The series' instances whose content is exactly `digests` (SOP UID -> digest),
-        after the slices still in flight finish; the series stays cached (a head start may be
-        discarded, and its series processed again)."""
+        """The series' slices made only of instances whose content is exactly `digests`
+        (SOP UID -> digest), after the slices still in flight finish; the series stays cached
+        (a head start may be discarded, and its series processed again)."""
         with self._lock:
             pending = list(self._pending.get(series_uid, ()))
         wait(pending)
         with self._lock:
             cached = dict(self._done.get(series_uid, {}))
-        return {sop: done for sop, (digest, done) in cached.items() if digests.get(sop) == digest}
+        return {
+            sop: done
+            for sop, done in cached.items()
+            if all(digests.get(uid) == digest for uid, digest in done.stack)
+        }
 
     def take(self, series_uid: str, digests: dict[str, str]) -> dict[str, StreamedSlice]:
         """`peek`, then the series is forgotten."""
         done = self.peek(series_uid, digests)
         with self._lock:
-            cached = self._done.pop(series_uid, {})
+            self._count -= len(self._arrived.pop(series_uid, {}))
+            self._done.pop(series_uid, None)
             self._pending.pop(series_uid, None)
-            self._count -= len(cached)
         return done
 
     def forget(self, series_uid: str) -> None:
@@ -135,3 +207,11 @@ class SliceCache:
     def close(self) -> None:
         """Stop the inference threads; slices not yet inferred are dropped."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _read(path: Path, digest: str) -> Dataset:
+    """The instance stored at `path`, if it still holds the content `digest`."""
+    encoded = path.read_bytes()
+    if hashlib.sha256(encoded).hexdigest() != digest:
+        raise LookupError("replaced or removed since it was stored")
+    return pydicom.dcmread(BytesIO(encoded))
