@@ -101,4 +101,9 @@ def test_2p5d_training_starts_as_the_2d_model_and_serves_only_as_what_it_is(tmp_
         assert trained(torch.zeros(1, 3, 64, 64)).shape == (1, 4, 64, 64)
     with pytest.raises(ValueError, match="only 2D weights can start"):
         models.load_trained("denseunet", out, context=2)
+    again = train(  # fine-tuning 2.5D weights keeps their input without being told
+        TrainConfig(**{**config.__dict__, "init": str(out), "context": None}),
+        out=tmp_path / "again.pt",
+    )
+    assert again["config"]["context"] == 1
     assert np.isfinite(list(summary["validation_randomised"].values())).all()

@@ -663,7 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=TRAIN_DEFAULTS.context,
         help="neighbour slices on either side as extra input channels: 1 trains a 2.5D model "
         "(2D --init weights are inflated); served and listened to like any other "
-        "(default: %(default)s, 2D)",
+        "(default: what the --init weights take; 2D from scratch)",
     )
     p.add_argument(
         "--out",

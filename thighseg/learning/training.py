@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +51,9 @@ class TrainConfig:
     fold: str = "0"  # with data: a fold number of splits.json, or "all"
     validate_every: int = 0  # steps between held-out checks (0: only at the end)
     patience: int = 0  # checks without improvement before stopping (0: never stop early)
-    context: int = 0  # neighbour slices on either side as extra input channels (2.5D); 0: 2D
+    # neighbour slices on either side as extra input channels (2.5D; 0: 2D); None: as the init
+    # weights take (2D from scratch)
+    context: int | None = None
 
 
 def cohort_slices(
@@ -142,28 +144,34 @@ def synthetic_data(config: TrainConfig) -> TrainingData:
         config.randomised_slices,
         context=context,
     )
-    validation_seeds = list(range(first + count, first + count + config.validation_subjects))
-    first_random = RANDOMISED_FIRST_SEED + 90_000
     return TrainingData(
         images=np.concatenate([images, extra[0]]),
         targets=np.concatenate([targets, extra[1]]),
-        validation={
-            "validation": cohort_slices(
-                validation_seeds,
-                config.slices_per_subject,
-                np.random.default_rng(12345),
-                progress=False,
-                context=context,
-            ),
-            "validation_randomised": randomised_slices(
-                list(range(first_random, first_random + config.validation_subjects)),
-                8,
-                progress=False,
-                context=context,
-            ),
-        },
+        validation=synthetic_held_out(config),
         description={},
     )
+
+
+def synthetic_held_out(config: TrainConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The subjects after the training phantoms and the randomised validation subjects: never
+    trained on, scored at the end of every run (and by scripts comparing runs)."""
+    first = config.first_seed + config.subjects
+    first_random = RANDOMISED_FIRST_SEED + 90_000
+    return {
+        "validation": cohort_slices(
+            list(range(first, first + config.validation_subjects)),
+            config.slices_per_subject,
+            np.random.default_rng(12345),
+            progress=False,
+            context=config.context,
+        ),
+        "validation_randomised": randomised_slices(
+            list(range(first_random, first_random + config.validation_subjects)),
+            8,
+            progress=False,
+            context=config.context,
+        ),
+    }
 
 
 def user_data(config: TrainConfig) -> TrainingData:
@@ -278,13 +286,14 @@ def train(config: TrainConfig, out: Path | None = None, checkpoint: Path | None 
     amp = device.type == "cuda"
     out = out or models.weights_path(config.model)
     checkpoint = checkpoint or out.with_suffix(".ckpt")
-    data = user_data(config) if config.data else synthetic_data(config)
-    history = training_history(Path(config.init)) if config.init else []  # before `out` is replaced
     network = (
         models.load_trained(config.model, Path(config.init), context=config.context).train()
         if config.init
-        else models.build(config.model, config.context)
+        else models.build(config.model, config.context or 0)
     ).to(device)
+    config = replace(config, context=models.context_of(network))
+    data = user_data(config) if config.data else synthetic_data(config)
+    history = training_history(Path(config.init)) if config.init else []  # before `out` is replaced
     out.parent.mkdir(parents=True, exist_ok=True)  # once the data and the start are known good
     optimiser = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
