@@ -8,6 +8,8 @@ import json
 import shutil
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -83,33 +85,46 @@ def study_factory(tmp_path_factory):
     return write_study
 
 
+def exported_repository(folder: Path, weights: Path | None = None) -> Path:
+    """The version-controlled repository entry of MODEL copied into `folder`, with `weights`
+    (default: the shipped ones) exported into it as version 1."""
+    needs_torch()
+    from thighseg.export.onnx_export import export_to_repository
+
+    name = models.triton_name(MODEL)
+    shutil.copytree(
+        REPO_ROOT / "model_repository" / name,
+        folder / name,
+        ignore=shutil.ignore_patterns("*.onnx", "__pycache__"),
+    )
+    export_to_repository(MODEL, folder, weights)
+    return folder
+
+
+@contextmanager
+def running_triton(repository: Path, log_dir: Path) -> Iterator[EmbeddedTriton]:
+    """The real tritonserver binary on CPU over `repository`, stopped by PID on the way out."""
+    ports = Ports(free_port(), free_port(), free_port())
+    server = EmbeddedTriton(repository, ports, log_file=log_dir / "triton.log").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+    assert server.process.poll() is not None, "tritonserver still running after stop()"
+
+
 @pytest.fixture(scope="session")
 def model_repository(tmp_path_factory) -> Path:
     """A copy of the version-controlled repository entry with the shipped weights exported into
     it."""
-    needs_torch()
-    from thighseg.export.onnx_export import export_to_repository
-
-    repository = tmp_path_factory.mktemp("model_repository")
-    name = models.triton_name(MODEL)
-    shutil.copytree(
-        REPO_ROOT / "model_repository" / name,
-        repository / name,
-        ignore=shutil.ignore_patterns("*.onnx", "__pycache__"),
-    )
-    export_to_repository(MODEL, repository)
-    return repository
+    return exported_repository(tmp_path_factory.mktemp("model_repository"))
 
 
 @pytest.fixture(scope="session")
 def triton(model_repository, tmp_path_factory):
     """The real tritonserver binary on CPU, stopped by PID at the end of the session."""
-    ports = Ports(free_port(), free_port(), free_port())
-    log_file = tmp_path_factory.mktemp("triton") / "triton.log"
-    server = EmbeddedTriton(model_repository, ports, log_file=log_file).start()
-    yield server
-    server.stop()
-    assert server.process.poll() is not None, "tritonserver still running after stop()"
+    with running_triton(model_repository, tmp_path_factory.mktemp("triton")) as server:
+        yield server
 
 
 @pytest.fixture

@@ -4,18 +4,15 @@ assembled volume, so the neighbours reach the model in the volume's order."""
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
-from conftest import MODEL, REPO_ROOT, free_port, needs_torch
+from conftest import MODEL, exported_repository, needs_torch, running_triton
 
 from thighseg.client.volume import segment_volume
 from thighseg.dicom_listener.scu import send_files
 from thighseg.learning import models
 from thighseg.pipeline.assemble import assemble
 from thighseg.pipeline.loaders import labels_from_seg
-from thighseg.serving.embedded_triton import EmbeddedTriton, Ports
 
 NEIGHBOUR_WEIGHT = 0.4  # of the centre's kernel, so that the neighbours change the labels
 
@@ -26,34 +23,20 @@ def repository_2p5d(tmp_path_factory):
     needs_torch()
     import torch
 
-    from thighseg.export.onnx_export import export_to_repository
-
-    folder = tmp_path_factory.mktemp("repository_2p5d")
-    name = models.triton_name(MODEL)
-    shutil.copytree(
-        REPO_ROOT / "model_repository" / name,
-        folder / name,
-        ignore=shutil.ignore_patterns("*.onnx", "__pycache__"),
-    )
     network = models.load_trained(MODEL, context=1)
     stem = next(m for m in network.modules() if isinstance(m, torch.nn.Conv2d))
     with torch.no_grad():
         stem.weight[:, 0] = NEIGHBOUR_WEIGHT * stem.weight[:, 1]  # the slice before
         stem.weight[:, 2] = -NEIGHBOUR_WEIGHT * stem.weight[:, 1]  # the slice after
-    weights = folder / "segformer_2p5d.pt"
+    weights = tmp_path_factory.mktemp("weights_2p5d") / f"{MODEL}_2p5d.pt"
     torch.save({"state_dict": network.state_dict(), "context": 1}, weights)
-    export_to_repository(MODEL, folder, weights)
-    return folder
+    return exported_repository(tmp_path_factory.mktemp("repository_2p5d"), weights)
 
 
 @pytest.fixture(scope="module")
 def triton_2p5d(repository_2p5d, tmp_path_factory):
-    ports = Ports(free_port(), free_port(), free_port())
-    log_file = tmp_path_factory.mktemp("triton_2p5d") / "triton.log"
-    server = EmbeddedTriton(repository_2p5d, ports, log_file=log_file).start()
-    yield server
-    server.stop()
-    assert server.process.poll() is not None, "tritonserver still running after stop()"
+    with running_triton(repository_2p5d, tmp_path_factory.mktemp("triton_2p5d")) as server:
+        yield server
 
 
 def test_a_served_2p5d_model_gets_each_slice_with_its_neighbours_streamed_or_not(

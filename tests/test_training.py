@@ -2,6 +2,16 @@
 
 from conftest import needs_torch
 
+TINY = dict(  # a run of a few seconds: one subject of each generator
+    model="denseunet",
+    subjects=1,
+    slices_per_subject=2,
+    randomised_subjects=2,
+    randomised_slices=2,
+    validation_subjects=1,
+    batch_size=2,
+)
+
 
 def test_training_saves_weights_and_resumes_from_the_checkpoint(tmp_path):
     needs_torch()
@@ -10,16 +20,7 @@ def test_training_saves_weights_and_resumes_from_the_checkpoint(tmp_path):
     from thighseg.learning import models
     from thighseg.learning.training import TrainConfig, train, training_history
 
-    config = TrainConfig(
-        model="denseunet",
-        subjects=1,
-        slices_per_subject=2,
-        randomised_subjects=2,
-        randomised_slices=2,
-        validation_subjects=1,
-        steps=3,
-        batch_size=2,
-    )
+    config = TrainConfig(**TINY, steps=3)
     out = tmp_path / "denseunet.pt"
     first = train(config, out=out)
     assert set(first["validation"]) == {"extensor", "flexor", "adductor"}
@@ -78,18 +79,7 @@ def test_2p5d_training_starts_as_the_2d_model_and_serves_only_as_what_it_is(tmp_
     neighbours = torch.cat([torch.randn(2, 1, 64, 64), centre, torch.randn(2, 1, 64, 64)], 1)
     with torch.no_grad():
         assert torch.allclose(flat(centre), inflated(neighbours), atol=1e-5)
-    config = TrainConfig(
-        model="denseunet",
-        subjects=1,
-        slices_per_subject=2,
-        randomised_subjects=2,
-        randomised_slices=2,
-        validation_subjects=1,
-        steps=2,
-        batch_size=2,
-        init=str(models.weights_path("denseunet")),
-        context=1,
-    )
+    config = TrainConfig(**TINY, steps=2, init=str(models.weights_path("denseunet")), context=1)
     out = tmp_path / "denseunet_2p5d.pt"
     summary = train(config, out=out)
     assert summary["config"]["context"] == 1
