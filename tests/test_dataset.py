@@ -295,7 +295,8 @@ def test_fine_tune_on_a_fold_logs_validation_and_evaluate_scores_folds_and_poole
     assert any(not torch.equal(shipped[k].float(), tuned[k].float()) for k in shipped)
 
     cohorts = dataset_cohorts(out, dataset.read_splits(out))
-    backends = [torch_backend(models.load_trained("denseunet", w)) for w in weights]
+    networks = [models.load_trained("denseunet", w) for w in weights]
+    backends = [torch_backend(network) for network in networks]
     report = run_evaluation(
         {"denseunet": backends[0]},
         tmp_path / "evaluation",
@@ -303,6 +304,7 @@ def test_fine_tune_on_a_fold_logs_validation_and_evaluate_scores_folds_and_poole
         studies_by_cohort=cohorts,
         cohort_backends={"fold0": {"denseunet": backends[0]}, "fold1": {"denseunet": backends[1]}},
         pooled=("fold0", "fold1"),
+        contexts={"denseunet": models.context_of(networks[0])},
     )
     scored = report["models"]["denseunet"]
     assert set(scored) == {"fold0", "fold1", "pooled"}

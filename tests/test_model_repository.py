@@ -1,5 +1,7 @@
-"""Every model configuration parses with Triton's own protobuf and respects the engine profile."""
+"""Every model configuration parses with Triton's own protobuf, respects the engine profile and
+declares the input its shipped weights take."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,14 @@ MODEL_DIRS = sorted(p for p in REPOSITORY.iterdir() if p.is_dir())
 
 def parse(path: Path) -> model_config_pb2.ModelConfig:
     return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def shipped_channels(model_dir: Path) -> int:
+    """Input channels of the shipped weights (2·context+1), from their training record."""
+    record = (
+        REPOSITORY.parent / "thighseg" / "weights" / f"{model_dir.name[len('thighseg_') :]}.json"
+    )
+    return 2 * (json.loads(record.read_text())["config"].get("context") or 0) + 1
 
 
 def io_signature(config) -> list:
@@ -38,13 +48,14 @@ def test_production_config_stays_inside_the_tensorrt_profile(model_dir):
     )
     assert config.dynamic_batching.max_queue_delay_microseconds <= 5000
     assert [g.kind for g in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]
+    image = [shipped_channels(model_dir), MODEL_INPUT_SIZE, MODEL_INPUT_SIZE]
     assert io_signature(config) == [
-        ("image", model_config_pb2.TYPE_FP32, [1, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE]),
+        ("image", model_config_pb2.TYPE_FP32, image),
         ("logits", model_config_pb2.TYPE_FP32, [4, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE]),
     ]
     for warmup in config.model_warmup:
         assert warmup.batch_size <= config.max_batch_size
-        assert list(warmup.inputs["image"].dims) == [1, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE]
+        assert list(warmup.inputs["image"].dims) == image
 
 
 @pytest.mark.parametrize("model_dir", MODEL_DIRS, ids=lambda p: p.name)

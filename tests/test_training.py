@@ -72,14 +72,16 @@ def test_2p5d_training_starts_as_the_2d_model_and_serves_only_as_what_it_is(tmp_
     from thighseg.learning import models
     from thighseg.learning.training import TrainConfig, train
 
-    flat = models.load_trained("denseunet")
-    inflated = models.load_trained("denseunet", context=1)
+    flat = models.load_trained("segformer")  # shipped 2D weights
+    inflated = models.load_trained("segformer", context=1)
     assert (models.context_of(flat), models.context_of(inflated)) == (0, 1)
     centre = torch.randn(2, 1, 64, 64)
     neighbours = torch.cat([torch.randn(2, 1, 64, 64), centre, torch.randn(2, 1, 64, 64)], 1)
     with torch.no_grad():
         assert torch.allclose(flat(centre), inflated(neighbours), atol=1e-5)
-    config = TrainConfig(**TINY, steps=2, init=str(models.weights_path("denseunet")), context=1)
+    flat_weights = tmp_path / "denseunet_2d.pt"
+    assert train(TrainConfig(**TINY, steps=1), out=flat_weights)["config"]["context"] == 0
+    config = TrainConfig(**TINY, steps=2, init=str(flat_weights), context=1)
     out = tmp_path / "denseunet_2p5d.pt"
     summary = train(config, out=out)
     assert summary["config"]["context"] == 1
