@@ -47,6 +47,10 @@ def command(config: dict) -> str:
         f"--steps {config['steps']} --batch-size {config['batch_size']}",
         f"--learning-rate {config['learning_rate']:g} --seed {config['seed']}",
     ]
+    if config.get("validate_every"):
+        parts.append(
+            f"--validate-every {config['validate_every']} --patience {config.get('patience', 0)}"
+        )
     if config.get("init"):
         parts.append(f"--init {Path(config['init']).name}")
     if config.get("context"):
@@ -78,6 +82,15 @@ def _dataset_lines(summary: dict) -> list[str]:
 
 def _synthetic_lines(config: dict) -> list[str]:
     last_seed = config["first_seed"] + config["subjects"] - 1
+    neighbours = (
+        [
+            f"2.5D: each slice comes with its {config['context']} neighbour(s) on either side, "
+            "phantom slices from series of 24 to 72 slices, randomised levels with neighbours "
+            "1–20 mm apart (log-uniform); stacks reversed at random."
+        ]
+        if config.get("context")
+        else []
+    )
     return [
         f"Synthetic only. {config['subjects']} fixed-phantom subjects "
         f"(`thighseg.synthetic.phantom`, seeds {config['first_seed']}–{last_seed}, "
@@ -88,7 +101,7 @@ def _synthetic_lines(config: dict) -> list[str]:
         f"{config.get('randomised_slices', 0)} random levels each). Augmentation: mirror, "
         "rotation, scale, shift, intensity offset, noise. The stress generator "
         "(`thighseg.synthetic.stress`) was never used."
-    ]
+    ] + neighbours
 
 
 def _history_lines(summary: dict) -> list[str]:
