@@ -57,8 +57,11 @@ def test_wrong_input_shape_is_a_clear_error(triton):
     segmenter = TritonSegmenter(triton.http_url, NAME, retries=0)
     with pytest.raises(TritonUnavailable, match="failed"):
         segmenter.infer(np.zeros((1, 1, 64, 64), np.float32))
-    with pytest.raises(ValueError, match="expected a"):
+    with pytest.raises(ValueError, match=r"takes \(n, 1, H, W\) batches, got shape \(64, 64\)"):
         segmenter.infer(np.zeros((64, 64), np.float32))
+    # channels the served model does not take: refused here, never retried as an outage
+    with pytest.raises(ValueError, match=r"got shape \(1, 3, 256, 256\)"):
+        segmenter.infer(np.zeros((1, 3, 256, 256), np.float32))
 
 
 def test_unreachable_server_is_reported_not_hung():
