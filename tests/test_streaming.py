@@ -136,6 +136,8 @@ def test_a_2p5d_slice_streams_once_its_neighbours_arrive_and_only_with_the_volum
     early = cache.peek("s", digests)
     assert set(early) == {uids[k] for k in (1, 2, 3, 4)}  # the ends wait for the series
     assert early[uids[4]].neighbours == (uids[3], uids[4], uids[6])  # 5 was not there yet
+    # each keeps only its own labels: a view of its stack's would hold three slices' worth
+    assert all(done.labels.base is None for done in early.values())
     loaded = LoadedVolume(volume.hu, volume.spacing_zyx, None, volume)
     assert set(streamed_by_index(loaded, early)) == {1, 2, 3}  # 4 had the wrong neighbour
     cache.submit("s", uids[5], digests[uids[5]], volume.paths[5])

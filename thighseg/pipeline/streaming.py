@@ -16,7 +16,7 @@ source of truth.
 
 A slice waiting for a free worker is only its spool path: the file is read when inferred, so a
 backlog (inference slower than the sender) costs no memory for pixels; a 2.5D slice's neighbours
-are read again from the spool.
+come from the last few slices decoded, or are read again from the spool.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from io import BytesIO
@@ -38,6 +39,11 @@ from thighseg.measure.sums import SliceSums, measure_slice
 from thighseg.pipeline.assemble import slice_hu, slice_position
 
 log = logging.getLogger(__name__)
+
+# 2.5D: decoded slices kept for the stacks of their neighbours, in stacks' worth (a sender's
+# order is seldom further off than this; a slice not kept is read from the spool again)
+RECENT_STACKS = 4
+_Decoded = tuple[np.ndarray, tuple[float, float]]  # HU and (row, column) pixel size in mm
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,7 @@ class SliceCache:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stream")
         self._lock = threading.Lock()
         self._arrived: dict[str, dict[str, _Arrival]] = {}
+        self._recent: OrderedDict[str, _Decoded] = OrderedDict()  # by content digest (2.5D)
         self._done: dict[str, dict[str, StreamedSlice]] = {}
         self._pending: dict[str, set[Future]] = {}
         self._count = 0
@@ -106,6 +113,7 @@ class SliceCache:
         try:
             dataset = _read(path, digest)
             position = slice_position(dataset) if self._context else 0.0
+            decoded = _decode(dataset)
         except Exception as error:  # noqa: BLE001 - inferred again with the series
             log.info("streamed slice not read (%s); the series infers it", type(error).__name__)
             with self._lock:
@@ -116,10 +124,11 @@ class SliceCache:
             if sop_uid in arrived:
                 self._count -= 1  # a replaced instance: one slot, newest content
             arrived[sop_uid] = _Arrival(position, digest, path)
+            self._remember(digest, decoded)
             stacks = self._stacks_ready(series_uid, sop_uid)
         for stack in stacks:
             try:
-                self._infer_stack(series_uid, stack, {sop_uid: dataset})
+                self._infer_stack(series_uid, stack, {digest: decoded})
             except Exception as error:  # noqa: BLE001 - inferred again with the series
                 log.info(
                     "streamed slice not inferred (%s); the series infers it", type(error).__name__
@@ -147,13 +156,33 @@ class SliceCache:
                 stacks.append(stack)
         return stacks
 
+    def _remember(self, digest: str, decoded: _Decoded) -> None:
+        """Keep a decoded 2.5D slice for its neighbours' stacks (the caller holds the lock)."""
+        if not self._context:
+            return
+        self._recent[digest] = decoded
+        self._recent.move_to_end(digest)
+        while len(self._recent) > RECENT_STACKS * (2 * self._context + 1):
+            self._recent.popitem(last=False)
+
+    def _decoded(self, arrival: _Arrival, given: dict[str, _Decoded]) -> _Decoded:
+        """The slice's HU and pixel size: just decoded, recently decoded, or read again."""
+        with self._lock:
+            known = given.get(arrival.digest) or self._recent.get(arrival.digest)
+        if known is not None:
+            return known
+        decoded = _decode(_read(arrival.path, arrival.digest))
+        with self._lock:
+            self._remember(arrival.digest, decoded)
+        return decoded
+
     def _infer_stack(
-        self, series_uid: str, stack: tuple[tuple[str, _Arrival], ...], read: dict[str, Dataset]
+        self, series_uid: str, stack: tuple[tuple[str, _Arrival], ...], given: dict[str, _Decoded]
     ) -> None:
-        datasets = [read[uid] if uid in read else _read(a.path, a.digest) for uid, a in stack]
+        decoded = [self._decoded(arrival, given) for _, arrival in stack]
         centre = len(stack) // 2
-        pixel_mm = tuple(float(v) for v in datasets[centre].PixelSpacing)
-        hu = np.stack([slice_hu(dataset) for dataset in datasets])
+        pixel_mm = decoded[centre][1]
+        hu = np.stack([image for image, _ in decoded])
         labels = np.empty(hu.shape, dtype=np.uint8)
         segment_slices(
             hu, [centre], labels, self._infer, self._input_size, pixel_mm, 1, 1, self._context
@@ -161,7 +190,8 @@ class SliceCache:
         with self._lock:
             keeping_up = len(self._pending.get(series_uid, ())) <= self._measure_backlog
         sums = measure_slice(hu[centre], labels[centre], pixel_mm[0]) if keeping_up else None
-        done = StreamedSlice(labels[centre], sums, tuple((u, a.digest) for u, a in stack))
+        # a copy: a view would keep the whole stack's labels alive for as long as the slice's
+        done = StreamedSlice(labels[centre].copy(), sums, tuple((u, a.digest) for u, a in stack))
         with self._lock:
             if series_uid in self._arrived:  # not forgotten meanwhile
                 self._done.setdefault(series_uid, {})[stack[centre][0]] = done
@@ -207,6 +237,10 @@ class SliceCache:
     def close(self) -> None:
         """Stop the inference threads; slices not yet inferred are dropped."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _decode(dataset: Dataset) -> _Decoded:
+    return slice_hu(dataset), (float(dataset.PixelSpacing[0]), float(dataset.PixelSpacing[1]))
 
 
 def _read(path: Path, digest: str) -> Dataset:
