@@ -108,16 +108,18 @@ def export_to_repository(
 def _refuse_other_inputs(model_dir: Path, version: int, channels: int) -> None:
     """Triton declares one input for all of a model's versions: a 2.5D version cannot join 2D
     ones (nor the reverse)."""
-    others = [
-        v
+    others = {
+        v: 2 * onnx_context(model_dir / str(v) / "model.onnx") + 1
         for v in exported_versions(model_dir)
-        if v != version and 2 * onnx_context(model_dir / str(v) / "model.onnx") + 1 != channels
-    ]
-    if others:
+        if v != version
+    }
+    different = {v: c for v, c in others.items() if c != channels}
+    if different:
+        listed = ", ".join(f"{v} ({c})" for v, c in different.items())
         raise ValueError(
-            f"version(s) {', '.join(map(str, others))} of {model_dir.name} take another number of "
-            f"input channels than these weights ({channels}); a model's versions share one input: "
-            "export to another repository, or remove those versions"
+            f"version(s) {listed} of {model_dir.name} take other input channels than these "
+            f"weights ({channels}); a model's versions share one input: export to another "
+            "repository, or remove those versions"
         )
 
 

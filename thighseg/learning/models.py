@@ -118,8 +118,8 @@ def load_trained(
     trained_context = int(checkpoint.get("context", 0))
     if context is not None and context != trained_context and trained_context:
         raise ValueError(
-            f"{path} takes {trained_context} neighbour slices a side; only 2D weights can start "
-            f"a model with context {context}"
+            f"{path} takes {trained_context} neighbour slice(s) on either side; only 2D weights "
+            f"can start a model with context {context}"
         )
     network = build(model, trained_context if context is None else context)
     state = {k: v.float() for k, v in state.items()}
