@@ -24,6 +24,7 @@ from typing import TypeVar
 import numpy as np
 
 from thighseg.core.constants import TRITON_URL
+from thighseg.core.resample import stack_context
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,10 @@ class TritonSegmenter:
                     f"no metadata for {self.model} at {self.url}: {error}"
                 ) from error
         return self._channels
+
+    def context(self) -> int:
+        """Neighbour slices on either side the served model takes (0: 2D)."""
+        return stack_context(self.channels())
 
     def infer(self, images: np.ndarray) -> np.ndarray:
         """Logits for one batch; retries transient failures with exponential backoff."""

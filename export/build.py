@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from thighseg.core.resample import stack_context
 from thighseg.export.fp16 import convert_to_fp16
 from thighseg.export.onnx_export import export_to_repository, measure_parity
 from thighseg.export.validation import compare, onnx_backend, phantom_tiles
@@ -75,7 +76,7 @@ def _export_int8(
 
     from thighseg.export.int8 import calibration_images, choose_cpu_model, quantise
 
-    paths = quantise(onnx_fp32, calibration_images(images.shape[1] // 2))
+    paths = quantise(onnx_fp32, calibration_images(stack_context(images.shape[1])))
     report: dict = {name: str(path) for name, path in paths.items()}
     report["cpu_choice"] = choose_cpu_model(
         onnx_fp32, paths["cpu"], images, truth, threads=len(os.sched_getaffinity(0))

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from thighseg.core.resample import MODEL_INPUT_SIZE
+from thighseg.core.resample import MODEL_INPUT_SIZE, stack_channels
 from thighseg.export.validation import (
     Comparison,
     compare,
     onnx_backend,
-    onnx_context,
+    onnx_channels,
     torch_backend,
 )
 from thighseg.learning import models
@@ -30,7 +30,7 @@ def export_onnx(network, path: Path, size: int = MODEL_INPUT_SIZE) -> Path:
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = torch.zeros(2, 2 * models.context_of(network) + 1, size, size)
+    example = torch.zeros(2, stack_channels(models.context_of(network)), size, size)
     with torch.no_grad(), warnings.catch_warnings():
         # The legacy exporter is chosen on purpose (one self-contained file, opset 17); its
         # deprecation
@@ -83,7 +83,7 @@ def export_to_repository(
         )
     weights = weights or models.weights_path(model)
     network = models.load_trained(model, weights)  # unreadable weights leave no version behind
-    channels = 2 * models.context_of(network) + 1
+    channels = stack_channels(models.context_of(network))
     _refuse_other_inputs(model_dir, version, channels)
     folder = model_dir / str(version)
     folder.mkdir(parents=True, exist_ok=True)
@@ -109,7 +109,7 @@ def _refuse_other_inputs(model_dir: Path, version: int, channels: int) -> None:
     """Triton declares one input for all of a model's versions: a 2.5D version cannot join 2D
     ones (nor the reverse)."""
     others = {
-        v: 2 * onnx_context(model_dir / str(v) / "model.onnx") + 1
+        v: onnx_channels(model_dir / str(v) / "model.onnx")
         for v in exported_versions(model_dir)
         if v != version
     }

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from thighseg.core.resample import MODEL_INPUT_SIZE
-from thighseg.export.validation import onnx_context
+from thighseg.export.validation import onnx_channels
 
 # The optimisation profile covers every batch Triton may form: max_batch_size and the preferred
 # batch sizes in the tensorrt_plan config.pbtxt must stay inside [PROFILE_MIN, PROFILE_MAX]
@@ -124,7 +124,7 @@ def build_engine(onnx_fp16: Path, plan: Path, timing_cache: Path | None = None) 
     if not strongly_typed:
         config.set_flag(trt.BuilderFlag.FP16)
     profile = builder.create_optimization_profile()
-    shape = (2 * onnx_context(onnx_fp16) + 1, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE)
+    shape = (onnx_channels(onnx_fp16), MODEL_INPUT_SIZE, MODEL_INPUT_SIZE)
     profile.set_shape("image", (PROFILE_MIN, *shape), (PROFILE_OPT, *shape), (PROFILE_MAX, *shape))
     config.add_optimization_profile(profile)
     cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.exists() else b""

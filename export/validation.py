@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from thighseg.core.labels import normalise_hu
-from thighseg.core.resample import labels_on_tiles, stacked_tiles
+from thighseg.core.resample import labels_on_tiles, stack_context, stacked_tiles
 from thighseg.measure.metrics import dice_per_group
 from thighseg.synthetic import phantom
 
@@ -80,12 +80,17 @@ def compare(
     return Comparison(len(images), max_diff, agree / total, dice_reference, dice_candidate)
 
 
-def onnx_context(path) -> int:
-    """Neighbour slices a side an exported model takes (from its input's channel axis)."""
+def onnx_channels(path) -> int:
+    """Input channels of an exported model (its input's channel axis)."""
     import onnx
 
-    channels = onnx.load(str(path), load_external_data=False).graph.input[0]
-    return (channels.type.tensor_type.shape.dim[1].dim_value - 1) // 2
+    image = onnx.load(str(path), load_external_data=False).graph.input[0]
+    return image.type.tensor_type.shape.dim[1].dim_value
+
+
+def onnx_context(path) -> int:
+    """Neighbour slices on either side an exported model takes."""
+    return stack_context(onnx_channels(path))
 
 
 def onnx_backend(path) -> Backend:

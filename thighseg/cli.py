@@ -468,7 +468,7 @@ def cmd_evaluate_dataset(args: argparse.Namespace) -> int:
         from thighseg.client.triton import TritonSegmenter
 
         served = TritonSegmenter(args.triton_url, models.triton_name(model), args.protocol)
-        per_fold, contexts = [served.infer], {(served.input_shape()[0] - 1) // 2}
+        per_fold, contexts = [served.infer], {served.context()}
         scored_with = [f"{model} served by Triton at {args.triton_url}"]
     else:
         weights = args.weights or [models.weights_path(model)]
@@ -533,7 +533,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             from thighseg.client.triton import TritonSegmenter
 
             served = TritonSegmenter(args.triton_url, models.triton_name(model), args.protocol)
-            backends[model], contexts[model] = served.infer, (served.input_shape()[0] - 1) // 2
+            backends[model], contexts[model] = served.infer, served.context()
         else:
             from thighseg.apps.demo import ensure_exported
             from thighseg.export.validation import onnx_backend, onnx_context

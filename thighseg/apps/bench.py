@@ -44,7 +44,7 @@ from thighseg.client.perf import measure, without_dynamic_batching
 from thighseg.core.constants import AE_TITLE, DEFAULT_MODEL
 from thighseg.core.labels import normalise_hu
 from thighseg.core.resample import MODEL_INPUT_SIZE, stacked_tiles
-from thighseg.export.validation import onnx_context
+from thighseg.export.validation import onnx_channels, onnx_context
 from thighseg.learning import models
 from thighseg.pipeline.report import SeriesReport
 from thighseg.serving.embedded_triton import CPU_CONFIG_NAME, EmbeddedTriton, Ports
@@ -135,15 +135,18 @@ def run_perf(
         for c in config.concurrencies
         for name in names
     ]
+    channels = {
+        model: onnx_channels(server.model_repository / names[0] / "1" / "model.onnx")
+        for model, names in served.items()
+    }
     for model, name, protocol, concurrency in tqdm(plan, desc="perf_analyzer"):
         url = server.http_url if protocol == "http" else server.grpc_url
-        channels = 2 * onnx_context(server.model_repository / name / "1" / "model.onnx") + 1
         point = measure(
             name,
             url,
             protocol,
             concurrency,
-            (channels, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE),
+            (channels[model], MODEL_INPUT_SIZE, MODEL_INPUT_SIZE),
             config.measurement_ms,
         )
         points.append(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from thighseg.core.resample import MODEL_INPUT_SIZE
+from thighseg.core.resample import MODEL_INPUT_SIZE, stack_context
 from thighseg.learning import models
 from thighseg.pipeline.stages import InferenceSettings
 
@@ -41,12 +41,11 @@ def local_settings(model: str, device: str, repository: Path) -> InferenceSettin
     record = onnx_path.with_name("weights.json")
     weights_sha256 = json.loads(record.read_text())["sha256"] if record.exists() else None
     session = ort.InferenceSession(str(onnx_path), providers=providers_for(device))
-    channels = session.get_inputs()[0].shape[1]
     return InferenceSettings(
         lambda batch: session.run(["logits"], {"image": batch})[0],
         model,
         MODEL_INPUT_SIZE,
-        context=(channels - 1) // 2,
+        context=stack_context(session.get_inputs()[0].shape[1]),
         concurrency=1,  # ONNX Runtime already uses every core for one batch
         model_version=onnx_path.parent.name,
         weights_sha256=weights_sha256,

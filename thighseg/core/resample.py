@@ -148,6 +148,16 @@ def tiles_of(
     return tiles, windows
 
 
+def stack_channels(context: int) -> int:
+    """Input channels of a model that takes each slice with `context` neighbours on either side."""
+    return 2 * context + 1
+
+
+def stack_context(channels: int) -> int:
+    """Neighbours on either side of a model that takes `channels` input channels (1: 2D)."""
+    return (channels - 1) // 2
+
+
 def stacked_tiles(
     slices: Sequence[np.ndarray] | np.ndarray,
     pixel_mm: tuple[float, float],

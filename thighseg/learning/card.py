@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from thighseg.core.resample import MODEL_PIXEL_MM
+from thighseg.core.resample import MODEL_PIXEL_MM, stack_channels
 from thighseg.learning import models
 
 ARCHITECTURES = {
@@ -143,8 +143,9 @@ def render(summary: dict, evaluation: dict | None = None) -> str:
         "| | |",
         "|---|---|",
         f"| architecture | {ARCHITECTURES[model]} |",
-        f"| input / output | {2 * context + 1} × 256 × 256: {stack}HU clipped to [-250, 250] and "
-        "scaled to [-1, 1] (`thighseg.core.labels.normalise_hu`), any matrix resampled to a "
+        f"| input / output | {stack_channels(context)} × 256 × 256: {stack}HU clipped to "
+        "[-250, 250] and scaled to [-1, 1] (`thighseg.core.labels.normalise_hu`), any matrix "
+        "resampled to a "
         f"256² tile of {MODEL_PIXEL_MM} mm pixels centred on the body "
         "(`thighseg.core.resample`; shrunk to fit a wider body) → 4-class logits "
         "(background, extensor, flexor, adductor) |",

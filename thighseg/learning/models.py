@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from thighseg.core.labels import NUM_CLASSES
+from thighseg.core.resample import stack_channels, stack_context
 
 if TYPE_CHECKING:
     import torch
@@ -67,7 +68,7 @@ def build(model: str, context: int = 0) -> torch.nn.Module:
         raise ValueError(f"unknown model {model!r}; choose one of {', '.join(sorted(BUILDERS))}")
     if context < 0:
         raise ValueError(f"context must be >= 0 neighbour slices, got {context}")
-    return BUILDERS[model](2 * context + 1)
+    return BUILDERS[model](stack_channels(context))
 
 
 def weights_path(model: str) -> Path:
@@ -79,7 +80,7 @@ def context_of(network: torch.nn.Module) -> int:
     import torch
 
     stem = next(m for m in network.modules() if isinstance(m, torch.nn.Conv2d))
-    return (stem.in_channels - 1) // 2
+    return stack_context(stem.in_channels)
 
 
 def inflated(state: Mapping[str, torch.Tensor], network: torch.nn.Module) -> dict:

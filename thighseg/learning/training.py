@@ -18,7 +18,12 @@ from tqdm import tqdm
 
 from thighseg.core.constants import DEFAULT_MODEL
 from thighseg.core.labels import NUM_CLASSES, normalise_hu
-from thighseg.core.resample import MODEL_INPUT_SIZE, labels_on_tiles, stacked_tiles
+from thighseg.core.resample import (
+    MODEL_INPUT_SIZE,
+    labels_on_tiles,
+    stack_channels,
+    stacked_tiles,
+)
 from thighseg.learning import dataset, models
 from thighseg.measure.metrics import dice_per_group
 from thighseg.synthetic import phantom, randomised
@@ -30,7 +35,7 @@ PHANTOM_STACK_SLICES = (24, 48, 72)  # 2.5D phantoms: slices over the thigh, ~17
 
 
 def _empty_images(context: int) -> np.ndarray:
-    return np.zeros((0, 2 * context + 1, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE), np.float16)
+    return np.zeros((0, stack_channels(context), MODEL_INPUT_SIZE, MODEL_INPUT_SIZE), np.float16)
 
 
 @dataclass
@@ -98,7 +103,7 @@ def randomised_slices(
         offsets = gap * np.arange(-context, context + 1)
         levels = np.concatenate([c + offsets for c in rng.uniform(0.05, 0.95, slices_per_subject)])
         ph = randomised.generate(seed, size=MODEL_INPUT_SIZE, levels=levels)
-        width = 2 * context + 1
+        width = stack_channels(context)
         stacks = ph.hu.reshape(slices_per_subject, width, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE)
         images.append(normalise_hu(stacks).astype(np.float16))
         targets.append(ph.labels[context::width])

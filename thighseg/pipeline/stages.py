@@ -22,6 +22,7 @@ import thighseg
 from thighseg.client.triton import TritonUnavailable
 from thighseg.client.volume import segment_slices
 from thighseg.core.memory import release_free_heap, release_highdicom_tables
+from thighseg.core.resample import stack_context
 from thighseg.measure import qc
 from thighseg.measure.anatomy import body_midline
 from thighseg.measure.indices import indices_of
@@ -70,7 +71,7 @@ def settings_for(segmenter, model: str, **options) -> InferenceSettings:
         segmenter.infer,
         model,
         size,
-        context=(channels - 1) // 2,
+        context=stack_context(channels),
         blocked=segmenter.why_not_ready,
         model_version=segmenter.version,
         weights_sha256=segmenter.weights_sha256(segmenter.version),

@@ -35,6 +35,7 @@ import pydicom
 from pydicom import Dataset
 
 from thighseg.client.volume import InferFn, segment_slices
+from thighseg.core.resample import stack_channels
 from thighseg.measure.sums import SliceSums, measure_slice
 from thighseg.pipeline.assemble import slice_hu, slice_position
 
@@ -162,7 +163,7 @@ class SliceCache:
             return
         self._recent[digest] = decoded
         self._recent.move_to_end(digest)
-        while len(self._recent) > RECENT_STACKS * (2 * self._context + 1):
+        while len(self._recent) > RECENT_STACKS * stack_channels(self._context):
             self._recent.popitem(last=False)
 
     def _decoded(self, arrival: _Arrival, given: dict[str, _Decoded]) -> _Decoded:
