@@ -19,7 +19,8 @@ import tempfile
 from pathlib import Path
 
 from thighseg.apps.bench import run_whole_study
-from thighseg.apps.ingest import free_port, last_store_to_seg
+from thighseg.apps.ingest import last_store_to_seg
+from thighseg.core.ports import free_port
 from thighseg.export.onnx_export import export_to_repository
 from thighseg.learning import models
 from thighseg.serving.embedded_triton import EmbeddedTriton, Ports

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from thighseg.core.ports import free_port
 from thighseg.learning import models
 from thighseg.serving.embedded_triton import EmbeddedTriton, Ports
 from thighseg.synthetic import phantom
@@ -28,13 +28,6 @@ def wait_until(condition, timeout_s: float, poll_s: float = 0.1) -> bool:
             return True
         time.sleep(poll_s)
     return condition()
-
-
-def free_port() -> int:
-    """A TCP port free on localhost now (tests bind their servers to it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

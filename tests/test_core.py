@@ -1,8 +1,11 @@
+import socket
+
 import numpy as np
 import pytest
 from scipy import ndimage
 
 from thighseg.core.labels import normalise_hu
+from thighseg.core.ports import EPHEMERAL_RANGE, free_port
 from thighseg.core.resample import (
     MODEL_INPUT_SIZE,
     MODEL_PIXEL_MM,
@@ -131,3 +134,15 @@ def test_only_disputed_pixels_are_interpolated_and_the_labels_are_those_of_full_
     assert labels.dtype == np.uint8 and labels.shape == (480, 400)
     assert np.array_equal(labels, expected)
     assert window.origin[0] == 600.0 or len(np.unique(labels)) == 4
+
+
+def test_free_ports_are_distinct_bindable_and_outside_the_range_clients_draw_from():
+    """A port in the ephemeral range can be taken by an outgoing connection before the server
+    binds it (CI once failed so); ports below it cannot."""
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == len(ports)
+    if EPHEMERAL_RANGE.exists():
+        low = int(EPHEMERAL_RANGE.read_text().split()[0])
+        assert all(port < low for port in ports)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", ports[0]))  # bindable when handed out

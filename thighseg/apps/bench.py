@@ -32,7 +32,6 @@ from tqdm import tqdm
 from thighseg.apps.baselines import onnxruntime_runner, slices_per_second, torch_runner
 from thighseg.apps.ingest import (
     compare_ingest,
-    free_port,
     last_store_to_seg,
     listener_process,
     peak_rss_bytes,
@@ -43,6 +42,7 @@ from thighseg.apps.sustained import run_sustained
 from thighseg.client.perf import measure, without_dynamic_batching
 from thighseg.core.constants import AE_TITLE, DEFAULT_MODEL
 from thighseg.core.labels import normalise_hu
+from thighseg.core.ports import free_port
 from thighseg.core.resample import MODEL_INPUT_SIZE, stacked_tiles
 from thighseg.export.validation import onnx_channels, onnx_context
 from thighseg.learning import models

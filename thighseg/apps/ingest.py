@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO
 
 from thighseg.core.constants import AE_TITLE, DEFAULT_MODEL
+from thighseg.core.ports import free_port
 from thighseg.pipeline.report import SeriesReport
 
 NODELAY = {"TCP_NODELAY": "1"}  # DCMTK's documented switch
@@ -42,12 +43,6 @@ class IngestRun:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "instances_per_second": round(self.instances_per_second, 2)}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_port(
