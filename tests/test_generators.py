@@ -10,6 +10,7 @@ import numpy as np
 
 from thighseg.core.labels import MUSCLE_GROUPS, Group
 from thighseg.synthetic import cohorts, randomised, stress
+from thighseg.synthetic.phantom import Geometry
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,6 +45,25 @@ def test_randomised_labels_sit_on_muscle_and_the_septa_are_darker():
         assert (labels > 0).sum() > 200, seed
         # labelled pixels are nearer muscle than fat on average (IMAT included)
         assert abs(np.median(hu[labels > 0]) - muscle_hu) < abs(np.median(hu[labels > 0]) - fat_hu)
+
+
+def test_randomised_infiltration_is_drawn_as_pure_fat_and_as_partial_volume():
+    """IMAT of fatty subjects shows at HU between fat and muscle, like a faint septum, and is
+    labelled muscle: without such subjects a model leaves fatty muscle outside the groups."""
+    subject = randomised.sample_subject(3)
+    tissue = np.full((64, 64), randomised.Tissue.MUSCLE, dtype=np.int8)
+    infiltrated = np.full(tissue.shape, 0.4, dtype=np.float32)
+    geometry = Geometry(64, 100.0, np.zeros(1), np.zeros(1))
+    muscle_hu = subject.appearance.hu[randomised.Tissue.MUSCLE]
+    fat_hu = subject.appearance.hu[randomised.Tissue.FAT]
+    third = (muscle_hu - fat_hu) / 3
+    partial = []
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        hu = randomised._intensities(subject, tissue, infiltrated, rng, geometry)
+        partial.append(float(((hu > fat_hu + third + 25) & (hu < muscle_hu - third)).mean()))
+    assert min(partial) < 0.02, "some subjects have pure-fat marbling only"
+    assert max(partial) > 0.08, "others show infiltration as partial volume"
 
 
 def test_stress_generator_draws_every_group_on_both_legs_with_fat_between_groups():

@@ -439,8 +439,13 @@ def _intensities(
     hu[muscle] += a.texture_hu * texture[muscle]
     marbling = _field(rng, tissue.shape, rng.uniform(2.0, 8.0) / geometry.pixel_spacing)
     share = np.clip(fat_fraction, 0, 1)
-    fatty = muscle & (marbling > _quantile(share))
-    hu[fatty] = a.hu[Tissue.FAT] + 25 * rng.random()
+    # Fat streaks thinner than a voxel show as partial volume (HU between fat and muscle, like a
+    # faint septum) as often as pure fat: both stay labelled muscle, so the model must tell
+    # infiltration from the planes between groups by shape, not by HU alone.
+    softness = float(rng.choice([0.02, rng.uniform(0.3, 2.0)]))
+    weight = np.clip((marbling - _quantile(share)) / softness, 0, 1)[muscle]
+    fat_hu = a.hu[Tissue.FAT] + 25 * rng.random()
+    hu[muscle] = hu[muscle] * (1 - weight) + fat_hu * weight
     oedema = muscle & (fat_fraction < 0)
     hu[oedema] -= rng.uniform(10, 35)
     return hu
