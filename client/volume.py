@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -11,6 +12,15 @@ from thighseg.core.labels import normalise_hu
 from thighseg.core.resample import stacked_tiles, tile_logits_to_labels
 
 InferFn = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A model to run on slices: its batch function and the input it takes, so that a 2.5D model
+    can never be handed single slices (`context`: neighbour slices on either side; 0 is 2D)."""
+
+    infer: InferFn
+    context: int = 0
 
 
 def segment_volume(

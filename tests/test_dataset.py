@@ -240,6 +240,7 @@ def test_fine_tune_on_a_fold_logs_validation_and_evaluate_scores_folds_and_poole
 
     from thighseg.apps.evaluation import EvaluationConfig, dataset_cohorts, run_evaluation
     from thighseg.cli import _training_table, main
+    from thighseg.client.volume import Backend
     from thighseg.export.validation import torch_backend
     from thighseg.learning import models
     from thighseg.learning.training import TrainConfig, train
@@ -296,7 +297,7 @@ def test_fine_tune_on_a_fold_logs_validation_and_evaluate_scores_folds_and_poole
 
     cohorts = dataset_cohorts(out, dataset.read_splits(out))
     networks = [models.load_trained("denseunet", w) for w in weights]
-    backends = [torch_backend(network) for network in networks]
+    backends = [Backend(torch_backend(n), models.context_of(n)) for n in networks]
     report = run_evaluation(
         {"denseunet": backends[0]},
         tmp_path / "evaluation",
@@ -304,7 +305,6 @@ def test_fine_tune_on_a_fold_logs_validation_and_evaluate_scores_folds_and_poole
         studies_by_cohort=cohorts,
         cohort_backends={"fold0": {"denseunet": backends[0]}, "fold1": {"denseunet": backends[1]}},
         pooled=("fold0", "fold1"),
-        contexts={"denseunet": models.context_of(networks[0])},
     )
     scored = report["models"]["denseunet"]
     assert set(scored) == {"fold0", "fold1", "pooled"}

@@ -104,9 +104,11 @@ def test_dicom_series_with_seg_round_trip(study_factory, tmp_path):
 def test_evaluation_writes_report_figures_and_sane_numbers(model_repository, tmp_path):
     pytest.importorskip("matplotlib")
     from thighseg.apps.evaluation import EvaluationConfig, run_evaluation
-    from thighseg.export.validation import onnx_backend
+    from thighseg.client.volume import Backend
+    from thighseg.export.validation import onnx_backend, onnx_context
 
-    backend = onnx_backend(model_repository / "thighseg_segformer" / "1" / "model.onnx")
+    exported = model_repository / "thighseg_segformer" / "1" / "model.onnx"
+    backend = Backend(onnx_backend(exported), onnx_context(exported))
     report = run_evaluation(
         {"segformer": backend}, tmp_path, EvaluationConfig(studies=3, slices=4, size=192)
     )
@@ -144,3 +146,14 @@ def test_flip_averaged_inference_is_the_mean_of_a_slice_and_its_mirror():
     averaged = flip_averaged(lopsided)(images)
     assert np.allclose(averaged[:, 1], 0.5)  # the left-right bias cancels
     assert averaged.shape == (2, 2, 8, 8)
+
+
+def test_an_ensemble_averages_logits_and_refuses_models_of_different_inputs():
+    from thighseg.apps.evaluation import ensemble
+    from thighseg.client.volume import Backend
+
+    images = np.ones((1, 3, 4, 4), dtype=np.float32)
+    both = ensemble([Backend(lambda x: x * 2, context=1), Backend(lambda x: x * 4, context=1)])
+    assert both.context == 1 and np.allclose(both.infer(images), 3)
+    with pytest.raises(ValueError, match="2D and 2.5D mixed"):
+        ensemble([Backend(lambda x: x, context=0), Backend(lambda x: x, context=1)])

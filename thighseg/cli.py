@@ -31,7 +31,7 @@ from thighseg.learning import models
 from thighseg.learning.training import TrainConfig
 
 if TYPE_CHECKING:  # the client layer is imported by the commands that use it
-    from thighseg.client.volume import InferFn
+    from thighseg.client.volume import Backend, InferFn
 
 DEFAULT_REPOSITORY = models.REPOSITORY
 TRAIN_DEFAULTS = TrainConfig()
@@ -422,6 +422,10 @@ def _with_tta(backend: InferFn, tta: str) -> InferFn:
     return backend
 
 
+def _backend_with_tta(backend: Backend, tta: str) -> Backend:
+    return dataclasses.replace(backend, infer=_with_tta(backend.infer, tta))
+
+
 def _refuse_training_subjects(splits: dict, weights_by_cohort: dict[str, list[Path]]) -> None:
     """A score on subjects the weights were trained on is no held-out figure: refused, naming
     them (the training JSON beside each weights file lists its training subjects)."""
@@ -454,6 +458,7 @@ def cmd_evaluate_dataset(args: argparse.Namespace) -> int:
         run_evaluation,
         weights_label,
     )
+    from thighseg.client.volume import Backend
     from thighseg.export.validation import torch_backend
     from thighseg.learning.dataset import fold_index, read_splits
 
@@ -468,7 +473,7 @@ def cmd_evaluate_dataset(args: argparse.Namespace) -> int:
         from thighseg.client.triton import TritonSegmenter
 
         served = TritonSegmenter(args.triton_url, models.triton_name(model), args.protocol)
-        per_fold, contexts = [served.infer], {served.context()}
+        per_fold = [Backend(served.infer, served.context())]
         scored_with = [f"{model} served by Triton at {args.triton_url}"]
     else:
         weights = args.weights or [models.weights_path(model)]
@@ -476,16 +481,18 @@ def cmd_evaluate_dataset(args: argparse.Namespace) -> int:
             networks = [models.load_trained(model, w) for w in weights]
         except (FileNotFoundError, ValueError) as error:
             raise SystemExit(f"error: {error}") from None
-        per_fold = [torch_backend(network) for network in networks]
-        contexts = {models.context_of(network) for network in networks}
+        per_fold = [
+            Backend(torch_backend(network), models.context_of(network)) for network in networks
+        ]
         scored_with = [f"{model} weights {weights_label(Path(w))}" for w in weights]
-    if len(contexts) > 1:
-        raise SystemExit("error: the weights take different neighbour slices (2D and 2.5D mixed)")
-    per_fold = [_with_tta(backend, args.tta) for backend in per_fold]
+    per_fold = [_backend_with_tta(backend, args.tta) for backend in per_fold]
     if len(per_fold) == len(folds):
         chosen = folds
         cohort_backends = {f: {model: b} for f, b in zip(folds, per_fold, strict=True)}
-        test_backend = ensemble(per_fold)
+        try:
+            test_backend = ensemble(per_fold)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
     else:  # one model: only the fold it was validated on (--fold) and the test set
         if len(per_fold) != 1:
             raise SystemExit(
@@ -513,7 +520,6 @@ def cmd_evaluate_dataset(args: argparse.Namespace) -> int:
         cohort_backends=cohort_backends,
         pooled=tuple(chosen) if len(chosen) > 1 else (),
         source=dataset_source(args.data, scored_with),
-        contexts={model: contexts.pop()},
     )
     print((args.out / "evaluation.md").read_text())
     print(f"figures and JSON in {args.out}; cohorts: {', '.join(report['config']['cohorts'])}")
@@ -526,21 +532,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.data:
         args.models = args.models or [DEFAULT_MODEL]
         return cmd_evaluate_dataset(args)
+    from thighseg.client.volume import Backend
+
     args.models = args.models or sorted(models.BUILDERS)
-    backends, contexts = {}, {}
+    backends = {}
     for model in args.models:
         if args.triton_url:
             from thighseg.client.triton import TritonSegmenter
 
             served = TritonSegmenter(args.triton_url, models.triton_name(model), args.protocol)
-            backends[model], contexts[model] = served.infer, served.context()
+            backend = Backend(served.infer, served.context())
         else:
             from thighseg.apps.demo import ensure_exported
             from thighseg.export.validation import onnx_backend, onnx_context
 
             exported = ensure_exported(model, args.repository)
-            backends[model], contexts[model] = onnx_backend(exported), onnx_context(exported)
-        backends[model] = _with_tta(backends[model], args.tta)
+            backend = Backend(onnx_backend(exported), onnx_context(exported))
+        backends[model] = _backend_with_tta(backend, args.tta)
     config = EvaluationConfig(
         cohorts=tuple(args.cohorts),
         studies=args.studies,
@@ -549,7 +557,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         field_of_view=args.fov,
         tta=args.tta,
     )
-    report = run_evaluation(backends, args.out, config, contexts=contexts)
+    report = run_evaluation(backends, args.out, config)
     print((args.out / "evaluation.md").read_text())
     print(f"figures and JSON in {args.out}; {len(report['models'])} model(s) evaluated")
     return 0

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from thighseg.client.volume import segment_volume
+from thighseg.client.volume import Backend, segment_volume
 from thighseg.core.constants import EVALUATION_COHORTS
 from thighseg.core.labels import MUSCLE_GROUPS
 from thighseg.core.resample import MODEL_INPUT_SIZE
@@ -28,7 +27,6 @@ from thighseg.measure.metrics import overlap_metrics
 from thighseg.synthetic import cohorts
 from thighseg.synthetic.phantom import Phantom
 
-InferFn = Callable[[np.ndarray], np.ndarray]
 METRICS = ("dsc", "sensitivity", "specificity", "accuracy")
 
 
@@ -64,9 +62,9 @@ class Study:
         return Study(case.case_id, case.hu, labels, case.spacing_zyx)
 
 
-def evaluate_study(study: Study, infer: InferFn, context: int = 0) -> dict:
+def evaluate_study(study: Study, backend: Backend) -> dict:
     predicted = segment_volume(
-        study.hu, infer, MODEL_INPUT_SIZE, study.spacing_zyx[1:], context=context
+        study.hu, backend.infer, MODEL_INPUT_SIZE, study.spacing_zyx[1:], context=backend.context
     )
     return {
         "case": study.case,
@@ -139,30 +137,32 @@ def dataset_cohorts(root: Path, splits: dict) -> dict[str, list[Study]]:
     return found
 
 
-def ensemble(backends: list[InferFn]) -> InferFn:
-    """Mean logits of several models (the fold models on the test set, as nnU-Net does)."""
+def ensemble(backends: list[Backend]) -> Backend:
+    """Mean logits of several models (the fold models on the test set, as nnU-Net does); they
+    must take the same input."""
+    contexts = {backend.context for backend in backends}
+    if len(contexts) != 1:
+        raise ValueError("the models take different neighbour slices (2D and 2.5D mixed)")
 
     def run(images: np.ndarray) -> np.ndarray:
-        return np.mean([infer(images) for infer in backends], axis=0)
+        return np.mean([backend.infer(images) for backend in backends], axis=0)
 
-    return run
+    return replace(backends[0], infer=run)
 
 
 def run_evaluation(
-    backends: dict[str, InferFn],
+    backends: dict[str, Backend],
     out: Path,
     config: EvaluationConfig,
     studies_by_cohort: dict[str, list[Study]] | None = None,
-    cohort_backends: dict[str, dict[str, InferFn]] | None = None,
+    cohort_backends: dict[str, dict[str, Backend]] | None = None,
     pooled: tuple[str, ...] = (),
     source: dict | None = None,
-    contexts: dict[str, int] | None = None,
 ) -> dict:
     """Score every model on every cohort (phantom cohorts of `config` unless studies are given;
     `cohort_backends` overrides the models for a cohort, e.g. each fold's own) and write JSON,
     Markdown and figures. `pooled` cohorts are also summarised together as "pooled". `source`
-    says what was scored on what (a user's dataset: `dataset_source`); `contexts`: neighbour
-    slices a side each model takes (2.5D; 0 when not named)."""
+    says what was scored on what (a user's dataset: `dataset_source`)."""
     out.mkdir(parents=True, exist_ok=True)
     studies_by_cohort = studies_by_cohort or phantom_cohorts(config)
     report: dict = {
@@ -173,11 +173,8 @@ def run_evaluation(
         report["source"] = source
     cases: dict = {}
     for cohort, studies in studies_by_cohort.items():
-        for model, infer in (cohort_backends or {}).get(cohort, backends).items():
-            context = (contexts or {}).get(model, 0)
-            results = [
-                evaluate_study(s, infer, context) for s in tqdm(studies, desc=f"{model} {cohort}")
-            ]
+        for model, backend in (cohort_backends or {}).get(cohort, backends).items():
+            results = [evaluate_study(s, backend) for s in tqdm(studies, desc=f"{model} {cohort}")]
             cases[(model, cohort)] = (studies, results)
     for model in {m for m, _ in cases}:
         if pooled:

@@ -20,7 +20,7 @@ import numpy as np
 
 import thighseg
 from thighseg.client.triton import TritonUnavailable
-from thighseg.client.volume import segment_slices
+from thighseg.client.volume import InferFn, segment_slices
 from thighseg.core.memory import release_free_heap, release_highdicom_tables
 from thighseg.core.resample import stack_context
 from thighseg.measure import qc
@@ -37,8 +37,6 @@ from thighseg.pipeline.streaming import StreamedSlice
 from thighseg.pipeline.summary import Preview, render
 
 log = logging.getLogger(__name__)
-
-InferFn = Callable[[np.ndarray], np.ndarray]
 
 
 def _never_blocked() -> str | None:
