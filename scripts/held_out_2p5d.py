@@ -18,7 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from thighseg.learning import models
-from thighseg.learning.training import TrainConfig, _dice_on, synthetic_held_out
+from thighseg.learning.training import (
+    TrainConfig,
+    _dice_on,
+    randomised_slices,
+    synthetic_held_out,
+)
 
 
 def main() -> None:
@@ -26,9 +31,21 @@ def main() -> None:
     parser.add_argument("weights", type=Path, nargs="+", help="weights files to score")
     parser.add_argument("--model", default="denseunet")
     parser.add_argument("--context", type=int, default=1, help="neighbours a side in the sets")
+    parser.add_argument(
+        "--randomised-seeds",
+        type=int,
+        nargs=2,
+        metavar=("FIRST", "LAST"),
+        help="score these randomised subjects (8 levels each) instead of training's held-out sets",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    held_out = synthetic_held_out(TrainConfig(context=args.context))
+    if args.randomised_seeds:
+        first, last = args.randomised_seeds
+        seeds = list(range(first, last + 1))
+        held_out = {"randomised": randomised_slices(seeds, 8, context=args.context)}
+    else:
+        held_out = synthetic_held_out(TrainConfig(context=args.context))
     figures = {}
     for weights in args.weights:
         network = models.load_trained(args.model, weights)
