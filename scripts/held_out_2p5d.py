@@ -12,6 +12,7 @@ deciding between models is tuning.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from thighseg.learning import models
 from thighseg.learning.training import (
     TrainConfig,
     _dice_on,
+    held_out_seeds,
     randomised_slices,
     synthetic_held_out,
 )
@@ -42,24 +44,35 @@ def main() -> None:
     args = parser.parse_args()
     if args.randomised_seeds:
         first, last = args.randomised_seeds
-        seeds = list(range(first, last + 1))
-        held_out = {"randomised": randomised_slices(seeds, 8, context=args.context)}
+        seeds = {"randomised": list(range(first, last + 1))}
+        held_out = {"randomised": randomised_slices(seeds["randomised"], 8, context=args.context)}
     else:
-        held_out = synthetic_held_out(TrainConfig(context=args.context))
+        config = TrainConfig(context=args.context)
+        held_out = synthetic_held_out(config)
+        seeds = held_out_seeds(config)
     figures = {}
     for weights in args.weights:
         network = models.load_trained(args.model, weights)
         used = models.context_of(network)
         centre = slice(args.context - used, args.context + used + 1)
-        figures[str(weights)] = {
-            "context": used,
-            **{
-                name: _with_mean(_dice_on(network, images[:, centre], truth))
-                for name, (images, truth) in held_out.items()
-            },
-        }
-        print(weights, json.dumps(figures[str(weights)], indent=1))
-    args.out.write_text(json.dumps({"slices": _counts(held_out), "models": figures}, indent=2))
+        scored = {}
+        for name, (images, truth) in held_out.items():
+            scored[name] = _with_mean(_dice_on(network, images[:, centre], truth))
+            per_subject = np.split(np.arange(len(images)), len(seeds[name]))
+            scored[f"{name}_by_subject"] = {
+                str(seed): _with_mean(_dice_on(network, images[rows][:, centre], truth[rows]))
+                for seed, rows in zip(seeds[name], per_subject, strict=True)
+            }
+        sha256 = hashlib.sha256(weights.read_bytes()).hexdigest()
+        figures[str(weights)] = {"sha256": sha256, "context": used, **scored}
+        print(weights, json.dumps(scored, indent=1))
+    report = {
+        "dsc": "per group over all slices of a set (or a subject) pooled, then the mean of groups",
+        "seeds": seeds,
+        "slices": _counts(held_out),
+        "models": figures,
+    }
+    args.out.write_text(json.dumps(report, indent=2))
 
 
 def _with_mean(dsc: dict[str, float]) -> dict[str, float]:

@@ -28,15 +28,21 @@ from thighseg.learning import models
 WARM_UP, RUNS, THREADS = 3, 20, 2
 
 
-def kernel_times(onnx_path: Path, images: np.ndarray) -> dict:
-    """Mean kernel milliseconds per slice, by operator type, and how many nodes of each run."""
+def kernel_times(onnx_path: Path, images: np.ndarray, disabled: tuple[str, ...] = ()) -> dict:
+    """Mean kernel milliseconds per slice, by operator type, and how many nodes of each run
+    (`disabled`: ONNX Runtime graph optimisers left out)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
     options.enable_profiling = True
     options.profile_file_prefix = str(onnx_path.with_suffix(""))
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(onnx_path),
+        options,
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=list(disabled),
+    )
     for k in range(WARM_UP + RUNS):
         session.run(["logits"], {"image": images[k % len(images)][None]})
     events = json.loads(Path(session.end_profiling()).read_text())
@@ -61,10 +67,17 @@ def profile(model: str) -> dict:
         fp32 = entry / "1" / "model.onnx"
         images = calibration_images(onnx_context(fp32)).astype(np.float32)
         int8 = quantise(fp32, images)["cpu"]
-        figures = {"fp32": kernel_times(fp32, images), "int8": kernel_times(int8, images)}
-    figures["int8_vs_fp32_kernel_time"] = round(
-        figures["fp32"]["ms_per_slice"] / figures["int8"]["ms_per_slice"], 3
-    )
+        figures = {
+            "fp32": kernel_times(fp32, images),
+            "int8": kernel_times(int8, images),
+            # QLinearConv runs in NHWC; the rewrite adds transposes around float ops between
+            "int8_without_nhwc_rewrite": kernel_times(int8, images, ("NhwcTransformer",)),
+        }
+    fp32_ms = figures["fp32"]["ms_per_slice"]
+    for variant in ("int8", "int8_without_nhwc_rewrite"):
+        figures[f"{variant}_vs_fp32_kernel_time"] = round(
+            fp32_ms / figures[variant]["ms_per_slice"], 3
+        )
     return figures
 
 

@@ -157,24 +157,32 @@ def synthetic_data(config: TrainConfig) -> TrainingData:
     )
 
 
-def synthetic_held_out(config: TrainConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The subjects after the training phantoms and the randomised validation subjects: never
-    trained on, scored at the end of every run (and by scripts comparing runs)."""
+def held_out_seeds(config: TrainConfig) -> dict[str, list[int]]:
+    """The subjects after the training phantoms and the randomised validation subjects."""
     first = config.first_seed + config.subjects
     first_random = RANDOMISED_FIRST_SEED + 90_000
     return {
+        "validation": list(range(first, first + config.validation_subjects)),
+        "validation_randomised": list(
+            range(first_random, first_random + config.validation_subjects)
+        ),
+    }
+
+
+def synthetic_held_out(config: TrainConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The held-out subjects (`held_out_seeds`): never trained on, scored at the end of every run
+    (and by scripts comparing runs)."""
+    seeds = held_out_seeds(config)
+    return {
         "validation": cohort_slices(
-            list(range(first, first + config.validation_subjects)),
+            seeds["validation"],
             config.slices_per_subject,
             np.random.default_rng(12345),
             progress=False,
             context=config.context,
         ),
         "validation_randomised": randomised_slices(
-            list(range(first_random, first_random + config.validation_subjects)),
-            8,
-            progress=False,
-            context=config.context,
+            seeds["validation_randomised"], 8, progress=False, context=config.context
         ),
     }
 
