@@ -105,6 +105,21 @@ def export_to_repository(
     return partial.replace(folder / "model.onnx")
 
 
+def export_to_new_repository(model: str, repository: Path, weights: Path | None = None) -> Path:
+    """A scratch repository: the model's version-controlled entry copied into `repository`
+    without any export a checkout may hold, and `weights` (default: the shipped ones) exported
+    into it as version 1. Returns the repository."""
+    name = models.triton_name(model)
+    exports = ("model.onnx", "*.onnx.data", "weights.json", "build_info.json", *DERIVED_FILES)
+    shutil.copytree(
+        models.REPOSITORY / name,
+        repository / name,
+        ignore=shutil.ignore_patterns(*exports, "__pycache__"),
+    )
+    export_to_repository(model, repository, weights)
+    return repository
+
+
 def _refuse_other_inputs(model_dir: Path, version: int, channels: int) -> None:
     """Triton declares one input for all of a model's versions: a 2.5D version cannot join 2D
     ones (nor the reverse)."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -21,8 +20,7 @@ from pathlib import Path
 from thighseg.apps.bench import run_whole_study
 from thighseg.apps.ingest import last_store_to_seg
 from thighseg.core.ports import free_port
-from thighseg.export.onnx_export import export_to_repository
-from thighseg.learning import models
+from thighseg.export.onnx_export import export_to_new_repository
 from thighseg.serving.embedded_triton import EmbeddedTriton, Ports
 from thighseg.synthetic import phantom
 from thighseg.synthetic.ct_series import write_series
@@ -31,14 +29,7 @@ MODEL = "denseunet"
 
 
 def serve(weights: Path, work: Path) -> EmbeddedTriton:
-    name = models.triton_name(MODEL)
-    repository = work / f"repository-{weights.stem}"
-    shutil.copytree(
-        models.REPOSITORY / name,
-        repository / name,
-        ignore=shutil.ignore_patterns("*.onnx", "__pycache__", "weights.json"),
-    )
-    export_to_repository(MODEL, repository, weights)
+    repository = export_to_new_repository(MODEL, work / f"repository-{weights.stem}", weights)
     ports = Ports(free_port(), free_port(), free_port())
     return EmbeddedTriton(repository, ports, log_file=work / f"{weights.stem}.log").start()
 

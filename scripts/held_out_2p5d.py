@@ -20,6 +20,7 @@ import numpy as np
 
 from thighseg.learning import models
 from thighseg.learning.training import (
+    HELD_OUT_LEVELS,
     TrainConfig,
     _dice_on,
     held_out_seeds,
@@ -45,7 +46,11 @@ def main() -> None:
     if args.randomised_seeds:
         first, last = args.randomised_seeds
         seeds = {"randomised": list(range(first, last + 1))}
-        held_out = {"randomised": randomised_slices(seeds["randomised"], 8, context=args.context)}
+        held_out = {
+            "randomised": randomised_slices(
+                seeds["randomised"], HELD_OUT_LEVELS, context=args.context
+            )
+        }
     else:
         config = TrainConfig(context=args.context)
         held_out = synthetic_held_out(config)

@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from thighseg.export.int8 import calibration_images, quantise
-from thighseg.export.onnx_export import export_to_repository
+from thighseg.export.onnx_export import export_to_new_repository
 from thighseg.export.validation import onnx_context
 from thighseg.learning import models
 
@@ -61,10 +60,8 @@ def kernel_times(onnx_path: Path, images: np.ndarray, disabled: tuple[str, ...] 
 
 def profile(model: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="thighseg-int8-profile-") as scratch:
-        entry = Path(scratch) / models.triton_name(model)
-        shutil.copytree(models.REPOSITORY / models.triton_name(model), entry)
-        export_to_repository(model, Path(scratch))
-        fp32 = entry / "1" / "model.onnx"
+        repository = export_to_new_repository(model, Path(scratch))
+        fp32 = repository / models.triton_name(model) / "1" / "model.onnx"
         images = calibration_images(onnx_context(fp32)).astype(np.float32)
         int8 = quantise(fp32, images)["cpu"]
         figures = {

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -82,16 +81,9 @@ def exported_repository(folder: Path, weights: Path | None = None) -> Path:
     """The version-controlled repository entry of MODEL copied into `folder`, with `weights`
     (default: the shipped ones) exported into it as version 1."""
     needs_torch()
-    from thighseg.export.onnx_export import export_to_repository
+    from thighseg.export.onnx_export import export_to_new_repository
 
-    name = models.triton_name(MODEL)
-    shutil.copytree(
-        REPO_ROOT / "model_repository" / name,
-        folder / name,
-        ignore=shutil.ignore_patterns("*.onnx", "__pycache__"),
-    )
-    export_to_repository(MODEL, folder, weights)
-    return folder
+    return export_to_new_repository(MODEL, folder, weights)
 
 
 @contextmanager

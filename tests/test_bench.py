@@ -3,7 +3,6 @@ thresholds: speed targets are read from a full `thighseg bench` run, never asser
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,17 +87,9 @@ def denseunet_repository(tmp_path_factory):
     from conftest import needs_torch
 
     needs_torch()
-    from thighseg.export.onnx_export import export_to_repository
-    from thighseg.learning import models
+    from thighseg.export.onnx_export import export_to_new_repository
 
-    repository = tmp_path_factory.mktemp("denseunet_repository")
-    name = models.triton_name("denseunet")
-    source = Path(__file__).resolve().parent.parent / "model_repository" / name
-    shutil.copytree(
-        source, repository / name, ignore=shutil.ignore_patterns("*.onnx", "__pycache__")
-    )
-    export_to_repository("denseunet", repository)
-    return repository
+    return export_to_new_repository("denseunet", tmp_path_factory.mktemp("denseunet_repository"))
 
 
 @pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK storescu not installed")

@@ -29,6 +29,7 @@ from thighseg.measure.metrics import dice_per_group
 from thighseg.synthetic import phantom, randomised
 
 RANDOMISED_FIRST_SEED = 100_000  # randomised training subjects; validation starts at +90,000
+HELD_OUT_LEVELS = 8  # random thigh levels scored per held-out randomised subject
 _EMPTY_TARGETS = np.zeros((0, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE), np.uint8)
 NEIGHBOUR_GAP_MM = (1.0, 20.0)  # 2.5D training: slice gaps drawn log-uniformly from thin to thick
 PHANTOM_STACK_SLICES = (24, 48, 72)  # 2.5D phantoms: slices over the thigh, ~17 to ~6 mm apart
@@ -182,7 +183,10 @@ def synthetic_held_out(config: TrainConfig) -> dict[str, tuple[np.ndarray, np.nd
             context=config.context,
         ),
         "validation_randomised": randomised_slices(
-            seeds["validation_randomised"], 8, progress=False, context=config.context
+            seeds["validation_randomised"],
+            HELD_OUT_LEVELS,
+            progress=False,
+            context=config.context,
         ),
     }
 
