@@ -12,6 +12,8 @@ import pydicom
 from pydicom.dataset import Dataset
 
 MAX_SLICE_SPACING_MM = 20.0
+# values this large (pixel data) are read from the file when used, not when the header is parsed
+DEFERRED_BYTES = 16 << 10
 
 
 class SeriesError(ValueError):
@@ -160,7 +162,8 @@ def assemble(paths: list[Path], min_slices: int = 3, scratch: Path | None = None
     With `scratch`, the HU volume is an HUStack in a file there instead of an array in memory.
     """
     _check_count(paths, min_slices)
-    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    # each file parsed once: its pixel data is read from it later, in slice order, then dropped
+    headers = [pydicom.dcmread(p, defer_size=DEFERRED_BYTES) for p in paths]
     _check_attributes(headers)
     _check_axial(headers[0])
     _check_consistent(headers)
@@ -176,13 +179,14 @@ def assemble(paths: list[Path], min_slices: int = 3, scratch: Path | None = None
     )
     hu = np.empty(shape, dtype) if scratch is None else HUStack(shape, dtype, scratch)
     for target, index in enumerate(order):
-        ds = pydicom.dcmread(paths[index])
+        ds = headers[index]
         # clip: no tissue is outside int16, and a 16-bit unsigned value plus intercept could be
         if exact:
             intercept = int(_rescale(ds)[1])
             hu[target] = np.clip(ds.pixel_array.astype(np.int32) + intercept, -32768, 32767)
         else:
             hu[target] = slice_hu(ds)
+        del ds.PixelData  # the header is kept, its pixels are in `hu`
     row_mm, column_mm = _floats(first.PixelSpacing)
     return Volume(
         hu=hu,

@@ -43,6 +43,39 @@ def sided_labels(labels: np.ndarray, midline: float, in_place: bool = False) -> 
     return sided
 
 
+# What highdicom reads of each source instance but the first, for the SEG and the SR: its identity
+# and its plane.
+PER_SOURCE_KEYWORDS = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "FrameOfReferenceUID",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "SliceThickness",
+    "SpacingBetweenSlices",
+    "Rows",
+    "Columns",
+)
+
+
+def slim_sources(sources: list[Dataset]) -> list[Dataset]:
+    """The source headers the SEG and SR are built from: the first whole (patient, study,
+    equipment and frame of reference come from it), the others reduced to `PER_SOURCE_KEYWORDS`.
+    The SEG and SR are the same as from whole headers (tested); handing them to the SEG process
+    costs a fifth of the pickling."""
+    slim = []
+    for source in sources[1:]:
+        header = Dataset()
+        for keyword in PER_SOURCE_KEYWORDS:
+            if keyword in source:
+                header[keyword] = source[keyword]
+        slim.append(header)
+    return sources[:1] + slim
+
+
 def build_seg(
     sources: list[Dataset],
     sided: np.ndarray,

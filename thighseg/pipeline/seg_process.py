@@ -31,7 +31,14 @@ from pydicom.dataset import Dataset
 
 from thighseg.measure.indices import VolumeIndices
 from thighseg.measure.qc import Flag
-from thighseg.pipeline.outputs import build_seg, save_seg, seg_reference, sided_labels, write_sr
+from thighseg.pipeline.outputs import (
+    build_seg,
+    save_seg,
+    seg_reference,
+    sided_labels,
+    slim_sources,
+    write_sr,
+)
 from thighseg.pipeline.summary import secondary_capture
 
 log = logging.getLogger(__name__)
@@ -76,7 +83,7 @@ def _forget_broken_pool() -> None:
 
 @dataclass(frozen=True)
 class SegJob:
-    """Everything the SEG process needs (the sources are header-only datasets)."""
+    """Everything the SEG process needs (the sources: `slim_sources` headers)."""
 
     sources: list[Dataset]
     labels_file: Path
@@ -268,7 +275,14 @@ def start_seg(
     path.parent.mkdir(parents=True, exist_ok=True)
     labels_file = path.parent / LABELS_FILE
     job = SegJob(
-        sources, labels_file, midline, path, model, algorithm_version, str(hd.UID()), str(hd.UID())
+        slim_sources(sources),
+        labels_file,
+        midline,
+        path,
+        model,
+        algorithm_version,
+        str(hd.UID()),
+        str(hd.UID()),
     )
     reference = seg_reference(sources[0], job.series_instance_uid, job.sop_instance_uid)
     if not separate_process:

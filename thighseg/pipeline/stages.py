@@ -234,7 +234,7 @@ def emit_dicom(
     )
     sr_job = SrJob(
         seg.reference,
-        volume.sources,
+        seg.job.sources,  # slim: what the SR reads of them
         report.indices,
         out_dir / "sr.dcm",
         report.model,
