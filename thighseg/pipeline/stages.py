@@ -126,14 +126,14 @@ def infer_stage(
     hu: np.ndarray | HUStack,
     pixel_mm: tuple[float, float],
     settings: InferenceSettings,
-    streamed: dict[int, np.ndarray] | None = None,
+    streamed: dict[int, StreamedSlice] | None = None,
 ) -> np.ndarray:
     """Labels (z, y, x) for the volume, in batches of slices through the inference server; slices
     already inferred as they arrived (`streamed`, by slice index) are not inferred again."""
-    known = {k: v for k, v in (streamed or {}).items() if v.shape == hu.shape[1:]}
+    known = {k: done for k, done in (streamed or {}).items() if done.shape == hu.shape[1:]}
     labels = np.empty(hu.shape, dtype=np.uint8)
-    for index, slice_labels in known.items():
-        labels[index] = slice_labels
+    for index, done in known.items():
+        labels[index] = done.labels
     segment_slices(
         hu,
         [k for k in range(hu.shape[0]) if k not in known],
@@ -376,8 +376,7 @@ def run_stages(
         loaded = timed("assemble", read, report)
         report.shape_zyx, report.spacing_zyx_mm = list(loaded.hu.shape), list(loaded.spacing_zyx)
         streamed = streamed_by_index(loaded, streamed_slices())  # the last ones finished meanwhile
-        known = {index: done.labels for index, done in streamed.items()}
-        labels = timed("infer", infer_stage, loaded.hu, loaded.spacing_zyx[1:], settings, known)
+        labels = timed("infer", infer_stage, loaded.hu, loaded.spacing_zyx[1:], settings, streamed)
         measured = {i: done.sums for i, done in streamed.items() if done.sums is not None}
         midline = body_midline(loaded.hu, {z: sums.body for z, sums in measured.items()})
         early = start_early(report, loaded, labels, out_dir, midline)

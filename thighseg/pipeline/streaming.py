@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import zlib
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -50,11 +51,31 @@ _Decoded = tuple[np.ndarray, tuple[float, float]]  # HU and (row, column) pixel 
 @dataclass(frozen=True)
 class StreamedSlice:
     """One slice done as it arrived: its labels, its measurement sums, and the instances it was
-    inferred from ((SOP Instance UID, content digest), in position order; itself for 2D)."""
+    inferred from ((SOP Instance UID, content digest), in position order; itself for 2D).
 
-    labels: np.ndarray
+    The labels are kept deflated: a 512² label image is ~4 KB instead of 256 KB (0.3 ms to
+    deflate, 0.1 ms to inflate), so a streamed study holds ~1 MB of labels, not ~80 MB, until
+    its series is processed."""
+
+    deflated: bytes
+    shape: tuple[int, int]
     sums: SliceSums | None  # None: not measured while a backlog waited (measured with the series)
     stack: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def of(
+        cls, labels: np.ndarray, sums: SliceSums | None, stack: tuple[tuple[str, str], ...]
+    ) -> StreamedSlice:
+        """The slice's uint8 `labels`, deflated."""
+        image = np.ascontiguousarray(labels, dtype=np.uint8)
+        return cls(zlib.compress(image.data, 1), image.shape, sums, stack)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The labels (a new uint8 array each time)."""
+        return np.frombuffer(bytearray(zlib.decompress(self.deflated)), np.uint8).reshape(
+            self.shape
+        )
 
     @property
     def neighbours(self) -> tuple[str, ...]:
@@ -191,8 +212,7 @@ class SliceCache:
         with self._lock:
             keeping_up = len(self._pending.get(series_uid, ())) <= self._measure_backlog
         sums = measure_slice(hu[centre], labels[centre], pixel_mm[0]) if keeping_up else None
-        # a copy: a view would keep the whole stack's labels alive for as long as the slice's
-        done = StreamedSlice(labels[centre].copy(), sums, tuple((u, a.digest) for u, a in stack))
+        done = StreamedSlice.of(labels[centre], sums, tuple((u, a.digest) for u, a in stack))
         with self._lock:
             if series_uid in self._arrived:  # not forgotten meanwhile
                 self._done.setdefault(series_uid, {})[stack[centre][0]] = done
