@@ -18,7 +18,7 @@ from highdicom import _standard_utils
 from thighseg.measure.anatomy import body_midline
 from thighseg.pipeline import seg_process, stages
 from thighseg.pipeline.assemble import assemble
-from thighseg.pipeline.outputs import write_seg
+from thighseg.pipeline.outputs import sided_labels, write_seg
 from thighseg.pipeline.stages import InferenceSettings, process_series
 from thighseg.synthetic.ct_series import read_truth
 
@@ -105,9 +105,10 @@ def test_a_series_failing_after_its_outputs_started_leaves_none_of_them(
 
 def test_the_seg_can_be_written_in_this_process(study, tmp_path):
     _, volume, labels = study
+    mine = labels.copy()
     pending = seg_process.start_seg(
         volume.sources,
-        labels,
+        mine,
         body_midline(volume.hu),
         tmp_path / "a.dcm",
         "m",
@@ -117,6 +118,8 @@ def test_the_seg_can_be_written_in_this_process(study, tmp_path):
     seg = hd.seg.segread(pending.wait())
     assert seg.SOPInstanceUID == pending.reference.SOPInstanceUID
     assert seg.NumberOfFrames == 6 * len(volume.sources)
+    # no copy of the study's labels was made: they became the SEG's segment numbers
+    assert np.array_equal(mine, sided_labels(labels, body_midline(volume.hu)))
 
 
 def test_sr_and_sc_are_written_in_the_seg_process_and_the_report_names_them(study, tmp_path):

@@ -95,13 +95,12 @@ class SegJob:
     sop_instance_uid: str
 
     def run(self, labels: np.ndarray | None = None) -> None:
-        """Build the SEG of group `labels` (by default the labels file) and write it to
-        `path`."""
-        from_file = labels is None
-        labels = np.load(self.labels_file) if from_file else labels
+        """Build the SEG of group `labels` (by default the labels file) and write it to `path`;
+        given labels become segment numbers in place (a study-sized copy less at the peak)."""
+        labels = np.load(self.labels_file) if labels is None else labels
         seg = build_seg(
             self.sources,
-            sided_labels(labels, self.midline, in_place=from_file),
+            sided_labels(labels, self.midline, in_place=True),
             self.model,
             self.algorithm_version,
             self.series_instance_uid,
@@ -235,7 +234,8 @@ class PendingSeg:
     job: SegJob
     reference: Dataset  # for the SR: the SEG's study, series, SOP class and instance
     future: Future | None
-    labels: np.ndarray | None = None  # group labels, when the SEG is written in this process
+    # group labels, when the SEG is written in this process: `wait` makes them segment numbers
+    labels: np.ndarray | None = None
 
     def then(self, job: OutputJob) -> PendingOutput:
         """Start another output of the study where this SEG is written (after it, in the SEG
@@ -269,7 +269,8 @@ def start_seg(
 ) -> PendingSeg:
     """Start writing the SEG of group labels (1-3), split into legs at the body `midline`, to
     `path` in the SEG process; without `separate_process`, `wait` writes it in this one (less
-    memory, more time)."""
+    memory, more time), turning `labels` into segment numbers in place: wait for it once they
+    are no longer read."""
     if labels.shape[0] != len(sources):
         raise ValueError(f"{labels.shape[0]} mask slices for {len(sources)} source instances")
     path.parent.mkdir(parents=True, exist_ok=True)
