@@ -208,9 +208,10 @@ def _process_study(files: list[Path], port: int, out: Path) -> tuple[float, floa
 def run_whole_study(
     files: list[Path], warmup: list[Path], triton_url: str, model: str, work: Path, voxel_bytes: int
 ) -> dict:
-    """First C-STORE to SEG on disk, stage times from the report, and the listener process's peak
-    RSS: in a fresh listener, and in one that processed a small study first (libraries loaded,
-    caches and heaps as they stay in a long-running listener)."""
+    """First C-STORE to SEG on disk, stage times from the report, and the listener's peak RSS
+    (with its SEG process): in a fresh listener, in one that processed a small study first
+    (libraries loaded, caches and heaps as they stay in a long-running listener), and in a fresh
+    one that writes the SEG itself (`--seg-in-listener`, the low-memory choice)."""
     out = work / "whole-out"
     with listener_process(triton_url, work / "whole-spool", out, idle_s=1.0, model=model) as (
         port,
@@ -226,6 +227,17 @@ def run_whole_study(
         _process_study(warmup, port, warm_out)
         _process_study(files, port, warm_out)
         warm_peak = peak_rss_bytes(process.pid)
+    lean_out = work / "lean-out"
+    with listener_process(
+        triton_url,
+        work / "lean-spool",
+        lean_out,
+        idle_s=1.0,
+        model=model,
+        options=("--seg-in-listener",),
+    ) as (port, process):
+        lean_total, _, lean_report = _process_study(files, port, lean_out)
+        lean_peak = peak_rss_bytes(process.pid)
     return {
         "model": model,
         "instances": len(files),
@@ -237,6 +249,12 @@ def run_whole_study(
         "peak_rss_over_voxel_bytes": round(peak / voxel_bytes, 2),
         "warm_listener_peak_rss_mb": round(warm_peak / 2**20, 1),
         "warm_peak_rss_over_voxel_bytes": round(warm_peak / voxel_bytes, 2),
+        "seg_in_listener": {
+            "seconds_first_store_to_seg": round(lean_total, 2),
+            "stage_seconds": lean_report.stage_seconds,
+            "listener_peak_rss_mb": round(lean_peak / 2**20, 1),
+            "peak_rss_over_voxel_bytes": round(lean_peak / voxel_bytes, 2),
+        },
     }
 
 
@@ -480,6 +498,10 @@ def ratios(results: dict) -> dict:
         out["warm_listener_peak_rss_over_study_voxel_bytes"] = whole[
             "warm_peak_rss_over_voxel_bytes"
         ]
+        if "seg_in_listener" in whole:  # absent from runs before it was measured
+            out["seg_in_listener_peak_rss_over_study_voxel_bytes"] = whole["seg_in_listener"][
+                "peak_rss_over_voxel_bytes"
+            ]
     ingest = {
         (r["receiver"], r["associations"]): r["instances_per_second"]
         for r in results.get("ingest") or []
@@ -677,9 +699,20 @@ def _whole_study_section(whole: dict, warmup_slices: int) -> list[str]:
         f"{whole['listener_peak_rss_mb']} MB ({whole['peak_rss_over_voxel_bytes']}×) in a fresh "
         f"listener, {whole['warm_listener_peak_rss_mb']} MB "
         f"({whole['warm_peak_rss_over_voxel_bytes']}×) in one that processed a "
-        f"{warmup_slices}-slice study first.",
+        f"{warmup_slices}-slice study first."
+        + _seg_in_listener_sentence(whole.get("seg_in_listener")),
         "",
     ]
+
+
+def _seg_in_listener_sentence(lean: dict | None) -> str:
+    if not lean:
+        return ""
+    return (
+        f" With the SEG written in the listener (`--seg-in-listener`): "
+        f"{lean['listener_peak_rss_mb']} MB ({lean['peak_rss_over_voxel_bytes']}×), first "
+        f"C-STORE to SEG in {lean['seconds_first_store_to_seg']} s."
+    )
 
 
 def markdown(results: dict) -> str:
