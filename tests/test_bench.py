@@ -64,6 +64,9 @@ def test_tiny_benchmark_writes_json_markdown_and_plots(model_repository, tmp_pat
     # measured in a second listener, after a warm-up study
     assert whole["warm_listener_peak_rss_mb"] > 0
     assert whole["seg_in_listener"]["listener_peak_rss_mb"] > 0
+    # the sum's parts: the listener and its SEG process (with its pool's helpers) at least
+    parts = whole["process_peak_rss_mb"]
+    assert len(parts) >= 2 and abs(sum(parts) - whole["listener_peak_rss_mb"]) < 0.5
     assert "segformer: most_dynamic_batching_could_give_at_concurrency_2" in saved["ratios"]
     latency = {(r["streaming"], r["head_start"]): r for r in saved["last_store_to_seg"]}
     assert set(latency) == {(True, True), (False, True), (True, False)}

@@ -120,6 +120,8 @@ def test_the_seg_can_be_written_in_this_process(study, tmp_path):
     assert seg.NumberOfFrames == 6 * len(volume.sources)
     # no copy of the study's labels was made: they became the SEG's segment numbers
     assert np.array_equal(mine, sided_labels(labels, body_midline(volume.hu)))
+    pending.wait()  # waiting again writes nothing again (the labels are not split twice)
+    assert np.array_equal(mine, sided_labels(labels, body_midline(volume.hu)))
 
 
 def test_sr_and_sc_are_written_in_the_seg_process_and_the_report_names_them(study, tmp_path):

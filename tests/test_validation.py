@@ -10,6 +10,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, 
 
 from thighseg.dicom_listener.config import Limits
 from thighseg.dicom_listener.validation import check_instance
+from thighseg.pipeline import assemble as assemble_module
 from thighseg.pipeline.assemble import SeriesError, assemble
 
 A900, X0122 = 0xA900, 0x0122
@@ -175,3 +176,23 @@ def test_status_names_mean_what_pynetdicom_says():
     )
     assert STORAGE_SERVICE_CLASS_STATUS[CANNOT_UNDERSTAND][1] == "Cannot Understand"
     assert GENERAL_STATUS[SOP_CLASS_NOT_SUPPORTED][1] == "Refused: SOP Class Not Supported"
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, RLELossless])
+def test_deferred_pixel_data_assembles_as_whole_reads(series, tmp_path, monkeypatch, syntax):
+    """Assembly reads each header once and its pixel data later, in slice order (deferred by
+    pydicom, encapsulated data too): the volume is the one whole reads give, headers keep no
+    pixels."""
+    paths = []
+    for k, path in enumerate(reversed(series)):  # not in slice order
+        ds = pydicom.dcmread(path)
+        if syntax == RLELossless:
+            ds.compress(RLELossless)
+        paths.append(tmp_path / f"{k}.dcm")
+        ds.save_as(paths[-1])
+    monkeypatch.setattr(assemble_module, "DEFERRED_BYTES", 64)  # these small slices too
+    volume = assemble(paths)
+    whole = np.stack([pydicom.dcmread(p).pixel_array for p in volume.paths]).astype(np.int32)
+    intercept = int(float(volume.sources[0].RescaleIntercept))  # slope 1: integer HU
+    assert np.array_equal(volume.hu, whole + intercept)
+    assert not any("PixelData" in source for source in volume.sources)

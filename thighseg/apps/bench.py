@@ -34,6 +34,7 @@ from thighseg.apps.ingest import (
     compare_ingest,
     last_store_to_seg,
     listener_process,
+    peak_rss_by_process,
     peak_rss_bytes,
     push,
     wait_for_report,
@@ -218,7 +219,8 @@ def run_whole_study(
         process,
     ):
         total, send_seconds, report = _process_study(files, port, out)
-        peak = peak_rss_bytes(process.pid)
+        peaks = peak_rss_by_process(process.pid)
+        peak = sum(peaks.values())
     warm_out = work / "warm-out"
     with listener_process(triton_url, work / "warm-spool", warm_out, idle_s=1.0, model=model) as (
         port,
@@ -247,6 +249,8 @@ def run_whole_study(
         "study_voxel_mb": round(voxel_bytes / 2**20, 1),
         "listener_peak_rss_mb": round(peak / 2**20, 1),
         "peak_rss_over_voxel_bytes": round(peak / voxel_bytes, 2),
+        # the sum's parts: the listener process itself, then its children (SEG process, ...)
+        "process_peak_rss_mb": [round(bytes_ / 2**20, 1) for bytes_ in peaks.values()],
         "warm_listener_peak_rss_mb": round(warm_peak / 2**20, 1),
         "warm_peak_rss_over_voxel_bytes": round(warm_peak / voxel_bytes, 2),
         "seg_in_listener": {
@@ -696,13 +700,22 @@ def _whole_study_section(whole: dict, warmup_slices: int) -> list[str]:
         f"{whole['instances']} instances ({whole['model']}): first C-STORE to SEG in "
         f"{whole['seconds_first_store_to_seg']} s (receive {whole['seconds_receive']} s); "
         f"stages {stages}. Listener peak RSS for {whole['study_voxel_mb']} MB of voxels: "
-        f"{whole['listener_peak_rss_mb']} MB ({whole['peak_rss_over_voxel_bytes']}×) in a fresh "
+        f"{whole['listener_peak_rss_mb']} MB ({whole['peak_rss_over_voxel_bytes']}×"
+        f"{_parts(whole.get('process_peak_rss_mb'))}) in a fresh "
         f"listener, {whole['warm_listener_peak_rss_mb']} MB "
         f"({whole['warm_peak_rss_over_voxel_bytes']}×) in one that processed a "
         f"{warmup_slices}-slice study first."
         + _seg_in_listener_sentence(whole.get("seg_in_listener")),
         "",
     ]
+
+
+def _parts(peaks_mb: list[float] | None) -> str:
+    """The summed peaks, process by process (absent from runs before they were recorded)."""
+    if not peaks_mb or len(peaks_mb) < 2:
+        return ""
+    children = " + ".join(f"{mb}" for mb in peaks_mb[1:])
+    return f": the listener {peaks_mb[0]} MB, its children {children} MB, each at its own peak"
 
 
 def _seg_in_listener_sentence(lean: dict | None) -> str:

@@ -200,9 +200,9 @@ def _vm_hwm_bytes(pid: int) -> int | None:
     return int(lines[0].split()[1]) * 1024 if lines else None
 
 
-def peak_rss_bytes(pid: int) -> int:
-    """VmHWM, the highest resident set size, of the process plus that of each of its descendants
-    (SEG writers, ingest processes): never less than their joint peak."""
+def peak_rss_by_process(pid: int) -> dict[int, int]:
+    """VmHWM, the highest resident set size, of the process and of each of its descendants (SEG
+    writers, ingest processes), by PID, the process first."""
     own = _vm_hwm_bytes(pid)
     if own is None:
         raise RuntimeError(f"no VmHWM for pid {pid}")
@@ -210,7 +210,13 @@ def peak_rss_bytes(pid: int) -> int:
     while pending:
         descendants.append(pending.pop())
         pending += child_pids(descendants[-1])
-    return own + sum(_vm_hwm_bytes(child) or 0 for child in descendants)
+    return {pid: own} | {child: _vm_hwm_bytes(child) or 0 for child in descendants}
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The peaks of the process and its descendants, summed: never less than their joint peak
+    (an upper bound: each peaks at its own time)."""
+    return sum(peak_rss_by_process(pid).values())
 
 
 def compare_ingest(

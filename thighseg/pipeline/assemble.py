@@ -67,7 +67,9 @@ class Volume:
 
     hu: np.ndarray | HUStack  # (z, y, x) HU, z ascending along the normal, int16 or float32
     spacing_zyx: tuple[float, float, float]
-    sources: list[Dataset]  # headers in the same order as hu, without pixel data
+    # headers in the same order as hu, pixel data dropped (other values over DEFERRED_BYTES, if
+    # any, are read from `paths` when used)
+    sources: list[Dataset]
     paths: list[Path]
 
 

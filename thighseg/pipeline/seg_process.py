@@ -228,7 +228,7 @@ def warm() -> None:
 
 @dataclass
 class PendingSeg:
-    """A SEG being written in the SEG process (or, with `sided`, to be written here): its
+    """A SEG being written in the SEG process (or, with `labels`, to be written here): its
     identity now, its file once `wait` returns."""
 
     job: SegJob
@@ -236,6 +236,7 @@ class PendingSeg:
     future: Future | None
     # group labels, when the SEG is written in this process: `wait` makes them segment numbers
     labels: np.ndarray | None = None
+    written_here: bool = False
 
     def then(self, job: OutputJob) -> PendingOutput:
         """Start another output of the study where this SEG is written (after it, in the SEG
@@ -245,7 +246,9 @@ class PendingSeg:
     def wait(self) -> Path:
         """The SEG file, written; by this process if the SEG process failed to."""
         if self.labels is not None:
-            self.job.run(self.labels)
+            if not self.written_here:  # once: the labels are segment numbers afterwards
+                self.job.run(self.labels)
+                self.written_here = True
             return self.job.path
         try:
             return _result(self.job, self.future)

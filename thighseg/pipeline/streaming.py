@@ -93,9 +93,9 @@ class _Arrival:
 class SliceCache:
     """Slices inferred and measured as they arrived, by series and SOP Instance UID.
 
-    At most `max_slices` instances are held (a study-sized budget of memory: 256 KiB a 512²
-    slice); beyond that, slices are not streamed and the series is inferred whole when it
-    completes.
+    At most `max_slices` instances are held (their labels deflated, ~4 KB a 512² slice, and a few
+    decoded slices for 2.5D neighbours); beyond that, slices are not streamed and the series is
+    inferred whole when it completes.
     """
 
     def __init__(
