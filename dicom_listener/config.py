@@ -43,7 +43,7 @@ class ListenerConfig:
     head_start: bool = True
     # processes receiving C-STOREs on the shared port (SO_REUSEPORT); 1: in the listener process
     ingest_processes: int = 1
-    # the SEG is written in a process of its own during measurement (~1.5 s less per 300-slice
+    # the SEG is written in a process of its own during measurement (1.5–2.6 s less per 300-slice
     # study, ~220 MB more at the peak: docs/benchmark); False: in the listener process
     seg_process: bool = True
     # /metrics, /healthz, /readyz (LISTENER_METRICS_PORT in the CLI)
