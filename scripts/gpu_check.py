@@ -12,7 +12,7 @@ from pathlib import Path
 from thighseg.export.build import export_model
 from thighseg.learning import models
 
-REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
+REPOSITORY = models.REPOSITORY
 
 
 def serve_engines() -> str:

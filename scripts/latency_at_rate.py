@@ -21,11 +21,10 @@ from thighseg.apps.bench import bench_repository
 from thighseg.apps.ingest import last_store_to_seg
 from thighseg.core.constants import DEFAULT_MODEL
 from thighseg.core.ports import free_port
+from thighseg.learning import models
 from thighseg.serving.embedded_triton import EmbeddedTriton, Ports
 from thighseg.synthetic import phantom
 from thighseg.synthetic.ct_series import write_series
-
-REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 
 
 def main() -> None:
@@ -36,7 +35,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="latency-"))
-    bench_repository(REPOSITORY, args.model, work / "repository")
+    bench_repository(models.REPOSITORY, args.model, work / "repository")
     files = write_series(
         phantom.generate(8100, size=512, slices=300, slice_spacing=5.0), work / "study"
     )
