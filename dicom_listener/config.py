@@ -41,7 +41,7 @@ class ListenerConfig:
     # a released series is processed during the idle wait, its result published once it completes
     # unchanged (otherwise discarded): results come idle_s sooner
     head_start: bool = True
-    # processes receiving C-STOREs on the shared port (SO_REUSEPORT); 1: in the listener process
+    # processes receiving C-STOREs on the listener's socket; 1: in the listener process
     ingest_processes: int = 1
     # the SEG is written in a process of its own during measurement (1.5–2.6 s less per 300-slice
     # study, ~220 MB more at the peak: docs/benchmark); False: in the listener process

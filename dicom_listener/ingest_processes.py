@@ -1,10 +1,11 @@
 """C-STORE ingest in several processes, for more instances per second than one GIL allows.
 
 pynetdicom decodes PDUs in Python, so one process receives at most ~260 instances/s on this
-machine whatever the number of associations. With `ingest_processes` N > 1 the listener starts N
-ingest processes that bind the same port with SO_REUSEPORT (the kernel spreads new connections
-among them); each runs the same C-STORE handlers as the in-process SCP (checks, fsync, index,
-status codes) against the shared spool and index.
+machine whatever the number of associations. With `ingest_processes` N > 1 the listener opens the
+listening socket and starts N ingest processes that all accept on it (whichever is free takes the
+next association; connections queued while one restarts wait for the others); each runs the same
+C-STORE handlers as the in-process SCP (checks, fsync, index, status codes) against the shared
+spool and index.
 
 What must be decided from every association stays in the listener process: the series tracker (a
 study may come over associations served by different processes), streaming inference and the
@@ -21,6 +22,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -29,7 +31,7 @@ from pathlib import Path
 from thighseg.dicom_listener.config import ListenerConfig
 from thighseg.dicom_listener.index import Arrival, SpoolIndex, index_path
 from thighseg.dicom_listener.logs import redact_identifiers
-from thighseg.dicom_listener.scp import StoreHandler, start_scp, stop_scp
+from thighseg.dicom_listener.scp import StoreHandler, listening_socket, start_scp, stop_scp
 from thighseg.dicom_listener.series import SeriesKey, SeriesTracker
 from thighseg.dicom_listener.spool import Spool
 from thighseg.dicom_listener.telemetry import Telemetry
@@ -92,12 +94,14 @@ class _Relay:
 
 def serve(
     config: ListenerConfig,
+    listening: socket.socket,
     number: int,
     events: multiprocessing.Queue,
     relay_stored: bool,
     listener_pid: int,
 ) -> None:
-    """An ingest process: the SCP on the shared port until SIGTERM or the listener's exit."""
+    """An ingest process: the SCP on the listener's socket until SIGTERM or the listener's
+    exit."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the listener, which stops us
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     logging.basicConfig(
@@ -114,17 +118,26 @@ def serve(
         on_stored=relay.stored if relay_stored else None,
     )
     try:
-        server = start_scp(config, store, relay, shared_port=True)
+        server = start_scp(config, store, relay, listening)
     except Exception as error:  # noqa: BLE001 - the listener reports why and stops
         events.put(("failed", number, str(error)))
         index.close()
         return
     events.put(("ready", number, os.getpid()))
-    # the listener's PID, not getppid() here: a listener gone before we started is gone too
-    while signal.sigtimedwait({signal.SIGTERM}, 1.0) is None and os.getppid() == listener_pid:
-        pass
+    _wait_for_sigterm_or_orphan(listener_pid)
     stop_scp(server, config.drain_s)
     index.close()
+
+
+def _wait_for_sigterm_or_orphan(listener_pid: int) -> None:
+    """Until SIGTERM or the listener's exit (the listener's PID, not getppid() at the start: a
+    listener gone before we started is gone too)."""
+    while os.getppid() == listener_pid:
+        received = signal.sigtimedwait({signal.SIGTERM}, 1.0)
+        # being stopped and continued (SIGSTOP/SIGCONT, a frozen pod) ends the wait with an empty
+        # siginfo (si_signo 0): that is no reason to stop receiving
+        if received is not None and received.si_signo == signal.SIGTERM:
+            return
 
 
 class IngestProcesses:
@@ -146,9 +159,11 @@ class IngestProcesses:
         self._stopping = threading.Event()
         self._spawning = threading.Lock()  # no process is started once stopping has begun
         self._dispatcher = threading.Thread(target=self._dispatch, name="ingest-reports")
+        self._listening: socket.socket | None = None
 
     def start(self) -> IngestProcesses:
         """All processes accepting, or an error that says why one could not."""
+        self._listening = listening_socket(self._config.host, self._config.port)
         for number in range(self._config.ingest_processes):
             self._spawn(number)
         self._dispatcher.start()
@@ -189,11 +204,20 @@ class IngestProcesses:
         if self._dispatcher.is_alive():
             self._dispatcher.join()
         self._events.close()
+        if self._listening is not None:
+            self._listening.close()
 
     def _spawn(self, number: int) -> None:
         process = _SPAWN.Process(
             target=serve,
-            args=(self._config, number, self._events, self._on_stored is not None, os.getpid()),
+            args=(
+                self._config,
+                self._listening,
+                number,
+                self._events,
+                self._on_stored is not None,
+                os.getpid(),
+            ),
             name=f"thighseg-ingest-{number}",
             daemon=True,
         )

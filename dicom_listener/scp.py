@@ -57,6 +57,7 @@ logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 SUCCESS = 0x0000
 ABORT_WAIT_S = 5.0  # an aborted association's thread ends within this (its handler returns)
+LISTEN_BACKLOG = 64  # connections waiting to be accepted (socketserver's default is 5)
 JPEG_LOSSLESS_PROCESS_14 = "1.2.840.10008.1.2.4.57"
 # Uncompressed, deflated and the lossless compressed family (decoded at assembly by pylibjpeg).
 TRANSFER_SYNTAXES = [
@@ -336,14 +337,48 @@ def server_ssl_context(config: ListenerConfig) -> ssl.SSLContext | None:
     return context
 
 
-class SharedPortServer(ThreadedAssociationServer):
-    """Binds with SO_REUSEPORT: every ingest process accepts on the same port, and the kernel
-    spreads new connections among them."""
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The listener's bound, listening TCP socket (shared by its ingest processes); an address
+    already in use names itself in the error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listening = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind((host, port))
+        listening.listen(LISTEN_BACKLOG)
+    except OSError as error:  # the port in the message: "Errno 98" alone names nothing
+        listening.close()
+        message = f"cannot listen for DICOM on {host}:{port}: {error.strerror}"
+        raise OSError(error.errno, message) from error
+    return listening
+
+
+class ListeningSocketServer(ThreadedAssociationServer):
+    """Accepts on a listening socket opened beforehand by the listener process, which hands the
+    same socket to each ingest process: whichever process is free takes the next connection.
+    (With SO_REUSEPORT each process had a socket of its own, the kernel hashed connections among
+    them whatever their load, and a process that died took the connections queued for it.)"""
+
+    def __init__(self, *args, listening: socket.socket, **kwargs) -> None:  # noqa: ANN002, ANN003
+        self._listening = listening
+        super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
-        """Bind with SO_REUSEPORT set (it must be set before the bind)."""
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        """Take the listening socket instead of binding a new one."""
+        self.socket.close()
+        self.socket = self._listening
+        # Non-blocking: of the processes woken by a connection, those that lose the race for it
+        # go back to waiting instead of blocking in accept().
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        """Already listening."""
+
+    def server_close(self) -> None:
+        """Close this process's descriptor only: shutdown() would close the socket for every
+        process."""
+        self.socket.close()
 
 
 def stop_scp(server: ThreadedAssociationServer, drain_s: float) -> None:
@@ -368,27 +403,29 @@ def stop_scp(server: ThreadedAssociationServer, drain_s: float) -> None:
 
 
 def start_scp(
-    config: ListenerConfig, store: StoreHandler, arrivals: Arrivals, shared_port: bool = False
+    config: ListenerConfig, store: StoreHandler, arrivals: Arrivals, listening: socket.socket
 ) -> ThreadedAssociationServer:
-    """The listener's SCP accepting in a thread of its own (as AE.start_server does, with the
-    server class chosen); an address already in use names itself in the error."""
-    ae = make_ae(config.ae_title, config.max_pdu_bytes)
-    if config.allowed_calling_aets:
-        ae.require_calling_aet = list(config.allowed_calling_aets)
-    guard = ConnectionGuard(config.max_pdu_bytes, config.network_timeout_s, store.telemetry)
-    tls = server_ssl_context(config)
+    """The listener's SCP accepting on `listening` (`listening_socket`) in a thread of its own,
+    as AE.start_server does. The socket is the server's from then on: closed when it stops, or at
+    once if it cannot start."""
     try:
+        ae = make_ae(config.ae_title, config.max_pdu_bytes)
+        if config.allowed_calling_aets:
+            ae.require_calling_aet = list(config.allowed_calling_aets)
+        guard = ConnectionGuard(config.max_pdu_bytes, config.network_timeout_s, store.telemetry)
+        tls = server_ssl_context(config)
         server = ae.make_server(
             (config.host, config.port),
             evt_handlers=event_handlers(ae, store, arrivals, guard),
             ssl_context=CountingTLSContext(tls, config.network_timeout_s, store.telemetry)
             if tls
             else None,
-            server_class=SharedPortServer if shared_port else ThreadedAssociationServer,
+            server_class=ListeningSocketServer,
+            listening=listening,
         )
-    except OSError as error:  # the port in the message: "Errno 98" alone names nothing
-        message = f"cannot listen for DICOM on {config.host}:{config.port}: {error.strerror}"
-        raise OSError(error.errno, message) from error
+    except BaseException:
+        listening.close()
+        raise
     acceptor = threading.Thread(target=make_target(server.serve_forever), name="dicom-acceptor")
     acceptor.daemon = True
     acceptor.start()

@@ -39,7 +39,7 @@ from thighseg.dicom_listener.index import (
 )
 from thighseg.dicom_listener.ingest_processes import IngestProcesses
 from thighseg.dicom_listener.logs import redact_identifiers
-from thighseg.dicom_listener.scp import StoreHandler, start_scp, stop_scp
+from thighseg.dicom_listener.scp import StoreHandler, listening_socket, start_scp, stop_scp
 from thighseg.dicom_listener.series import SeriesKey, SeriesTracker
 from thighseg.dicom_listener.spool import Spool
 from thighseg.dicom_listener.telemetry import Telemetry
@@ -146,7 +146,8 @@ class Listener:
                 store = StoreHandler(
                     self.spool, self.tracker, self.telemetry, self.config.limits, on_stored
                 )
-                self._server = start_scp(self.config, store, self.tracker)
+                listening = listening_socket(self.config.host, self.config.port)
+                self._server = start_scp(self.config, store, self.tracker, listening)
         except OSError:
             self.index.close()
             self._claim.close()

@@ -1,4 +1,4 @@
-"""Ingest in several processes on one port (SO_REUSEPORT): real associations over loopback, the
+"""Ingest in several processes on one listening socket: real associations over loopback, the
 real Triton server, processes stopped and killed by PID."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -55,7 +56,7 @@ def test_a_series_over_ten_associations_into_two_processes_completes_once(
     pids = listener.ingest.pids()
     assert len(pids) == 2 and os.getpid() not in pids
     paths = study_factory(4646)
-    # ten storescu processes, each its own association: the kernel spreads them over both
+    # ten storescu processes, each its own association: whichever process is free takes the next
     push(paths, listener.config.port, 10, AE_TITLE)
     result = listener.wait_for(_series_uid(paths), timeout_s=300)
     assert result.report.status == "done", result.report
@@ -88,11 +89,43 @@ def test_a_killed_ingest_process_is_started_again_and_receiving_goes_on(
     assert result.report.status == "done" and result.report.instances == len(paths)
 
 
+@needs_storescu
+def test_associations_waiting_for_a_process_that_dies_are_served_by_another(
+    listener_factory, study_factory
+):
+    listener = listener_factory(ingest_processes=2)
+    doomed, survivor = listener.ingest.pids()
+    paths = study_factory(4848)
+    for pid in (doomed, survivor):
+        os.kill(pid, signal.SIGSTOP)  # nobody accepts: the connections wait in the backlog
+    failures: list[Exception] = []
+
+    def send() -> None:
+        try:
+            push(paths, listener.config.port, 4, AE_TITLE)
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            failures.append(error)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    time.sleep(1.5)  # four associations requested, none accepted yet
+    os.kill(doomed, signal.SIGKILL)
+    os.kill(survivor, signal.SIGCONT)
+    sender.join(120)
+    # one listening socket for every process: what waited for the dead one is taken by the other
+    # (with a socket per process, SO_REUSEPORT, its queued connections were reset)
+    assert not sender.is_alive() and failures == []
+    result = listener.wait_for(_series_uid(paths), timeout_s=300)
+    assert result.report.status == "done" and result.report.instances == len(paths)
+    # stopped and continued, the survivor went on (an empty siginfo once ended its wait for SIGTERM)
+    assert survivor in listener.ingest.pids()
+
+
 def test_a_port_taken_by_another_program_is_a_clear_error(tmp_path):
     def refuse(_batch):
         raise AssertionError("nothing is processed")
 
-    with socket.socket() as taken:  # bound without SO_REUSEPORT: nobody may share it
+    with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]

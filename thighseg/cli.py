@@ -768,7 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ingest-processes",
         type=_at_least_one,
         default=listener_config.default("ingest_processes"),
-        help="processes receiving C-STOREs on the port (SO_REUSEPORT); more cores, more "
+        help="processes receiving C-STOREs on the listener's socket; more cores, more "
         "instances/s across associations (1: in the listener process)",
     )
     p.add_argument(
