@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from thighseg.apps.ingest import IngestRun
 from thighseg.client.perf import without_dynamic_batching
 
 
@@ -19,6 +20,12 @@ def test_nobatch_variant_drops_only_dynamic_batching():
     variant = without_dynamic_batching(config, "m_nobatch")
     assert 'name: "m_nobatch"' in variant and "max_batch_size: 16" in variant
     assert "dynamic_batching" not in variant
+
+
+def test_an_ingest_figure_is_the_median_of_its_rounds():
+    run = IngestRun.of_rounds("thighseg-listener", 4, 300, [1.5, 0.5, 0.75])
+    assert run.seconds == 0.75 and run.instances_per_second == 400
+    assert run.as_dict()["rounds_seconds"] == [1.5, 0.5, 0.75]
 
 
 @pytest.mark.skipif(
@@ -50,6 +57,7 @@ def test_tiny_benchmark_writes_json_markdown_and_plots(model_repository, tmp_pat
         "thighseg-listener",
         "thighseg-listener-2-processes",
     }
+    assert all(r["rounds_seconds"] == [r["seconds"]] for r in saved["ingest"])  # tiny: one round
     sustained = saved["sustained"]
     assert (sustained["studies"], sustained["associations"]) == (3, 2)
     assert sustained["studies_per_hour"] > 0

@@ -13,10 +13,12 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -35,14 +37,32 @@ class IngestRun:
     receiver: str
     associations: int
     instances: int
-    seconds: float
+    seconds: float  # the median of the rounds
+    rounds_seconds: tuple[float, ...] = ()
+
+    @staticmethod
+    def of_rounds(
+        receiver: str, associations: int, instances: int, rounds: list[float]
+    ) -> IngestRun:
+        """One receiver's figure from its rounds: the median, the rounds kept beside it."""
+        return IngestRun(
+            receiver,
+            associations,
+            instances,
+            statistics.median(rounds),
+            tuple(rounds),
+        )
 
     @property
     def instances_per_second(self) -> float:
         return self.instances / self.seconds
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "instances_per_second": round(self.instances_per_second, 2)}
+        return {
+            **asdict(self),
+            "rounds_seconds": list(self.rounds_seconds),  # as JSON reads it back
+            "instances_per_second": round(self.instances_per_second, 2),
+        }
 
 
 def wait_for_port(
@@ -65,6 +85,28 @@ def wait_for_port(
                 return
         time.sleep(0.1)
     raise TimeoutError(f"nothing listening on port {port} after {timeout_s:.0f} s")
+
+
+def wait_for_ready(
+    url: str, process: subprocess.Popen, stderr: IO[bytes], timeout_s: float = 120
+) -> None:
+    """Until `url` answers 200 (a listener's /readyz: every ingest process accepting, Triton
+    reachable); a port that accepts connections is not enough, the kernel queues them before
+    anyone takes them. A `process` that exits meanwhile fails at once with its `stderr`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"{Path(process.args[0]).name} exited ({process.returncode}): {_tail(stderr)}"
+            )
+        try:
+            with urllib.request.urlopen(url, timeout=5) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:  # not serving yet, or 503: not ready yet
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not ready after {timeout_s:.0f} s")
 
 
 def _tail(stderr: IO[bytes]) -> str:
@@ -105,14 +147,20 @@ def push(
 
 @contextmanager
 def serving(
-    argv: list[str], port: int, env: dict[str, str] | None = None, stop_s: float = 30
+    argv: list[str],
+    port: int,
+    env: dict[str, str] | None = None,
+    stop_s: float = 30,
+    ready_url: str | None = None,
 ) -> Iterator[subprocess.Popen]:
-    """A server process listening on `port` until the block ends; if it exits first, its stderr
-    says why at once."""
+    """A server process listening on `port` (and ready by `ready_url`, where it has one) until
+    the block ends; if it exits first, its stderr says why at once."""
     stderr = tempfile.TemporaryFile()  # a file, not a pipe nobody drains: it never blocks the child
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
     try:
         wait_for_port(port, process=process, stderr=stderr)
+        if ready_url is not None:
+            wait_for_ready(ready_url, process, stderr)
         yield process
     finally:
         process.terminate()
@@ -159,22 +207,23 @@ def listener_process(
     model: str = DEFAULT_MODEL,
     options: tuple[str, ...] = (),
 ) -> Iterator[tuple[int, subprocess.Popen]]:
-    """`thighseg listen` in its own process (so its memory can be read from /proc); `options` are
-    further command-line options."""
-    port = port or free_port()
+    """`thighseg listen` in its own process (so its memory can be read from /proc), ready to
+    receive (its /readyz); `options` are further command-line options."""
+    port, metrics_port = port or free_port(), free_port()
     defaults = {
         "--triton-url": triton_url,
         "--model": model,
         "--host": "127.0.0.1",
         "--port": port,
-        "--metrics-port": 0,
+        "--metrics-port": metrics_port,
         "--spool": spool,
         "--out": out,
         "--idle": idle_s,
     }
     argv = [sys.executable, "-m", "thighseg.cli", "listen"]
     argv += [str(item) for option in defaults.items() for item in option] + list(options)
-    with serving(argv, port, stop_s=60) as process:
+    ready = f"http://127.0.0.1:{metrics_port}/readyz"
+    with serving(argv, port, stop_s=60, ready_url=ready) as process:
         yield port, process
 
 
@@ -226,44 +275,59 @@ def compare_ingest(
     associations: tuple[int, ...],
     model: str = DEFAULT_MODEL,
     ingest_processes: int | None = None,
+    rounds: int = 3,
 ) -> list[IngestRun]:
-    """storescp with TCP_NODELAY=1 (the fair baseline), storescp in DCMTK's default configuration
-    (labelled), bare pynetdicom (no disk) and the listener, each at every association count, back
-    to back; the listener also with `ingest_processes` (default: one per core) ingest processes."""
+    """storescp with TCP_NODELAY=1 (the fair baseline), bare pynetdicom (no disk) and the listener
+    (also with `ingest_processes` ingest processes, default one per core), each at every
+    association count, in `rounds` interleaved rounds (one run of 300 instances takes a fraction
+    of a second: the median of the rounds is the figure); storescp in DCMTK's default
+    configuration (labelled, ~45 ms an instance) once."""
     processes = ingest_processes or os.cpu_count() or 1
     runs = []
     for count in associations:
-        for nodelay, label in ((True, "dcmtk-storescp"), (False, "dcmtk-storescp-nagle-default")):
-            folder = work / f"{label}-{count}"
-            with storescp(folder, fork=count > 1, nodelay=nodelay) as port:
-                seconds = push(files, port, count, "STORESCP", nodelay=nodelay)
-            runs.append(IngestRun(label, count, len(files), seconds))
-            shutil.rmtree(folder, ignore_errors=True)
-        with bare_pynetdicom() as port:
-            seconds = push(files, port, count, AE_TITLE)
-        runs.append(IngestRun("pynetdicom-bare", count, len(files), seconds))
-        # idle far longer than the run, no streaming, no head start: measure receiving only, not the
-        # segmentation that follows or overlaps it (on a small machine it competes for the cores)
-        for receivers in sorted({1, processes}):
-            spool = work / f"spool-{count}-{receivers}"
-            with listener_process(
-                triton_url,
-                spool,
-                work / f"out-{count}-{receivers}",
-                1e6,
-                model=model,
-                options=(
-                    "--stream-slices",
-                    "0",
-                    "--no-head-start",
-                    "--ingest-processes",
-                    str(receivers),
-                ),
-            ) as (port, _):
-                seconds = push(files, port, count, AE_TITLE)
-            runs.append(IngestRun(listener_label(receivers), count, len(files), seconds))
-            shutil.rmtree(spool, ignore_errors=True)
+        seconds: dict[str, list[float]] = {}
+        for round_ in range(rounds):
+            baselines = [(True, "dcmtk-storescp")]
+            if round_ == 0:
+                baselines.append((False, "dcmtk-storescp-nagle-default"))
+            for nodelay, label in baselines:
+                folder = work / f"{label}-{count}"
+                with storescp(folder, fork=count > 1, nodelay=nodelay) as port:
+                    seconds.setdefault(label, []).append(
+                        push(files, port, count, "STORESCP", nodelay=nodelay)
+                    )
+                shutil.rmtree(folder, ignore_errors=True)
+            with bare_pynetdicom() as port:
+                seconds.setdefault("pynetdicom-bare", []).append(push(files, port, count, AE_TITLE))
+            for receivers in sorted({1, processes}):
+                seconds.setdefault(listener_label(receivers), []).append(
+                    _listener_ingest(files, triton_url, work, model, count, receivers)
+                )
+        runs += [
+            IngestRun.of_rounds(label, count, len(files), taken) for label, taken in seconds.items()
+        ]
     return runs
+
+
+def _listener_ingest(
+    files: list[Path], triton_url: str, work: Path, model: str, count: int, receivers: int
+) -> float:
+    """Seconds for a fresh listener with `receivers` ingest processes to receive `files` over
+    `count` associations. Idle far longer than the run, no streaming, no head start: receiving
+    only, not the segmentation that follows or overlaps it (on a small machine it competes for
+    the cores)."""
+    spool = work / f"spool-{count}-{receivers}"
+    with listener_process(
+        triton_url,
+        spool,
+        work / f"out-{count}-{receivers}",
+        1e6,
+        model=model,
+        options=("--stream-slices", "0", "--no-head-start", "--ingest-processes", str(receivers)),
+    ) as (port, _):
+        seconds = push(files, port, count, AE_TITLE)
+    shutil.rmtree(spool, ignore_errors=True)
+    return seconds
 
 
 def listener_label(ingest_processes: int) -> str:
