@@ -1,5 +1,9 @@
 """Training runs, saves, and resumes from its checkpoint instead of starting over."""
 
+import json
+from pathlib import Path
+
+import pytest
 from conftest import needs_torch
 
 TINY = dict(  # a run of a few seconds: one subject of each generator
@@ -99,3 +103,19 @@ def test_2p5d_training_starts_as_the_2d_model_and_serves_only_as_what_it_is(tmp_
     )
     assert again["config"]["context"] == 1
     assert np.isfinite(list(summary["validation_randomised"].values())).all()
+
+
+@pytest.mark.parametrize("model", ["denseunet", "manet", "segformer"])
+def test_each_shipped_card_is_what_its_summary_and_the_evaluation_run_render(model):
+    from thighseg.learning import models
+    from thighseg.learning.card import render
+
+    # hand edits would be lost the next time a card is written: what a card says beyond the
+    # training record (why the weights were adopted) lives in the summary JSON
+    summary = json.loads((models.WEIGHTS_DIR / f"{model}.json").read_text())
+    evaluation_json = Path(__file__).parents[1] / "docs" / "evaluation" / "evaluation.json"
+    evaluation = json.loads(evaluation_json.read_text())
+    card = (models.WEIGHTS_DIR / f"{model}.md").read_text()
+    assert card == render(summary, evaluation)
+    if summary.get("adoption"):
+        assert summary["adoption"] in card

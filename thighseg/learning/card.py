@@ -1,7 +1,9 @@
 """Model cards written from what training recorded, so a card never drifts from its weights.
 
 `thighseg train` calls `write_card` with its summary; `thighseg evaluate` figures are added when an
-evaluation JSON is given (`thighseg card --evaluation docs/evaluation/evaluation.json`).
+evaluation JSON is given (`thighseg card --evaluation docs/evaluation/evaluation.json`). Why a
+run's weights were adopted is decided after training, against a rule declared before it: that note
+is kept in the summary JSON under `adoption`, so a card written again keeps it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ ARCHITECTURES = {
     "segformer": "SegFormer with a MiT-b0 encoder (segmentation-models-pytorch, 3.7 M parameters)",
 }
 GROUPS = ("extensor", "flexor", "adductor")
+ADOPTION = "adoption"  # the summary's note on why these weights were adopted (Markdown)
 COHORT_NOTES = {
     "internal_test": "fixed phantom, training site (training generator family)",
     "external": "fixed phantom, second site (training generator family)",
@@ -154,6 +157,7 @@ def render(summary: dict, evaluation: dict | None = None) -> str:
         "",
         "## Data",
         *(_dataset_lines(summary) if "dataset_digest" in summary else _synthetic_lines(config)),
+        *([summary[ADOPTION]] if summary.get(ADOPTION) else []),
         "",
         "## Command",
         "```bash",
