@@ -157,7 +157,7 @@ def render(summary: dict, evaluation: dict | None = None) -> str:
         "",
         "## Data",
         *(_dataset_lines(summary) if "dataset_digest" in summary else _synthetic_lines(config)),
-        *([summary[ADOPTION]] if summary.get(ADOPTION) else []),
+        *(["", summary[ADOPTION]] if summary.get(ADOPTION) else []),
         "",
         "## Command",
         "```bash",
