@@ -16,6 +16,7 @@ again, and its open associations count as aborted (their series do not complete 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
@@ -164,8 +165,12 @@ class IngestProcesses:
     def start(self) -> IngestProcesses:
         """All processes accepting, or an error that says why one could not."""
         self._listening = listening_socket(self._config.host, self._config.port)
-        for number in range(self._config.ingest_processes):
-            self._spawn(number)
+        try:
+            for number in range(self._config.ingest_processes):
+                self._spawn(number)
+        except BaseException:
+            self.stop()
+            raise
         self._dispatcher.start()
         deadline = time.monotonic() + START_TIMEOUT_S
         while len(self._ready) < len(self._processes) and self._failure is None:
@@ -196,6 +201,9 @@ class IngestProcesses:
         for process in self._processes.values():
             if process.is_alive():
                 process.terminate()
+        if self._listening is not None:  # new connections refused now, not reset after the drain
+            with contextlib.suppress(OSError):
+                self._listening.shutdown(socket.SHUT_RDWR)
         for process in self._processes.values():
             process.join(self._config.drain_s + STOP_TIMEOUT_S)
             if process.is_alive():

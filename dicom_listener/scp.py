@@ -34,7 +34,11 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
+from pynetdicom.transport import (
+    AddressInformation,
+    AssociationSocket,
+    ThreadedAssociationServer,
+)
 from pynetdicom.utils import make_target
 
 from thighseg.dicom_listener.config import Limits, ListenerConfig
@@ -340,14 +344,16 @@ def server_ssl_context(config: ListenerConfig) -> ssl.SSLContext | None:
 def listening_socket(host: str, port: int) -> socket.socket:
     """The listener's bound, listening TCP socket (shared by its ingest processes); an address
     already in use names itself in the error."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listening = socket.socket(family, socket.SOCK_STREAM)
+    listening = None
     try:
+        address = AddressInformation(host, port)  # as pynetdicom resolves it: IPv4 first
+        listening = socket.socket(address.address_family, socket.SOCK_STREAM)
         listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listening.bind((host, port))
+        listening.bind(address.as_tuple)
         listening.listen(LISTEN_BACKLOG)
     except OSError as error:  # the port in the message: "Errno 98" alone names nothing
-        listening.close()
+        if listening is not None:
+            listening.close()
         message = f"cannot listen for DICOM on {host}:{port}: {error.strerror}"
         raise OSError(error.errno, message) from error
     return listening
@@ -376,9 +382,11 @@ class ListeningSocketServer(ThreadedAssociationServer):
         """Already listening."""
 
     def server_close(self) -> None:
-        """Close this process's descriptor only: shutdown() would close the socket for every
-        process."""
+        """Close this process's descriptor only (shutdown() would close the socket for every
+        process), then, as socketserver's threaded server does, wait for the threads that start
+        an association for each connection accepted: stop_scp then sees every association."""
         self.socket.close()
+        self._threads.join()
 
 
 def stop_scp(server: ThreadedAssociationServer, drain_s: float) -> None:

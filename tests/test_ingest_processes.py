@@ -117,8 +117,10 @@ def test_associations_waiting_for_a_process_that_dies_are_served_by_another(
     assert not sender.is_alive() and failures == []
     result = listener.wait_for(_series_uid(paths), timeout_s=300)
     assert result.report.status == "done" and result.report.instances == len(paths)
-    # stopped and continued, the survivor went on (an empty siginfo once ended its wait for SIGTERM)
-    assert survivor in listener.ingest.pids()
+    # stopped and continued, the survivor goes on (an empty siginfo once ended its wait for
+    # SIGTERM: it stopped accepting, drained its associations and exited)
+    time.sleep(2)
+    assert _running(survivor) and survivor in listener.ingest.pids() and listener.ingest.alive()
 
 
 def test_a_port_taken_by_another_program_is_a_clear_error(tmp_path):
