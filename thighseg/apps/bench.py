@@ -35,7 +35,6 @@ from thighseg.apps.ingest import (
     last_store_to_seg,
     listener_process,
     peak_rss_by_process,
-    peak_rss_bytes,
     push,
     wait_for_report,
 )
@@ -208,6 +207,26 @@ def _process_study(files: list[Path], port: int, out: Path) -> tuple[float, floa
     return time.perf_counter() - started, send_seconds, report
 
 
+def _fresh_listener(
+    files: list[Path],
+    triton_url: str,
+    work: Path,
+    model: str,
+    name: str,
+    first: list[Path] | None = None,
+    options: tuple[str, ...] = (),
+) -> tuple[float, float, SeriesReport, dict[int, int]]:
+    """A fresh listener with `options` processes the study `first` (if given), then `files`:
+    `_process_study`'s figures for `files` and the peak RSS of each of its processes."""
+    out = work / f"{name}-out"
+    with listener_process(
+        triton_url, work / f"{name}-spool", out, idle_s=1.0, model=model, options=options
+    ) as (port, process):
+        if first is not None:
+            _process_study(first, port, out)
+        return (*_process_study(files, port, out), peak_rss_by_process(process.pid))
+
+
 def run_whole_study(
     files: list[Path], warmup: list[Path], triton_url: str, model: str, work: Path, voxel_bytes: int
 ) -> dict:
@@ -215,33 +234,13 @@ def run_whole_study(
     (with its SEG process): in a fresh listener, in one that processed a small study first
     (libraries loaded, caches and heaps as they stay in a long-running listener), and in a fresh
     one that writes the SEG itself (`--seg-in-listener`, the low-memory choice)."""
-    out = work / "whole-out"
-    with listener_process(triton_url, work / "whole-spool", out, idle_s=1.0, model=model) as (
-        port,
-        process,
-    ):
-        total, send_seconds, report = _process_study(files, port, out)
-        peaks = peak_rss_by_process(process.pid)
-        peak = sum(peaks.values())
-    warm_out = work / "warm-out"
-    with listener_process(triton_url, work / "warm-spool", warm_out, idle_s=1.0, model=model) as (
-        port,
-        process,
-    ):
-        _process_study(warmup, port, warm_out)
-        _process_study(files, port, warm_out)
-        warm_peak = peak_rss_bytes(process.pid)
-    lean_out = work / "lean-out"
-    with listener_process(
-        triton_url,
-        work / "lean-spool",
-        lean_out,
-        idle_s=1.0,
-        model=model,
-        options=("--seg-in-listener",),
-    ) as (port, process):
-        lean_total, _, lean_report = _process_study(files, port, lean_out)
-        lean_peak = peak_rss_bytes(process.pid)
+    total, send_seconds, report, peaks = _fresh_listener(files, triton_url, work, model, "whole")
+    *_, warm_peaks = _fresh_listener(files, triton_url, work, model, "warm", first=warmup)
+    lean_total, _, lean_report, lean_peaks = _fresh_listener(
+        files, triton_url, work, model, "lean", options=("--seg-in-listener",)
+    )
+    # each listener's processes' peaks summed: an upper bound (each peaks at its own time)
+    peak, warm_peak, lean_peak = (sum(p.values()) for p in (peaks, warm_peaks, lean_peaks))
     return {
         "model": model,
         "instances": len(files),

@@ -262,12 +262,6 @@ def peak_rss_by_process(pid: int) -> dict[int, int]:
     return {pid: own} | {child: _vm_hwm_bytes(child) or 0 for child in descendants}
 
 
-def peak_rss_bytes(pid: int) -> int:
-    """The peaks of the process and its descendants, summed: never less than their joint peak
-    (an upper bound: each peaks at its own time)."""
-    return sum(peak_rss_by_process(pid).values())
-
-
 def compare_ingest(
     files: list[Path],
     triton_url: str,
@@ -282,6 +276,8 @@ def compare_ingest(
     association count, in `rounds` interleaved rounds (one run of 300 instances takes a fraction
     of a second: the median of the rounds is the figure); storescp in DCMTK's default
     configuration (labelled, ~45 ms an instance) once."""
+    if rounds < 1:
+        raise ValueError(f"ingest rounds must be at least 1, not {rounds}")
     processes = ingest_processes or os.cpu_count() or 1
     runs = []
     for count in associations:
