@@ -5,6 +5,7 @@ Each Listener has its own registry, so several can run in one process (tests, be
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,20 @@ from prometheus_client import (
 )
 
 STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class EndpointServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer in the address family of its host, IPv4 first as for the DICOM port
+    (its own is IPv4 only: an IPv6 listener address such as ::1 failed to start)."""
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        host, port = address
+        entries = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        families = [entry[0] for entry in entries]
+        self.address_family = socket.AF_INET if socket.AF_INET in families else families[0]
+        super().__init__(address, handler)
 
 
 @dataclass
@@ -130,7 +145,7 @@ class Telemetry:
             ) -> None:  # probes every few seconds: keep logs quiet
                 pass
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server = EndpointServer((host, port), Handler)
         threading.Thread(
             target=self._server.serve_forever, name="metrics-http", daemon=True
         ).start()

@@ -1,9 +1,11 @@
 """Calling-AE allow-list and DICOM over TLS, with a self-signed certificate made in the test."""
 
 import shutil
+import socket
 import ssl
 import subprocess
 import time
+import urllib.request
 
 import pytest
 from conftest import free_port
@@ -22,10 +24,10 @@ def _unused_inference() -> InferenceSettings:
     return InferenceSettings(refuse, "segformer", 256)
 
 
-def _echo(port: int, calling: str, tls: tuple | None = None) -> bool:
+def _echo(port: int, calling: str, tls: tuple | None = None, host: str = "127.0.0.1") -> bool:
     ae = AE(ae_title=calling)
     ae.add_requested_context(Verification)
-    association = ae.associate("127.0.0.1", port, ae_title="THIGHSEG", tls_args=tls)
+    association = ae.associate(host, port, ae_title="THIGHSEG", tls_args=tls)
     if not association.is_established:
         return False
     ok = association.send_c_echo().Status == 0
@@ -59,6 +61,34 @@ def test_only_allowed_calling_ae_titles_associate(tmp_path, ingest_processes):
         assert _echo(config.port, "CT_SCANNER")
         assert not _echo(config.port, "INTRUDER")
         assert _rejected(listener, "calling_ae") == 1
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+@pytest.mark.parametrize("ingest_processes", [1, 2])
+def test_a_listener_on_the_ipv6_loopback_serves_dicom_and_its_endpoints_there(
+    tmp_path, ingest_processes
+):
+    config = ListenerConfig(
+        tmp_path / "spool",
+        tmp_path / "out",
+        host="::1",
+        port=free_port(),
+        metrics_port=free_port(),
+        ingest_processes=ingest_processes,
+    )
+    with Listener(config, _unused_inference()):  # the endpoints' server was IPv4 only
+        assert _echo(config.port, "CT_SCANNER", host="::1")
+        health = urllib.request.urlopen(f"http://[::1]:{config.metrics_port}/healthz", timeout=10)
+        assert health.status == 200
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
