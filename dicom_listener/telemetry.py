@@ -5,7 +5,6 @@ Each Listener has its own registry, so several can run in one process (tests, be
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from pynetdicom.transport import AddressInformation
 
 STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -28,12 +28,7 @@ class EndpointServer(ThreadingHTTPServer):
     (its own is IPv4 only: an IPv6 listener address such as ::1 failed to start)."""
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
-        host, port = address
-        entries = socket.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-        families = [entry[0] for entry in entries]
-        self.address_family = socket.AF_INET if socket.AF_INET in families else families[0]
+        self.address_family = AddressInformation(*address).address_family  # as listening_socket
         super().__init__(address, handler)
 
 
