@@ -10,6 +10,7 @@ import numpy as np
 import pydicom
 
 from thighseg.client.volume import segment_volume
+from thighseg.pipeline import streaming
 from thighseg.pipeline.assemble import assemble, slice_hu
 from thighseg.pipeline.stages import InferenceSettings, LoadedVolume, infer_stage, streamed_by_index
 from thighseg.pipeline.streaming import SliceCache
@@ -103,16 +104,17 @@ def test_the_budget_caps_streamed_slices_and_a_failure_is_inferred_later(study_f
 
 
 def test_slices_behind_a_backlog_are_left_to_be_measured_with_the_series(study_factory):
-    paths = study_factory(94, size=128, slices=6)
+    bound = streaming.MEASURE_BACKLOG_PER_WORKER  # one worker: slices pending, itself included
+    paths = study_factory(94, size=64, slices=bound + 4)
     uids, digests = stored(paths)
     gate = threading.Event()
-    cache = SliceCache(held_until(gate), 64, workers=1)  # measures while at most 2 slices wait
+    cache = SliceCache(held_until(gate), 64, workers=1)
     for uid, path in zip(uids, paths, strict=True):
         assert cache.submit("s", uid, digests[uid], path)
     gate.set()
     done = cache.take("s", digests)
     measured = [done[uid].sums is not None for uid in uids]
-    assert measured == [False, False, False, False, True, True]  # in arrival order
+    assert measured == [False] * 4 + [True] * bound  # in arrival order
 
 
 def neighbour_logits(images: np.ndarray) -> np.ndarray:
