@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -151,3 +152,21 @@ def listener_factory(triton, tmp_path):
         listener.stop()
     for segmenter in segmenters:
         segmenter.close()
+
+
+GENERATED_UID = re.compile(r"2\.25\.\d+|1\.2\.826\.0\.1\.3680043\.10\.511\.\d+\.\d+")
+
+
+def comparable_elements(dataset, prefix: str = ""):
+    """(path, value) of every element, nested items included, UIDs made anew for each object
+    and the time of writing masked."""
+    for element in dataset:
+        if element.VR == "SQ":
+            for k, item in enumerate(element.value):
+                yield from comparable_elements(item, f"{prefix}{element.keyword}[{k}].")
+        elif element.keyword == "PixelData":
+            yield prefix + element.keyword, bytes(element.value)
+        elif element.keyword.endswith(("Date", "Time")):
+            yield prefix + element.keyword, "*"
+        else:
+            yield prefix + element.keyword, GENERATED_UID.sub("*", str(element.value))

@@ -32,16 +32,21 @@ def study(study_factory):
     return paths, volume, labels
 
 
+def started(volume, labels, path, separate_process=True) -> seg_process.PendingSeg:
+    """A SEG of `labels` (made segment numbers in place at `wait`) prepared and labelled."""
+    pending = seg_process.prepare_seg(volume.sources, path, "m", None, separate_process)
+    pending.label(labels, body_midline(volume.hu))
+    return pending
+
+
 def _frames(path) -> np.ndarray:
     return pydicom.dcmread(path).pixel_array
 
 
 def test_the_seg_process_writes_the_seg_this_process_would(study, tmp_path):
     _, volume, labels = study
-    pending = seg_process.start_seg(
-        volume.sources, labels, body_midline(volume.hu), tmp_path / "a.dcm", "m"
-    )
-    assert pending.future is not None  # really elsewhere
+    pending = started(volume, labels.copy(), tmp_path / "a.dcm")
+    assert pending.header_future is not None  # the header really built elsewhere
     path = pending.wait()
     write_seg(volume.sources, labels, body_midline(volume.hu), tmp_path / "b.dcm", "m")
     assert np.array_equal(_frames(path), _frames(tmp_path / "b.dcm"))
@@ -50,27 +55,44 @@ def test_the_seg_process_writes_the_seg_this_process_would(study, tmp_path):
     assert seg.SOPInstanceUID == pending.reference.SOPInstanceUID
     assert seg.SeriesInstanceUID == pending.reference.SeriesInstanceUID
     assert seg.StudyInstanceUID == pending.reference.StudyInstanceUID
-    assert not (tmp_path / seg_process.LABELS_FILE).exists()
+    assert not (tmp_path / seg_process.HEADER_FILE).exists()
+
+
+def test_a_seg_whose_header_was_not_built_ahead_is_built_whole(study, tmp_path):
+    _, volume, labels = study
+    pending = seg_process.prepare_seg(volume.sources, tmp_path / "a.dcm", "m")
+    pending.header_future.result()
+    (tmp_path / seg_process.HEADER_FILE).unlink()  # as if the SEG process had died building it
+    pending.label(labels.copy(), body_midline(volume.hu))
+    path = pending.wait()
+    write_seg(volume.sources, labels, body_midline(volume.hu), tmp_path / "b.dcm", "m")
+    assert np.array_equal(_frames(path), _frames(tmp_path / "b.dcm"))
 
 
 def test_a_killed_seg_process_never_costs_the_seg(study, tmp_path):
     _, volume, labels = study
     seg_process.warm()
-    pending = seg_process.start_seg(
-        volume.sources, labels, body_midline(volume.hu), tmp_path / "x.dcm", "m"
-    )
+    pending = started(volume, labels.copy(), tmp_path / "x.dcm")
     pending.wait()
     for pid in list(seg_process._executor()._processes):  # noqa: SLF001 - the pool's own PIDs
         os.kill(pid, signal.SIGKILL)  # as the kernel's OOM killer would
-    path = seg_process.start_seg(
-        volume.sources, labels, body_midline(volume.hu), tmp_path / "seg.dcm", "m"
-    ).wait()
+    path = started(volume, labels.copy(), tmp_path / "seg.dcm").wait()
     assert pydicom.dcmread(path).NumberOfFrames == 6 * len(volume.sources)
     # and the next SEG goes to a fresh SEG process again
-    again = seg_process.start_seg(
-        volume.sources, labels, body_midline(volume.hu), tmp_path / "y.dcm", "m"
-    )
-    assert again.future is not None and again.wait().exists()
+    again = started(volume, labels.copy(), tmp_path / "y.dcm")
+    assert again.header_future is not None and again.wait().exists()
+
+
+def test_a_seg_process_killed_building_the_header_never_costs_the_seg(study, tmp_path):
+    _, volume, labels = study
+    seg_process.warm()
+    pending = seg_process.prepare_seg(volume.sources, tmp_path / "a.dcm", "m")
+    for pid in list(seg_process._executor()._processes):  # noqa: SLF001 - the pool's own PIDs
+        os.kill(pid, signal.SIGKILL)
+    pending.label(labels.copy(), body_midline(volume.hu))
+    path = pending.wait()
+    write_seg(volume.sources, labels, body_midline(volume.hu), tmp_path / "b.dcm", "m")
+    assert np.array_equal(_frames(path), _frames(tmp_path / "b.dcm"))
 
 
 def muscle_in_the_middle(images: np.ndarray) -> np.ndarray:
@@ -106,15 +128,8 @@ def test_a_series_failing_after_its_outputs_started_leaves_none_of_them(
 def test_the_seg_can_be_written_in_this_process(study, tmp_path):
     _, volume, labels = study
     mine = labels.copy()
-    pending = seg_process.start_seg(
-        volume.sources,
-        mine,
-        body_midline(volume.hu),
-        tmp_path / "a.dcm",
-        "m",
-        separate_process=False,
-    )
-    assert pending.future is None and not (tmp_path / seg_process.LABELS_FILE).exists()
+    pending = started(volume, mine, tmp_path / "a.dcm", separate_process=False)
+    assert pending.header_future is None
     seg = hd.seg.segread(pending.wait())
     assert seg.SOPInstanceUID == pending.reference.SOPInstanceUID
     assert seg.NumberOfFrames == 6 * len(volume.sources)

@@ -1,14 +1,16 @@
-"""The DICOM outputs are built and written in a process of their own (the SEG process) while this
-one measures the study and renders the summary.
+"""The DICOM outputs are built in a process of their own (the SEG process) while this one infers,
+measures the study and renders the summary.
 
 Building and encoding the SEG of a 300-slice study (1,800 frames with their per-frame items,
-highdicom and pydicom) is ~1.3 s of pure Python. A thread could not overlap it with the measurement
-(one GIL: 0.3-0.5 s saved, measured); a process does. The SR and the summary's Secondary Capture
-follow it there once measured and rendered: highdicom's module tables (~65 MB, ~0.5 s to parse)
-then stay loaded in that process alone, and this one never loads them. Every output's UIDs are
-chosen before it exists, so the SR can reference the SEG and the report name them all meanwhile.
-If the SEG process dies (killed for memory, say), an output is written in this process instead:
-the optimisation never costs a result.
+highdicom and pydicom) is ~1.5 s of pure Python. A thread could not overlap it with the measurement
+(one GIL: 0.3-0.5 s saved, measured); a process does. It builds the SEG's header as soon as the
+series is assembled (`seg_header`: everything but the frames follows from the sources), and once
+the labels are known this process fills the frames in (~0.2 s) while the SEG process writes the
+SR, and then the summary's Secondary Capture: highdicom's module tables (~65 MB, ~0.5 s to parse)
+stay loaded in that process alone, and this one never loads them. Every output's UIDs are chosen
+before it exists, so the SR can reference the SEG and the report name them all meanwhile. If the
+SEG process dies (killed for memory, say), an output is written in this process instead: the
+optimisation never costs a result.
 """
 
 from __future__ import annotations
@@ -39,12 +41,13 @@ from thighseg.pipeline.outputs import (
     slim_sources,
     write_sr,
 )
+from thighseg.pipeline.seg_header import SegHeader
 from thighseg.pipeline.summary import secondary_capture
 
 log = logging.getLogger(__name__)
 
 SEG_PROCESSES = 1  # each costs ~90 MB idle and the SEG-sized peak of its own; SEGs queue in it
-LABELS_FILE = ".seg-labels.npy"  # group labels handed to the SEG process, beside the SEG
+HEADER_FILE = ".seg-header.npz"  # the SEG's header built ahead of its labels, beside the SEG
 
 _pool: ProcessPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -82,31 +85,33 @@ def _forget_broken_pool() -> None:
 
 
 @dataclass(frozen=True)
-class SegJob:
-    """Everything the SEG process needs (the sources: `slim_sources` headers)."""
+class SegHeaderJob:
+    """The SEG's sources (`slim_sources` headers) and identity; `run` builds its header
+    (`seg_header`) while the study is still inferred and measured."""
 
     sources: list[Dataset]
-    labels_file: Path
-    midline: float  # where the legs are split into segments
-    path: Path
+    path: Path  # the header file, beside the SEG
     model: str
     algorithm_version: str | None
     series_instance_uid: str
     sop_instance_uid: str
 
-    def run(self, labels: np.ndarray | None = None) -> None:
-        """Build the SEG of group `labels` (by default the labels file) and write it to `path`;
-        given labels become segment numbers in place (a study-sized copy less at the peak)."""
-        labels = np.load(self.labels_file) if labels is None else labels
-        seg = build_seg(
+    def run(self) -> None:
+        SegHeader.of(
             self.sources,
-            sided_labels(labels, self.midline, in_place=True),
             self.model,
             self.algorithm_version,
             self.series_instance_uid,
             self.sop_instance_uid,
-        )
-        save_seg(seg, self.path)
+        ).save(self.path)
+
+    def built(self) -> SegHeader | None:
+        """The header, if it was built for this very SEG."""
+        try:
+            header = SegHeader.load(self.path)
+        except FileNotFoundError:
+            return None
+        return header if header.sop_instance_uid == self.sop_instance_uid else None
 
 
 @dataclass(frozen=True)
@@ -228,68 +233,112 @@ def warm() -> None:
 
 @dataclass
 class PendingSeg:
-    """A SEG being written in the SEG process (or, with `labels`, to be written here): its
-    identity now, its file once `wait` returns."""
+    """A SEG whose identity is known now and whose header is being built in the SEG process;
+    `label` gives it its labels and `wait` writes it in this process: the header's frames filled
+    in (~0.2 s of a 300-slice study, while the SEG process writes the SR), or, where no header
+    was built (no SEG process, or it failed to), the whole SEG."""
 
-    job: SegJob
+    header: SegHeaderJob
     reference: Dataset  # for the SR: the SEG's study, series, SOP class and instance
-    future: Future | None
-    # group labels, when the SEG is written in this process: `wait` makes them segment numbers
+    path: Path
+    separate_process: bool  # the SEG's header, SR and SC are written in the SEG process
+    header_future: Future | None = None
     labels: np.ndarray | None = None
-    written_here: bool = False
+    midline: float | None = None
+    written: bool = False
+
+    @property
+    def sources(self) -> list[Dataset]:
+        """The slim source headers (what the SR reads of them)."""
+        return self.header.sources
+
+    def label(self, labels: np.ndarray, midline: float) -> None:
+        """The group labels (1-3), and the body `midline` that splits them into legs; `wait`
+        makes them segment numbers in place: wait once they are no longer read."""
+        if labels.shape[0] != len(self.sources):
+            raise ValueError(f"{labels.shape[0]} mask slices for {len(self.sources)} sources")
+        self.labels, self.midline = labels, midline
 
     def then(self, job: OutputJob) -> PendingOutput:
-        """Start another output of the study where this SEG is written (after it, in the SEG
-        process)."""
-        return PendingOutput(job, None if self.labels is not None else _submit(job))
+        """Start another output of the study where the SEG's header is built (after it, in the
+        SEG process)."""
+        return PendingOutput(job, _submit(job) if self.separate_process else None)
 
     def wait(self) -> Path:
-        """The SEG file, written; by this process if the SEG process failed to."""
-        if self.labels is not None:
-            if not self.written_here:  # once: the labels are segment numbers afterwards
-                self.job.run(self.labels)
-                self.written_here = True
-            return self.job.path
-        try:
-            return _result(self.job, self.future)
-        finally:
-            self.job.labels_file.unlink(missing_ok=True)
+        """The SEG file, written (once: the labels are segment numbers afterwards)."""
+        if self.labels is None or self.midline is None:
+            raise RuntimeError("the SEG was never given its labels")
+        if not self.written:
+            try:
+                self._write(sided_labels(self.labels, self.midline, in_place=True))
+            finally:
+                self.header.path.unlink(missing_ok=True)
+            self.written = True
+        return self.path
 
     def discard(self) -> None:
         """The series failed after the SEG was started: no SEG is left beside its report."""
-        PendingOutput(self.job, self.future).discard()
-        self.job.labels_file.unlink(missing_ok=True)
+        if self.header_future is not None:
+            with contextlib.suppress(Exception):
+                self.header_future.result()
+        self.path.unlink(missing_ok=True)
+        self.header.path.unlink(missing_ok=True)
+
+    def _write(self, sided: np.ndarray) -> None:
+        built = self._built_header()
+        if built is not None:
+            built.write(sided, self.path)
+            return
+        header = self.header
+        seg = build_seg(
+            header.sources,
+            sided,
+            header.model,
+            header.algorithm_version,
+            header.series_instance_uid,
+            header.sop_instance_uid,
+        )
+        save_seg(seg, self.path)
+
+    def _built_header(self) -> SegHeader | None:
+        """The header built in the SEG process, once it is; None where none was (a failure
+        costs time, never the SEG: it is said, and the SEG built whole)."""
+        if self.header_future is None:
+            return None
+        try:
+            self.header_future.result()
+        except BrokenProcessPool as error:
+            log.warning("SEG process unavailable (%s): the SEG is built whole here", error)
+            _forget_broken_pool()
+            return None
+        except Exception as error:  # noqa: BLE001 - built whole, where it fails for real
+            log.warning(
+                "SEG header not built ahead (%s: %s): the SEG is built whole here",
+                type(error).__name__,
+                error,
+            )
+            return None
+        return self.header.built()
 
 
-def start_seg(
+def prepare_seg(
     sources: list[Dataset],
-    labels: np.ndarray,
-    midline: float,
     path: Path,
     model: str,
     algorithm_version: str | None = None,
     separate_process: bool = True,
 ) -> PendingSeg:
-    """Start writing the SEG of group labels (1-3), split into legs at the body `midline`, to
-    `path` in the SEG process; without `separate_process`, `wait` writes it in this one (less
-    memory, more time), turning `labels` into segment numbers in place: wait for it once they
-    are no longer read."""
-    if labels.shape[0] != len(sources):
-        raise ValueError(f"{labels.shape[0]} mask slices for {len(sources)} source instances")
+    """A SEG of these sources to be written to `path`: its identity chosen now, its header
+    built in the SEG process (`separate_process`) while the study is inferred and measured."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    labels_file = path.parent / LABELS_FILE
-    job = SegJob(
+    header = SegHeaderJob(
         slim_sources(sources),
-        labels_file,
-        midline,
-        path,
+        path.parent / HEADER_FILE,
         model,
         algorithm_version,
         str(hd.UID()),
         str(hd.UID()),
     )
-    reference = seg_reference(sources[0], job.series_instance_uid, job.sop_instance_uid)
-    if not separate_process:
-        return PendingSeg(job, reference, None, labels)
-    np.save(labels_file, labels)
-    return PendingSeg(job, reference, _submit(job))
+    reference = seg_reference(sources[0], header.series_instance_uid, header.sop_instance_uid)
+    future = _submit(header) if separate_process else None
+    return PendingSeg(header, reference, path, separate_process, future)

@@ -32,7 +32,7 @@ from thighseg.pipeline.assemble import HUStack, SeriesError, Volume, assemble
 from thighseg.pipeline.loaders import load_nifti_image, save_nifti_labels
 from thighseg.pipeline.outputs import write_overlay_png
 from thighseg.pipeline.report import DONE, SeriesReport
-from thighseg.pipeline.seg_process import PendingSeg, ScJob, SrJob, start_seg
+from thighseg.pipeline.seg_process import PendingSeg, ScJob, SrJob, prepare_seg
 from thighseg.pipeline.streaming import StreamedSlice
 from thighseg.pipeline.summary import Preview, render
 
@@ -193,21 +193,14 @@ def algorithm_version(report: SeriesReport) -> str:
 
 
 def seg_starter(separate_process: bool) -> EarlyStart:
-    """The SEG needs only the labels and the midline: it is started before measurement, in the
-    SEG process (`separate_process`) or, to be written at emit, in this one."""
+    """The SEG's header needs only the sources: it is built, in the SEG process
+    (`separate_process`), while the series is inferred and measured; the labels follow (to be
+    written at emit in this process, without one)."""
 
-    def start(
-        report: SeriesReport,
-        loaded: LoadedVolume,
-        labels: np.ndarray,
-        out_dir: Path,
-        midline: float,
-    ) -> PendingSeg:
+    def start(report: SeriesReport, loaded: LoadedVolume, out_dir: Path) -> PendingSeg:
         volume: Volume = loaded.origin
-        return start_seg(
+        return prepare_seg(
             volume.sources,
-            labels,
-            midline,
             out_dir / "seg.dcm",
             report.model,
             algorithm_version(report),
@@ -224,9 +217,9 @@ def emit_dicom(
     out_dir: Path,
     seg: PendingSeg,
 ) -> None:
-    """SR, the one-page summary (PNG, PDF, DICOM SC) and the overlay, with the SEG started before
-    measurement. The SR and SC are encoded where the SEG is (the SEG process, by default) while
-    this process renders the pictures; a failure here leaves none of them."""
+    """SEG, SR, the one-page summary (PNG, PDF, DICOM SC) and the overlay. The SR and SC are
+    encoded where the SEG's header was built (the SEG process, by default) while this process
+    renders the pictures and then fills in the SEG's frames; a failure here leaves none of them."""
     volume: Volume = loaded.origin
     title = (
         f"Thigh muscle summary — {report.model}, {len(volume.sources)} slices, "
@@ -234,7 +227,7 @@ def emit_dicom(
     )
     sr_job = SrJob(
         seg.reference,
-        seg.job.sources,  # slim: what the SR reads of them
+        seg.sources,  # slim: what the SR reads of them
         report.indices,
         out_dir / "sr.dcm",
         report.model,
@@ -248,13 +241,13 @@ def emit_dicom(
         write_overlay_png(preview, out_dir / "overlay.png")
         del preview
         started.append(seg.then(sc_job))
+        seg.wait()  # the labels are segment numbers from now on
         for output in started:
             output.wait()
     except BaseException:
         for output in started:
             output.discard()
         raise
-    seg.wait()
     release_highdicom_tables()  # loaded here only when the outputs were written here
     report.seg_sop_instance_uid = str(seg.reference.SOPInstanceUID)
     report.sr_sop_instance_uid = sr_job.sop_instance_uid
@@ -308,9 +301,9 @@ def read_nifti(path: Path) -> LoadedVolume:
 
 
 Reader = Callable[[SeriesReport], LoadedVolume]
-# work that needs only the labels and the body midline, started before measurement; its handle
-# goes to the emitter
-EarlyStart = Callable[[SeriesReport, LoadedVolume, np.ndarray, Path, float], Any]
+# the SEG, started once the series is assembled and given the labels and the body midline
+# before measurement; it goes to the emitter
+EarlyStart = Callable[[SeriesReport, LoadedVolume, Path], PendingSeg | None]
 Emitter = Callable[[SeriesReport, LoadedVolume, np.ndarray, Path, Any], None]
 
 
@@ -375,11 +368,13 @@ def run_stages(
         out_dir.mkdir(parents=True, exist_ok=True)
         loaded = timed("assemble", read, report)
         report.shape_zyx, report.spacing_zyx_mm = list(loaded.hu.shape), list(loaded.spacing_zyx)
+        early = start_early(report, loaded, out_dir)
         streamed = streamed_by_index(loaded, streamed_slices())  # the last ones finished meanwhile
         labels = timed("infer", infer_stage, loaded.hu, loaded.spacing_zyx[1:], settings, streamed)
         measured = {i: done.sums for i, done in streamed.items() if done.sums is not None}
         midline = body_midline(loaded.hu, {z: sums.body for z, sums in measured.items()})
-        early = start_early(report, loaded, labels, out_dir, midline)
+        if early is not None:
+            early.label(labels, midline)
         timed("measure", measure_stage, report, loaded, labels, measured, midline)
         timed("emit", emit, report, loaded, labels, out_dir, early)
         early = None  # the emitter has used it
