@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,11 +158,18 @@ def slice_hu(ds: Dataset) -> np.ndarray:
     return ds.pixel_array.astype(np.float32) * slope + intercept
 
 
-def assemble(paths: list[Path], min_slices: int = 3, scratch: Path | None = None) -> Volume:
+def assemble(
+    paths: list[Path],
+    min_slices: int = 3,
+    scratch: Path | None = None,
+    sorted_headers: Callable[[list[Dataset]], None] | None = None,
+) -> Volume:
     """Sort by ImagePositionPatient along the slice normal, check spacing and orientation, rescale.
 
     Each check is a named function above that raises SeriesError with the reason for the report.
     With `scratch`, the HU volume is an HUStack in a file there instead of an array in memory.
+    `sorted_headers` is given the checked headers in slice order before the pixels are read
+    (work that needs only them starts meanwhile); their Pixel Data is dropped afterwards.
     """
     _check_count(paths, min_slices)
     # each file parsed once: its pixel data is read from it later, in slice order, then dropped
@@ -170,6 +178,8 @@ def assemble(paths: list[Path], min_slices: int = 3, scratch: Path | None = None
     _check_axial(headers[0])
     _check_consistent(headers)
     order, spacing = _slice_order(headers)
+    if sorted_headers is not None:
+        sorted_headers([headers[i] for i in order])
     first = headers[0]
     rescales = {_rescale(h) for h in headers}
     # Integer HU (slope 1, integer intercepts: nearly every CT) fit in int16: half the memory of

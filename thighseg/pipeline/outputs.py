@@ -43,6 +43,8 @@ def sided_labels(labels: np.ndarray, midline: float, in_place: bool = False) -> 
     return sided
 
 
+PIXEL_DATA = 0x7FE00010
+
 # What highdicom reads of each source instance but the first, for the SEG and the SR: its identity
 # and its plane.
 PER_SOURCE_KEYWORDS = (
@@ -62,18 +64,22 @@ PER_SOURCE_KEYWORDS = (
 
 
 def slim_sources(sources: list[Dataset]) -> list[Dataset]:
-    """The source headers the SEG and SR are built from: the first whole (patient, study,
-    equipment and frame of reference come from it), the others reduced to `PER_SOURCE_KEYWORDS`.
-    The SEG and SR are the same as from whole headers (tested); handing them to the SEG process
-    costs a fifth of the pickling."""
-    slim = []
+    """The source headers the SEG and SR are built from, copies: the first whole but for its
+    pixels (patient, study, equipment and frame of reference come from it), the others reduced
+    to `PER_SOURCE_KEYWORDS`. The SEG and SR are the same as from whole headers (tested);
+    handing them to the SEG process costs a fifth of the pickling."""
+    first = Dataset()
+    for tag in sources[0].keys():
+        if tag != PIXEL_DATA:  # each other value read now, deferred ones included
+            first.add(sources[0][tag])
+    slim = [first]
     for source in sources[1:]:
         header = Dataset()
         for keyword in PER_SOURCE_KEYWORDS:
             if keyword in source:
                 header[keyword] = source[keyword]
         slim.append(header)
-    return sources[:1] + slim
+    return slim
 
 
 def build_seg(

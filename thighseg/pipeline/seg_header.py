@@ -22,9 +22,7 @@ from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element
 from pydicom.uid import ExplicitVRLittleEndian
 
-from thighseg.pipeline.outputs import build_seg
-
-PIXEL_DATA = 0x7FE00010
+from thighseg.pipeline.outputs import PIXEL_DATA, build_seg
 
 
 @dataclass(frozen=True)

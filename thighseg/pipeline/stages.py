@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 import thighseg
 from thighseg.client.triton import TritonUnavailable
@@ -197,10 +198,9 @@ def seg_starter(separate_process: bool) -> EarlyStart:
     (`separate_process`), while the series is inferred and measured; the labels follow (to be
     written at emit in this process, without one)."""
 
-    def start(report: SeriesReport, loaded: LoadedVolume, out_dir: Path) -> PendingSeg:
-        volume: Volume = loaded.origin
+    def start(report: SeriesReport, sources: list[Dataset], out_dir: Path) -> PendingSeg:
         return prepare_seg(
-            volume.sources,
+            sources,
             out_dir / "seg.dcm",
             report.model,
             algorithm_version(report),
@@ -282,9 +282,11 @@ def emit_nifti(
     report.outputs = ["labels.nii.gz", "summary.png", "summary.pdf", "report.json"]
 
 
-def read_dicom(report: SeriesReport, paths: list[Path], out_dir: Path) -> LoadedVolume:
+def read_dicom(
+    report: SeriesReport, paths: list[Path], out_dir: Path, sources_known: SourcesKnown
+) -> LoadedVolume:
     """Assemble the series; the HU volume lives in a scratch file beside the results."""
-    volume = assemble(paths, scratch=out_dir)
+    volume = assemble(paths, scratch=out_dir, sorted_headers=sources_known)
     first = volume.sources[0]
     report.study_instance_uid, report.series_instance_uid = (
         str(first.StudyInstanceUID),
@@ -300,10 +302,12 @@ def read_nifti(path: Path) -> LoadedVolume:
     return LoadedVolume(hu, spacing, None, affine)
 
 
-Reader = Callable[[SeriesReport], LoadedVolume]
-# the SEG, started once the series is assembled and given the labels and the body midline
-# before measurement; it goes to the emitter
-EarlyStart = Callable[[SeriesReport, LoadedVolume, Path], PendingSeg | None]
+# told the source headers, in slice order, as soon as they are known (DICOM)
+SourcesKnown = Callable[[list[Dataset]], None]
+Reader = Callable[[SeriesReport, SourcesKnown], LoadedVolume]
+# the SEG, started once the source headers are known (while the pixels are read) and given the
+# labels and the body midline before measurement; it goes to the emitter
+EarlyStart = Callable[[SeriesReport, list[Dataset], Path], PendingSeg | None]
 Emitter = Callable[[SeriesReport, LoadedVolume, np.ndarray, Path, Any], None]
 
 
@@ -354,6 +358,10 @@ def run_stages(
     """
     stage, early = "assemble", None
 
+    def sources_known(sources: list[Dataset]) -> None:
+        nonlocal early
+        early = start_early(report, sources, out_dir)
+
     def timed(name: str, work: Callable, *args):
         nonlocal stage
         if not still_wanted():
@@ -366,9 +374,8 @@ def run_stages(
 
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        loaded = timed("assemble", read, report)
+        loaded = timed("assemble", read, report, sources_known)
         report.shape_zyx, report.spacing_zyx_mm = list(loaded.hu.shape), list(loaded.spacing_zyx)
-        early = start_early(report, loaded, out_dir)
         streamed = streamed_by_index(loaded, streamed_slices())  # the last ones finished meanwhile
         labels = timed("infer", infer_stage, loaded.hu, loaded.spacing_zyx[1:], settings, streamed)
         measured = {i: done.sums for i, done in streamed.items() if done.sums is not None}
@@ -422,7 +429,7 @@ def process_series(
     )
     return run_stages(
         report,
-        lambda r: read_dicom(r, instance_paths, out_dir),
+        lambda r, known: read_dicom(r, instance_paths, out_dir, known),
         emit_dicom,
         out_dir,
         settings,
@@ -441,4 +448,4 @@ def process_nifti(path: Path, out_dir: Path, settings: InferenceSettings) -> Ser
         tta=settings.tta,
         source=str(path),
     )
-    return run_stages(report, lambda _: read_nifti(path), emit_nifti, out_dir, settings)
+    return run_stages(report, lambda *_: read_nifti(path), emit_nifti, out_dir, settings)
