@@ -11,13 +11,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from thighseg.core.ports import free_port
 from thighseg.learning import models
+from thighseg.pipeline.assemble import assemble
 from thighseg.serving.embedded_triton import EmbeddedTriton, Ports
 from thighseg.synthetic import phantom
-from thighseg.synthetic.ct_series import write_series
+from thighseg.synthetic.ct_series import read_truth, write_series
 
 
 def wait_until(condition, timeout_s: float, poll_s: float = 0.1) -> bool:
@@ -170,3 +172,11 @@ def comparable_elements(dataset, prefix: str = ""):
             yield prefix + element.keyword, "*"
         else:
             yield prefix + element.keyword, GENERATED_UID.sub("*", str(element.value))
+
+
+def assembled_with_truth(paths: list[Path]):
+    """A phantom study's assembled volume and its true group labels (uint8) in the volume's
+    slice order."""
+    volume = assemble(list(paths))
+    truth, uids = read_truth(paths[0].parent)
+    return volume, truth[[uids.index(s.SOPInstanceUID) for s in volume.sources]].astype(np.uint8)

@@ -12,13 +12,12 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pytest
-from conftest import comparable_elements
+from conftest import assembled_with_truth, comparable_elements
 
 from thighseg.measure.anatomy import body_midline, leg_masks
 from thighseg.measure.indices import TISSUES, volume_indices
 from thighseg.measure.qc import Flag
 from thighseg.pipeline import coding
-from thighseg.pipeline.assemble import assemble
 from thighseg.pipeline.loaders import labels_from_seg
 from thighseg.pipeline.outputs import (
     build_seg,
@@ -29,7 +28,6 @@ from thighseg.pipeline.outputs import (
     write_sr,
 )
 from thighseg.pipeline.seg_header import SegHeader
-from thighseg.synthetic.ct_series import read_truth
 
 BIN = Path(sys.executable).parent  # dcmqi installs its readers beside the interpreter
 FLAGS = [Flag("PARTIAL_COVERAGE", "12 slices cover 55 mm of the thigh")]
@@ -38,10 +36,7 @@ FLAGS = [Flag("PARTIAL_COVERAGE", "12 slices cover 55 mm of the thigh")]
 @pytest.fixture(scope="module")
 def outputs(study_factory, tmp_path_factory):
     """SEG and SR of a phantom study from its true labels."""
-    paths = study_factory(77, size=128, slices=6)
-    volume = assemble(list(paths))
-    truth, uids = read_truth(paths[0].parent)
-    labels = truth[[uids.index(s.SOPInstanceUID) for s in volume.sources]]
+    volume, labels = assembled_with_truth(study_factory(77, size=128, slices=6))
     indices = volume_indices(volume.hu, labels, volume.spacing_zyx)
     out = tmp_path_factory.mktemp("outputs")
     seg = write_seg(

@@ -6,22 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pydicom
 import pytest
-from conftest import comparable_elements
+from conftest import assembled_with_truth, comparable_elements
 
 from thighseg.measure.anatomy import body_midline
-from thighseg.pipeline.assemble import assemble
 from thighseg.pipeline.outputs import build_seg, save_seg, sided_labels, slim_sources
 from thighseg.pipeline.seg_header import SegHeader
 from thighseg.pipeline.seg_process import SegHeaderJob
-from thighseg.synthetic.ct_series import read_truth
 
 
 @pytest.fixture(scope="module")
 def study(study_factory):
-    paths = study_factory(78, size=128, slices=6)
-    volume = assemble(list(paths))
-    truth, uids = read_truth(paths[0].parent)
-    labels = truth[[uids.index(s.SOPInstanceUID) for s in volume.sources]].astype(np.uint8)
+    volume, labels = assembled_with_truth(study_factory(78, size=128, slices=6))
     return volume, sided_labels(labels, body_midline(volume.hu))
 
 
@@ -63,8 +58,9 @@ def test_a_header_serves_only_its_own_seg(study, tmp_path):
     assert not (tmp_path / "header.npz.partial").exists()
 
 
-def test_labels_of_another_study_size_are_refused(study):
+def test_labels_of_another_study_size_are_refused(study, tmp_path):
     volume, sided = study
     header = SegHeader.of(slim_sources(volume.sources), "m", "v", "1.2.3", "1.2.3.4")
     with pytest.raises(ValueError, match="frames for"):
-        header.pixel_data(sided[:-1])
+        header.write(sided[:-1], tmp_path / "seg.dcm")
+    assert not (tmp_path / "seg.dcm").exists()

@@ -13,23 +13,19 @@ import jsonschema
 import numpy as np
 import pydicom
 import pytest
+from conftest import assembled_with_truth
 from highdicom import _standard_utils
 
 from thighseg.measure.anatomy import body_midline
 from thighseg.pipeline import seg_process, stages
-from thighseg.pipeline.assemble import assemble
 from thighseg.pipeline.outputs import sided_labels, write_seg
 from thighseg.pipeline.stages import InferenceSettings, process_series
-from thighseg.synthetic.ct_series import read_truth
 
 
 @pytest.fixture(scope="module")
 def study(study_factory):
     paths = study_factory(91, size=128, slices=6)
-    volume = assemble(list(paths))
-    truth, uids = read_truth(paths[0].parent)
-    labels = truth[[uids.index(s.SOPInstanceUID) for s in volume.sources]].astype(np.uint8)
-    return paths, volume, labels
+    return paths, *assembled_with_truth(paths)
 
 
 def started(volume, labels, path, separate_process=True) -> seg_process.PendingSeg:

@@ -16,13 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomFileLike
-from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element
+from pydicom.filewriter import correct_ambiguous_vr_element
+from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian
 
 from thighseg.pipeline.outputs import PIXEL_DATA, build_seg
+
+FRAMES_AT_ONCE = 32  # packed together: 8 MB of masks at 512²
 
 
 @dataclass(frozen=True)
@@ -97,31 +99,37 @@ class SegHeader:
                 saved["frames"],
             )
 
-    def pixel_data(self, sided: np.ndarray) -> bytes:
-        """The frames of segment numbers `sided` (z, y, x), packed as highdicom packs them."""
+    def _check(self, sided: np.ndarray) -> None:
+        """Refuses labels (z, y, x) whose slices are not this header's frames'."""
         slices, rows, columns = sided.shape
         if (rows * columns) % 8:
             raise ValueError(f"{rows}x{columns} frames do not end on a byte")
         segments = np.unique(self.frames[:, 1])
-        frame_of = np.full((slices, int(segments.max()) + 1), -1, np.int64)
+        covered = np.zeros((slices, int(segments.max()) + 1), bool)
         if len(self.frames) == slices * len(segments) and self.frames[:, 0].max() < slices:
-            frame_of[self.frames[:, 0], self.frames[:, 1]] = np.arange(len(self.frames))
-        if (frame_of[:, segments] < 0).any():  # every slice has a frame of every segment
+            covered[self.frames[:, 0], self.frames[:, 1]] = True
+        if not covered[:, segments].all():  # every slice has a frame of every segment
             raise ValueError(f"{len(self.frames)} frames for {slices} slices")
-        packed = np.empty((len(self.frames), rows * columns // 8), np.uint8)
-        for z, image in enumerate(sided):  # slice by slice: small temporaries
-            masks = image[None] == segments[:, None, None].astype(image.dtype)
-            packed[frame_of[z, segments]] = np.packbits(
-                masks.reshape(len(segments), -1), axis=-1, bitorder="little"
-            )
-        return packed.tobytes()
 
     def write(self, sided: np.ndarray, path: Path) -> None:
-        """The SEG of segment numbers `sided` (one slice per source), to `path`."""
-        pixels = self.pixel_data(sided)
+        """The SEG of segment numbers `sided` (one slice per source), to `path`: the frames
+        packed as highdicom packs them, a few at a time (no SEG-sized buffer)."""
+        self._check(sided)
+        frame_bytes = sided.shape[1] * sided.shape[2] // 8
+        length = len(self.frames) * frame_bytes
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("wb") as file:
             file.write(self.encoded)
             writer = DicomFileLike(file)
             writer.is_little_endian, writer.is_implicit_VR = True, False
-            write_data_element(writer, DataElement(PIXEL_DATA, self.pixel_vr, io.BytesIO(pixels)))
+            # the element's header as pydicom writes it (PS3.5 7.1.2: OB/OW have a 32-bit length)
+            writer.write_tag(Tag(PIXEL_DATA))
+            writer.write(self.pixel_vr.encode())
+            writer.write_US(0)
+            writer.write_UL(length + length % 2)
+            for start in range(0, len(self.frames), FRAMES_AT_ONCE):
+                frames = self.frames[start : start + FRAMES_AT_ONCE]
+                masks = sided[frames[:, 0]] == frames[:, 1, None, None].astype(sided.dtype)
+                file.write(np.packbits(masks.reshape(len(frames), -1), axis=-1, bitorder="little"))
+            if length % 2:
+                file.write(b"\0")  # values have even lengths
