@@ -91,6 +91,7 @@ class SegHeader:
 
     @classmethod
     def load(cls, path: Path) -> SegHeader:
+        """A header `save` wrote (in the SEG process), read where the frames are filled in."""
         with np.load(path) as saved:
             return cls(
                 str(saved["sop_instance_uid"]),

@@ -97,6 +97,7 @@ class SegHeaderJob:
     sop_instance_uid: str
 
     def run(self) -> None:
+        """Build the header and save it beside the SEG-to-be, for the listener to fill in."""
         SegHeader.of(
             self.sources,
             self.model,
