@@ -5,6 +5,10 @@ of `thighseg bench`; this takes ~30 s a run): one embedded Triton serving the sh
 fresh listener with its defaults (streaming, head start, 1 s completion wait) for each run.
 
     .venv/bin/python scripts/latency_at_rate.py --runs 3 --rate 20 --out latency.json
+
+`--compare-with DIR` alternates each run with one of the listener of another checkout (e.g.
+`git worktree add /tmp/before REV`), both on the same server and study: an A/B that the machine's
+drifting speed affects alike.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=20.0, help="instances/s")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--compare-with", type=Path, help="another checkout's listener, alternated")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="latency-"))
     bench_repository(models.REPOSITORY, args.model, work / "repository")
@@ -40,17 +45,24 @@ def main() -> None:
         phantom.generate(8100, size=512, slices=300, slice_spacing=5.0), work / "study"
     )
     ports = Ports(free_port(), free_port(), free_port())
-    runs = []
+    listeners = {"this checkout": None} | (
+        {str(args.compare_with): args.compare_with.resolve()} if args.compare_with else {}
+    )
+    runs: dict[str, list[dict]] = {label: [] for label in listeners}
     with EmbeddedTriton(work / "repository", ports, log_file=work / "triton.log") as server:
         for _ in tqdm(range(args.runs), desc=f"last C-STORE -> SEG at {args.rate:g}/s"):
-            runs.append(
-                last_store_to_seg(files, server.http_url, work, args.model, args.rate, True, 1.0)
-            )
-            args.out.write_text(json.dumps({"runs": runs}, indent=1))  # each run as it ends
-    seconds = [run["seconds_last_store_to_seg"] for run in runs]
-    summary = {"median_s": statistics.median(seconds), "seconds": seconds, "runs": runs}
+            for label, checkout in listeners.items():
+                run = last_store_to_seg(
+                    files, server.http_url, work, args.model, args.rate, True, 1.0, True, checkout
+                )
+                runs[label].append(run)
+                args.out.write_text(json.dumps({"runs": runs}, indent=1))  # each run as it ends
+    summary: dict = {}
+    for label, done in runs.items():
+        seconds = [run["seconds_last_store_to_seg"] for run in done]
+        summary[label] = {"median_s": statistics.median(seconds), "seconds": seconds, "runs": done}
+        print(f"{label}: last C-STORE -> SEG median {statistics.median(seconds)} s of {seconds}")
     args.out.write_text(json.dumps(summary, indent=1))
-    print(f"last C-STORE -> SEG: median {summary['median_s']} s of {seconds}")
 
 
 if __name__ == "__main__":

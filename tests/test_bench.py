@@ -3,12 +3,15 @@ thresholds: speed targets are read from a full `thighseg bench` run, never asser
 
 import json
 import shutil
+import sys
+import urllib.request
 
 import numpy as np
 import pytest
+from conftest import free_port
 from PIL import Image
 
-from thighseg.apps.ingest import IngestRun
+from thighseg.apps.ingest import IngestRun, serving
 from thighseg.client.perf import without_dynamic_batching
 
 
@@ -32,6 +35,16 @@ def test_an_ingest_figure_is_the_median_of_its_rounds():
     shutil.which("storescu") is None or shutil.which("storescp") is None,
     reason="DCMTK storescu/storescp not installed",
 )
+def test_a_server_can_run_from_another_checkout(tmp_path):
+    """The A/B harness runs the other version's listener with `python -m` from its checkout."""
+    (tmp_path / "which.txt").write_text("the other checkout")
+    port = free_port()
+    argv = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+    with serving(argv, port, cwd=tmp_path):
+        answer = urllib.request.urlopen(f"http://127.0.0.1:{port}/which.txt", timeout=10).read()
+    assert answer == b"the other checkout"
+
+
 def test_tiny_benchmark_writes_json_markdown_and_plots(model_repository, tmp_path):
     pytest.importorskip("matplotlib")
     from thighseg.apps.bench import BenchConfig, run_bench

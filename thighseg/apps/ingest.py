@@ -152,11 +152,12 @@ def serving(
     env: dict[str, str] | None = None,
     stop_s: float = 30,
     ready_url: str | None = None,
+    cwd: Path | None = None,
 ) -> Iterator[subprocess.Popen]:
     """A server process listening on `port` (and ready by `ready_url`, where it has one) until
     the block ends; if it exits first, its stderr says why at once."""
     stderr = tempfile.TemporaryFile()  # a file, not a pipe nobody drains: it never blocks the child
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr, env=env, cwd=cwd)
     try:
         wait_for_port(port, process=process, stderr=stderr)
         if ready_url is not None:
@@ -206,9 +207,11 @@ def listener_process(
     port: int | None = None,
     model: str = DEFAULT_MODEL,
     options: tuple[str, ...] = (),
+    checkout: Path | None = None,
 ) -> Iterator[tuple[int, subprocess.Popen]]:
     """`thighseg listen` in its own process (so its memory can be read from /proc), ready to
-    receive (its /readyz); `options` are further command-line options."""
+    receive (its /readyz); `options` are further command-line options; `checkout`: another
+    checkout of thighseg whose listener runs instead (an A/B of two versions)."""
     port, metrics_port = port or free_port(), free_port()
     defaults = {
         "--triton-url": triton_url,
@@ -223,7 +226,8 @@ def listener_process(
     argv = [sys.executable, "-m", "thighseg.cli", "listen"]
     argv += [str(item) for option in defaults.items() for item in option] + list(options)
     ready = f"http://127.0.0.1:{metrics_port}/readyz"
-    with serving(argv, port, stop_s=60, ready_url=ready) as process:
+    # `python -m` imports from its working directory first: the checkout's own package
+    with serving(argv, port, stop_s=60, ready_url=ready, cwd=checkout) as process:
         yield port, process
 
 
@@ -357,10 +361,11 @@ def last_store_to_seg(
     streaming: bool,
     idle_s: float,
     head_start: bool = True,
+    checkout: Path | None = None,
 ) -> dict:
     """One study sent in one association at `rate` instances/s (None: full speed) to a fresh
-    listener, streaming or not, with a head start or not: seconds from the last C-STORE's answer
-    to the published SEG."""
+    listener (of `checkout`, if given), streaming or not, with a head start or not: seconds from
+    the last C-STORE's answer to the published SEG."""
     import pydicom
 
     from thighseg.dicom_listener.scu import send_files
@@ -373,10 +378,9 @@ def last_store_to_seg(
     options = (() if streaming else ("--stream-slices", "0")) + (
         () if head_start else ("--no-head-start",)
     )
-    with listener_process(triton_url, spool, out, idle_s, model=model, options=options) as (
-        port,
-        _,
-    ):
+    with listener_process(
+        triton_url, spool, out, idle_s, model=model, options=options, checkout=checkout
+    ) as (port, _):
         started = time.perf_counter()
         statuses = send_files(files, "127.0.0.1", port, rate=rate)
         last = time.perf_counter()
