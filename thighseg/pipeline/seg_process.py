@@ -5,7 +5,7 @@ Building and encoding the SEG of a 300-slice study (1,800 frames with their per-
 highdicom and pydicom) is ~1.5 s of pure Python. A thread could not overlap it with the measurement
 (one GIL: 0.3-0.5 s saved, measured); a process does. It builds the SEG's header as soon as the
 series is assembled (`seg_header`: everything but the frames follows from the sources), and once
-the labels are known this process fills the frames in (~0.2 s) while the SEG process writes the
+the labels are known this process fills the frames in (~0.1 s) while the SEG process writes the
 SR, and then the summary's Secondary Capture: highdicom's module tables (~65 MB, ~0.5 s to parse)
 stay loaded in that process alone, and this one never loads them. Every output's UIDs are chosen
 before it exists, so the SR can reference the SEG and the report name them all meanwhile. If the
@@ -236,7 +236,7 @@ def warm() -> None:
 class PendingSeg:
     """A SEG whose identity is known now and whose header is being built in the SEG process;
     `label` gives it its labels and `wait` writes it in this process: the header's frames filled
-    in (~0.2 s of a 300-slice study, while the SEG process writes the SR), or, where no header
+    in (~0.1 s of a 300-slice study, while the SEG process writes the SR), or, where no header
     was built (no SEG process, or it failed to), the whole SEG."""
 
     header: SegHeaderJob
@@ -302,16 +302,13 @@ class PendingSeg:
         save_seg(seg, self.path)
 
     def _built_header(self) -> SegHeader | None:
-        """The header built in the SEG process, once it is; None where none was (a failure
-        costs time, never the SEG: it is said, and the SEG built whole)."""
+        """The header built in the SEG process (here, if the SEG process died), once it is; None
+        without a SEG process or where building it failed (a failure costs time, never the SEG:
+        it is said, and the SEG built whole)."""
         if self.header_future is None:
             return None
         try:
-            self.header_future.result()
-        except BrokenProcessPool as error:
-            log.warning("SEG process unavailable (%s): the SEG is built whole here", error)
-            _forget_broken_pool()
-            return None
+            _result(self.header, self.header_future)
         except Exception as error:  # noqa: BLE001 - built whole, where it fails for real
             log.warning(
                 "SEG header not built ahead (%s: %s): the SEG is built whole here",
