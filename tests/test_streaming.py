@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 
 import numpy as np
 import pydicom
@@ -156,3 +157,34 @@ def test_a_2p5d_slice_streams_once_its_neighbours_arrive_and_only_with_the_volum
     assert np.array_equal(labels, whole)
     assert sum(calls) == 2  # only the two ends
     assert cache.slices == 0
+
+
+def test_a_stack_inferred_before_a_slice_arrived_between_never_replaces_the_newer_one(
+    study_factory,
+):
+    paths = study_factory(96, size=64, slices=4)
+    volume = assemble(list(paths))
+    uids = [str(s.SOPInstanceUID) for s in volume.sources]  # in position order
+    digests = {uid: digest_of(p) for uid, p in zip(uids, volume.paths, strict=True)}
+    first_started, newer_done, calls = threading.Event(), threading.Event(), []
+
+    def older_finishes_last(images):
+        calls.append(len(images))
+        if len(calls) == 1:  # slice 2 between 0 and 3: held until 1 has arrived and been used
+            first_started.set()
+            newer_done.wait(10)
+            time.sleep(0.3)  # the other worker stores the newer stack meanwhile
+        elif len(calls) == 3:
+            newer_done.set()
+        return neighbour_logits(images)
+
+    cache = SliceCache(older_finishes_last, 64, workers=2, context=1)
+    for k in (0, 2, 3):
+        cache.submit("s", uids[k], digests[uids[k]], volume.paths[k])
+    assert first_started.wait(10)
+    cache.submit("s", uids[1], digests[uids[1]], volume.paths[1])
+    done = cache.take("s", digests)
+    assert len(calls) == 3  # (0, 2, 3), then (0, 1, 2) and (1, 2, 3)
+    assert done[uids[2]].neighbours == (uids[1], uids[2], uids[3])
+    loaded = LoadedVolume(volume.hu, volume.spacing_zyx, None, volume)
+    assert set(streamed_by_index(loaded, done)) == {1, 2}

@@ -169,19 +169,47 @@ class SliceCache:
         arrived = self._arrived[series_uid]
         if not self._context:
             return [((sop_uid, arrived[sop_uid]),)]
-        order = sorted(arrived.items(), key=lambda item: item[1].position)
+        order = self._in_position_order(series_uid)
         at = next(k for k, (uid, _) in enumerate(order) if uid == sop_uid)
         done = self._done.get(series_uid, {})
         stacks = []
         for centre in range(at - self._context, at + self._context + 1):
-            first, last = centre - self._context, centre + self._context
-            if first < 0 or last >= len(order):
+            stack = self._stack_around(order, centre)
+            if stack is None:
                 continue  # not yet (or never: an end of the series, inferred with it)
-            stack = tuple(order[first : last + 1])
             made = done.get(order[centre][0])
-            if made is None or made.stack != tuple((u, a.digest) for u, a in stack):
+            if made is None or made.stack != _content(stack):
                 stacks.append(stack)
         return stacks
+
+    def _in_position_order(self, series_uid: str) -> list[tuple[str, _Arrival]]:
+        """The series' arrivals along the slice normal (the caller holds the lock)."""
+        return sorted(self._arrived[series_uid].items(), key=lambda item: item[1].position)
+
+    def _stack_around(
+        self, order: list[tuple[str, _Arrival]], centre: int
+    ) -> tuple[tuple[str, _Arrival], ...] | None:
+        """The stack centred on `order[centre]`, None while a side lacks `context` slices."""
+        first, last = centre - self._context, centre + self._context
+        if first < 0 or last >= len(order):
+            return None
+        return tuple(order[first : last + 1])
+
+    def _still_current(self, series_uid: str, made: tuple[tuple[str, str], ...]) -> bool:
+        """Whether the stack `made` ((UID, digest) in position order) is still the one the
+        arrivals put around its centre (the caller holds the lock). Two workers may infer a
+        centre's stack before and after a slice arrived between its neighbours; the one that
+        finishes last must not replace the newer stack's labels with the older's."""
+        arrived = self._arrived.get(series_uid)
+        centre_uid, centre_digest = made[len(made) // 2]
+        if arrived is None or centre_uid not in arrived:
+            return False  # forgotten meanwhile
+        if not self._context:
+            return arrived[centre_uid].digest == centre_digest
+        order = self._in_position_order(series_uid)
+        at = next(k for k, (uid, _) in enumerate(order) if uid == centre_uid)
+        stack = self._stack_around(order, at)
+        return stack is not None and _content(stack) == made
 
     def _remember(self, digest: str, decoded: _Decoded) -> None:
         """Keep a decoded 2.5D slice for its neighbours' stacks (the caller holds the lock)."""
@@ -217,9 +245,9 @@ class SliceCache:
         with self._lock:
             keeping_up = len(self._pending.get(series_uid, ())) <= self._measure_backlog
         sums = measure_slice(hu[centre], labels[centre], pixel_mm[0]) if keeping_up else None
-        done = StreamedSlice.of(labels[centre], sums, tuple((u, a.digest) for u, a in stack))
+        done = StreamedSlice.of(labels[centre], sums, _content(stack))
         with self._lock:
-            if series_uid in self._arrived:  # not forgotten meanwhile
+            if self._still_current(series_uid, done.stack):
                 self._done.setdefault(series_uid, {})[stack[centre][0]] = done
 
     def _settled(self, series_uid: str, future: Future) -> None:
@@ -263,6 +291,11 @@ class SliceCache:
     def close(self) -> None:
         """Stop the inference threads; slices not yet inferred are dropped."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _content(stack: tuple[tuple[str, _Arrival], ...]) -> tuple[tuple[str, str], ...]:
+    """A stack's instances as (SOP Instance UID, content digest)."""
+    return tuple((uid, arrival.digest) for uid, arrival in stack)
 
 
 def _decode(dataset: Dataset) -> _Decoded:
