@@ -33,7 +33,9 @@ def test_the_seg_written_after_its_header_is_highdicoms(study, tmp_path, labelle
     sources = slim_sources(volume.sources)
     whole = build_seg(sources, sided, "m", "v", "1.2.3", "1.2.3.4")
     save_seg(whole, tmp_path / "whole.dcm")
+    before = [list(comparable_elements(source)) for source in sources]
     header = SegHeader.of(sources, "m", "v", "1.2.3", "1.2.3.4")
+    assert [list(comparable_elements(source)) for source in sources] == before  # built on stand-ins
     header.save(tmp_path / "header.npz")
     SegHeader.load(tmp_path / "header.npz").write(sided, tmp_path / "ahead.dcm")
     written = {name: pydicom.dcmread(tmp_path / f"{name}.dcm") for name in ("whole", "ahead")}
@@ -63,4 +65,6 @@ def test_labels_of_another_study_size_are_refused(study, tmp_path):
     header = SegHeader.of(slim_sources(volume.sources), "m", "v", "1.2.3", "1.2.3.4")
     with pytest.raises(ValueError, match="frames for"):
         header.write(sided[:-1], tmp_path / "seg.dcm")
+    with pytest.raises(ValueError, match="128x120 labels for 128x128 frames"):
+        header.write(sided[:, :, :120], tmp_path / "seg.dcm")
     assert not (tmp_path / "seg.dcm").exists()

@@ -54,7 +54,7 @@ def test_the_seg_process_writes_the_seg_this_process_would(study, tmp_path):
     assert not (tmp_path / seg_process.HEADER_FILE).exists()
 
 
-def test_a_seg_whose_header_was_not_built_ahead_is_built_whole(study, tmp_path):
+def test_a_seg_whose_header_was_not_built_ahead_has_it_built_here(study, tmp_path):
     _, volume, labels = study
     pending = seg_process.prepare_seg(volume.sources, tmp_path / "a.dcm", "m")
     pending.header_future.result()
@@ -129,6 +129,8 @@ def test_the_seg_can_be_written_in_this_process(study, tmp_path):
     seg = hd.seg.segread(pending.wait())
     assert seg.SOPInstanceUID == pending.reference.SOPInstanceUID
     assert seg.NumberOfFrames == 6 * len(volume.sources)
+    write_seg(volume.sources, labels, body_midline(volume.hu), tmp_path / "b.dcm", "m")
+    assert np.array_equal(_frames(tmp_path / "a.dcm"), _frames(tmp_path / "b.dcm"))
     # no copy of the study's labels was made: they became the SEG's segment numbers
     assert np.array_equal(mine, sided_labels(labels, body_midline(volume.hu)))
     pending.wait()  # waiting again writes nothing again (the labels are not split twice)

@@ -207,7 +207,7 @@ def _process_study(files: list[Path], port: int, out: Path) -> tuple[float, floa
     return time.perf_counter() - started, send_seconds, report
 
 
-def _fresh_listener(
+def fresh_listener(
     files: list[Path],
     triton_url: str,
     work: Path,
@@ -215,12 +215,20 @@ def _fresh_listener(
     name: str,
     first: list[Path] | None = None,
     options: tuple[str, ...] = (),
+    checkout: Path | None = None,
 ) -> tuple[float, float, SeriesReport, dict[int, int]]:
-    """A fresh listener with `options` processes the study `first` (if given), then `files`:
-    `_process_study`'s figures for `files` and the peak RSS of each of its processes."""
+    """A fresh listener with `options` (of another `checkout`, if given) processes the study
+    `first` (if given), then `files`: `_process_study`'s figures for `files` and the peak RSS of
+    each of its processes."""
     out = work / f"{name}-out"
     with listener_process(
-        triton_url, work / f"{name}-spool", out, idle_s=1.0, model=model, options=options
+        triton_url,
+        work / f"{name}-spool",
+        out,
+        idle_s=1.0,
+        model=model,
+        options=options,
+        checkout=checkout,
     ) as (port, process):
         if first is not None:
             _process_study(first, port, out)
@@ -234,9 +242,9 @@ def run_whole_study(
     (with its SEG process): in a fresh listener, in one that processed a small study first
     (libraries loaded, caches and heaps as they stay in a long-running listener), and in a fresh
     one that writes the SEG itself (`--seg-in-listener`, the low-memory choice)."""
-    total, send_seconds, report, peaks = _fresh_listener(files, triton_url, work, model, "whole")
-    *_, warm_peaks = _fresh_listener(files, triton_url, work, model, "warm", first=warmup)
-    lean_total, _, lean_report, lean_peaks = _fresh_listener(
+    total, send_seconds, report, peaks = fresh_listener(files, triton_url, work, model, "whole")
+    *_, warm_peaks = fresh_listener(files, triton_url, work, model, "warm", first=warmup)
+    lean_total, _, lean_report, lean_peaks = fresh_listener(
         files, triton_url, work, model, "lean", options=("--seg-in-listener",)
     )
     # each listener's processes' peaks summed: an upper bound (each peaks at its own time)

@@ -2,10 +2,15 @@
 
 Every frame of thighseg's binary SEG is kept (one per source slice and segment), so everything in
 it but its Pixel Data follows from the source headers alone: highdicom builds it from all-zero
-labels and pydicom encodes it while the study is still being inferred and measured (~1.4 s of a
-300-slice 512² study). Once the labels are known only their bits remain, packed in the frames'
-order and appended (~0.1 s). The file is the one highdicom writes from those labels (tested,
-element by element and bit for bit).
+labels and pydicom encodes it while the study is still being inferred and measured. Once the
+labels are known only their bits remain, packed in the frames' order and appended (~0.1 s of a
+300-slice 512² study). The file is the one highdicom writes from those labels (tested, element by
+element and bit for bit).
+
+The frames of the blank labels are built STAND_IN pixels square, and the header then given the
+sources' Rows and Columns: nothing else in it depends on the frame size, and highdicom's 512²
+frames of zeros cost ~120 MB (the frames, then joined) and ~0.5 s of packing for bits that are
+thrown away.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from thighseg.pipeline.outputs import PIXEL_DATA, build_seg
 
 FRAMES_AT_ONCE = 32  # packed together: 8 MB of masks at 512²
+STAND_IN = 8  # rows and columns of the blank frames (a whole number of bytes: 1-bit pixels)
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,8 @@ class SegHeader:
     encoded: bytes  # preamble, file meta and every element before the Pixel Data
     pixel_vr: str
     frames: np.ndarray  # (frames, 2)
+    rows: int
+    columns: int
 
     @classmethod
     def of(
@@ -47,10 +55,15 @@ class SegHeader:
     ) -> SegHeader:
         """The header of the SEG `build_seg` makes of these sources, whatever its labels."""
         rows, columns = int(sources[0].Rows), int(sources[0].Columns)
-        blank = np.zeros((len(sources), rows, columns), np.uint8)  # never written: zero pages
         seg = build_seg(
-            sources, blank, model, algorithm_version, series_instance_uid, sop_instance_uid
+            [_at_stand_in_size(source) for source in sources],
+            np.zeros((len(sources), STAND_IN, STAND_IN), np.uint8),
+            model,
+            algorithm_version,
+            series_instance_uid,
+            sop_instance_uid,
         )
+        seg.Rows, seg.Columns = rows, columns
         if seg.file_meta.TransferSyntaxUID != ExplicitVRLittleEndian:
             raise ValueError(f"transfer syntax {seg.file_meta.TransferSyntaxUID}")
         index = {str(source.SOPInstanceUID): k for k, source in enumerate(sources)}
@@ -74,7 +87,7 @@ class SegHeader:
             raise ValueError("elements after the Pixel Data")
         buffer = io.BytesIO()
         seg.save_as(buffer)
-        return cls(sop_instance_uid, buffer.getvalue(), pixel_vr, frames)
+        return cls(sop_instance_uid, buffer.getvalue(), pixel_vr, frames, rows, columns)
 
     def save(self, path: Path) -> None:
         """Written whole or not at all (a SEG process killed meanwhile leaves no half header)."""
@@ -86,6 +99,7 @@ class SegHeader:
                 encoded=np.frombuffer(self.encoded, np.uint8),
                 pixel_vr=np.array(self.pixel_vr),
                 frames=self.frames,
+                size=np.array([self.rows, self.columns]),
             )
         os.replace(partial, path)
 
@@ -93,16 +107,21 @@ class SegHeader:
     def load(cls, path: Path) -> SegHeader:
         """A header `save` wrote (in the SEG process), read where the frames are filled in."""
         with np.load(path) as saved:
+            rows, columns = (int(n) for n in saved["size"])
             return cls(
                 str(saved["sop_instance_uid"]),
                 saved["encoded"].tobytes(),
                 str(saved["pixel_vr"]),
                 saved["frames"],
+                rows,
+                columns,
             )
 
     def _check(self, sided: np.ndarray) -> None:
         """Refuses labels (z, y, x) whose slices are not this header's frames'."""
         slices, rows, columns = sided.shape
+        if (rows, columns) != (self.rows, self.columns):
+            raise ValueError(f"{rows}x{columns} labels for {self.rows}x{self.columns} frames")
         if (rows * columns) % 8:
             raise ValueError(f"{rows}x{columns} frames do not end on a byte")
         segments = np.unique(self.frames[:, 1])
@@ -134,3 +153,13 @@ class SegHeader:
                 file.write(np.packbits(masks.reshape(len(frames), -1), axis=-1, bitorder="little"))
             if length % 2:
                 file.write(b"\0")  # values have even lengths
+
+
+def _at_stand_in_size(source: Dataset) -> Dataset:
+    """The header as if its image were STAND_IN pixels square (its elements shared, unchanged)."""
+    stand_in = Dataset()
+    for tag in source.keys():
+        stand_in.add(source[tag])
+    for keyword in ("Rows", "Columns"):  # new elements: setting the value would change the source's
+        stand_in.add_new(keyword, "US", STAND_IN)
+    return stand_in

@@ -34,8 +34,6 @@ from pydicom.dataset import Dataset
 from thighseg.measure.indices import VolumeIndices
 from thighseg.measure.qc import Flag
 from thighseg.pipeline.outputs import (
-    build_seg,
-    save_seg,
     seg_reference,
     sided_labels,
     slim_sources,
@@ -96,15 +94,19 @@ class SegHeaderJob:
     series_instance_uid: str
     sop_instance_uid: str
 
-    def run(self) -> None:
-        """Build the header and save it beside the SEG-to-be, for the listener to fill in."""
-        SegHeader.of(
+    def build(self) -> SegHeader:
+        """The header, built in this process."""
+        return SegHeader.of(
             self.sources,
             self.model,
             self.algorithm_version,
             self.series_instance_uid,
             self.sop_instance_uid,
-        ).save(self.path)
+        )
+
+    def run(self) -> None:
+        """Build the header and save it beside the SEG-to-be, for the listener to fill in."""
+        self.build().save(self.path)
 
     def built(self) -> SegHeader | None:
         """The header, if it was built for this very SEG."""
@@ -236,8 +238,9 @@ def warm() -> None:
 class PendingSeg:
     """A SEG whose identity is known now and whose header is being built in the SEG process;
     `label` gives it its labels and `wait` writes it in this process: the header's frames filled
-    in (~0.1 s of a 300-slice study, while the SEG process writes the SR), or, where no header
-    was built (no SEG process, or it failed to), the whole SEG."""
+    in (~0.1 s of a 300-slice study, while the SEG process writes the SR); where no header was
+    built (no SEG process, or it failed to), the header is built here first: one way to write a
+    SEG either way."""
 
     header: SegHeaderJob
     reference: Dataset  # for the SR: the SEG's study, series, SOP class and instance
@@ -286,32 +289,19 @@ class PendingSeg:
         self.header.path.unlink(missing_ok=True)
 
     def _write(self, sided: np.ndarray) -> None:
-        built = self._built_header()
-        if built is not None:
-            built.write(sided, self.path)
-            return
-        header = self.header
-        seg = build_seg(
-            header.sources,
-            sided,
-            header.model,
-            header.algorithm_version,
-            header.series_instance_uid,
-            header.sop_instance_uid,
-        )
-        save_seg(seg, self.path)
+        (self._built_header() or self.header.build()).write(sided, self.path)
 
     def _built_header(self) -> SegHeader | None:
         """The header built in the SEG process (here, if the SEG process died), once it is; None
         without a SEG process or where building it failed (a failure costs time, never the SEG:
-        it is said, and the SEG built whole)."""
+        it is said, and the header built here)."""
         if self.header_future is None:
             return None
         try:
             _result(self.header, self.header_future)
-        except Exception as error:  # noqa: BLE001 - built whole, where it fails for real
+        except Exception as error:  # noqa: BLE001 - built here, where it fails for real
             log.warning(
-                "SEG header not built ahead (%s: %s): the SEG is built whole here",
+                "SEG header not built ahead (%s: %s): it is built here",
                 type(error).__name__,
                 error,
             )
