@@ -43,7 +43,7 @@ from thighseg.dicom_listener.scp import StoreHandler, listening_socket, start_sc
 from thighseg.dicom_listener.series import SeriesKey, SeriesTracker
 from thighseg.dicom_listener.spool import Spool
 from thighseg.dicom_listener.telemetry import Telemetry
-from thighseg.pipeline import seg_process
+from thighseg.pipeline import seg_process, summary
 from thighseg.pipeline.report import FAILED as REPORT_FAILED
 from thighseg.pipeline.report import Forwarding, SeriesReport
 from thighseg.pipeline.stages import (
@@ -135,6 +135,7 @@ class Listener:
         redact_identifiers()  # no full UID in any log line, whichever library writes it
         if self.config.seg_process:
             seg_process.warm()  # the first study need not wait for the SEG process's imports
+        summary.warm()  # nor for matplotlib's
         on_stored = self._stream if self.streaming else None
         self._claim = self.spool.claim()  # before recovery: one listener per spool
         try:

@@ -3,6 +3,7 @@ thresholds: speed targets are read from a full `thighseg bench` run, never asser
 
 import json
 import shutil
+import subprocess
 import sys
 import urllib.request
 
@@ -11,7 +12,7 @@ import pytest
 from conftest import free_port
 from PIL import Image
 
-from thighseg.apps.ingest import IngestRun, serving
+from thighseg.apps.ingest import IngestRun, importable, serving
 from thighseg.client.perf import without_dynamic_batching
 
 
@@ -43,6 +44,33 @@ def test_a_server_can_run_from_another_checkout(tmp_path):
     with serving(argv, port, cwd=tmp_path):
         answer = urllib.request.urlopen(f"http://127.0.0.1:{port}/which.txt", timeout=10).read()
     assert answer == b"the other checkout"
+
+
+def test_another_checkouts_mapped_packages_are_its_own_not_the_installed_ones(tmp_path):
+    """The editable install maps thighseg.dicom_listener to this checkout's dicom_listener/; a
+    listener run from another checkout must import that checkout's instead."""
+    checkout = tmp_path / "checkout"
+    for folder in ("thighseg", "dicom_listener"):
+        (checkout / folder).mkdir(parents=True)
+        (checkout / folder / "__init__.py").write_text(f"WHICH = 'the other {folder}'")
+    (checkout / "pyproject.toml").write_text(
+        '[tool.setuptools.package-dir]\n"thighseg" = "thighseg"\n'
+        '"thighseg.dicom_listener" = "dicom_listener"\n'
+    )
+    (tmp_path / "overlay").mkdir()
+    imported = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import thighseg, thighseg.dicom_listener as d; print(thighseg.WHICH, '/', d.WHICH)",
+        ],
+        cwd=importable(checkout, tmp_path / "overlay"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert imported.stdout.strip() == "the other thighseg / the other dicom_listener"
 
 
 def test_tiny_benchmark_writes_json_markdown_and_plots(model_repository, tmp_path):

@@ -127,6 +127,34 @@ def test_summary_page_has_a_colour_key_and_large_pictures(tmp_path):
     assert (pictures.sum(axis=2) < 600).mean() > 0.6, "the axial panels fill the left of the page"
 
 
+def test_warming_the_summary_loads_what_rendering_needs_without_pyplots_figures():
+    import subprocess
+    import sys
+
+    warmed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from thighseg.pipeline import summary\n"
+            "assert 'matplotlib' not in sys.modules\n"
+            "summary.warm().join(60)\n"
+            "import matplotlib.pyplot as plt\n"
+            "print(sorted(m for m in ('matplotlib.pyplot', 'matplotlib.backends.backend_agg',"
+            " 'matplotlib.backends.backend_pdf') if m in sys.modules), plt.get_fignums())",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert warmed.stdout.split() == [
+        "['matplotlib.backends.backend_agg',",
+        "'matplotlib.backends.backend_pdf',",
+        "'matplotlib.pyplot']",
+        "[]",
+    ]
+
+
 def test_fill_holes_per_slice_is_scipys_fill_of_each_slice():
     from scipy import ndimage
 

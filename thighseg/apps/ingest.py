@@ -19,11 +19,13 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
+
+import tomllib
 
 from thighseg.core.constants import AE_TITLE, DEFAULT_MODEL
 from thighseg.core.ports import free_port
@@ -73,18 +75,12 @@ def wait_for_port(
 ) -> None:
     """Until something listens on `port`; a `process` that exits meanwhile fails at once with its
     `stderr` file (a listener that cannot start says why instead of a blind wait)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            error = _tail(stderr) if stderr is not None else ""
-            raise RuntimeError(
-                f"{Path(process.args[0]).name} exited ({process.returncode}): {error}"
-            )
+
+    def listening() -> bool:
         with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on port {port} after {timeout_s:.0f} s")
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    _poll(listening, f"nothing listening on port {port}", timeout_s, process, stderr)
 
 
 def wait_for_ready(
@@ -93,20 +89,37 @@ def wait_for_ready(
     """Until `url` answers 200 (a listener's /readyz: every ingest process accepting, Triton
     reachable); a port that accepts connections is not enough, the kernel queues them before
     anyone takes them. A `process` that exits meanwhile fails at once with its `stderr`."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(
-                f"{Path(process.args[0]).name} exited ({process.returncode}): {_tail(stderr)}"
-            )
+
+    def ready() -> bool:
         try:
             with urllib.request.urlopen(url, timeout=5) as reply:
-                if reply.status == 200:
-                    return
+                return reply.status == 200
         except OSError:  # not serving yet, or 503: not ready yet
-            pass
+            return False
+
+    _poll(ready, f"{url} not ready", timeout_s, process, stderr)
+
+
+def _poll(
+    done: Callable[[], bool],
+    failure: str,
+    timeout_s: float,
+    process: subprocess.Popen | None,
+    stderr: IO[bytes] | None,
+) -> None:
+    """Every 0.1 s until `done()`; RuntimeError with the `stderr` of a `process` that exited
+    meanwhile, TimeoutError saying `failure` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            error = _tail(stderr) if stderr is not None else ""
+            raise RuntimeError(
+                f"{Path(process.args[0]).name} exited ({process.returncode}): {error}"
+            )
+        if done():
+            return
         time.sleep(0.1)
-    raise TimeoutError(f"{url} not ready after {timeout_s:.0f} s")
+    raise TimeoutError(f"{failure} after {timeout_s:.0f} s")
 
 
 def _tail(stderr: IO[bytes]) -> str:
@@ -226,9 +239,28 @@ def listener_process(
     argv = [sys.executable, "-m", "thighseg.cli", "listen"]
     argv += [str(item) for option in defaults.items() for item in option] + list(options)
     ready = f"http://127.0.0.1:{metrics_port}/readyz"
-    # `python -m` imports from its working directory first: the checkout's own package
-    with serving(argv, port, stop_s=60, ready_url=ready, cwd=checkout) as process:
-        yield port, process
+    with tempfile.TemporaryDirectory(prefix="thighseg-checkout-") as overlay:
+        cwd = None if checkout is None else importable(checkout, Path(overlay))
+        with serving(argv, port, stop_s=60, ready_url=ready, cwd=cwd) as process:
+            yield port, process
+
+
+def importable(checkout: Path, into: Path) -> Path:
+    """`into`, made a working directory from which `python -m thighseg...` imports every module
+    of `checkout` (`python -m` imports from its working directory first): a `thighseg` folder of
+    links to the checkout's, and to the folders its pyproject maps under thighseg
+    (thighseg.dicom_listener is dicom_listener/, ...), which the editable install would
+    otherwise take from this checkout."""
+    with (checkout / "pyproject.toml").open("rb") as file:
+        mapped = tomllib.load(file)["tool"]["setuptools"]["package-dir"]
+    package = into / "thighseg"
+    package.mkdir()
+    for entry in (checkout / mapped["thighseg"]).iterdir():
+        (package / entry.name).symlink_to(entry.resolve())
+    for name, folder in mapped.items():
+        if name.startswith("thighseg."):
+            (package / name.removeprefix("thighseg.")).symlink_to((checkout / folder).resolve())
+    return into
 
 
 def child_pids(pid: int) -> list[int]:
