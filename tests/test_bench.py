@@ -194,3 +194,28 @@ def test_a_listener_that_cannot_start_fails_its_parts_with_its_reason_and_the_re
     assert "denseunet" in results["baselines_slices_per_second"]
     assert "Parts that failed" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "perf_analyzer.png").exists()
+
+
+def test_alternating_runs_take_turns_and_each_is_saved_as_it_ends(tmp_path):
+    from thighseg.apps.alternating import Bench, alternate
+
+    bench = Bench(tmp_path, [], "unused", {"this checkout": None, "before": tmp_path})
+    calls, out = [], tmp_path / "ab.json"
+
+    def measure(label, checkout, run):
+        saved = json.loads(out.read_text())["runs"] if out.exists() else {}
+        calls.append((label, run, sum(len(runs) for runs in saved.values())))
+        return {"seconds": run + (10 if checkout else 0)}
+
+    summary = alternate(bench, 3, measure, "seconds", out, "test")
+    # in turns, each run saved before the next began
+    assert calls == [
+        ("this checkout", 0, 0),
+        ("before", 0, 1),
+        ("this checkout", 1, 2),
+        ("before", 1, 3),
+        ("this checkout", 2, 4),
+        ("before", 2, 5),
+    ]
+    assert summary["before"]["median"] == 11 and summary["this checkout"]["seconds"] == [0, 1, 2]
+    assert json.loads(out.read_text()) == summary
