@@ -16,6 +16,7 @@ import logging
 import socket
 import ssl
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -213,6 +214,24 @@ def _receive_timeout(connection: socket.socket, seconds: float) -> None:
     connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
 
 
+class PeerDropped(OSError):
+    """Raised by a guarded read to end an association on purpose (a PDU over the limit, a peer
+    silent mid-PDU): counted and logged as a warning with the reason already."""
+
+
+class _QuietDroppedPeers(logging.Filter):
+    """pynetdicom logs every failed read as an ERROR with a traceback ("Connection closed before
+    the entire PDU was received"); for a peer dropped on purpose that is noise beside the
+    warning that says why."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        return not isinstance(error, PeerDropped)
+
+
+_QUIET_DROPPED_PEERS = _QuietDroppedPeers()
+
+
 @dataclass
 class ConnectionGuard:
     """EVT_CONN_OPEN runs before the association's reader starts: bound its socket's reads, and
@@ -221,6 +240,9 @@ class ConnectionGuard:
     max_pdu_bytes: int
     network_timeout_s: float
     telemetry: Telemetry
+
+    def __post_init__(self) -> None:
+        logging.getLogger("pynetdicom.dul").addFilter(_QUIET_DROPPED_PEERS)  # once: the same one
 
     def __call__(self, event: evt.Event) -> None:
         poll_promptly(event.assoc.dul)
@@ -240,15 +262,15 @@ class ConnectionGuard:
                 )
                 with contextlib.suppress(OSError):
                     sock.socket.sendall(A_ABORT_INVALID_PDU_PARAMETER)
-                raise OSError(f"PDU of {nr_bytes} bytes exceeds the {limit}-byte maximum")
+                raise PeerDropped(f"PDU of {nr_bytes} bytes exceeds the {limit}-byte maximum")
             try:
                 return read(nr_bytes)
-            except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO: the peer stopped mid-PDU
+            except (BlockingIOError, TimeoutError) as error:  # SO_RCVTIMEO: stopped mid-PDU
                 telemetry.associations_rejected.labels("network_timeout").inc()
                 log.warning(
                     "closing association: peer silent for %.0f s in the middle of a PDU", timeout_s
                 )
-                raise
+                raise PeerDropped(f"peer silent for {timeout_s:.0f} s") from error
 
         sock.recv = guarded_read
 
