@@ -35,15 +35,18 @@ def main() -> None:
 
         def measure(label: str, checkout: Path | None, run: int) -> dict:
             name = f"{run}-{'a' if checkout is None else 'b'}"
-            seconds, _, report, peaks = fresh_listener(
+            run = fresh_listener(
                 bench.files, bench.triton_url, bench.work, args.model, name, None, options, checkout
             )
+            peaks = run.peaks.values()
             return {
-                "seconds_first_store_to_seg": round(seconds, 2),
-                "stage_seconds": report.stage_seconds,
-                "process_peak_rss_mb": [round(b / MB, 1) for b in peaks.values()],
-                "peak_rss_mb": round(sum(peaks.values()) / MB, 1),
-                "peak_rss_over_voxel_bytes": round(sum(peaks.values()) / VOXEL_BYTES, 2),
+                "seconds_first_store_to_seg": round(run.seconds, 2),
+                "stage_seconds": run.report.stage_seconds,
+                "process_peak_rss_mb": [round(b / MB, 1) for b in peaks],
+                "peak_rss_mb": round(sum(peaks) / MB, 1),  # each process's own peak, summed
+                "peak_rss_over_voxel_bytes": round(sum(peaks) / VOXEL_BYTES, 2),
+                "together_peak_rss_mb": round(run.together_peak / MB, 1),  # at once, sampled
+                "together_peak_rss_over_voxel_bytes": round(run.together_peak / VOXEL_BYTES, 2),
             }
 
         alternate(

@@ -219,3 +219,25 @@ def test_alternating_runs_take_turns_and_each_is_saved_as_it_ends(tmp_path):
     ]
     assert summary["before"]["median"] == 11 and summary["this checkout"]["seconds"] == [0, 1, 2]
     assert json.loads(out.read_text()) == summary
+
+
+def test_processes_peaking_at_different_times_are_sampled_together_below_their_summed_peaks():
+    from thighseg.apps.ingest import TreeRss, peak_rss_by_process
+
+    hold = "import numpy, time; a = numpy.ones(100 << 20, numpy.uint8); time.sleep(0.8); del a"
+    # the parent holds 100 MB once its child has held and freed its own 100 MB
+    parent = (
+        f"import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', "
+        f"{hold + '; time.sleep(3)'!r}]); time.sleep(1.5); {hold}; time.sleep(0.3); "
+        f"print('done', flush=True); child.wait()"
+    )
+    process = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    try:
+        with TreeRss(process.pid) as together:
+            assert process.stdout.readline() == "done\n"
+        peaks = peak_rss_by_process(process.pid)
+    finally:
+        process.wait(10)
+    assert len(peaks) == 2 and all(peak > 100 << 20 for peak in peaks.values())
+    assert together.peak > max(peaks.values())  # the other process counted too
+    assert sum(peaks.values()) - together.peak > 60 << 20  # never both at 100 MB at once

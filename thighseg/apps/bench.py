@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from thighseg.apps.baselines import onnxruntime_runner, slices_per_second, torch_runner
 from thighseg.apps.ingest import (
+    TreeRss,
     compare_ingest,
     last_store_to_seg,
     listener_process,
@@ -207,6 +208,19 @@ def _process_study(files: list[Path], port: int, out: Path) -> tuple[float, floa
     return time.perf_counter() - started, send_seconds, report
 
 
+@dataclass(frozen=True)
+class ListenerRun:
+    """A study through a fresh listener: seconds from its first C-STORE to its report and of
+    sending, the report, each process's peak RSS by PID (the listener first), and the highest
+    RSS of them all together, sampled (`TreeRss`)."""
+
+    seconds: float
+    send_seconds: float
+    report: SeriesReport
+    peaks: dict[int, int]
+    together_peak: int
+
+
 def fresh_listener(
     files: list[Path],
     triton_url: str,
@@ -216,10 +230,9 @@ def fresh_listener(
     first: list[Path] | None = None,
     options: tuple[str, ...] = (),
     checkout: Path | None = None,
-) -> tuple[float, float, SeriesReport, dict[int, int]]:
+) -> ListenerRun:
     """A fresh listener with `options` (of another `checkout`, if given) processes the study
-    `first` (if given), then `files`: `_process_study`'s figures for `files` and the peak RSS of
-    each of its processes."""
+    `first` (if given), then `files`."""
     out = work / f"{name}-out"
     with listener_process(
         triton_url,
@@ -230,9 +243,13 @@ def fresh_listener(
         options=options,
         checkout=checkout,
     ) as (port, process):
-        if first is not None:
-            _process_study(first, port, out)
-        return (*_process_study(files, port, out), peak_rss_by_process(process.pid))
+        with TreeRss(process.pid) as together:
+            if first is not None:
+                _process_study(first, port, out)
+            seconds, send_seconds, report = _process_study(files, port, out)
+        return ListenerRun(
+            seconds, send_seconds, report, peak_rss_by_process(process.pid), together.peak
+        )
 
 
 def run_whole_study(
@@ -242,29 +259,30 @@ def run_whole_study(
     (with its SEG process): in a fresh listener, in one that processed a small study first
     (libraries loaded, caches and heaps as they stay in a long-running listener), and in a fresh
     one that writes the SEG itself (`--seg-in-listener`, the low-memory choice)."""
-    total, send_seconds, report, peaks = fresh_listener(files, triton_url, work, model, "whole")
-    *_, warm_peaks = fresh_listener(files, triton_url, work, model, "warm", first=warmup)
-    lean_total, _, lean_report, lean_peaks = fresh_listener(
-        files, triton_url, work, model, "lean", options=("--seg-in-listener",)
-    )
+    whole = fresh_listener(files, triton_url, work, model, "whole")
+    warm = fresh_listener(files, triton_url, work, model, "warm", first=warmup)
+    lean = fresh_listener(files, triton_url, work, model, "lean", options=("--seg-in-listener",))
     # each listener's processes' peaks summed: an upper bound (each peaks at its own time)
-    peak, warm_peak, lean_peak = (sum(p.values()) for p in (peaks, warm_peaks, lean_peaks))
+    peak, warm_peak, lean_peak = (sum(run.peaks.values()) for run in (whole, warm, lean))
     return {
         "model": model,
         "instances": len(files),
-        "seconds_first_store_to_seg": round(total, 2),
-        "seconds_receive": round(send_seconds, 2),
-        "stage_seconds": report.stage_seconds,
+        "seconds_first_store_to_seg": round(whole.seconds, 2),
+        "seconds_receive": round(whole.send_seconds, 2),
+        "stage_seconds": whole.report.stage_seconds,
         "study_voxel_mb": round(voxel_bytes / 2**20, 1),
         "listener_peak_rss_mb": round(peak / 2**20, 1),
         "peak_rss_over_voxel_bytes": round(peak / voxel_bytes, 2),
         # the sum's parts: the listener process itself, then its children (SEG process, ...)
-        "process_peak_rss_mb": [round(bytes_ / 2**20, 1) for bytes_ in peaks.values()],
+        "process_peak_rss_mb": [round(bytes_ / 2**20, 1) for bytes_ in whole.peaks.values()],
+        # the processes' RSS summed at each sample: what the pod held at once
+        "together_peak_rss_mb": round(whole.together_peak / 2**20, 1),
+        "together_peak_rss_over_voxel_bytes": round(whole.together_peak / voxel_bytes, 2),
         "warm_listener_peak_rss_mb": round(warm_peak / 2**20, 1),
         "warm_peak_rss_over_voxel_bytes": round(warm_peak / voxel_bytes, 2),
         "seg_in_listener": {
-            "seconds_first_store_to_seg": round(lean_total, 2),
-            "stage_seconds": lean_report.stage_seconds,
+            "seconds_first_store_to_seg": round(lean.seconds, 2),
+            "stage_seconds": lean.report.stage_seconds,
             "listener_peak_rss_mb": round(lean_peak / 2**20, 1),
             "peak_rss_over_voxel_bytes": round(lean_peak / voxel_bytes, 2),
         },
@@ -719,9 +737,20 @@ def _whole_study_section(whole: dict, warmup_slices: int) -> list[str]:
         f"listener, {whole['warm_listener_peak_rss_mb']} MB "
         f"({whole['warm_peak_rss_over_voxel_bytes']}×) in one that processed a "
         f"{warmup_slices}-slice study first."
+        + _together_sentence(whole)
         + _seg_in_listener_sentence(whole.get("seg_in_listener")),
         "",
     ]
+
+
+def _together_sentence(whole: dict) -> str:
+    """The fresh listener's processes at once (absent from runs before it was sampled)."""
+    if "together_peak_rss_mb" not in whole:
+        return ""
+    return (
+        f" Its processes held at most {whole['together_peak_rss_mb']} MB at once "
+        f"({whole['together_peak_rss_over_voxel_bytes']}×, sampled every 20 ms)."
+    )
 
 
 def _parts(peaks_mb: list[float] | None) -> str:

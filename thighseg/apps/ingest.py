@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -276,26 +277,61 @@ def child_pids(pid: int) -> list[int]:
     return found
 
 
-def _vm_hwm_bytes(pid: int) -> int | None:
+def _status_bytes(pid: int, field: str) -> int | None:
+    """A size the kernel reports in /proc/PID/status (VmRSS:, VmHWM:), in bytes."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:  # ended meanwhile
         return None
-    lines = [line for line in status.splitlines() if line.startswith("VmHWM:")]
+    lines = [line for line in status.splitlines() if line.startswith(field)]
     return int(lines[0].split()[1]) * 1024 if lines else None
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, theirs, ...)."""
+    found, pending = [], child_pids(pid)
+    while pending:
+        found.append(pending.pop())
+        pending += child_pids(found[-1])
+    return found
+
+
+class TreeRss:
+    """The highest sum of the resident set sizes of a process and its descendants, sampled every
+    `interval_s` while the block runs: what a pod's memory limit meets. The sum of each process's
+    own peak (`peak_rss_by_process`) bounds it from above, as they peak at different times; a
+    spike shorter than the interval may be missed. The process tree is looked up again every
+    half second (a /proc scan), the sizes read at each sample."""
+
+    def __init__(self, pid: int, interval_s: float = 0.02) -> None:
+        self.pid, self.interval_s, self.peak = pid, interval_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="tree-rss", daemon=True)
+
+    def __enter__(self) -> TreeRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        pids, looked_up = [self.pid], 0.0
+        while not self._stop.is_set():
+            if time.monotonic() - looked_up > 0.5:
+                pids, looked_up = [self.pid, *descendants(self.pid)], time.monotonic()
+            self.peak = max(self.peak, sum(_status_bytes(pid, "VmRSS:") or 0 for pid in pids))
+            self._stop.wait(self.interval_s)
 
 
 def peak_rss_by_process(pid: int) -> dict[int, int]:
     """VmHWM, the highest resident set size, of the process and of each of its descendants (SEG
     writers, ingest processes), by PID, the process first."""
-    own = _vm_hwm_bytes(pid)
+    own = _status_bytes(pid, "VmHWM:")
     if own is None:
         raise RuntimeError(f"no VmHWM for pid {pid}")
-    descendants, pending = [], child_pids(pid)
-    while pending:
-        descendants.append(pending.pop())
-        pending += child_pids(descendants[-1])
-    return {pid: own} | {child: _vm_hwm_bytes(child) or 0 for child in descendants}
+    return {pid: own} | {child: _status_bytes(child, "VmHWM:") or 0 for child in descendants(pid)}
 
 
 def compare_ingest(
