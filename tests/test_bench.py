@@ -9,7 +9,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import free_port
+from conftest import MODEL, free_port
 from PIL import Image
 
 from thighseg.apps.ingest import IngestRun, importable, serving
@@ -73,11 +73,19 @@ def test_another_checkouts_mapped_packages_are_its_own_not_the_installed_ones(tm
     assert imported.stdout.strip() == "the other thighseg / the other dicom_listener"
 
 
-def test_tiny_benchmark_writes_json_markdown_and_plots(model_repository, tmp_path):
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK storescu not installed")
+def test_tiny_benchmark_of_one_model_writes_json_markdown_plots_and_resumes(
+    model_repository, tmp_path
+):
+    """The repository serves only MODEL, not the listener's default: every part, the listener's
+    included, must use the model asked for, or its part fails."""
     pytest.importorskip("matplotlib")
     from thighseg.apps.bench import BenchConfig, run_bench
+    from thighseg.core.constants import DEFAULT_MODEL
 
-    results = run_bench(tmp_path, model_repository, BenchConfig.tiny(("segformer",)))
+    assert MODEL != DEFAULT_MODEL
+    config = BenchConfig.tiny((MODEL,))
+    results = run_bench(tmp_path, model_repository, config)
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["ratios"] == results["ratios"]
     assert {(p["protocol"], p["dynamic_batching"]) for p in saved["perf_analyzer"]} == {
@@ -87,9 +95,9 @@ def test_tiny_benchmark_writes_json_markdown_and_plots(model_repository, tmp_pat
         ("grpc", False),
     }
     assert all(p["throughput"] > 0 and p["p99_ms"] >= p["p50_ms"] for p in saved["perf_analyzer"])
-    assert {p["architecture"] for p in saved["perf_analyzer"]} == {"segformer"}
+    assert {p["architecture"] for p in saved["perf_analyzer"]} == {MODEL}
     assert {"onnxruntime_fp32", "onnxruntime_fp32_batch1", "torch_eager_fp32"} <= set(
-        saved["baselines_slices_per_second"]["segformer"]
+        saved["baselines_slices_per_second"][MODEL]
     )
     assert {r["receiver"] for r in saved["ingest"]} == {
         "dcmtk-storescp",
@@ -116,84 +124,67 @@ def test_tiny_benchmark_writes_json_markdown_and_plots(model_repository, tmp_pat
     # the sum's parts: the listener and its SEG process (with its pool's helpers) at least
     parts = whole["process_peak_rss_mb"]
     assert len(parts) >= 2 and abs(sum(parts) - whole["listener_peak_rss_mb"]) < 0.5
-    assert "segformer: most_dynamic_batching_could_give_at_concurrency_2" in saved["ratios"]
+    assert f"{MODEL}: most_dynamic_batching_could_give_at_concurrency_2" in saved["ratios"]
     latency = {(r["streaming"], r["head_start"]): r for r in saved["last_store_to_seg"]}
     assert set(latency) == {(True, True), (False, True), (True, False)}
     assert all(r["seconds_last_store_to_seg"] > 0 and r["instances"] == 8 for r in latency.values())
     streamed, whole_series = latency[(True, True)], latency[(False, True)]
     assert streamed["stage_seconds"]["infer"] < whole_series["stage_seconds"]["infer"]
     assert saved["ratios"]["last_store_to_seg_head_start_vs_none_at_full_per_s"] > 0
-    int8 = saved["int8"]["segformer"]
+    int8 = saved["int8"][MODEL]
     assert int8["slices_per_s_batch1"]["int8"] > 0 and int8["int8_vs_fp32"]["slices"] == 4
-    assert saved["ratios"]["segformer: int8_vs_fp32_onnxruntime_batch1"] == int8["int8_speedup"]
+    assert saved["ratios"][f"{MODEL}: int8_vs_fp32_onnxruntime_batch1"] == int8["int8_speedup"]
     text = (tmp_path / "bench.md").read_text()
     assert "| ratio | value |" in text and "compute ceiling" in text and "INT8 against" in text
     assert "Last C-STORE to SEG" in text
     for picture in ("perf_analyzer.png", "baselines_ingest.png"):
         image = Image.open(tmp_path / picture)
         assert image.size[0] > 600 and len(np.unique(np.asarray(image.convert("L")))) > 10
+    assert whole["model"] == MODEL
 
-
-@pytest.fixture(scope="module")
-def denseunet_repository(tmp_path_factory):
-    """A repository serving only the dense-block U-Net (not the listener's default model)."""
-    from conftest import needs_torch
-
-    needs_torch()
-    from thighseg.export.onnx_export import export_to_new_repository
-
-    return export_to_new_repository("denseunet", tmp_path_factory.mktemp("denseunet_repository"))
-
-
-@pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK storescu not installed")
-def test_every_part_uses_the_model_asked_for_and_resume_measures_only_what_is_missing(
-    denseunet_repository, tmp_path
-):
-    pytest.importorskip("matplotlib")
-    from thighseg.apps.bench import BenchConfig, run_bench
-
-    config = BenchConfig.tiny(("denseunet",))
-    first = run_bench(tmp_path, denseunet_repository, config)
-    assert first["errors"] == {} and first["whole_study"]["model"] == "denseunet"
-    assert {p["architecture"] for p in first["perf_analyzer"]} == {"denseunet"}
-    saved = json.loads((tmp_path / "bench.json").read_text())
     del saved["whole_study"]  # as a run killed during its last part leaves it
     (tmp_path / "bench.json").write_text(json.dumps(saved))
-    second = run_bench(tmp_path, denseunet_repository, config, resume=True)
-    assert second["perf_analyzer"] == first["perf_analyzer"]  # kept, not measured again
-    assert second["ingest"] == first["ingest"]
-    assert second["whole_study"]["model"] == "denseunet"
-    assert second["whole_study"]["seconds_first_store_to_seg"] > 0
-    when, again = first["measured_at"], second["measured_at"]
-    assert set(when) == set(again) >= {"perf_analyzer", "ingest", "whole_study"}
-    assert again["perf_analyzer"] == when["perf_analyzer"], "a resumed part keeps its own time"
-    assert again["whole_study"] >= when["whole_study"]
-    assert f"whole_study {again['whole_study']}" in (tmp_path / "bench.md").read_text()
+    again = run_bench(tmp_path, model_repository, config, resume=True)
+    assert again["perf_analyzer"] == results["perf_analyzer"]  # kept, not measured again
+    assert again["ingest"] == results["ingest"]
+    assert again["whole_study"]["model"] == MODEL
+    assert again["whole_study"]["seconds_first_store_to_seg"] > 0
+    when, resumed = results["measured_at"], again["measured_at"]
+    assert set(when) == set(resumed) >= {"perf_analyzer", "ingest", "whole_study"}
+    assert resumed["perf_analyzer"] == when["perf_analyzer"], "a resumed part keeps its own time"
+    assert resumed["whole_study"] >= when["whole_study"]
+    assert f"whole_study {resumed['whole_study']}" in (tmp_path / "bench.md").read_text()
     with pytest.raises(ValueError, match="another configuration"):
-        run_bench(tmp_path, denseunet_repository, BenchConfig.tiny(("segformer",)), resume=True)
+        run_bench(tmp_path, model_repository, BenchConfig.tiny(("denseunet",)), resume=True)
 
 
 @pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK storescu not installed")
 def test_a_listener_that_cannot_start_fails_its_parts_with_its_reason_and_the_rest_finish(
-    denseunet_repository, tmp_path
+    model_repository, tmp_path
 ):
     """The listener asked to use a model the server does not serve exits at once: the C-STORE
-    parts report its stderr (no blind wait for a port), the other parts keep their figures."""
+    parts report its stderr (no blind wait for a port), the other parts keep their figures; the
+    parts not asked for are not measured."""
     pytest.importorskip("matplotlib")
     from dataclasses import replace
 
     from thighseg.apps.bench import BenchConfig, run_bench
 
-    config = replace(BenchConfig.tiny(("denseunet",)), study_model="segformer")
-    results = run_bench(tmp_path, denseunet_repository, config)
-    assert set(results["errors"]) == {"ingest", "whole_study", "last_store_to_seg", "sustained"}
-    assert all(
-        "exited" in reason and "segformer" in reason for reason in results["errors"].values()
+    config = replace(BenchConfig.tiny((MODEL,)), study_model="denseunet")  # not served here
+    listener_parts = {"ingest", "whole_study", "last_store_to_seg", "sustained"}
+    results = run_bench(
+        tmp_path, model_repository, config, parts=("perf_analyzer", *sorted(listener_parts))
     )
-    assert {p["architecture"] for p in results["perf_analyzer"]} == {"denseunet"}
-    assert "denseunet" in results["baselines_slices_per_second"]
+    assert set(results["errors"]) == listener_parts
+    assert all(
+        "exited" in reason and "denseunet" in reason for reason in results["errors"].values()
+    )
+    assert {p["architecture"] for p in results["perf_analyzer"]} == {MODEL}
+    assert not {"baselines_slices_per_second", "int8"} & set(results)  # not asked for
+    assert set(results["measured_at"]) == {"perf_analyzer"}
     assert "Parts that failed" in (tmp_path / "bench.md").read_text()
-    assert (tmp_path / "perf_analyzer.png").exists()
+    with pytest.raises(ValueError, match="no benchmark part ingets"):
+        run_bench(tmp_path, model_repository, config, parts=("ingets",))
 
 
 def test_alternating_runs_take_turns_and_each_is_saved_as_it_ends(tmp_path):

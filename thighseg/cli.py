@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import thighseg
 from thighseg.core.constants import (
     AE_TITLE,
+    BENCH_PARTS,
     DEFAULT_MODEL,
     DICOM_PORT,
     EVALUATION_COHORTS,
@@ -575,7 +576,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     for model in config.models:
         ensure_exported(model, args.repository)
-    results = run_bench(args.out, args.repository, config, resume=args.resume)
+    results = run_bench(args.out, args.repository, config, resume=args.resume, parts=args.parts)
     print(json.dumps(results["ratios"], indent=2))
     print(f"figures: {args.out}/bench.json, bench.md, perf_analyzer.png, baselines_ingest.png")
     return 0
@@ -985,12 +986,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
     p.add_argument("--study-slices", type=int, default=300)
     p.add_argument(
-        "--tiny", action="store_true", help="a one-minute run that proves the benchmark works"
+        "--tiny", action="store_true", help="a run of a few minutes that proves the benchmark works"
     )
     p.add_argument(
         "--resume",
         action="store_true",
         help="keep the parts an earlier run with the same settings wrote to OUT/bench.json",
+    )
+    p.add_argument(
+        "--parts",
+        nargs="+",
+        default=list(BENCH_PARTS),
+        choices=BENCH_PARTS,
+        help="measure only these parts (with --resume, the others an earlier run wrote are kept)",
     )
     p.set_defaults(func=cmd_bench)
 

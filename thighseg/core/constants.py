@@ -14,3 +14,13 @@ TRITON_URL = f"127.0.0.1:{TRITON_HTTP_PORT}"
 DEFAULT_MODEL = "denseunet"  # best on the internal and external cohorts (README, Models)
 # phantom cohorts `thighseg evaluate` reports by default; "stress" is the test-only generator
 EVALUATION_COHORTS = ("internal_test", "external", "stress")
+# the benchmark's parts, in the order `thighseg bench` measures them (`--parts` chooses some)
+BENCH_PARTS = (
+    "perf_analyzer",
+    "baselines_slices_per_second",
+    "int8",
+    "ingest",
+    "whole_study",
+    "last_store_to_seg",
+    "sustained",
+)
