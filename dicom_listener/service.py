@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import IO
 
 from thighseg.client.triton import TritonUnavailable
-from thighseg.core.memory import fix_mmap_threshold
+from thighseg.core.memory import fix_mmap_threshold, limit_arenas
 from thighseg.dicom_listener.config import ListenerConfig
 from thighseg.dicom_listener.forward import forward
 from thighseg.dicom_listener.index import (
@@ -132,6 +132,7 @@ class Listener:
     def start(self) -> Listener:
         """Accept associations, resume what the index left unfinished, serve the endpoints."""
         fix_mmap_threshold()  # study-sized arrays leave the process when freed (core.memory)
+        limit_arenas()  # and the threads share two heaps instead of keeping one each
         redact_identifiers()  # no full UID in any log line, whichever library writes it
         if self.config.seg_process:
             seg_process.warm()  # the first study need not wait for the SEG process's imports

@@ -10,7 +10,12 @@ import pydicom
 import pytest
 
 from thighseg.client.volume import segment_volume
-from thighseg.core.memory import fix_mmap_threshold, release_free_heap, release_highdicom_tables
+from thighseg.core.memory import (
+    fix_mmap_threshold,
+    limit_arenas,
+    release_free_heap,
+    release_highdicom_tables,
+)
 from thighseg.measure import qc
 from thighseg.measure.anatomy import body_midline
 from thighseg.measure.indices import volume_indices
@@ -113,3 +118,8 @@ def test_highdicom_tables_are_released_and_reloaded(series, tmp_path):
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt tuning is glibc's")
 def test_mmap_threshold_is_fixed_on_glibc():
     assert fix_mmap_threshold() is True
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt tuning is glibc's")
+def test_arenas_are_limited_on_glibc():
+    assert limit_arenas() is True

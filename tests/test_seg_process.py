@@ -4,9 +4,11 @@ and a series that fails later leaves none behind."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
+import weakref
 
 import highdicom as hd
 import jsonschema
@@ -119,6 +121,34 @@ def test_a_series_failing_after_its_outputs_started_leaves_none_of_them(
     assert result.report.reason == f"{stage} failed: RuntimeError: broke"
     assert result.seg_path is None
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.json"]
+
+
+def test_the_studys_labels_are_let_go_before_the_summary_is_drawn(study, tmp_path, monkeypatch):
+    """The summary needs only a few planes; the listener's peak was the study's labels (~75 MB
+    at 300 x 512²) still held while matplotlib drew."""
+    paths, _, _ = study
+    inferred, held_at_render = [], []
+    infer, render = stages.infer_stage, stages.render
+
+    def infer_and_watch(*args, **kwargs):
+        labels = infer(*args, **kwargs)
+        inferred.append(weakref.ref(labels))
+        return labels
+
+    def render_and_look(*args, **kwargs):
+        gc.collect()
+        held_at_render.append(inferred[0]() is not None)
+        return render(*args, **kwargs)
+
+    monkeypatch.setattr(stages, "infer_stage", infer_and_watch)
+    monkeypatch.setattr(stages, "render", render_and_look)
+    result = process_series(
+        list(paths), tmp_path / "out", InferenceSettings(muscle_in_the_middle, "m", 128)
+    )
+    assert result.report.done, result.report.reason
+    assert held_at_render == [False]
+    seg = pydicom.dcmread(result.seg_path)  # written from them before they were let go
+    assert seg.NumberOfFrames == 6 * len(paths) and seg.pixel_array.any()
 
 
 def test_the_seg_can_be_written_in_this_process(study, tmp_path):

@@ -6,8 +6,12 @@ what one study needs (the bench measures it against the study's voxel bytes).
   small objects pin the freed pages. A fixed threshold keeps every array of 16 MB and more mapped
   (measured: a warm listener's peak for a 300 x 512² study fell from 449 to 364 MB, times
   unchanged).
+- Each thread that allocates gets a heap (arena) of its own, up to 8 per core, and freed memory
+  stays in it: the listener's many threads (associations, streaming, stages) each kept a few MB.
+  Two arenas (glibc's M_ARENA_MAX, the MALLOC_ARENA_MAX many services set) measured: the
+  listener's RSS while a study streams ~20 MB lower, times unchanged.
 - `malloc_trim` returns what the heaps of every thread still hold free (the remedy Dask documents
-  for "memory not released back to the OS"). Elsewhere than glibc both are no-ops.
+  for "memory not released back to the OS"). Elsewhere than glibc all three are no-ops.
 - highdicom caches its DICOM module tables (about 65 MB of Python objects) the first time it builds
   an instance, for the life of the process; re-reading them costs about 0.2 s a study.
 """
@@ -21,8 +25,9 @@ import logging
 log = logging.getLogger(__name__)
 
 
-M_MMAP_THRESHOLD = -3  # mallopt parameter, from glibc's malloc.h
+M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # mallopt parameters, from glibc's malloc.h
 FIXED_MMAP_THRESHOLD_BYTES = 16 << 20
+ARENAS = 2
 
 
 def _glibc(function: str):
@@ -40,6 +45,12 @@ def fix_mmap_threshold(size: int = FIXED_MMAP_THRESHOLD_BYTES) -> bool:
     """Map every allocation of `size` bytes and more on its own, whatever was freed before
     (process-wide). False where the C library does not support it."""
     return bool(_MALLOPT is not None and _MALLOPT(M_MMAP_THRESHOLD, size) == 1)
+
+
+def limit_arenas(count: int = ARENAS) -> bool:
+    """At most `count` heaps for all the threads (process-wide; threads already given one of the
+    heaps over the limit keep it). False where the C library does not support it."""
+    return bool(_MALLOPT is not None and _MALLOPT(M_ARENA_MAX, count) == 1)
 
 
 def release_free_heap() -> None:

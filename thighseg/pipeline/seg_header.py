@@ -29,7 +29,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from thighseg.pipeline.outputs import PIXEL_DATA, build_seg
 
-FRAMES_AT_ONCE = 32  # packed together: 8 MB of masks at 512²
+FRAMES_AT_ONCE = 8  # packed together: 2 MB of masks at 512²
 STAND_IN = 8  # rows and columns of the blank frames (a whole number of bytes: 1-bit pixels)
 
 
@@ -147,9 +147,12 @@ class SegHeader:
             writer.write(self.pixel_vr.encode())
             writer.write_US(0)
             writer.write_UL(length + length % 2)
+            buffer = np.empty((FRAMES_AT_ONCE, *sided.shape[1:]), bool)  # reused: no copies
             for start in range(0, len(self.frames), FRAMES_AT_ONCE):
                 frames = self.frames[start : start + FRAMES_AT_ONCE]
-                masks = sided[frames[:, 0]] == frames[:, 1, None, None].astype(sided.dtype)
+                masks = buffer[: len(frames)]
+                for mask, (source, segment) in zip(masks, frames, strict=True):
+                    np.equal(sided[source], sided.dtype.type(segment), out=mask)
                 file.write(np.packbits(masks.reshape(len(frames), -1), axis=-1, bitorder="little"))
             if length % 2:
                 file.write(b"\0")  # values have even lengths

@@ -237,10 +237,10 @@ def warm() -> None:
 @dataclass
 class PendingSeg:
     """A SEG whose identity is known now and whose header is being built in the SEG process;
-    `label` gives it its labels and `wait` writes it in this process: the header's frames filled
-    in (~0.1 s of a 300-slice study, while the SEG process writes the SR); where no header was
-    built (no SEG process, or it failed to), the header is built here first: one way to write a
-    SEG either way."""
+    `label` gives it its labels and `wait` writes it in this process (and lets go of them): the
+    header's frames filled in (~0.1 s of a 300-slice study, while the SEG process writes the SR);
+    where no header was built (no SEG process, or it failed to), the header is built here first:
+    one way to write a SEG either way."""
 
     header: SegHeaderJob
     reference: Dataset  # for the SR: the SEG's study, series, SOP class and instance
@@ -269,15 +269,17 @@ class PendingSeg:
         return PendingOutput(job, _submit(job) if self.separate_process else None)
 
     def wait(self) -> Path:
-        """The SEG file, written (once: the labels are segment numbers afterwards)."""
+        """The SEG file, written (once: the labels are segment numbers afterwards, and no longer
+        kept here)."""
+        if self.written:
+            return self.path
         if self.labels is None or self.midline is None:
             raise RuntimeError("the SEG was never given its labels")
-        if not self.written:
-            try:
-                self._write(sided_labels(self.labels, self.midline, in_place=True))
-            finally:
-                self.header.path.unlink(missing_ok=True)
-            self.written = True
+        try:
+            self._write(sided_labels(self.labels, self.midline, in_place=True))
+        finally:
+            self.header.path.unlink(missing_ok=True)
+        self.written, self.labels = True, None
         return self.path
 
     def discard(self) -> None:

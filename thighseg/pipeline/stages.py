@@ -165,10 +165,25 @@ def measure_stage(
     report.qc_flags = qc.check_sums(study, loaded.spacing_zyx)
 
 
+@dataclass
+class StudyLabels:
+    """The study's labels (z, y, x), held in one place from inference to the emitter, which
+    `take`s them: once it has written them nothing keeps them, and the summary is drawn without
+    them (~75 MB of a 300-slice 512² study; the listener's peak was there)."""
+
+    array: np.ndarray | None
+
+    def take(self) -> np.ndarray:
+        """The labels, which this holder no longer keeps."""
+        if self.array is None:
+            raise RuntimeError("the study's labels were taken already")
+        array, self.array = self.array, None
+        return array
+
+
 def _summary(
-    report: SeriesReport, loaded: LoadedVolume, labels: np.ndarray, out_dir: Path, title: str
-) -> Preview:
-    preview = Preview.of(loaded.hu, labels)  # the pictures need only a few planes of the HU volume
+    report: SeriesReport, loaded: LoadedVolume, preview: Preview, out_dir: Path, title: str
+) -> None:
     render(
         preview,
         loaded.spacing_zyx,
@@ -178,7 +193,6 @@ def _summary(
         out_dir / "summary.png",
         out_dir / "summary.pdf",
     )
-    return preview
 
 
 def algorithm_version(report: SeriesReport) -> str:
@@ -213,13 +227,14 @@ def seg_starter(separate_process: bool) -> EarlyStart:
 def emit_dicom(
     report: SeriesReport,
     loaded: LoadedVolume,
-    labels: np.ndarray,
+    study_labels: StudyLabels,
     out_dir: Path,
     seg: PendingSeg,
 ) -> None:
     """SEG, SR, the one-page summary (PNG, PDF, DICOM SC) and the overlay. The SR and SC are
     encoded where the SEG's header was built (the SEG process, by default) while this process
-    renders the pictures and then fills in the SEG's frames; a failure here leaves none of them."""
+    fills in the SEG's frames, lets go of the labels and renders the pictures from the few planes
+    they show; a failure here leaves none of the outputs."""
     volume: Volume = loaded.origin
     title = (
         f"Thigh muscle summary — {report.model}, {len(volume.sources)} slices, "
@@ -235,13 +250,17 @@ def emit_dicom(
         algorithm_version(report),
     )
     sc_job = ScJob(out_dir / "summary.png", volume.sources[0], out_dir / "summary_sc.dcm")
+    labels = study_labels.take()
     started = [seg.then(sr_job)]
     try:
-        preview = _summary(report, loaded, labels, out_dir, title)
+        preview = Preview.of(loaded.hu, labels)  # the few planes the pictures show
+        del labels  # the SEG holds them until it is written
+        seg.wait()
+        release_free_heap()  # the labels' pages, before the pictures are drawn
+        _summary(report, loaded, preview, out_dir, title)
         write_overlay_png(preview, out_dir / "overlay.png")
         del preview
         started.append(seg.then(sc_job))
-        seg.wait()  # the labels are segment numbers from now on
         for output in started:
             output.wait()
     except BaseException:
@@ -268,14 +287,17 @@ def _nothing_early(*_: object) -> None:
 
 
 def emit_nifti(
-    report: SeriesReport, loaded: LoadedVolume, labels: np.ndarray, out_dir: Path, _: None
+    report: SeriesReport, loaded: LoadedVolume, study_labels: StudyLabels, out_dir: Path, _: None
 ) -> None:
     """Labels as NIfTI in the image's own space, and the one-page summary."""
+    labels = study_labels.take()
     save_nifti_labels(labels, loaded.origin, out_dir / "labels.nii.gz")
+    preview = Preview.of(loaded.hu, labels)
+    del labels
     _summary(
         report,
         loaded,
-        labels,
+        preview,
         out_dir,
         f"Thigh muscle summary — {report.model}, {Path(report.source).name}",
     )
@@ -308,7 +330,7 @@ Reader = Callable[[SeriesReport, SourcesKnown], LoadedVolume]
 # the SEG, started once the source headers are known (while the pixels are read) and given the
 # labels and the body midline before measurement; it goes to the emitter
 EarlyStart = Callable[[SeriesReport, list[Dataset], Path], PendingSeg | None]
-Emitter = Callable[[SeriesReport, LoadedVolume, np.ndarray, Path, Any], None]
+Emitter = Callable[[SeriesReport, LoadedVolume, StudyLabels, Path, Any], None]
 
 
 # slices inferred and measured as they arrived, by SOP Instance UID, asked for once assembled
@@ -377,12 +399,14 @@ def run_stages(
         loaded = timed("assemble", read, report, sources_known)
         report.shape_zyx, report.spacing_zyx_mm = list(loaded.hu.shape), list(loaded.spacing_zyx)
         streamed = streamed_by_index(loaded, streamed_slices())  # the last ones finished meanwhile
-        labels = timed("infer", infer_stage, loaded.hu, loaded.spacing_zyx[1:], settings, streamed)
+        labels = StudyLabels(
+            timed("infer", infer_stage, loaded.hu, loaded.spacing_zyx[1:], settings, streamed)
+        )
         measured = {i: done.sums for i, done in streamed.items() if done.sums is not None}
         midline = body_midline(loaded.hu, {z: sums.body for z, sums in measured.items()})
         if early is not None:
-            early.label(labels, midline)
-        timed("measure", measure_stage, report, loaded, labels, measured, midline)
+            early.label(labels.array, midline)
+        timed("measure", measure_stage, report, loaded, labels.array, measured, midline)
         timed("emit", emit, report, loaded, labels, out_dir, early)
         early = None  # the emitter has used it
         report.status = DONE
