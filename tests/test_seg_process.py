@@ -187,6 +187,43 @@ def test_sr_and_sc_are_written_in_the_seg_process_and_the_report_names_them(stud
     assert result.report.seg_sop_instance_uid in referenced
 
 
+def tables_loaded() -> int:
+    """How many of highdicom's module tables are loaded (1 or 0), wherever this is called (the
+    SEG process imports this module to call it)."""
+    return _standard_utils.get_module_attribute_map.cache_info().currsize
+
+
+def _seg_process_tables() -> int:
+    return seg_process._executor().submit(tables_loaded).result()  # noqa: SLF001
+
+
+class LoadsTables:
+    """An output job that needs highdicom's tables, as every real one does."""
+
+    def __init__(self, path, keeps_tables: bool):
+        self.path, self.keeps_tables = path, keeps_tables
+
+    def run(self) -> None:
+        _standard_utils.get_module_attribute_map()
+
+
+def test_the_seg_process_holds_highdicoms_tables_only_from_the_sr_to_the_sc(study, tmp_path):
+    """~65 MB the SEG process would otherwise hold while the study is inferred and measured."""
+    paths, _, _ = study
+    result = process_series(
+        list(paths), tmp_path / "out", InferenceSettings(muscle_in_the_middle, "m", 128)
+    )
+    assert result.report.done, result.report.reason
+    assert _seg_process_tables() == 0  # let go after the SC, the study's last output
+    assert not seg_process.SegHeaderJob.keeps_tables and not seg_process.ScJob.keeps_tables
+    assert seg_process.SrJob.keeps_tables  # the SC follows at once
+    _standard_utils.get_module_attribute_map.cache_clear()
+    seg_process._run(LoadsTables(tmp_path / "sr.dcm", keeps_tables=True))  # noqa: SLF001
+    assert tables_loaded() == 1
+    seg_process._run(LoadsTables(tmp_path / "sc.dcm", keeps_tables=False))  # noqa: SLF001
+    assert tables_loaded() == 0
+
+
 def test_flip_tta_is_recorded_in_the_report_and_the_segs_algorithm_version(study, tmp_path):
     from thighseg.client.volume import flip_averaged
     from thighseg.pipeline.report import schema

@@ -5,9 +5,10 @@ Building and encoding the SEG of a 300-slice study (1,800 frames with their per-
 highdicom and pydicom) is ~1.5 s of pure Python. A thread could not overlap it with the measurement
 (one GIL: 0.3-0.5 s saved, measured); a process does. It builds the SEG's header as soon as the
 series is assembled (`seg_header`: everything but the frames follows from the sources), and once
-the labels are known this process fills the frames in (~0.1 s) while the SEG process writes the
-SR, and then the summary's Secondary Capture: highdicom's module tables (~65 MB, ~0.5 s to parse)
-stay loaded in that process alone, and this one never loads them. Every output's UIDs are chosen
+the labels are known this process fills the frames in (~0.1 s), and the SEG process then writes
+the SR and the summary's Secondary Capture. highdicom's module tables (~65 MB, ~0.25 s to parse)
+are loaded in that process alone, and let go after the header and after the SC: while the study
+is inferred and measured (the pod's peak) it holds ~110 MB, not ~175. Every output's UIDs are chosen
 before it exists, so the SR can reference the SEG and the report name them all meanwhile. If the
 SEG process dies (killed for memory, say), an output is written in this process instead: the
 optimisation never costs a result.
@@ -25,12 +26,13 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
+from thighseg.core.memory import release_free_heap, release_highdicom_tables
 from thighseg.measure.indices import VolumeIndices
 from thighseg.measure.qc import Flag
 from thighseg.pipeline.outputs import (
@@ -93,6 +95,7 @@ class SegHeaderJob:
     algorithm_version: str | None
     series_instance_uid: str
     sop_instance_uid: str
+    keeps_tables: ClassVar[bool] = False  # the SR comes only once the study is measured
 
     def build(self) -> SegHeader:
         """The header, built in this process."""
@@ -130,6 +133,7 @@ class SrJob:
     algorithm_version: str | None
     series_instance_uid: str = field(default_factory=lambda: str(hd.UID()))
     sop_instance_uid: str = field(default_factory=lambda: str(hd.UID()))
+    keeps_tables: ClassVar[bool] = True  # the SC follows at once
 
     def run(self) -> None:
         """Build the SR and write it to `path`."""
@@ -155,6 +159,7 @@ class ScJob:
     path: Path
     series_instance_uid: str = field(default_factory=lambda: str(hd.UID()))
     sop_instance_uid: str = field(default_factory=lambda: str(hd.UID()))
+    keeps_tables: ClassVar[bool] = False  # the study's last output
 
     def run(self) -> None:
         """Encode the PNG and write the SC to `path`."""
@@ -164,9 +169,11 @@ class ScJob:
 
 
 class OutputJob(Protocol):
-    """An output written to `path` by `run`, in whichever process runs it."""
+    """An output written to `path` by `run`, in whichever process runs it; `keeps_tables`: the
+    SEG process keeps highdicom's tables after it, for another output about to follow."""
 
     path: Path
+    keeps_tables: ClassVar[bool]
 
     def run(self) -> None:
         """Write the output."""
@@ -174,6 +181,9 @@ class OutputJob(Protocol):
 
 def _run(job: OutputJob) -> None:  # module level: what the SEG process is given to call
     job.run()
+    if not job.keeps_tables:
+        release_highdicom_tables()
+    release_free_heap()
 
 
 def _submit(job: OutputJob) -> Future | None:

@@ -33,7 +33,7 @@ from thighseg.pipeline.assemble import HUStack, SeriesError, Volume, assemble
 from thighseg.pipeline.loaders import load_nifti_image, save_nifti_labels
 from thighseg.pipeline.outputs import write_overlay_png
 from thighseg.pipeline.report import DONE, SeriesReport
-from thighseg.pipeline.seg_process import PendingSeg, ScJob, SrJob, prepare_seg
+from thighseg.pipeline.seg_process import PendingOutput, PendingSeg, ScJob, SrJob, prepare_seg
 from thighseg.pipeline.streaming import StreamedSlice
 from thighseg.pipeline.summary import Preview, render
 
@@ -231,10 +231,11 @@ def emit_dicom(
     out_dir: Path,
     seg: PendingSeg,
 ) -> None:
-    """SEG, SR, the one-page summary (PNG, PDF, DICOM SC) and the overlay. The SR and SC are
-    encoded where the SEG's header was built (the SEG process, by default) while this process
-    fills in the SEG's frames, lets go of the labels and renders the pictures from the few planes
-    they show; a failure here leaves none of the outputs."""
+    """SEG, SR, the one-page summary (PNG, PDF, DICOM SC) and the overlay. This process fills in
+    the SEG's frames and lets go of the labels; then the SR and SC are encoded where the SEG's
+    header was built (the SEG process, by default) while this process renders the pictures from
+    the few planes they show (the two processes' larger needs never coincide). A failure here
+    leaves none of the outputs."""
     volume: Volume = loaded.origin
     title = (
         f"Thigh muscle summary — {report.model}, {len(volume.sources)} slices, "
@@ -251,12 +252,13 @@ def emit_dicom(
     )
     sc_job = ScJob(out_dir / "summary.png", volume.sources[0], out_dir / "summary_sc.dcm")
     labels = study_labels.take()
-    started = [seg.then(sr_job)]
+    started: list[PendingOutput] = []
     try:
         preview = Preview.of(loaded.hu, labels)  # the few planes the pictures show
         del labels  # the SEG holds them until it is written
         seg.wait()
-        release_free_heap()  # the labels' pages, before the pictures are drawn
+        release_free_heap()  # the labels' pages, before the SR and the pictures take more
+        started.append(seg.then(sr_job))
         _summary(report, loaded, preview, out_dir, title)
         write_overlay_png(preview, out_dir / "overlay.png")
         del preview
