@@ -59,26 +59,12 @@ def release_free_heap() -> None:
         _MALLOC_TRIM(0)
 
 
-# highdicom's cached module tables: private functions of the pinned highdicom version (if they
-# move, memory is merely kept, or the tables read when first needed)
-HIGHDICOM_TABLES = ("get_module_attribute_map", "get_iod_module_map", "get_sop_class_iod_map")
-
-
-def load_highdicom_tables() -> None:
-    """Read highdicom's module tables now (~0.25 s), ahead of the outputs that need them."""
-    from highdicom import _standard_utils
-
-    for name in HIGHDICOM_TABLES:
-        loader = getattr(_standard_utils, name, None)
-        if callable(loader):
-            loader()
-
-
 def release_highdicom_tables() -> None:
-    """Drop highdicom's cached module tables."""
+    """Drop highdicom's cached module tables (a private function of the pinned highdicom version;
+    if it moves, memory is merely kept)."""
     from highdicom import _standard_utils
 
-    for name in HIGHDICOM_TABLES:
+    for name in ("get_module_attribute_map", "get_iod_module_map", "get_sop_class_iod_map"):
         cached = getattr(_standard_utils, name, None)
         if hasattr(cached, "cache_clear"):
             cached.cache_clear()

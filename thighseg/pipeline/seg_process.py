@@ -7,12 +7,11 @@ highdicom and pydicom) is ~1.5 s of pure Python. A thread could not overlap it w
 series is assembled (`seg_header`: everything but the frames follows from the sources), and once
 the labels are known this process fills the frames in (~0.1 s), and the SEG process then writes
 the SR and the summary's Secondary Capture. highdicom's module tables (~65 MB, ~0.25 s to parse)
-are loaded in that process alone: for the header, let go, read again once the labels are known
-(while this process measures, ahead of the SR and SC), and let go after the SC. While the study
-is inferred (the pod's peak) the SEG process holds ~110 MB, not ~175. Every output's UIDs are
-chosen before it exists, so the SR can reference the SEG and the report name them all
-meanwhile. If the SEG process dies (killed for memory, say), an output is written in this process
-instead: the optimisation never costs a result.
+are loaded in that process alone, and let go after the header and after the SC: while the study
+is inferred and measured (the pod's peak) it holds ~110 MB, not ~175. Every output's UIDs are chosen
+before it exists, so the SR can reference the SEG and the report name them all meanwhile. If the
+SEG process dies (killed for memory, say), an output is written in this process instead: the
+optimisation never costs a result.
 """
 
 from __future__ import annotations
@@ -33,11 +32,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
-from thighseg.core.memory import (
-    load_highdicom_tables,
-    release_free_heap,
-    release_highdicom_tables,
-)
+from thighseg.core.memory import release_free_heap, release_highdicom_tables
 from thighseg.measure.indices import VolumeIndices
 from thighseg.measure.qc import Flag
 from thighseg.pipeline.outputs import (
@@ -100,7 +95,7 @@ class SegHeaderJob:
     algorithm_version: str | None
     series_instance_uid: str
     sop_instance_uid: str
-    keeps_tables: ClassVar[bool] = False  # read again once the labels are known
+    keeps_tables: ClassVar[bool] = False  # the SR comes only once the study is measured
 
     def build(self) -> SegHeader:
         """The header, built in this process."""
@@ -273,14 +268,10 @@ class PendingSeg:
 
     def label(self, labels: np.ndarray, midline: float) -> None:
         """The group labels (1-3), and the body `midline` that splits them into legs; `wait`
-        makes them segment numbers in place: wait once they are no longer read. The SR and SC
-        follow within seconds: the SEG process reads highdicom's tables for them meanwhile."""
+        makes them segment numbers in place: wait once they are no longer read."""
         if labels.shape[0] != len(self.sources):
             raise ValueError(f"{labels.shape[0]} mask slices for {len(self.sources)} sources")
         self.labels, self.midline = labels, midline
-        if self.separate_process:
-            with contextlib.suppress(BrokenProcessPool, RuntimeError):  # the SR reads them then
-                _executor().submit(load_highdicom_tables)
 
     def then(self, job: OutputJob) -> PendingOutput:
         """Start another output of the study where the SEG's header is built (after it, in the
