@@ -124,6 +124,8 @@ def test_tiny_benchmark_of_one_model_writes_json_markdown_plots_and_resumes(
     # the sum's parts: the listener and its SEG process (with its pool's helpers) at least
     parts = whole["process_peak_rss_mb"]
     assert len(parts) >= 2 and abs(sum(parts) - whole["listener_peak_rss_mb"]) < 0.5
+    together = saved["ratios"]["listener_together_peak_rss_over_study_voxel_bytes"]
+    assert 0 < together <= saved["ratios"]["listener_peak_rss_over_study_voxel_bytes"]
     assert f"{MODEL}: most_dynamic_batching_could_give_at_concurrency_2" in saved["ratios"]
     latency = {(r["streaming"], r["head_start"]): r for r in saved["last_store_to_seg"]}
     assert set(latency) == {(True, True), (False, True), (True, False)}

@@ -533,6 +533,10 @@ def ratios(results: dict) -> dict:
         out["warm_listener_peak_rss_over_study_voxel_bytes"] = whole[
             "warm_peak_rss_over_voxel_bytes"
         ]
+        if "together_peak_rss_over_voxel_bytes" in whole:  # what a pod's limit meets
+            out["listener_together_peak_rss_over_study_voxel_bytes"] = whole[
+                "together_peak_rss_over_voxel_bytes"
+            ]
         if "seg_in_listener" in whole:  # absent from runs before it was measured
             out["seg_in_listener_peak_rss_over_study_voxel_bytes"] = whole["seg_in_listener"][
                 "peak_rss_over_voxel_bytes"
