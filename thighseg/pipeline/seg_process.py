@@ -248,7 +248,7 @@ def warm() -> None:
 class PendingSeg:
     """A SEG whose identity is known now and whose header is being built in the SEG process;
     `label` gives it its labels and `wait` writes it in this process (and lets go of them): the
-    header's frames filled in (~0.1 s of a 300-slice study, while the SEG process writes the SR);
+    header's frames filled in (~0.1 s of a 300-slice study, before the SR is started);
     where no header was built (no SEG process, or it failed to), the header is built here first:
     one way to write a SEG either way."""
 

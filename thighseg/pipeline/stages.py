@@ -401,6 +401,7 @@ def run_stages(
         loaded = timed("assemble", read, report, sources_known)
         report.shape_zyx, report.spacing_zyx_mm = list(loaded.hu.shape), list(loaded.spacing_zyx)
         streamed = streamed_by_index(loaded, streamed_slices())  # the last ones finished meanwhile
+        # no local of their own, which would keep the labels alive through the emitter
         labels = StudyLabels(
             timed("infer", infer_stage, loaded.hu, loaded.spacing_zyx[1:], settings, streamed)
         )
