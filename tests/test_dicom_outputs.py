@@ -19,15 +19,9 @@ from thighseg.measure.indices import TISSUES, volume_indices
 from thighseg.measure.qc import Flag
 from thighseg.pipeline import coding
 from thighseg.pipeline.loaders import labels_from_seg
-from thighseg.pipeline.outputs import (
-    build_seg,
-    seg_reference,
-    sided_labels,
-    slim_sources,
-    write_seg,
-    write_sr,
-)
+from thighseg.pipeline.outputs import build_seg, write_seg, write_sr
 from thighseg.pipeline.seg_header import SegHeader
+from thighseg.pipeline.seg_inputs import seg_reference, sided_labels, slim_sources
 
 BIN = Path(sys.executable).parent  # dcmqi installs its readers beside the interpreter
 FLAGS = [Flag("PARTIAL_COVERAGE", "12 slices cover 55 mm of the thigh")]

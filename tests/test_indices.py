@@ -185,7 +185,7 @@ def test_bone_mask_filled_within_the_cortex_box_equals_whole_slices():
 
 
 def test_sided_labels_split_each_group_at_the_midline():
-    from thighseg.pipeline.outputs import sided_labels
+    from thighseg.pipeline.seg_inputs import sided_labels
 
     hu, labels = analytic_volume()
     sided = sided_labels(labels, body_midline(hu))

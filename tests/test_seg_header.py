@@ -9,8 +9,9 @@ import pytest
 from conftest import assembled_with_truth, comparable_elements
 
 from thighseg.measure.anatomy import body_midline
-from thighseg.pipeline.outputs import build_seg, save_seg, sided_labels, slim_sources
+from thighseg.pipeline.outputs import build_seg, save_seg
 from thighseg.pipeline.seg_header import SegHeader
+from thighseg.pipeline.seg_inputs import sided_labels, slim_sources
 from thighseg.pipeline.seg_process import SegHeaderJob
 
 

@@ -8,6 +8,8 @@ import gc
 import json
 import os
 import signal
+import subprocess
+import sys
 import weakref
 
 import highdicom as hd
@@ -20,7 +22,8 @@ from highdicom import _standard_utils
 
 from thighseg.measure.anatomy import body_midline
 from thighseg.pipeline import seg_process, stages
-from thighseg.pipeline.outputs import sided_labels, write_seg
+from thighseg.pipeline.outputs import write_seg
+from thighseg.pipeline.seg_inputs import sided_labels
 from thighseg.pipeline.stages import InferenceSettings, process_series
 
 
@@ -238,3 +241,43 @@ def test_flip_tta_is_recorded_in_the_report_and_the_segs_algorithm_version(study
     document = json.loads(result.report_path.read_text())
     jsonschema.validate(document, schema())
     assert document["tta"] == "flip"
+
+
+HIGHDICOM_FREE_SERIES = """
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from thighseg.pipeline.stages import InferenceSettings, process_series
+
+
+def muscle_in_the_middle(images):
+    logits = np.zeros((len(images), 4, *images.shape[2:]), np.float32)
+    logits[:, 1, 40:80, 40:80] = 1
+    return logits
+
+
+out, paths = Path(sys.argv[1]), [Path(p) for p in sys.argv[2:]]
+result = process_series(paths, out, InferenceSettings(muscle_in_the_middle, "m", 128))
+assert result.report.done, result.report.reason
+print(sorted(name for name in sys.modules if name.split(".")[0] == "highdicom"))
+"""
+
+
+def test_a_series_written_through_the_seg_process_never_imports_highdicom_here(study, tmp_path):
+    """The listener prepares the SEG, fills its frames in and renders the summary; highdicom
+    (~20 MB of every listener pod) is loaded in the SEG process alone."""
+    paths, _, _ = study
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-c", HIGHDICOM_FREE_SERIES, str(out), *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    seg = hd.seg.segread(out / "seg.dcm")  # the outputs are whole all the same
+    assert seg.number_of_segments == 6
+    assert {p.name for p in out.iterdir()} >= {"seg.dcm", "sr.dcm", "summary_sc.dcm"}

@@ -302,8 +302,7 @@ def write_figures(report: dict, cases: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from thighseg.pipeline.outputs import write_overlay_png
-    from thighseg.pipeline.summary import Preview
+    from thighseg.pipeline.summary import Preview, write_overlay_png
 
     groups = [g.name.lower() for g in MUSCLE_GROUPS]
     models = list(report["models"])

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,10 @@ def release_free_heap() -> None:
 
 def release_highdicom_tables() -> None:
     """Drop highdicom's cached module tables (a private function of the pinned highdicom version;
-    if it moves, memory is merely kept)."""
-    from highdicom import _standard_utils
-
+    if it moves, memory is merely kept). A process that never imported highdicom has none."""
+    _standard_utils = sys.modules.get("highdicom._standard_utils")
+    if _standard_utils is None:
+        return
     for name in ("get_module_attribute_map", "get_iod_module_map", "get_sop_class_iod_map"):
         cached = getattr(_standard_utils, name, None)
         if hasattr(cached, "cache_clear"):

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import highdicom as hd
 import numpy as np
 
 from thighseg.core.labels import MUSCLE_GROUPS
@@ -113,6 +112,8 @@ def labels_from_seg(seg_path: Path, source_uids: list[str]) -> np.ndarray:
     """Group label map (z, y, x) from a SEG, one slice per source SOP Instance UID in the given
     order. Segments are matched to groups by their label ("Right extensor", "Flexor", ...), so
     per-leg segments, thighseg's own among them, merge into their group."""
+    import highdicom as hd  # ~20 MB of imports, for SEG readers only (the listener is not one)
+
     seg = hd.seg.segread(seg_path)
     by_name = {g.name.lower(): int(g) for g in MUSCLE_GROUPS}
     labels = np.zeros((len(source_uids), seg.Rows, seg.Columns), np.uint8)

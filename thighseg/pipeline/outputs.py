@@ -1,4 +1,5 @@
-"""Results as DICOM SEG and SR (highdicom) and the overlay picture."""
+"""Results as DICOM SEG and SR, built with highdicom (in the SEG process, when the listener runs
+one: `seg_process`)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,13 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import SegmentationStorage
 
 import thighseg
 from thighseg.core.labels import MUSCLE_GROUPS, Group
 from thighseg.measure.indices import TissueVolumes, VolumeIndices
 from thighseg.measure.qc import Flag
 from thighseg.pipeline import coding
-from thighseg.pipeline.summary import Preview, blend
+from thighseg.pipeline.seg_inputs import sided_labels
 
 
 def _algorithm(model: str, algorithm_version: str | None) -> hd.AlgorithmIdentificationSequence:
@@ -27,59 +27,6 @@ def _algorithm(model: str, algorithm_version: str | None) -> hd.AlgorithmIdentif
         version=algorithm_version or thighseg.__version__,
         family=codes.cid7162.ArtificialIntelligence,
     )
-
-
-def sided_labels(labels: np.ndarray, midline: float, in_place: bool = False) -> np.ndarray:
-    """Group labels (1-3) as segment numbers (1-6): each group split at the body midline (column)
-    into the patient's right and left leg, the split the indices use. `in_place` reuses `labels`
-    (uint8) for the result: a study-sized array less to allocate and fault in."""
-    midline = int(np.ceil(midline))
-    reusable = in_place and labels.dtype == np.uint8 and labels.flags.c_contiguous
-    sided = labels if reusable else np.array(labels, dtype=np.uint8, order="C")
-    for image in sided.reshape(-1, *sided.shape[-2:]):  # slice by slice: small temporaries
-        image <<= 1  # left leg: 2, 4, 6
-        right = image[:, :midline]  # a view: the right columns become 1, 3, 5
-        right -= (right > 0).view(np.uint8)
-    return sided
-
-
-PIXEL_DATA = 0x7FE00010
-
-# What highdicom reads of each source instance but the first, for the SEG and the SR: its identity
-# and its plane.
-PER_SOURCE_KEYWORDS = (
-    "SOPClassUID",
-    "SOPInstanceUID",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "FrameOfReferenceUID",
-    "ImagePositionPatient",
-    "ImageOrientationPatient",
-    "PixelSpacing",
-    "SliceThickness",
-    "SpacingBetweenSlices",
-    "Rows",
-    "Columns",
-)
-
-
-def slim_sources(sources: list[Dataset]) -> list[Dataset]:
-    """The source headers the SEG and SR are built from, copies: the first whole but for its
-    pixels (patient, study, equipment and frame of reference come from it), the others reduced
-    to `PER_SOURCE_KEYWORDS`. The SEG and SR are the same as from whole headers (tested);
-    handing them to the SEG process costs a fifth of the pickling."""
-    first = Dataset()
-    for tag in sources[0].keys():
-        if tag != PIXEL_DATA:  # each other value read now, deferred ones included
-            first.add(sources[0][tag])
-    slim = [first]
-    for source in sources[1:]:
-        header = Dataset()
-        for keyword in PER_SOURCE_KEYWORDS:
-            if keyword in source:
-                header[keyword] = source[keyword]
-        slim.append(header)
-    return slim
 
 
 def build_seg(
@@ -142,17 +89,6 @@ def write_seg(
     seg = build_seg(sources, sided_labels(labels, midline), model, algorithm_version)
     save_seg(seg, path)
     return seg
-
-
-def seg_reference(source: Dataset, series_instance_uid: str, sop_instance_uid: str) -> Dataset:
-    """What the SR needs of its SEG (as evidence and referenced segments): the SEG's identity in
-    the source's study."""
-    reference = Dataset()
-    reference.StudyInstanceUID = source.StudyInstanceUID
-    reference.SeriesInstanceUID = series_instance_uid
-    reference.SOPClassUID = SegmentationStorage
-    reference.SOPInstanceUID = sop_instance_uid
-    return reference
 
 
 def _measurement(
@@ -344,17 +280,3 @@ def write_sr(
     path.parent.mkdir(parents=True, exist_ok=True)
     sr.save_as(path)
     return sr
-
-
-def write_overlay_png(preview: Preview, path: Path) -> Path:
-    """Three axial levels (distal, middle, proximal) side by side, coloured as in the summary page,
-    so a reader can judge the result at a glance."""
-    from PIL import Image
-
-    tiles = [
-        (blend(hu, labels) * 255).astype(np.uint8)
-        for hu, labels in zip(preview.axial_hu, preview.axial_labels, strict=False)
-    ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(tiles, axis=1)).save(path)
-    return path

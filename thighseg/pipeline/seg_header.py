@@ -27,7 +27,7 @@ from pydicom.filewriter import correct_ambiguous_vr_element
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian
 
-from thighseg.pipeline.outputs import PIXEL_DATA, build_seg
+from thighseg.pipeline.seg_inputs import PIXEL_DATA
 
 FRAMES_AT_ONCE = 8  # packed together: 2 MB of masks at 512²
 STAND_IN = 8  # rows and columns of the blank frames (a whole number of bytes: 1-bit pixels)
@@ -53,7 +53,10 @@ class SegHeader:
         series_instance_uid: str,
         sop_instance_uid: str,
     ) -> SegHeader:
-        """The header of the SEG `build_seg` makes of these sources, whatever its labels."""
+        """The header of the SEG `build_seg` makes of these sources, whatever its labels (built
+        in the SEG process: the listener that loads and fills it in never imports highdicom)."""
+        from thighseg.pipeline.outputs import build_seg
+
         rows, columns = int(sources[0].Rows), int(sources[0].Columns)
         seg = build_seg(
             [_at_stand_in_size(source) for source in sources],

@@ -28,20 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol
 
-import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from thighseg.core.memory import release_free_heap, release_highdicom_tables
 from thighseg.measure.indices import VolumeIndices
 from thighseg.measure.qc import Flag
-from thighseg.pipeline.outputs import (
-    seg_reference,
-    sided_labels,
-    slim_sources,
-    write_sr,
-)
 from thighseg.pipeline.seg_header import SegHeader
+from thighseg.pipeline.seg_inputs import seg_reference, sided_labels, slim_sources
 from thighseg.pipeline.summary import secondary_capture
 
 log = logging.getLogger(__name__)
@@ -131,12 +126,14 @@ class SrJob:
     model: str
     flags: list[Flag]
     algorithm_version: str | None
-    series_instance_uid: str = field(default_factory=lambda: str(hd.UID()))
-    sop_instance_uid: str = field(default_factory=lambda: str(hd.UID()))
+    series_instance_uid: str = field(default_factory=generate_uid)
+    sop_instance_uid: str = field(default_factory=generate_uid)
     keeps_tables: ClassVar[bool] = True  # the SC follows at once
 
     def run(self) -> None:
         """Build the SR and write it to `path`."""
+        from thighseg.pipeline.outputs import write_sr  # highdicom: in the SEG process alone
+
         write_sr(
             self.seg,
             self.sources,
@@ -157,8 +154,8 @@ class ScJob:
     png: Path
     source: Dataset
     path: Path
-    series_instance_uid: str = field(default_factory=lambda: str(hd.UID()))
-    sop_instance_uid: str = field(default_factory=lambda: str(hd.UID()))
+    series_instance_uid: str = field(default_factory=generate_uid)
+    sop_instance_uid: str = field(default_factory=generate_uid)
     keeps_tables: ClassVar[bool] = False  # the study's last output
 
     def run(self) -> None:
@@ -336,8 +333,8 @@ def prepare_seg(
         path.parent / HEADER_FILE,
         model,
         algorithm_version,
-        str(hd.UID()),
-        str(hd.UID()),
+        generate_uid(),
+        generate_uid(),
     )
     reference = seg_reference(sources[0], header.series_instance_uid, header.sop_instance_uid)
     future = _submit(header) if separate_process else None

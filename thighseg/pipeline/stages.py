@@ -31,11 +31,10 @@ from thighseg.measure.metrics import volumes_ml
 from thighseg.measure.sums import SliceSums, StudySums
 from thighseg.pipeline.assemble import HUStack, SeriesError, Volume, assemble
 from thighseg.pipeline.loaders import load_nifti_image, save_nifti_labels
-from thighseg.pipeline.outputs import write_overlay_png
 from thighseg.pipeline.report import DONE, SeriesReport
 from thighseg.pipeline.seg_process import PendingOutput, PendingSeg, ScJob, SrJob, prepare_seg
 from thighseg.pipeline.streaming import StreamedSlice
-from thighseg.pipeline.summary import Preview, render
+from thighseg.pipeline.summary import Preview, render, write_overlay_png
 
 log = logging.getLogger(__name__)
 

@@ -269,3 +269,17 @@ def secondary_capture(
     path.parent.mkdir(parents=True, exist_ok=True)
     sc.save_as(path)
     return sc
+
+
+def write_overlay_png(preview: Preview, path: Path) -> Path:
+    """Three axial levels (distal, middle, proximal) side by side, coloured as in the summary page,
+    so a reader can judge the result at a glance."""
+    from PIL import Image
+
+    tiles = [
+        (blend(hu, labels) * 255).astype(np.uint8)
+        for hu, labels in zip(preview.axial_hu, preview.axial_labels, strict=False)
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(tiles, axis=1)).save(path)
+    return path
