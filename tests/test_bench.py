@@ -155,7 +155,15 @@ def test_tiny_benchmark_of_one_model_writes_json_markdown_plots_and_resumes(
     assert set(when) == set(resumed) >= {"perf_analyzer", "ingest", "whole_study"}
     assert resumed["perf_analyzer"] == when["perf_analyzer"], "a resumed part keeps its own time"
     assert resumed["whole_study"] >= when["whole_study"]
-    assert f"whole_study {resumed['whole_study']}" in (tmp_path / "bench.md").read_text()
+    where = again["measured_on"]
+    assert set(where) == set(resumed), "every part names the CPU it ran on"
+    where["perf_analyzer"] = "another host's CPU"  # as a part kept from another boot would
+    (tmp_path / "bench.json").write_text(json.dumps(again))
+    again = run_bench(tmp_path, model_repository, config, resume=True, parts=())
+    assert again["measured_on"]["perf_analyzer"] == "another host's CPU"
+    text = (tmp_path / "bench.md").read_text()
+    assert f"whole_study {resumed['whole_study']} on {where['whole_study']}" in text
+    assert "perf_analyzer" in text and "on another host's CPU" in text
     with pytest.raises(ValueError, match="another configuration"):
         run_bench(tmp_path, model_repository, BenchConfig.tiny(("denseunet",)), resume=True)
 

@@ -42,6 +42,7 @@ from thighseg.apps.ingest import (
 )
 from thighseg.apps.sustained import run_sustained
 from thighseg.client.perf import measure, without_dynamic_batching
+from thighseg.core import machine
 from thighseg.core.constants import AE_TITLE, BENCH_PARTS, DEFAULT_MODEL
 from thighseg.core.labels import normalise_hu
 from thighseg.core.ports import free_port
@@ -306,7 +307,8 @@ def _earlier_results(out: Path, config: BenchConfig) -> dict:
         raise ValueError(f"{out}/bench.json was measured with another configuration: no resume")
     kept = {part: earlier[part] for part in BENCH_PARTS if part in earlier}
     when = {part: at for part, at in earlier.get("measured_at", {}).items() if part in kept}
-    return {**kept, "measured_at": when}
+    where = {part: cpu for part, cpu in earlier.get("measured_on", {}).items() if part in kept}
+    return {**kept, "measured_at": when, "measured_on": where}
 
 
 def run_int8(model: str, onnx_path: Path, work: Path, config: BenchConfig) -> dict:
@@ -353,16 +355,19 @@ def run_bench(
             f"no benchmark part {', '.join(unknown)}: choose of {', '.join(BENCH_PARTS)}"
         )
     out.mkdir(parents=True, exist_ok=True)
+    this_cpu = machine.cpu()
     results: dict = {
         "config": asdict(config),
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor(),
             "cpus": os.cpu_count(),
+            "cpu": this_cpu,
         },
         "gpu": "missing: no GPU on this machine; run scripts/gpu_check.sh on a GPU host",
         "errors": {},
         "measured_at": {},  # part -> UTC time it finished: resumed parts keep their own
+        "measured_on": {},  # part -> the CPU it ran on (`machine.described`), likewise
         **(_earlier_results(out, config) if resume else {}),
     }
     with tempfile.TemporaryDirectory(prefix="thighseg-bench-") as scratch:
@@ -437,6 +442,7 @@ def run_bench(
                     results["measured_at"][part] = datetime.now(timezone.utc).isoformat(
                         timespec="seconds"
                     )
+                    results["measured_on"][part] = machine.described(this_cpu)
                 except Exception as error:  # noqa: BLE001 - one failing part must not cost the others
                     results["errors"][part] = f"{type(error).__name__}: {error}"[:2000]
                     print(f"bench: {part} failed: {results['errors'][part]}", flush=True)
@@ -786,9 +792,12 @@ def markdown(results: dict) -> str:
         f"Machine: {results['machine']['platform']}, "
         f"{results['machine']['cpus']} CPUs. GPU: {results['gpu']}",
         "",
-        "Measured (UTC): "
+        "Measured (UTC; these VMs change hosts between boots, so each part names its CPU): "
         + (
-            ", ".join(f"{part} {at}" for part, at in results.get("measured_at", {}).items())
+            "; ".join(
+                f"{part} {at} on {results.get('measured_on', {}).get(part, 'an unrecorded CPU')}"
+                for part, at in results.get("measured_at", {}).items()
+            )
             or "n/a"
         )
         + ".",
