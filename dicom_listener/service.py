@@ -13,6 +13,7 @@ reason. /readyz says 503, with the reason, while the listener cannot make progre
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -140,6 +141,7 @@ class Listener:
         on_stored = self._stream if self.streaming else None
         self._claim = self.spool.claim()  # before recovery: one listener per spool
         try:
+            _check_results_folder(self.config.output_dir)
             if self.config.ingest_processes > 1:
                 self.ingest = IngestProcesses(
                     self.config, self.tracker, self.telemetry, on_stored
@@ -526,6 +528,15 @@ class Listener:
                     f"no result for series {short_uid(series_uid)} after {timeout_s:.0f} s"
                 )
             return self.results[series_uid]
+
+
+def _check_results_folder(folder: Path) -> None:
+    """The results folder exists (made if need be) and may be written: a path to a file or a
+    read-only folder is a mistake to report at start, not a queue that never drains (a folder
+    that becomes unwritable later keeps its series queued until it is writable again)."""
+    folder.mkdir(parents=True, exist_ok=True)  # FileExistsError where a file is
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "results folder is not writable", str(folder))
 
 
 def _previous(final: Path) -> Path:

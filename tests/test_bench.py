@@ -242,3 +242,13 @@ def test_processes_peaking_at_different_times_are_sampled_together_below_their_s
     assert len(peaks) == 2 and all(peak > 100 << 20 for peak in peaks.values())
     assert together.peak > max(peaks.values())  # the other process counted too
     assert sum(peaks.values()) - together.peak > 60 << 20  # never both at 100 MB at once
+
+
+def test_resuming_from_an_unreadable_benchmark_file_is_refused_before_measuring(tmp_path):
+    """A corrupt bench.json was taken for none: --resume measured everything again, silently."""
+    from thighseg.apps.bench import BenchConfig, run_bench
+
+    (tmp_path / "bench.json").write_text('{"parts": {broken')
+    with pytest.raises(ValueError, match="cannot resume from .*bench.json"):
+        run_bench(tmp_path, tmp_path / "no-repository", BenchConfig.tiny((MODEL,)), resume=True)
+    assert (tmp_path / "bench.json").read_text() == '{"parts": {broken'  # left as it was

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import tritonclient.http as http
 from conftest import MODEL, free_port
 
@@ -299,3 +300,161 @@ def test_every_option_of_every_command_has_help_that_names_its_default():
                 assert action.help, (command.prog, action.option_strings)
                 if action.default not in (None, argparse.SUPPRESS):
                     assert "default" in action.help or "(default:" in text, action.option_strings
+
+
+def _process_group(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group, from /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(group) == pgid and state != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def _gone_within(pgid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _process_group(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not _process_group(pgid)
+
+
+def test_a_tritonserver_killed_outright_leaves_no_backend_stub_behind(model_repository, tmp_path):
+    """Its Python backend stubs outlived a `kill -9` of tritonserver (~190 MB each, for minutes):
+    stopping the server clears its whole process group."""
+    import os
+
+    from thighseg.serving.embedded_triton import EmbeddedTriton, Ports
+
+    server = EmbeddedTriton(
+        model_repository, Ports(free_port(), free_port(), free_port()), log_file=tmp_path / "t.log"
+    ).start()
+    pgid = server.process.pid
+    try:
+        stubs = [pid for pid in _process_group(pgid) if pid != pgid]
+        assert stubs  # the Python backend's, one per model instance
+        for stub in stubs:  # busy, as it was: an idle stub notices its server's death itself
+            os.kill(stub, signal.SIGSTOP)
+        os.kill(pgid, signal.SIGKILL)
+        server.process.wait(30)
+    finally:
+        server.stop()
+    assert _gone_within(pgid, 10), _process_group(pgid)
+
+
+def test_sigterm_to_a_command_stops_the_server_it_started(model_repository, tmp_path):
+    """`timeout` or a job scheduler stopping `thighseg bench` left its tritonserver running."""
+    process = subprocess.Popen(
+        [
+            *THIGHSEG,
+            "bench",
+            "--tiny",
+            "--models",
+            MODEL,
+            "--parts",
+            "perf_analyzer",
+            "--repository",
+            str(model_repository),
+            "--out",
+            str(tmp_path / "bench"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline, servers = time.monotonic() + 120, []
+        while not servers and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            servers = [
+                int(p.parent.name)
+                for p in Path("/proc").glob("[0-9]*/cmdline")
+                if b"tritonserver" in _read(p) and _parent(p.parent) == process.pid
+            ]
+        assert servers, process.stderr.read() if process.poll() is not None else "no server"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+        assert _gone_within(servers[0], 30), _process_group(servers[0])
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
+def _parent(proc: Path) -> int:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError):
+        return -1
+
+
+BAD_LISTENER_VALUES = [
+    ("--batch-size", "0"),  # accepted, then every series failed in its infer stage
+    ("--concurrency", "0"),
+    ("--idle", "-1"),
+    ("--idle", "nan"),
+    ("--expiry", "0"),  # would free every stored instance at once
+    ("--expiry", "-5"),
+    ("--drain", "-1"),
+    ("--network-timeout", "0"),
+    ("--stream-slices", "-1"),
+    ("--triton-wait", "inf"),
+    ("--port", "70000"),
+    ("--metrics-port", "-1"),
+    ("--triton-url", "nonsense:abc"),  # printed tritonclient tracebacks, then "no server"
+    ("--triton-url", "127.0.0.1:99999"),
+    ("--triton-url", "http://127.0.0.1"),
+    ("--ae-title", "SEVENTEEN_LETTERS"),  # was printed twice, by pynetdicom's log and the CLI
+    ("--allow-aet", "   "),
+]
+
+
+@pytest.mark.parametrize(("option", "value"), BAD_LISTENER_VALUES)
+def test_a_listener_value_that_cannot_work_is_refused_before_it_starts(option, value):
+    result = run("listen", option, value, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"argument {option}: '{value}' is not" in result.stderr
+
+
+def test_a_triton_url_with_a_scheme_is_the_address_it_names():
+    from thighseg.cli import _triton_address
+
+    assert _triton_address("http://127.0.0.1:8000/") == "127.0.0.1:8000"
+    assert _triton_address("grpc://triton.example:8001") == "triton.example:8001"
+    assert _triton_address("[::1]:8000") == "[::1]:8000"
+
+
+def test_a_results_folder_that_is_a_file_stops_the_listener_at_start(triton, tmp_path):
+    """It started and said ready, then kept every series queued as 'results not writable'."""
+    taken = tmp_path / "results"
+    taken.write_text("not a folder")
+    result = run(
+        "listen",
+        "--model",
+        MODEL,
+        "--triton-url",
+        triton.http_url,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(free_port()),
+        "--metrics-port",
+        "0",
+        "--spool",
+        str(tmp_path / "spool"),
+        "--out",
+        str(taken),
+        timeout=60,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{taken} is a file: name a folder" in result.stderr
+    assert "listening as" not in result.stdout

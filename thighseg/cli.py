@@ -6,11 +6,13 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import re
 import signal
 import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,6 +57,60 @@ def _at_least_one(text: str) -> int:
     return int(text)
 
 
+def _whole_number(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (0 or more)")
+    return int(text)
+
+
+def _port(text: str) -> int:
+    if not (text.isdigit() and int(text) <= 65535):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    """A finite duration of 0 s or more (a negative or NaN one would expire or wait for ever)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
+
+
+def _ae_title(text: str) -> str:
+    """An AE title as pynetdicom checks it (1-16 characters, no backslash or control character,
+    not all spaces), checked here so that the mistake is one line, not a log line and an error."""
+    from pynetdicom import _config  # its AE validator, the one the association uses
+
+    valid, reason = _config.VALIDATORS["AE"](text)
+    if not valid or not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not an AE title ({reason or 'all spaces'})")
+    return text
+
+
+def _triton_address(text: str) -> str:
+    """host:port, what tritonclient is given (a leading http://, https:// or grpc:// is dropped)."""
+    address = re.sub(r"^(https?|grpc)://", "", text).rstrip("/")
+    try:
+        parts = urllib.parse.urlsplit(f"//{address}")
+        port = parts.port  # raises for a port that is not a number or out of range
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not host:port ({error})") from None
+    if not parts.hostname or not port or parts.path or parts.query or parts.fragment:
+        raise argparse.ArgumentTypeError(f"{text!r} is not host:port (e.g. 127.0.0.1:8000)")
+    return address
+
+
 def _add_model_version(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model-version",
@@ -66,10 +122,14 @@ def _add_model_version(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_triton_ports(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--http-port", type=int, default=TRITON_HTTP_PORT, help="Triton HTTP port")
-    parser.add_argument("--grpc-port", type=int, default=TRITON_GRPC_PORT, help="Triton gRPC port")
     parser.add_argument(
-        "--metrics-port", type=int, default=TRITON_METRICS_PORT, help="Triton metrics port"
+        "--http-port", type=_port, default=TRITON_HTTP_PORT, help="Triton HTTP port"
+    )
+    parser.add_argument(
+        "--grpc-port", type=_port, default=TRITON_GRPC_PORT, help="Triton gRPC port"
+    )
+    parser.add_argument(
+        "--metrics-port", type=_port, default=TRITON_METRICS_PORT, help="Triton metrics port"
     )
 
 
@@ -283,7 +343,7 @@ def _ready_segmenter(args: argparse.Namespace, wait_s: float = 0.0):
     """The served model through Triton, or None (with a message) when it is not ready in time."""
     from thighseg.client.triton import TritonSegmenter
 
-    url = re.sub(r"^(https?|grpc)://", "", args.triton_url).rstrip("/")  # host:port is expected
+    url = args.triton_url  # host:port (`_triton_address`)
     segmenter = TritonSegmenter(
         url,
         models.triton_name(args.model),
@@ -726,20 +786,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("listen", help="run the DICOM C-STORE listener")
     _add_model(p)
     _add_model_version(p)
-    p.add_argument("--triton-url", default=TRITON_URL, help="Triton HTTP (or gRPC) address")
+    p.add_argument(
+        "--triton-url",
+        type=_triton_address,
+        default=TRITON_URL,
+        help="Triton HTTP (or gRPC) address",
+    )
     p.add_argument("--protocol", choices=["http", "grpc"], default="http")
     p.add_argument(
         "--triton-wait",
-        type=float,
+        type=_seconds,
         default=0,
         metavar="SECONDS",
         help="wait this long for the model to become ready before giving up",
     )
     p.add_argument(
-        "--ae-title", default=AE_TITLE, help="called AE title; associations to others are rejected"
+        "--ae-title",
+        type=_ae_title,
+        default=AE_TITLE,
+        help="called AE title; associations to others are rejected",
     )
     p.add_argument("--host", default=listener_config.default("host"), help="address to listen on")
-    p.add_argument("--port", type=int, default=DICOM_PORT, help="DICOM port")
+    p.add_argument("--port", type=_port, default=DICOM_PORT, help="DICOM port")
     p.add_argument(
         "--spool", type=Path, default=Path("spool"), help="received instances and their index"
     )
@@ -748,14 +816,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--idle",
-        type=float,
+        type=_seconds,
         default=listener_config.default("idle_s"),
         help="seconds of quiet after release before a series is complete (and its result "
         "published)",
     )
     p.add_argument(
         "--expiry",
-        type=float,
+        type=_positive_seconds,
         default=listener_config.default("expiry_s"),
         help="seconds after which a series still receiving is given up and freed",
     )
@@ -795,33 +863,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--stream-slices",
-        type=int,
+        type=_whole_number,
         default=listener_config.default("stream_slices"),
         help="slices inferred as they arrive, before their series completes (0: infer each "
         "series when complete)",
     )
     p.add_argument(
         "--network-timeout",
-        type=float,
+        type=_positive_seconds,
         default=listener_config.default("network_timeout_s"),
         metavar="SECONDS",
         help="drop a peer silent this long mid-PDU or mid-TLS-handshake",
     )
     p.add_argument(
         "--drain",
-        type=float,
+        type=_seconds,
         default=listener_config.default("drain_s"),
         metavar="SECONDS",
         help="on SIGTERM, let open associations finish this long, then abort them",
     )
     p.add_argument(
         "--metrics-port",
-        type=int,
+        type=_port,
         default=LISTENER_METRICS_PORT,
         help="/metrics, /healthz, /readyz port (0: off)",
     )
     p.add_argument(
         "--allow-aet",
+        type=_ae_title,
         action="append",
         default=[],
         metavar="AET",
@@ -843,8 +912,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(http[s]://host/dicom-web); repeat for several; /seg,sr,sc or #seg,sr,sc chooses which "
         "(default: all three)",
     )
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--concurrency", type=int, default=4, help="batches in flight per series")
+    p.add_argument("--batch-size", type=_at_least_one, default=8)
+    p.add_argument(
+        "--concurrency", type=_at_least_one, default=4, help="batches in flight per series"
+    )
     p.set_defaults(func=cmd_listen)
 
     p = sub.add_parser(
@@ -858,6 +929,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument(
         "--triton-url",
+        type=_triton_address,
         default=None,
         help="send slices to this Triton (HTTP or gRPC address); default: predict in this process",
     )
@@ -970,6 +1042,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
     p.add_argument(
         "--triton-url",
+        type=_triton_address,
         default=None,
         help="evaluate through a running Triton (default: ONNX Runtime)",
     )
@@ -1008,7 +1081,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--slices", type=int, default=60)
     p.add_argument("--work", type=Path, default=None, help="keep outputs here (default: temporary)")
-    p.add_argument("--port", type=int, default=DICOM_PORT, help="DICOM port")
+    p.add_argument("--port", type=_port, default=DICOM_PORT, help="DICOM port")
     p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
     _add_triton_ports(p)
     p.set_defaults(func=cmd_demo)
@@ -1063,11 +1136,18 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # SIGTERM (a job scheduler, `timeout`) unwinds like Ctrl-C: the servers a command started
+    # are stopped on the way out, not left running (serve and listen handle it themselves)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return args.func(args)
     except (OSError, ValueError, RuntimeError, TimeoutError) as error:  # one line, no traceback
         print(f"error: {error}{_advice(error)}", file=sys.stderr)
         return 1
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _advice(error: BaseException) -> str:

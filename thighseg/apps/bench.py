@@ -301,8 +301,12 @@ def _earlier_results(out: Path, config: BenchConfig) -> dict:
     """The parts an earlier run of the same configuration finished (for --resume)."""
     try:
         earlier = json.loads((out / "bench.json").read_text())
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return {}
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"cannot resume from {out}/bench.json ({error}): move it away, or run without --resume"
+        ) from None
     if earlier.get("config") != json.loads(json.dumps(asdict(config))):
         raise ValueError(f"{out}/bench.json was measured with another configuration: no resume")
     kept = {part: earlier[part] for part in BENCH_PARTS if part in earlier}
