@@ -231,6 +231,10 @@ class PendingOutput:
 
 
 def _ready() -> bool:
+    """Run in a SEG process at its start: it imports what its outputs need (highdicom) then,
+    not while the first study's header is built."""
+    from thighseg.pipeline import outputs  # noqa: F401 - imported for its import's sake
+
     return True
 
 
