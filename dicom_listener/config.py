@@ -44,7 +44,7 @@ class ListenerConfig:
     # processes receiving C-STOREs on the listener's socket; 1: in the listener process
     ingest_processes: int = 1
     # the SEG's header, the SR and the SC are written in a process of its own during measurement
-    # (measure + emit 2.2 s instead of 3.6 s for a 300-slice study, ~70 MB more at the peak:
+    # (measure + emit 2.2 s instead of 3.6 s for a 300-slice study, ~45 MB more at the peak:
     # docs/benchmark); False: in the listener process
     seg_process: bool = True
     # /metrics, /healthz, /readyz (LISTENER_METRICS_PORT in the CLI)
