@@ -14,6 +14,7 @@ from PIL import Image
 
 from thighseg.apps.ingest import IngestRun, importable, serving
 from thighseg.client.perf import without_dynamic_batching
+from thighseg.core import machine
 
 
 def test_nobatch_variant_drops_only_dynamic_batching():
@@ -219,6 +220,7 @@ def test_alternating_runs_take_turns_and_each_is_saved_as_it_ends(tmp_path):
         ("before", 2, 5),
     ]
     assert summary["before"]["median"] == 11 and summary["this checkout"]["seconds"] == [0, 1, 2]
+    assert summary["before"]["measured_on"] == machine.described(machine.cpu())
     assert json.loads(out.read_text()) == summary
 
 

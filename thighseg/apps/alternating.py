@@ -16,6 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from thighseg.apps.bench import bench_repository
+from thighseg.core import machine
 from thighseg.core.ports import free_port
 from thighseg.learning import models
 from thighseg.serving.embedded_triton import EmbeddedTriton, Ports
@@ -61,16 +62,22 @@ def alternate(
     description: str,
 ) -> dict:
     """`measure(label, checkout, run)` for each listener in turn, `runs` times; every run saved
-    to `out` as it ends, then each listener's runs with the median of their `figure`."""
+    to `out` as it ends, then each listener's runs with the median of their `figure` and the CPU
+    they ran on."""
     done: dict[str, list[dict]] = {label: [] for label in bench.listeners}
     for run in tqdm(range(runs), desc=description):
         for label, checkout in bench.listeners.items():
             done[label].append(measure(label, checkout, run))
             out.write_text(json.dumps({"runs": done}, indent=1))
-    summary = {}
+    summary, cpu = {}, machine.described(machine.cpu())
     for label, measured in done.items():
         figures = [one[figure] for one in measured]
-        summary[label] = {"median": statistics.median(figures), figure: figures, "runs": measured}
+        summary[label] = {
+            "median": statistics.median(figures),
+            figure: figures,
+            "measured_on": cpu,
+            "runs": measured,
+        }
         print(f"{label}: {figure} median {statistics.median(figures)} of {figures}")
     out.write_text(json.dumps(summary, indent=1))
     return summary
