@@ -231,6 +231,24 @@ def test_a_model_the_running_server_does_not_serve_is_named_with_what_to_do(trit
     assert "does not serve it" in result.stderr and "thighseg export --model manet" in result.stderr
 
 
+def listen_on_loopback(triton, *options: str) -> subprocess.CompletedProcess:
+    """`thighseg listen` on 127.0.0.1 with the served model, no metrics port, and `options`: for
+    the mistakes that stop it at start."""
+    return run(
+        "listen",
+        "--model",
+        MODEL,
+        "--triton-url",
+        triton.http_url,
+        "--host",
+        "127.0.0.1",
+        "--metrics-port",
+        "0",
+        *options,
+        timeout=60,
+    )
+
+
 def test_a_port_in_use_is_named_in_one_line(triton):
     import socket
 
@@ -238,20 +256,7 @@ def test_a_port_in_use_is_named_in_one_line(triton):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run(
-            "listen",
-            "--model",
-            MODEL,
-            "--triton-url",
-            triton.http_url,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--metrics-port",
-            "0",
-            timeout=60,
-        )
+        result = listen_on_loopback(triton, "--port", str(port))
     assert result.returncode == 1
     assert f"cannot listen for DICOM on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
@@ -437,23 +442,8 @@ def test_a_results_folder_that_is_a_file_stops_the_listener_at_start(triton, tmp
     """It started and said ready, then kept every series queued as 'results not writable'."""
     taken = tmp_path / "results"
     taken.write_text("not a folder")
-    result = run(
-        "listen",
-        "--model",
-        MODEL,
-        "--triton-url",
-        triton.http_url,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(free_port()),
-        "--metrics-port",
-        "0",
-        "--spool",
-        str(tmp_path / "spool"),
-        "--out",
-        str(taken),
-        timeout=60,
+    result = listen_on_loopback(
+        triton, "--port", str(free_port()), "--spool", str(tmp_path / "spool"), "--out", str(taken)
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"{taken} is a file: name a folder" in result.stderr
