@@ -36,7 +36,6 @@ from thighseg.apps.ingest import (
     compare_ingest,
     last_store_to_seg,
     listener_process,
-    peak_rss_by_process,
     push,
     wait_for_report,
 )
@@ -249,9 +248,7 @@ def fresh_listener(
             if first is not None:
                 _process_study(first, port, out)
             seconds, send_seconds, report = _process_study(files, port, out)
-        return ListenerRun(
-            seconds, send_seconds, report, peak_rss_by_process(process.pid), together.peak
-        )
+        return ListenerRun(seconds, send_seconds, report, together.peaks, together.peak)
 
 
 def run_whole_study(
@@ -282,11 +279,16 @@ def run_whole_study(
         "together_peak_rss_over_voxel_bytes": round(whole.together_peak / voxel_bytes, 2),
         "warm_listener_peak_rss_mb": round(warm_peak / 2**20, 1),
         "warm_peak_rss_over_voxel_bytes": round(warm_peak / voxel_bytes, 2),
+        # what a long-running pod meets: libraries loaded, heaps as a first study left them
+        "warm_together_peak_rss_mb": round(warm.together_peak / 2**20, 1),
+        "warm_together_peak_rss_over_voxel_bytes": round(warm.together_peak / voxel_bytes, 2),
         "seg_in_listener": {
             "seconds_first_store_to_seg": round(lean.seconds, 2),
             "stage_seconds": lean.report.stage_seconds,
             "listener_peak_rss_mb": round(lean_peak / 2**20, 1),
             "peak_rss_over_voxel_bytes": round(lean_peak / voxel_bytes, 2),
+            "together_peak_rss_mb": round(lean.together_peak / 2**20, 1),
+            "together_peak_rss_over_voxel_bytes": round(lean.together_peak / voxel_bytes, 2),
         },
     }
 
@@ -514,6 +516,39 @@ def _latency_ratios(runs: list[dict]) -> dict[str, float]:
     return out
 
 
+# ratio name -> where whole_study keeps it (a key, or "seg_in_listener" and a key); a figure absent
+# from a run made before it was measured is left out
+WHOLE_STUDY_RATIOS = {
+    "listener_peak_rss_over_study_voxel_bytes": ("peak_rss_over_voxel_bytes",),
+    "warm_listener_peak_rss_over_study_voxel_bytes": ("warm_peak_rss_over_voxel_bytes",),
+    # what a pod's limit meets: the processes' RSS summed at each sample
+    "listener_together_peak_rss_over_study_voxel_bytes": ("together_peak_rss_over_voxel_bytes",),
+    "warm_listener_together_peak_rss_over_study_voxel_bytes": (
+        "warm_together_peak_rss_over_voxel_bytes",
+    ),
+    "seg_in_listener_peak_rss_over_study_voxel_bytes": (
+        "seg_in_listener",
+        "peak_rss_over_voxel_bytes",
+    ),
+    "seg_in_listener_together_peak_rss_over_study_voxel_bytes": (
+        "seg_in_listener",
+        "together_peak_rss_over_voxel_bytes",
+    ),
+}
+
+
+def _whole_study_ratios(whole: dict) -> dict:
+    """The whole_study part's memory ratios (`WHOLE_STUDY_RATIOS`)."""
+    out = {}
+    for name, keys in WHOLE_STUDY_RATIOS.items():
+        value: object = whole
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is not None:
+            out[name] = value
+    return out
+
+
 def ratios(results: dict) -> dict:
     """The figures the targets are about, from whichever parts finished."""
     out = {}
@@ -537,20 +572,7 @@ def ratios(results: dict) -> dict:
     for model, int8 in (results.get("int8") or {}).items():
         out[f"{model}: int8_vs_fp32_onnxruntime_batch1"] = int8["int8_speedup"]
     out |= _latency_ratios(results.get("last_store_to_seg") or [])
-    whole = results.get("whole_study")
-    if whole:
-        out["listener_peak_rss_over_study_voxel_bytes"] = whole["peak_rss_over_voxel_bytes"]
-        out["warm_listener_peak_rss_over_study_voxel_bytes"] = whole[
-            "warm_peak_rss_over_voxel_bytes"
-        ]
-        if "together_peak_rss_over_voxel_bytes" in whole:  # what a pod's limit meets
-            out["listener_together_peak_rss_over_study_voxel_bytes"] = whole[
-                "together_peak_rss_over_voxel_bytes"
-            ]
-        if "seg_in_listener" in whole:  # absent from runs before it was measured
-            out["seg_in_listener_peak_rss_over_study_voxel_bytes"] = whole["seg_in_listener"][
-                "peak_rss_over_voxel_bytes"
-            ]
+    out |= _whole_study_ratios(results.get("whole_study") or {})
     ingest = {
         (r["receiver"], r["associations"]): r["instances_per_second"]
         for r in results.get("ingest") or []
@@ -754,19 +776,22 @@ def _whole_study_section(whole: dict, warmup_slices: int) -> list[str]:
         f"listener, {whole['warm_listener_peak_rss_mb']} MB "
         f"({whole['warm_peak_rss_over_voxel_bytes']}×) in one that processed a "
         f"{warmup_slices}-slice study first."
-        + _together_sentence(whole)
+        + _together_sentence(whole, "")
+        + _together_sentence(whole, "warm_")
         + _seg_in_listener_sentence(whole.get("seg_in_listener")),
         "",
     ]
 
 
-def _together_sentence(whole: dict) -> str:
-    """The fresh listener's processes at once (absent from runs before it was sampled)."""
-    if "together_peak_rss_mb" not in whole:
+def _together_sentence(whole: dict, prefix: str) -> str:
+    """The fresh (`prefix` "") or warm ("warm_") listener's processes at once (absent from runs
+    before they were sampled)."""
+    if f"{prefix}together_peak_rss_mb" not in whole:
         return ""
+    whose = "The warm listener's" if prefix else "The fresh listener's"
     return (
-        f" Its processes held at most {whole['together_peak_rss_mb']} MB at once "
-        f"({whole['together_peak_rss_over_voxel_bytes']}×, sampled every 20 ms)."
+        f" {whose} processes held at most {whole[f'{prefix}together_peak_rss_mb']} MB at once "
+        f"({whole[f'{prefix}together_peak_rss_over_voxel_bytes']}×, sampled every 20 ms)."
     )
 
 
@@ -781,10 +806,16 @@ def _parts(peaks_mb: list[float] | None) -> str:
 def _seg_in_listener_sentence(lean: dict | None) -> str:
     if not lean:
         return ""
+    at_once = (
+        f", {lean['together_peak_rss_mb']} MB at once "
+        f"({lean['together_peak_rss_over_voxel_bytes']}×)"
+        if "together_peak_rss_mb" in lean  # absent from runs before it was sampled
+        else ""
+    )
     return (
         f" With the SEG written in the listener (`--seg-in-listener`): "
-        f"{lean['listener_peak_rss_mb']} MB ({lean['peak_rss_over_voxel_bytes']}×), first "
-        f"C-STORE to SEG in {lean['seconds_first_store_to_seg']} s."
+        f"{lean['listener_peak_rss_mb']} MB ({lean['peak_rss_over_voxel_bytes']}×){at_once}, "
+        f"first C-STORE to SEG in {lean['seconds_first_store_to_seg']} s."
     )
 
 

@@ -277,14 +277,19 @@ def child_pids(pid: int) -> list[int]:
     return found
 
 
-def _status_bytes(pid: int, field: str) -> int | None:
-    """A size the kernel reports in /proc/PID/status (VmRSS:, VmHWM:), in bytes."""
+def _rss_and_peak(pid: int) -> tuple[int, int]:
+    """VmRSS and VmHWM (its highest so far) of a process, in bytes, from one read of
+    /proc/PID/status; zeros for a process that has ended (or a kernel thread)."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:  # ended meanwhile
-        return None
-    lines = [line for line in status.splitlines() if line.startswith(field)]
-    return int(lines[0].split()[1]) * 1024 if lines else None
+        return 0, 0
+    sizes = dict.fromkeys(("VmRSS:", "VmHWM:"), 0)
+    for line in status.splitlines():
+        field = line.split(maxsplit=1)[0] if line else ""
+        if field in sizes:
+            sizes[field] = int(line.split()[1]) * 1024
+    return sizes["VmRSS:"], sizes["VmHWM:"]
 
 
 def descendants(pid: int) -> list[int]:
@@ -297,14 +302,16 @@ def descendants(pid: int) -> list[int]:
 
 
 class TreeRss:
-    """The highest sum of the resident set sizes of a process and its descendants, sampled every
-    `interval_s` while the block runs: what a pod's memory limit meets. The sum of each process's
-    own peak (`peak_rss_by_process`) bounds it from above, as they peak at different times; a
-    spike shorter than the interval may be missed. The process tree is looked up again every
-    half second (a /proc scan), the sizes read at each sample."""
+    """The resident set sizes of a process and its descendants (SEG writers, ingest processes),
+    sampled every `interval_s` while the block runs. `peak`: their highest sum at one sample, what
+    a pod's memory limit meets (a spike shorter than the interval may be missed). `peaks`: each
+    process's own highest (VmHWM) by PID, the process first, kept for those that ended before the
+    block did; their sum bounds `peak` from above, as they peak at different times. The process
+    tree is looked up again every half second (a /proc scan), the sizes read at each sample."""
 
     def __init__(self, pid: int, interval_s: float = 0.02) -> None:
         self.pid, self.interval_s, self.peak = pid, interval_s, 0
+        self.peaks: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, name="tree-rss", daemon=True)
 
@@ -317,21 +324,18 @@ class TreeRss:
         self._thread.join()
 
     def _sample(self) -> None:
-        pids, looked_up = [self.pid], 0.0
-        while not self._stop.is_set():
-            if time.monotonic() - looked_up > 0.5:
+        pids, looked_up, last = [self.pid], 0.0, False
+        while not last:
+            last = self._stop.is_set()  # one more sample once stopped: the peaks as they end
+            if time.monotonic() - looked_up > 0.5 or last:
                 pids, looked_up = [self.pid, *descendants(self.pid)], time.monotonic()
-            self.peak = max(self.peak, sum(_status_bytes(pid, "VmRSS:") or 0 for pid in pids))
+            total = 0
+            for pid in pids:
+                rss, highest = _rss_and_peak(pid)
+                total += rss
+                self.peaks[pid] = max(self.peaks.get(pid, 0), highest)
+            self.peak = max(self.peak, total)
             self._stop.wait(self.interval_s)
-
-
-def peak_rss_by_process(pid: int) -> dict[int, int]:
-    """VmHWM, the highest resident set size, of the process and of each of its descendants (SEG
-    writers, ingest processes), by PID, the process first."""
-    own = _status_bytes(pid, "VmHWM:")
-    if own is None:
-        raise RuntimeError(f"no VmHWM for pid {pid}")
-    return {pid: own} | {child: _status_bytes(child, "VmHWM:") or 0 for child in descendants(pid)}
 
 
 def compare_ingest(
