@@ -15,6 +15,8 @@ import pytest
 import tritonclient.http as http
 from conftest import MODEL, free_port
 
+from thighseg.apps.ingest import child_pids
+
 THIGHSEG = [sys.executable, "-m", "thighseg.cli"]
 
 
@@ -375,9 +377,9 @@ def test_sigterm_to_a_command_stops_the_server_it_started(model_repository, tmp_
         while not servers and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
             servers = [
-                int(p.parent.name)
-                for p in Path("/proc").glob("[0-9]*/cmdline")
-                if b"tritonserver" in _read(p) and _parent(p.parent) == process.pid
+                pid
+                for pid in child_pids(process.pid)
+                if b"tritonserver" in _read(Path(f"/proc/{pid}/cmdline"))
             ]
         assert servers, process.stderr.read() if process.poll() is not None else "no server"
         process.send_signal(signal.SIGTERM)
@@ -393,13 +395,6 @@ def _read(path: Path) -> bytes:
         return path.read_bytes()
     except OSError:
         return b""
-
-
-def _parent(proc: Path) -> int:
-    try:
-        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError):
-        return -1
 
 
 BAD_LISTENER_VALUES = [

@@ -284,12 +284,12 @@ def _rss_and_peak(pid: int) -> tuple[int, int]:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:  # ended meanwhile
         return 0, 0
-    sizes = dict.fromkeys(("VmRSS:", "VmHWM:"), 0)
+    sizes = dict.fromkeys(("VmRSS", "VmHWM"), 0)
     for line in status.splitlines():
-        field = line.split(maxsplit=1)[0] if line else ""
+        field, _, value = line.partition(":")
         if field in sizes:
-            sizes[field] = int(line.split()[1]) * 1024
-    return sizes["VmRSS:"], sizes["VmHWM:"]
+            sizes[field] = int(value.split()[0]) * 1024  # "  123456 kB"
+    return sizes["VmRSS"], sizes["VmHWM"]
 
 
 def descendants(pid: int) -> list[int]:

@@ -230,17 +230,16 @@ class EmbeddedTriton:
         """SIGTERM (Triton ignores SIGINT in the background), then SIGKILL if it lingers; then
         whatever is left of its process group: the backend stubs of a tritonserver that was
         killed outright outlive it (~190 MB each) otherwise."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
+        if self.process is not None:
+            if self.process.poll() is None:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                try:
+                    self.process.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                    self.process.wait()
+            with contextlib.suppress(ProcessLookupError):  # none left: the usual case
                 os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        with contextlib.suppress(ProcessLookupError):  # none left: the usual case
-            os.killpg(self.process.pid, signal.SIGKILL)
         if self._cache is not None:
             self._cache.cleanup()
             self._cache = None
